@@ -1,0 +1,195 @@
+//! The backend contract: what a device must provide so that the rest of multiq can run on it.
+//!
+//! This file is the only place the runtime meets a backend. Each backend lives in its own
+//! folder (`cpu/`, `cuda/`) and is reached through [`open`]; nothing outside `backend/`
+//! names a concrete backend type.
+//!
+//! Division of labour: a backend provides *mechanism* (buffers, in-order streams, events,
+//! kernel launch). The runtime above it (`runtime/`) provides *policy*: which thread uses
+//! which stream, which lock guards a submission, when buffers may be freed, event pooling.
+//!
+//! Contract every backend keeps:
+//! - A stream executes its work in submission order; an event recorded on a stream completes
+//!   when all work submitted to that stream before the record has completed.
+//! - All methods are callable from any thread (`Send + Sync`); the runtime serializes
+//!   submissions to one stream according to its lock mode, never relying on the backend for
+//!   launch/record atomicity.
+//! - Errors are returned, never panicked; a failed call leaves other streams usable.
+
+use std::any::Any;
+use std::fmt;
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::kernel::Kernel;
+
+pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+
+/// Which backend to use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// Kernels on CPU cores, modelling a device with a fixed number of execution units.
+    Cpu,
+    /// NVIDIA GPUs through the CUDA driver API.
+    Cuda,
+}
+
+impl fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            BackendKind::Cpu => "cpu",
+            BackendKind::Cuda => "cuda",
+        })
+    }
+}
+
+/// How a host thread waits for device work to finish.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum WaitPolicy {
+    /// Busy-poll completion: lowest latency, burns a core per waiting thread.
+    Spin,
+    /// Poll completion, yielding the core between polls.
+    Yield,
+    /// Sleep in the OS until woken: no core burnt, highest wake-up latency.
+    #[default]
+    Block,
+}
+
+impl fmt::Display for WaitPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            WaitPolicy::Spin => "spin",
+            WaitPolicy::Yield => "yield",
+            WaitPolicy::Block => "block",
+        })
+    }
+}
+
+/// What to open.
+#[derive(Clone, Debug, Default)]
+pub struct DeviceOptions {
+    /// `None` = auto: CUDA when a device is present, else CPU.
+    pub backend: Option<BackendKind>,
+    /// CPU backend: number of execution units (default: available cores).
+    pub cpu_units: Option<usize>,
+    /// CUDA backend: device ordinal.
+    pub ordinal: usize,
+    /// Wait policy; `None` = the backend's measured default.
+    pub wait: Option<WaitPolicy>,
+}
+
+/// Facts about an opened device, for results and reports.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct DeviceInfo {
+    /// Which backend.
+    pub backend: BackendKind,
+    /// Human-readable device name.
+    pub name: String,
+    /// Execution units (CPU: worker threads; CUDA: multiprocessors).
+    pub units: usize,
+    /// Total device memory in bytes, where known.
+    pub memory_bytes: Option<u64>,
+    /// Driver or runtime version, where known.
+    pub driver: Option<String>,
+    /// The wait policy in force.
+    pub wait: WaitPolicy,
+    /// Backend-specific facts worth recording (e.g. CUDA_DEVICE_MAX_CONNECTIONS).
+    pub extra: Vec<(String, String)>,
+}
+
+/// A device: allocates buffers and creates streams and events.
+pub trait Backend: Send + Sync + fmt::Debug {
+    /// Facts about the device.
+    fn info(&self) -> DeviceInfo;
+    /// Allocates `len` f32 elements (contents unspecified until written).
+    fn alloc(&self, len: usize) -> Result<Box<dyn BackendBuffer>>;
+    /// Creates a new in-order stream.
+    fn new_stream(&self) -> Result<Arc<dyn BackendStream>>;
+    /// Creates a new event (not yet recorded; waiting on it returns at once).
+    fn new_event(&self) -> Result<Box<dyn BackendEvent>>;
+    /// Waits until all work on all streams of this device has completed.
+    fn synchronize(&self) -> Result<()>;
+    /// Bytes that can still be allocated, where known.
+    fn memory_available(&self) -> Option<u64>;
+    /// Largest buffer (in elements) a kernel can index.
+    fn max_elements(&self) -> usize;
+    /// Largest absolute difference from [`Kernel::reference`] this backend may produce for
+    /// one application of `kernel` to a value (0.0 = bit-identical).
+    fn tolerance(&self, kernel: Kernel) -> f32;
+}
+
+/// An in-order queue of device work.
+pub trait BackendStream: Send + Sync {
+    /// Enqueues `kernel` over all of `buf`, in place.
+    fn launch(&self, kernel: Kernel, buf: &dyn BackendBuffer) -> Result<()>;
+    /// Copies `src` into `buf`, ordered after earlier work on this stream; returns when done.
+    fn upload(&self, buf: &dyn BackendBuffer, src: &[f32]) -> Result<()>;
+    /// Copies `buf` into `dst`, ordered after earlier work on this stream; returns when done.
+    fn download(&self, buf: &dyn BackendBuffer, dst: &mut [f32]) -> Result<()>;
+    /// Records `event`: it completes when all work submitted so far on this stream has.
+    fn record(&self, event: &dyn BackendEvent) -> Result<()>;
+    /// Waits until all work submitted so far on this stream has completed.
+    fn synchronize(&self) -> Result<()>;
+    /// Frees `buf` once all work submitted so far on this stream has completed, without
+    /// blocking the caller.
+    fn free_after(&self, buf: Box<dyn BackendBuffer>);
+    /// For downcasting inside the backend.
+    fn as_any(&self) -> &dyn Any;
+}
+
+/// A marker in a stream that the host can wait on.
+pub trait BackendEvent: Send + Sync {
+    /// Waits (per the device's wait policy) until the work before the last record completed.
+    fn wait(&self) -> Result<()>;
+    /// True when the work before the last record has completed.
+    fn is_complete(&self) -> Result<bool>;
+    /// For downcasting inside the backend.
+    fn as_any(&self) -> &dyn Any;
+}
+
+/// Device memory holding f32 elements.
+pub trait BackendBuffer: Send + Sync {
+    /// Number of f32 elements.
+    fn len(&self) -> usize;
+    /// True when the buffer holds no elements.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// For downcasting inside the backend.
+    fn as_any(&self) -> &dyn Any;
+}
+
+/// Downcasts a trait object to the backend's concrete type, or reports a device mix-up.
+pub(crate) fn downcast<'a, T: 'static>(any: &'a dyn Any, what: &'static str) -> Result<&'a T> {
+    any.downcast_ref::<T>().ok_or(Error::WrongDevice { what })
+}
+
+/// Opens the backend `opts` asks for. With `backend: None`, tries CUDA first and falls back
+/// to the CPU, returning the reason CUDA was not used as the second value.
+pub fn open(opts: &DeviceOptions) -> Result<(Arc<dyn Backend>, Option<String>)> {
+    match opts.backend {
+        Some(BackendKind::Cpu) => Ok((Arc::new(cpu::CpuBackend::new(opts)?), None)),
+        Some(BackendKind::Cuda) => open_cuda(opts).map(|b| (b, None)),
+        None => match open_cuda(opts) {
+            Ok(b) => Ok((b, None)),
+            Err(e) => Ok((Arc::new(cpu::CpuBackend::new(opts)?), Some(e.to_string()))),
+        },
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn open_cuda(opts: &DeviceOptions) -> Result<Arc<dyn Backend>> {
+    Ok(Arc::new(cuda::CudaBackend::new(opts)?))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn open_cuda(_opts: &DeviceOptions) -> Result<Arc<dyn Backend>> {
+    Err(Error::BackendUnavailable {
+        backend: BackendKind::Cuda,
+        reason: "this build of multiq was compiled without the `cuda` feature".into(),
+    })
+}

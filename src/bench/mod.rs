@@ -1,0 +1,110 @@
+//! The study: `multiq bench` (everything) and `multiq bench queues` (the multi-queue test).
+//!
+//! - `queues`: one run = N threads × `iters` ops on one preset, scenario, lock mode and
+//!   inflight depth, timed and then verified against the host reference.
+//! - `verdict`: what a curve of ops/s over thread counts says (saturation, speedup, class).
+//! - `study`: the whole matrix, scaled down on CPU, with tables and verdicts.
+//! - `results`: the JSON contract later tools read.
+
+pub mod queues;
+pub mod results;
+pub mod study;
+pub mod table;
+pub mod verdict;
+
+use crate::error::{Error, Result};
+
+/// The multi-queue test's workload presets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Preset {
+    /// 1,048,576 floats × 500 iterations: compute-bound.
+    Heavy,
+    /// 1,048,576 floats × 100 iterations.
+    Default,
+    /// 1,048,576 floats × 10 iterations.
+    Light,
+    /// 65,536 floats × 10 iterations: launch-bound.
+    Minimal,
+}
+
+impl Preset {
+    /// All presets, heaviest first.
+    pub const ALL: [Preset; 4] = [Preset::Heavy, Preset::Default, Preset::Light, Preset::Minimal];
+
+    /// (elements per buffer, kernel iterations) at full scale.
+    pub fn shape(self) -> (usize, u32) {
+        match self {
+            Preset::Heavy => (1 << 20, 500),
+            Preset::Default => (1 << 20, 100),
+            Preset::Light => (1 << 20, 10),
+            Preset::Minimal => (1 << 16, 10),
+        }
+    }
+
+    /// The preset's name as on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Preset::Heavy => "heavy",
+            Preset::Default => "default",
+            Preset::Light => "light",
+            Preset::Minimal => "minimal",
+        }
+    }
+}
+
+/// Which streams the threads of a run submit to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Scenario {
+    /// One stream shared by all threads.
+    Shared,
+    /// A stream per thread, from the pool's round-robin assignment.
+    PerThread,
+}
+
+impl Scenario {
+    /// The scenario's name as on the command line and in JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::Shared => "shared",
+            Scenario::PerThread => "per-thread",
+        }
+    }
+}
+
+/// Parses a comma-separated list of thread counts, e.g. `1,2,4,8,16`.
+pub fn parse_thread_list(s: &str) -> Result<Vec<usize>> {
+    let bad = |why: String| Error::invalid(format!("--threads `{s}`: {why}"));
+    if s.trim().is_empty() {
+        return Err(bad("the list is empty (example: 1,2,4,8,16)".into()));
+    }
+    let mut out = Vec::new();
+    for part in s.split(',') {
+        let part = part.trim();
+        let n: usize = part.parse().map_err(|_| {
+            bad(format!("`{part}` is not a positive whole number (example: 1,2,4,8,16)"))
+        })?;
+        if n == 0 || n > queues::MAX_THREADS {
+            return Err(bad(format!("thread counts must be 1..={}", queues::MAX_THREADS)));
+        }
+        if out.contains(&n) {
+            return Err(bad(format!("{n} appears twice")));
+        }
+        out.push(n);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thread_lists_parse_and_reject_bad_input() {
+        assert_eq!(parse_thread_list("1,2, 4").unwrap(), vec![1, 2, 4]);
+        for bad in ["", " ", "0", "1,,2", "1,x", "-1", "1,2,1", "99999", "1.5"] {
+            assert!(parse_thread_list(bad).is_err(), "{bad:?} was accepted");
+        }
+    }
+}

@@ -1,0 +1,169 @@
+//! The JSON results contract. Later tools read these names: add fields freely, never rename.
+//!
+//! `{"multiq_version", "git_commit", "backend", "device", "host_threads", "started_at",
+//! "command", "runs": [{"workload": "queues", "preset", "scenario", "lock", "inflight", "data",
+//! "kernel_iters", "threads", "ops", "seconds", "ops_per_sec", "speedup", "verified"}]}`
+
+use std::io::Write;
+use std::path::Path;
+
+use serde::Serialize;
+
+use super::Scenario;
+use crate::backend::{BackendKind, DeviceInfo, WaitPolicy};
+use crate::error::{Error, Result};
+use crate::sync::submit_lock::LockMode;
+
+/// The commit this binary was built from (`-dirty` when the tree had changes), or `unknown`.
+pub const GIT_COMMIT: &str = match option_env!("MULTIQ_GIT_COMMIT") {
+    Some(c) => c,
+    None => "unknown",
+};
+
+/// One results file.
+#[derive(Clone, Debug, Serialize)]
+pub struct ResultsFile {
+    /// multiq's version.
+    pub multiq_version: &'static str,
+    /// Commit the binary was built from.
+    pub git_commit: &'static str,
+    /// Backend the runs used.
+    pub backend: BackendKind,
+    /// Device name.
+    pub device: String,
+    /// Host threads available (`available_parallelism`).
+    pub host_threads: usize,
+    /// When the study started (RFC 3339, UTC).
+    pub started_at: String,
+    /// The command line that produced this file.
+    pub command: String,
+    /// Everything known about the device.
+    pub device_info: DeviceInfo,
+    /// What was scaled or changed from the full-size study, in words.
+    pub notes: Vec<String>,
+    /// One row per run.
+    pub runs: Vec<RunRow>,
+    /// Combinations that were not run, and why (e.g. lock `none` on a shared stream).
+    pub skipped: Vec<Skipped>,
+}
+
+/// One measured run.
+#[derive(Clone, Debug, Serialize)]
+pub struct RunRow {
+    /// Always `queues` for the multi-queue test.
+    pub workload: &'static str,
+    /// Preset name (or `custom`).
+    pub preset: String,
+    /// Which streams threads used.
+    pub scenario: Scenario,
+    /// Submission lock mode.
+    pub lock: LockMode,
+    /// Ops outstanding per thread (1 = wait after every op).
+    pub inflight: usize,
+    /// f32 elements per buffer.
+    pub data: usize,
+    /// Kernel iterations per element per op.
+    pub kernel_iters: u32,
+    /// Submitting threads.
+    pub threads: usize,
+    /// Ops timed (threads × ops per thread).
+    pub ops: u64,
+    /// Seconds from the start signal to the last thread's last completion.
+    pub seconds: f64,
+    /// ops / seconds.
+    pub ops_per_sec: f64,
+    /// ops/s over the same configuration's ops/s at the smallest thread count measured.
+    pub speedup: f64,
+    /// Every checked element matched the reference within tolerance.
+    pub verified: bool,
+    /// Elements compared against the reference (per buffer, summed over threads).
+    pub verified_elements: u64,
+    /// Largest absolute difference from the reference seen.
+    pub max_abs_error: f32,
+    /// Tolerance allowed (0 = bit-identical).
+    pub tolerance: f32,
+    /// Streams the pool created for the run.
+    pub streams_used: usize,
+    /// Wait policy in force.
+    pub wait: WaitPolicy,
+}
+
+/// A combination that was not run.
+#[derive(Clone, Debug, Serialize)]
+pub struct Skipped {
+    /// Preset name.
+    pub preset: String,
+    /// Scenario.
+    pub scenario: Scenario,
+    /// Lock mode.
+    pub lock: LockMode,
+    /// Threads.
+    pub threads: usize,
+    /// The error that rejected it.
+    pub reason: String,
+}
+
+/// The current time as RFC 3339 (UTC, seconds).
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+}
+
+/// The command line of this process, for results.
+pub fn command_line() -> String {
+    let args: Vec<String> = std::env::args().collect();
+    let mut out = String::from("multiq");
+    for a in args.iter().skip(1) {
+        out.push(' ');
+        if a.contains(' ') {
+            out.push_str(&format!("'{a}'"));
+        } else {
+            out.push_str(a);
+        }
+    }
+    out
+}
+
+/// Checks early that `path` can be written, so a bad `--json` fails before any run.
+pub fn check_writable(path: &Path) -> Result<()> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let io = |source| Error::Io { path: path.display().to_string(), source };
+    if path.is_dir() {
+        return Err(Error::invalid(format!("--json {}: is a directory", path.display())));
+    }
+    if !dir.is_dir() {
+        return Err(Error::invalid(format!(
+            "--json {}: directory {} does not exist",
+            path.display(),
+            dir.display()
+        )));
+    }
+    tempfile_in(dir).map_err(io).map(drop)
+}
+
+fn tempfile_in(dir: &Path) -> std::io::Result<(std::fs::File, std::path::PathBuf)> {
+    let name = format!(".multiq-{}-{}.tmp", std::process::id(), crate::sync::thread_id::current());
+    let path = dir.join(name);
+    let f = std::fs::File::create(&path)?;
+    let _ = std::fs::remove_file(&path);
+    Ok((f, path))
+}
+
+/// Writes `results` to `path` atomically: a complete file or none (temp file, then rename).
+pub fn write_json(path: &Path, results: &ResultsFile) -> Result<()> {
+    let io = |source| Error::Io { path: path.display().to_string(), source };
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("results"),
+        std::process::id()
+    ));
+    let text = serde_json::to_string_pretty(results).expect("results serialize");
+    let mut f = std::fs::File::create(&tmp).map_err(io)?;
+    f.write_all(text.as_bytes()).and_then(|()| f.write_all(b"\n")).map_err(io)?;
+    f.sync_all().map_err(io)?;
+    drop(f);
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        io(e)
+    })
+}

@@ -1,0 +1,214 @@
+//! Command-line interface: argument definitions and the one-line error policy.
+//!
+//! Usage errors print one line naming the flag (and the allowed values) and exit with 2.
+//! Failures while running (a device error, a verification mismatch) exit with 1.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use multiq::bench::{Preset, Scenario};
+use multiq::{BackendKind, DeviceOptions, LockMode, WaitPolicy};
+
+/// Exit code for usage errors.
+pub const EXIT_USAGE: i32 = 2;
+/// Exit code for failures while running.
+pub const EXIT_FAILURE: i32 = 1;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "multiq",
+    version,
+    about = "Many threads sharing one GPU safely: stream pool, submission locks, and the study \
+             that measures them",
+    long_about = "multiq runs many threads on one device (an NVIDIA GPU through CUDA, or the CPU \
+                  backend everywhere else): a pool of per-thread streams, a choice of submission \
+                  lock, and a benchmark that measures how throughput scales with threads.\n\n\
+                  Start with `multiq bench` (the whole study) or `multiq bench queues --help`."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the whole study, or one benchmark (`multiq bench queues`).
+    #[command(
+        long_about = "With no sub-command: the whole study. Every preset (heavy, default, light, \
+                      minimal), a shared stream and a stream per thread, 1-16 threads with a \
+                      wait after every op; then at 16 threads every lock mode and async \
+                      submission (8 in flight). Each table is followed by a verdict computed from \
+                      its numbers. On the CPU backend the presets are scaled down so the study \
+                      finishes in about a minute on 2 cores; what was scaled is printed first.",
+        args_conflicts_with_subcommands = true
+    )]
+    Bench(BenchArgs),
+    /// Show which backends and devices multiq can use on this machine.
+    Info(DeviceArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    pub which: Option<BenchCommand>,
+    #[command(flatten)]
+    pub study: StudyArgs,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// The multi-queue test: N threads, each launching `simple_compute` over its own buffer.
+    #[command(long_about = QUEUES_HELP)]
+    Queues(QueuesArgs),
+}
+
+const QUEUES_HELP: &str = "The multi-queue test. Each thread owns one buffer of --data f32 \
+    values, element i initialised to (thread+1)*0.001 + i*1e-6. One op is one launch of \
+    simple_compute over the buffer (each element, --kernel-iters times: v = sin(v)*cos(v) + v), \
+    then a wait for that op, or with --async up to --inflight ops outstanding per thread.\n\n\
+    Scenarios: `shared` (all threads submit to one stream) and `per-thread` (each thread gets its \
+    own stream from the pool, round-robin).\n\n\
+    Timing covers only the ops: thread start-up, buffer allocation and fill, and one warm-up op \
+    per thread happen before a common start signal; the clock stops when the last thread's last \
+    op has completed. Afterwards every buffer is read back and compared with a host reference \
+    of the same op sequence (CPU: bit-identical; CUDA: within the backend's stated tolerance). \
+    A mismatch fails the run with exit code 1.";
+
+/// Which backend to open.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum BackendChoice {
+    /// CUDA when a GPU is present, else the CPU (with a one-line notice).
+    Auto,
+    /// The CPU backend.
+    Cpu,
+    /// An NVIDIA GPU through CUDA.
+    Cuda,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct DeviceArgs {
+    /// Backend to run on.
+    #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
+    pub backend: BackendChoice,
+    /// CPU backend: execution units shared by all streams (default: available cores).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1024))]
+    pub units: Option<u64>,
+    /// How a thread waits for its op: spin, yield or block (default: the backend's).
+    #[arg(long, value_enum)]
+    pub wait: Option<WaitPolicy>,
+}
+
+impl DeviceArgs {
+    pub fn options(&self) -> DeviceOptions {
+        DeviceOptions {
+            backend: match self.backend {
+                BackendChoice::Auto => None,
+                BackendChoice::Cpu => Some(BackendKind::Cpu),
+                BackendChoice::Cuda => Some(BackendKind::Cuda),
+            },
+            cpu_units: self.units.map(|u| u as usize),
+            ordinal: 0,
+            wait: self.wait,
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct StudyArgs {
+    #[command(flatten)]
+    pub device: DeviceArgs,
+    /// Write every run as JSON to FILE (written whole at the end, or not at all).
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// Ops per thread in each run (default: 50 on GPUs; scaled per preset on the CPU).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub iters: Option<u64>,
+    /// Run the presets at full size on the CPU backend too (slow).
+    #[arg(long)]
+    pub full: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct QueuesArgs {
+    #[command(flatten)]
+    pub device: DeviceArgs,
+    /// Thread counts to run, comma-separated.
+    #[arg(long, value_name = "LIST", default_value = "1,2,4,8,16")]
+    pub threads: String,
+    /// Timed ops per thread.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
+    pub iters: u64,
+    /// Workload preset: heavy 1,048,576x500, default 1,048,576x100, light 1,048,576x10,
+    /// minimal 65,536x10 (elements x kernel iterations). --data/--kernel-iters override it.
+    #[arg(long, value_enum)]
+    pub preset: Option<Preset>,
+    /// f32 elements per thread's buffer [default: 1048576].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub data: Option<u64>,
+    /// simple_compute iterations per element per op (0 = an empty kernel) [default: 100].
+    #[arg(long, value_name = "K", value_parser = clap::value_parser!(u32))]
+    pub kernel_iters: Option<u32>,
+    /// Submit asynchronously: keep up to --inflight ops outstanding per thread.
+    #[arg(long = "async")]
+    pub async_: bool,
+    /// Ops outstanding per thread with --async (implies --async when given) [default: 8].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=4096))]
+    pub inflight: Option<u64>,
+    /// Submission lock: global (one mutex), per-stream, or none (each stream owned by one
+    /// thread; the shared scenario is then rejected).
+    #[arg(long, value_enum, default_value_t = LockMode::PerStream)]
+    pub lock: LockMode,
+    /// Which scenario(s) to run.
+    #[arg(long, value_enum, default_value_t = ScenarioChoice::Both)]
+    pub scenario: ScenarioChoice,
+    /// Streams in the pool.
+    #[arg(long, value_name = "N", default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    pub streams: u64,
+    /// Write the runs as JSON to FILE (written whole at the end, or not at all).
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// Test hook: corrupt a buffer before verification, to show that verification fails.
+    #[arg(long, hide = true)]
+    pub corrupt_for_testing: bool,
+}
+
+/// Scenario selection on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ScenarioChoice {
+    /// Both scenarios.
+    Both,
+    /// One stream shared by all threads.
+    Shared,
+    /// A stream per thread.
+    PerThread,
+}
+
+impl ScenarioChoice {
+    pub fn scenarios(self) -> Vec<Scenario> {
+        match self {
+            ScenarioChoice::Both => vec![Scenario::PerThread, Scenario::Shared],
+            ScenarioChoice::Shared => vec![Scenario::Shared],
+            ScenarioChoice::PerThread => vec![Scenario::PerThread],
+        }
+    }
+}
+
+/// Renders a clap error as one line: what was wrong, and the allowed values when clap knows
+/// them.
+pub fn one_line(err: &clap::Error) -> String {
+    use clap::error::{ContextKind, ContextValue};
+    let rendered = err.render().to_string();
+    let first = rendered
+        .lines()
+        .next()
+        .unwrap_or("invalid arguments")
+        .trim();
+    let mut line = first.strip_prefix("error: ").unwrap_or(first).to_string();
+    if let Some(ContextValue::Strings(values)) = err.get(ContextKind::ValidValue) {
+        line.push_str(&format!(" (allowed: {})", values.join(", ")));
+    }
+    if let Some(ContextValue::String(s)) = err.get(ContextKind::SuggestedArg) {
+        line.push_str(&format!(" (did you mean {s}?)"));
+    }
+    line
+}

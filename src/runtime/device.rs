@@ -1,0 +1,223 @@
+//! `Device` (a cheap, clonable handle to an opened backend) and `Buffer` (device memory that
+//! follows the ownership rules in the module above).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+use crate::backend::{self, Backend, BackendBuffer, BackendStream, DeviceInfo, DeviceOptions};
+use crate::error::{Error, Result};
+
+static NEXT_DEVICE_ID: AtomicU64 = AtomicU64::new(1);
+
+/// An opened device. Clones share it; it closes when the last clone, pool, stream and buffer
+/// using it are gone.
+#[derive(Clone)]
+pub struct Device {
+    inner: Arc<DeviceInner>,
+}
+
+struct DeviceInner {
+    id: u64,
+    backend: Arc<dyn Backend>,
+    info: DeviceInfo,
+    fallback: Option<String>,
+    /// A stream for copies of buffers that no stream has touched yet; created on first use.
+    copy_stream: Mutex<Option<Arc<dyn BackendStream>>>,
+}
+
+impl std::fmt::Debug for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Device").field("name", &self.inner.info.name).finish()
+    }
+}
+
+impl Device {
+    /// Opens the device `opts` asks for (auto: CUDA if present, else CPU).
+    pub fn open(opts: &DeviceOptions) -> Result<Device> {
+        let (backend, fallback) = backend::open(opts)?;
+        let info = backend.info();
+        Ok(Device {
+            inner: Arc::new(DeviceInner {
+                id: NEXT_DEVICE_ID.fetch_add(1, Ordering::Relaxed),
+                backend,
+                info,
+                fallback,
+                copy_stream: Mutex::new(None),
+            }),
+        })
+    }
+
+    /// Opens a CPU device with `units` execution units.
+    pub fn cpu(units: usize) -> Result<Device> {
+        Device::open(&DeviceOptions {
+            backend: Some(backend::BackendKind::Cpu),
+            cpu_units: Some(units),
+            ..Default::default()
+        })
+    }
+
+    /// Facts about the device.
+    pub fn info(&self) -> &DeviceInfo {
+        &self.inner.info
+    }
+
+    /// When opened with backend auto and CUDA could not be used: why.
+    pub fn fallback_reason(&self) -> Option<&str> {
+        self.inner.fallback.as_deref()
+    }
+
+    pub(crate) fn backend(&self) -> &dyn Backend {
+        &*self.inner.backend
+    }
+
+    pub(crate) fn id(&self) -> u64 {
+        self.inner.id
+    }
+
+    /// Allocates a buffer of `len` f32 elements, zero-filled where the backend does so.
+    pub fn alloc(&self, len: usize) -> Result<Buffer> {
+        if len == 0 {
+            return Err(Error::invalid("a buffer must hold at least one element"));
+        }
+        if len > self.backend().max_elements() {
+            return Err(Error::invalid(format!(
+                "{len} elements exceed the {} a kernel on {} can index",
+                self.backend().max_elements(),
+                self.info().name
+            )));
+        }
+        let raw = self.backend().alloc(len)?;
+        Ok(Buffer { raw: Some(raw), len, device: self.clone(), last: None })
+    }
+
+    /// Allocates a buffer holding a copy of `data`.
+    pub fn buffer_from(&self, data: &[f32]) -> Result<Buffer> {
+        let mut buf = self.alloc(data.len())?;
+        buf.write(data)?;
+        Ok(buf)
+    }
+
+    /// Waits until all work on every stream of this device has completed.
+    pub fn synchronize(&self) -> Result<()> {
+        self.backend().synchronize()
+    }
+
+    /// Bytes that can still be allocated, where the backend knows.
+    pub fn memory_available(&self) -> Option<u64> {
+        self.backend().memory_available()
+    }
+
+    fn copy_stream(&self) -> Result<Arc<dyn BackendStream>> {
+        let mut slot = self.inner.copy_stream.lock();
+        if let Some(s) = &*slot {
+            return Ok(s.clone());
+        }
+        let s = self.backend().new_stream()?;
+        *slot = Some(s.clone());
+        Ok(s)
+    }
+}
+
+/// Device memory holding f32 elements. See the ownership rules in [`crate::runtime`].
+pub struct Buffer {
+    /// Always `Some` until `Drop` hands it to the last stream.
+    raw: Option<Box<dyn BackendBuffer>>,
+    len: usize,
+    device: Device,
+    /// The last stream work on this buffer was queued on.
+    last: Option<Arc<dyn BackendStream>>,
+}
+
+impl std::fmt::Debug for Buffer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Buffer").field("len", &self.len).finish()
+    }
+}
+
+fn same_stream(a: &Arc<dyn BackendStream>, b: &Arc<dyn BackendStream>) -> bool {
+    std::ptr::addr_eq(Arc::as_ptr(a), Arc::as_ptr(b))
+}
+
+impl Buffer {
+    /// Number of f32 elements.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Always false: buffers hold at least one element.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// The device this buffer lives on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub(crate) fn raw(&self) -> &dyn BackendBuffer {
+        self.raw.as_deref().expect("a live Buffer always holds its storage")
+    }
+
+    /// Makes `stream` the buffer's stream for the next piece of work: checks the device and,
+    /// when the buffer moves between streams, waits for the previous one (rule 2).
+    pub(crate) fn bind(&mut self, device_id: u64, stream: &Arc<dyn BackendStream>) -> Result<()> {
+        if device_id != self.device.id() {
+            return Err(Error::WrongDevice { what: "buffer" });
+        }
+        match &self.last {
+            Some(last) if same_stream(last, stream) => {}
+            Some(last) => {
+                last.synchronize()?;
+                self.last = Some(stream.clone());
+            }
+            None => self.last = Some(stream.clone()),
+        }
+        Ok(())
+    }
+
+    fn stream_for_copy(&mut self) -> Result<Arc<dyn BackendStream>> {
+        match &self.last {
+            Some(s) => Ok(s.clone()),
+            None => {
+                let s = self.device.copy_stream()?;
+                self.last = Some(s.clone());
+                Ok(s)
+            }
+        }
+    }
+
+    /// Overwrites the buffer with `data` (same length), after all work queued on it.
+    pub fn write(&mut self, data: &[f32]) -> Result<()> {
+        if data.len() != self.len {
+            return Err(Error::invalid(format!(
+                "cannot write {} elements into a buffer of {}",
+                data.len(),
+                self.len
+            )));
+        }
+        let stream = self.stream_for_copy()?;
+        stream.upload(self.raw(), data)
+    }
+
+    /// Reads the buffer back, after all work queued on it (rule 4).
+    pub fn read(&mut self) -> Result<Vec<f32>> {
+        let stream = self.stream_for_copy()?;
+        let mut out = vec![0.0f32; self.len];
+        stream.download(self.raw(), &mut out)?;
+        Ok(out)
+    }
+}
+
+impl Drop for Buffer {
+    fn drop(&mut self) {
+        if let Some(raw) = self.raw.take() {
+            match &self.last {
+                // Rule 3: freed after the work already queued on its last stream.
+                Some(stream) => stream.free_after(raw),
+                None => drop(raw),
+            }
+        }
+    }
+}

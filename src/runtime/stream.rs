@@ -1,0 +1,146 @@
+//! `Stream`: a pooled, in-order queue of device work, and `Ticket`: one submitted op's
+//! completion.
+//!
+//! Submitting takes a pooled event, enters the stream's submission lock (per the pool's lock
+//! mode), launches, records the event, and leaves the lock. Waiting happens outside any lock,
+//! on the ticket's own event, so a waiting thread never blocks another thread's submission.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use super::event_pool::EventPool;
+use super::{Buffer, Device};
+use crate::backend::{BackendEvent, BackendStream};
+use crate::error::Result;
+use crate::kernel::Kernel;
+use crate::sync::submit_lock::SubmitLock;
+
+/// The state one pool slot's stream shares among all handles to it.
+pub(crate) struct StreamShared {
+    pub(crate) pool_id: u64,
+    pub(crate) index: usize,
+    pub(crate) device: Device,
+    pub(crate) backend: Arc<dyn BackendStream>,
+    pub(crate) lock: SubmitLock,
+    events: EventPool,
+    submitted: AtomicU64,
+}
+
+impl StreamShared {
+    pub(crate) fn new(pool_id: u64, index: usize, device: Device, lock: SubmitLock) -> Result<Self> {
+        let backend = device.backend().new_stream()?;
+        Ok(StreamShared {
+            pool_id,
+            index,
+            device,
+            backend,
+            lock,
+            events: EventPool::new(),
+            submitted: AtomicU64::new(0),
+        })
+    }
+}
+
+/// A handle to one stream of a [`crate::StreamPool`]. Clones refer to the same stream.
+///
+/// In lock modes `global` and `per-stream` any thread may submit through any handle. In
+/// `none`, only the thread that acquired the stream from the pool may submit; others get
+/// [`crate::Error::ExclusiveStreamRequired`].
+#[derive(Clone)]
+pub struct Stream {
+    pub(crate) shared: Arc<StreamShared>,
+}
+
+/// Counters of one stream, for tests and diagnostics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StreamStats {
+    /// Ops submitted to this stream.
+    pub submitted: u64,
+    /// Events ever created for this stream (flat after warm-up: events are pooled).
+    pub events_created: u64,
+}
+
+impl std::fmt::Debug for Stream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stream").field("index", &self.shared.index).finish()
+    }
+}
+
+impl Stream {
+    /// The stream's index in its pool.
+    pub fn index(&self) -> usize {
+        self.shared.index
+    }
+
+    /// Submits `kernel` over `buf`. Returns at once with a ticket for the op's completion.
+    pub fn launch(&self, kernel: Kernel, buf: &mut Buffer) -> Result<Ticket> {
+        let s = &*self.shared;
+        buf.bind(s.device.id(), &s.backend)?;
+        let event = s.events.take(s.device.backend())?;
+        let submitted = {
+            let _guard = match s.lock.enter() {
+                Ok(g) => g,
+                Err(e) => {
+                    s.events.give_back(event);
+                    return Err(e);
+                }
+            };
+            s.backend.launch(kernel, buf.raw()).and_then(|()| s.backend.record(&*event))
+        };
+        match submitted {
+            Ok(()) => {
+                s.submitted.fetch_add(1, Ordering::Relaxed);
+                Ok(Ticket { stream: self.shared.clone(), event: Some(event) })
+            }
+            Err(e) => {
+                s.events.give_back(event);
+                Err(e)
+            }
+        }
+    }
+
+    /// Waits until all work submitted to this stream so far has completed.
+    pub fn synchronize(&self) -> Result<()> {
+        self.shared.backend.synchronize()
+    }
+
+    /// Counters of this stream.
+    pub fn stats(&self) -> StreamStats {
+        StreamStats {
+            submitted: self.shared.submitted.load(Ordering::Relaxed),
+            events_created: self.shared.events.created(),
+        }
+    }
+}
+
+/// The completion of one submitted op. Wait on it, poll it, or drop it: dropping neither
+/// blocks nor leaks (the event goes back to its stream's pool).
+#[must_use = "a ticket is the only way to know the op completed"]
+pub struct Ticket {
+    stream: Arc<StreamShared>,
+    event: Option<Box<dyn BackendEvent>>,
+}
+
+impl Ticket {
+    /// Waits until the op (and everything before it on its stream) has completed. Errors the
+    /// device reports for that work are returned here, to this thread.
+    pub fn wait(mut self) -> Result<()> {
+        let event = self.event.take().expect("a ticket holds its event until waited");
+        let result = event.wait();
+        self.stream.events.give_back(event);
+        result
+    }
+
+    /// True when the op has completed.
+    pub fn is_complete(&self) -> Result<bool> {
+        self.event.as_ref().map_or(Ok(true), |e| e.is_complete())
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if let Some(event) = self.event.take() {
+            self.stream.events.give_back(event);
+        }
+    }
+}

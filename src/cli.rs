@@ -91,7 +91,7 @@ pub struct DeviceArgs {
     #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
     pub backend: BackendChoice,
     /// CPU backend: execution units shared by all streams (default: available cores).
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1024))]
+    #[arg(long, allow_hyphen_values = true, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1024))]
     pub units: Option<u64>,
     /// How a thread waits for its op: spin, yield or block (default: the backend's).
     #[arg(long, value_enum)]
@@ -121,7 +121,7 @@ pub struct StudyArgs {
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
     /// Ops per thread in each run (default: 50 on GPUs; scaled per preset on the CPU).
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    #[arg(long, allow_hyphen_values = true, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub iters: Option<u64>,
     /// Run the presets at full size on the CPU backend too (slow).
     #[arg(long)]
@@ -133,26 +133,26 @@ pub struct QueuesArgs {
     #[command(flatten)]
     pub device: DeviceArgs,
     /// Thread counts to run, comma-separated.
-    #[arg(long, value_name = "LIST", default_value = "1,2,4,8,16")]
+    #[arg(long, allow_hyphen_values = true, value_name = "LIST", default_value = "1,2,4,8,16")]
     pub threads: String,
     /// Timed ops per thread.
-    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
+    #[arg(long, allow_hyphen_values = true, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
     pub iters: u64,
     /// Workload preset: heavy 1,048,576x500, default 1,048,576x100, light 1,048,576x10,
     /// minimal 65,536x10 (elements x kernel iterations). --data/--kernel-iters override it.
     #[arg(long, value_enum)]
     pub preset: Option<Preset>,
     /// f32 elements per thread's buffer [default: 1048576].
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, allow_hyphen_values = true, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=u32::MAX as u64))]
     pub data: Option<u64>,
     /// simple_compute iterations per element per op (0 = an empty kernel) [default: 100].
-    #[arg(long, value_name = "K", value_parser = clap::value_parser!(u32))]
+    #[arg(long, allow_hyphen_values = true, value_name = "K", value_parser = clap::value_parser!(u32))]
     pub kernel_iters: Option<u32>,
     /// Submit asynchronously: keep up to --inflight ops outstanding per thread.
     #[arg(long = "async")]
     pub async_: bool,
     /// Ops outstanding per thread with --async (implies --async when given) [default: 8].
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=4096))]
+    #[arg(long, allow_hyphen_values = true, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=4096))]
     pub inflight: Option<u64>,
     /// Submission lock: global (one mutex), per-stream, or none (each stream owned by one
     /// thread; the shared scenario is then rejected).
@@ -162,7 +162,7 @@ pub struct QueuesArgs {
     #[arg(long, value_enum, default_value_t = ScenarioChoice::Both)]
     pub scenario: ScenarioChoice,
     /// Streams in the pool.
-    #[arg(long, value_name = "N", default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    #[arg(long, allow_hyphen_values = true, value_name = "N", default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=1024))]
     pub streams: u64,
     /// Write the runs as JSON to FILE (written whole at the end, or not at all).
     #[arg(long, value_name = "FILE")]

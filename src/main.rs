@@ -177,6 +177,11 @@ fn run_queues(a: QueuesArgs) -> Result<i32, Error> {
             s.reason
         );
     }
+    if rows.is_empty() {
+        let reason = skipped.first().map_or("nothing ran".to_string(), |s| s.reason.clone());
+        eprintln!("multiq: no run could be made: {reason}");
+        return Ok(EXIT_USAGE);
+    }
     if let Some(path) = &a.json {
         let file = ResultsFile {
             multiq_version: env!("CARGO_PKG_VERSION"),

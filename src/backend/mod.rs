@@ -161,6 +161,8 @@ pub trait BackendBuffer: Send + Sync {
     }
     /// For downcasting inside the backend.
     fn as_any(&self) -> &dyn Any;
+    /// For taking ownership back inside the backend (e.g. to free it in stream order).
+    fn into_any(self: Box<Self>) -> Box<dyn Any + Send>;
 }
 
 /// Downcasts a trait object to the backend's concrete type, or reports a device mix-up.
@@ -176,7 +178,13 @@ pub fn open(opts: &DeviceOptions) -> Result<(Arc<dyn Backend>, Option<String>)> 
         Some(BackendKind::Cuda) => open_cuda(opts).map(|b| (b, None)),
         None => match open_cuda(opts) {
             Ok(b) => Ok((b, None)),
-            Err(e) => Ok((Arc::new(cpu::CpuBackend::new(opts)?), Some(e.to_string()))),
+            Err(e) => {
+                let why = match e {
+                    Error::BackendUnavailable { reason, .. } => reason,
+                    other => other.to_string(),
+                };
+                Ok((Arc::new(cpu::CpuBackend::new(opts)?), Some(why)))
+            }
         },
     }
 }

@@ -155,6 +155,9 @@ impl BackendBuffer for CpuBuffer {
     fn as_any(&self) -> &dyn Any {
         self
     }
+    fn into_any(self: Box<Self>) -> Box<dyn Any + Send> {
+        self
+    }
 }
 
 fn cpu_buffer(buf: &dyn BackendBuffer) -> Result<&CpuBuffer> {

@@ -1,0 +1,63 @@
+//! multiq's CUDA kernels: CUDA C source, compiled by NVRTC once per device per process.
+
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
+
+use cudarc::driver::{CudaContext, CudaFunction};
+use cudarc::nvrtc::CompileOptions;
+use parking_lot::Mutex;
+
+use super::{driver_error, unavailable};
+use crate::error::{Error, Result};
+
+/// Threads per block for element-wise kernels.
+pub const BLOCK_THREADS: u32 = 256;
+
+/// The kernels' source. Indices are 32-bit unsigned: buffers are capped at `u32::MAX`
+/// elements before launch, and `blockIdx.x * 256 + threadIdx.x` stays below 2^32.
+const SOURCE: &str = r#"
+extern "C" __global__ void simple_compute(float* data, unsigned int n, unsigned int iters) {
+    unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float v = data[i];
+    for (unsigned int k = 0; k < iters; k++) v = sinf(v) * cosf(v) + v;
+    data[i] = v;
+}
+"#;
+
+/// The loaded kernels of one device.
+pub struct Kernels {
+    pub simple_compute: CudaFunction,
+}
+
+static CACHE: OnceLock<Mutex<HashMap<usize, Arc<Kernels>>>> = OnceLock::new();
+
+/// The kernels for device `ordinal`, compiled and loaded on first use.
+pub fn for_device(ctx: &Arc<CudaContext>, ordinal: usize) -> Result<Arc<Kernels>> {
+    let mut cache = CACHE.get_or_init(|| Mutex::new(HashMap::new())).lock();
+    if let Some(k) = cache.get(&ordinal) {
+        return Ok(k.clone());
+    }
+    let (major, minor) = ctx.compute_capability().map_err(|e| driver_error("info", e))?;
+    let opts = CompileOptions {
+        // cudarc's `use_fast_math` field only sets --fmad; pass the real flag.
+        options: vec![
+            "--use_fast_math".into(),
+            format!("--gpu-architecture=compute_{major}{minor}"),
+        ],
+        ..Default::default()
+    };
+    let ptx = cudarc::nvrtc::compile_ptx_with_opts(SOURCE, opts).map_err(|e| match e {
+        cudarc::nvrtc::CompileError::CompileError { log, .. } => Error::Device {
+            op: "compile",
+            message: log.to_string_lossy().into_owned(),
+        },
+        other => unavailable(format!("NVRTC could not compile multiq's kernels: {other:?}")),
+    })?;
+    let module = ctx.load_module(ptx).map_err(|e| driver_error("load module", e))?;
+    let simple_compute =
+        module.load_function("simple_compute").map_err(|e| driver_error("load function", e))?;
+    let k = Arc::new(Kernels { simple_compute });
+    cache.insert(ordinal, k.clone());
+    Ok(k)
+}

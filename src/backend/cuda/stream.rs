@@ -1,0 +1,283 @@
+//! CUDA buffers, streams and events: the few places where multiq calls the driver directly.
+//!
+//! Every driver call here needs the device's context current on the calling thread; [`bind`]
+//! makes it so (one `cuCtxGetCurrent`, plus `cuCtxSetCurrent` the first time on a thread).
+
+use std::any::Any;
+use std::ffi::c_void;
+use std::sync::Arc;
+
+use cudarc::driver::{result, sys, CudaContext, CudaStream};
+
+use super::kernels::{Kernels, BLOCK_THREADS};
+use super::{driver_error, MAX_ELEMENTS};
+use crate::backend::{downcast, BackendBuffer, BackendEvent, BackendStream, WaitPolicy};
+use crate::error::{Error, Result};
+use crate::kernel::Kernel;
+
+/// Makes `ctx` current on the calling thread.
+fn bind(ctx: &CudaContext) -> Result<()> {
+    let want = ctx.cu_ctx();
+    match result::ctx::get_current() {
+        Ok(Some(current)) if current == want => Ok(()),
+        // SAFETY: `want` is the context owned by `ctx`, which the caller keeps alive.
+        _ => unsafe { result::ctx::set_current(want) }.map_err(|e| driver_error("bind", e)),
+    }
+}
+
+/// A raw device allocation of f32 elements.
+///
+/// Invariant: `ptr` is a live allocation of `len * 4` bytes in `ctx` until it is handed to
+/// [`BackendStream::free_after`] (which zeroes `ptr`) or freed by `Drop`.
+pub(super) struct CudaBuffer {
+    ptr: sys::CUdeviceptr,
+    len: usize,
+    ctx: Arc<CudaContext>,
+}
+
+impl CudaBuffer {
+    pub(super) fn alloc(ctx: &Arc<CudaContext>, stream: &CudaStream, len: usize, device: &str) -> Result<Self> {
+        let bytes = len.checked_mul(4).filter(|_| len <= MAX_ELEMENTS);
+        let Some(bytes) = bytes else {
+            return Err(Error::OutOfMemory {
+                elements: len,
+                bytes: (len as u64).saturating_mul(4),
+                device: device.into(),
+                reason: format!("a CUDA buffer holds at most {MAX_ELEMENTS} elements"),
+            });
+        };
+        bind(ctx)?;
+        let oom = |e: cudarc::driver::DriverError| Error::OutOfMemory {
+            elements: len,
+            bytes: bytes as u64,
+            device: device.into(),
+            reason: driver_error("alloc", e).to_string(),
+        };
+        let ptr = if ctx.has_async_alloc() {
+            // SAFETY: the context is current; the allocation is made on `stream` and the
+            // stream is synchronized before the pointer is used anywhere else, so every
+            // other stream may use it afterwards.
+            let p = unsafe { result::malloc_async(stream.cu_stream(), bytes) }.map_err(oom)?;
+            let buf = CudaBuffer { ptr: p, len, ctx: ctx.clone() };
+            stream.synchronize().map_err(|e| driver_error("alloc", e))?;
+            return Ok(buf);
+        } else {
+            // SAFETY: the context is current; the memory is written before it is read
+            // (uploads or kernels), and `f32` has no invalid bit patterns anyway.
+            unsafe { result::malloc_sync(bytes) }.map_err(oom)?
+        };
+        Ok(CudaBuffer { ptr, len, ctx: ctx.clone() })
+    }
+}
+
+impl BackendBuffer for CudaBuffer {
+    fn len(&self) -> usize {
+        self.len
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+    fn into_any(self: Box<Self>) -> Box<dyn Any + Send> {
+        self
+    }
+}
+
+impl Drop for CudaBuffer {
+    fn drop(&mut self) {
+        if self.ptr != 0 && bind(&self.ctx).is_ok() {
+            // Reached only for buffers no stream ever used (the runtime hands used buffers to
+            // `free_after`): no work can reference them.
+            // SAFETY: `ptr` is live (invariant) and unused by any queued work.
+            let _ = unsafe { result::free_sync(self.ptr) };
+        }
+    }
+}
+
+/// One CUDA stream of a pool slot.
+pub(super) struct CudaQueue {
+    stream: Arc<CudaStream>,
+    kernels: Arc<Kernels>,
+}
+
+impl CudaQueue {
+    pub(super) fn new(stream: Arc<CudaStream>, kernels: Arc<Kernels>) -> Self {
+        CudaQueue { stream, kernels }
+    }
+
+    fn ctx(&self) -> &CudaContext {
+        self.stream.context()
+    }
+}
+
+fn cuda_buffer(buf: &dyn BackendBuffer) -> Result<&CudaBuffer> {
+    downcast::<CudaBuffer>(buf.as_any(), "buffer")
+}
+
+impl BackendStream for CudaQueue {
+    fn launch(&self, kernel: Kernel, buf: &dyn BackendBuffer) -> Result<()> {
+        let buf = cuda_buffer(buf)?;
+        let Kernel::SimpleCompute { iters } = kernel;
+        // Checked at allocation; re-checked here because the kernel's index type depends on it.
+        let mut n = u32::try_from(buf.len).map_err(|_| Error::invalid("buffer too large for a 32-bit kernel index"))?;
+        let mut iters = iters;
+        let mut ptr = buf.ptr;
+        let grid = n.div_ceil(BLOCK_THREADS).max(1);
+        bind(self.ctx())?;
+        let mut params: [*mut c_void; 3] = [
+            (&mut ptr as *mut sys::CUdeviceptr).cast(),
+            (&mut n as *mut u32).cast(),
+            (&mut iters as *mut u32).cast(),
+        ];
+        // SAFETY: the function takes (float*, unsigned int, unsigned int), matching `params`,
+        // whose pointees live until the call returns (the driver copies them at launch);
+        // `ptr` is a live allocation of `n` floats in this stream's context (CudaBuffer
+        // invariant; the runtime keeps it alive until work on it completed); the grid covers
+        // `n` with `BLOCK_THREADS` threads per block and the kernel bounds-checks `i < n`.
+        unsafe {
+            result::launch_kernel(
+                self.kernels.simple_compute.cu_function(),
+                (grid, 1, 1),
+                (BLOCK_THREADS, 1, 1),
+                0,
+                self.stream.cu_stream(),
+                &mut params,
+            )
+        }
+        .map_err(|e| driver_error("launch", e))
+    }
+
+    fn upload(&self, buf: &dyn BackendBuffer, src: &[f32]) -> Result<()> {
+        let buf = cuda_buffer(buf)?;
+        if src.len() != buf.len {
+            return Err(Error::invalid(format!("upload of {} elements into a buffer of {}", src.len(), buf.len)));
+        }
+        bind(self.ctx())?;
+        // SAFETY: `buf.ptr` holds `buf.len` floats = `src.len()`; the stream is synchronized
+        // before returning, so `src` outlives the copy.
+        unsafe { result::memcpy_htod_async(buf.ptr, src, self.stream.cu_stream()) }
+            .map_err(|e| driver_error("upload", e))?;
+        self.synchronize()
+    }
+
+    fn download(&self, buf: &dyn BackendBuffer, dst: &mut [f32]) -> Result<()> {
+        let buf = cuda_buffer(buf)?;
+        if dst.len() != buf.len {
+            return Err(Error::invalid(format!("download of a buffer of {} elements into {}", buf.len, dst.len())));
+        }
+        bind(self.ctx())?;
+        // SAFETY: `dst` has room for `buf.len` floats; the stream is synchronized before
+        // returning, so `dst` outlives the copy and is fully written when we return.
+        unsafe { result::memcpy_dtoh_async(dst, buf.ptr, self.stream.cu_stream()) }
+            .map_err(|e| driver_error("download", e))?;
+        self.synchronize()
+    }
+
+    fn record(&self, event: &dyn BackendEvent) -> Result<()> {
+        let ev = downcast::<CudaEventBox>(event.as_any(), "event")?;
+        bind(self.ctx())?;
+        // SAFETY: `ev.event` is a live event of this context (CudaEventBox invariant) and the
+        // stream is live (held by `self`).
+        unsafe { result::event::record(ev.event, self.stream.cu_stream()) }
+            .map_err(|e| driver_error("record", e))
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize().map_err(|e| driver_error("synchronize", e))
+    }
+
+    fn free_after(&self, buf: Box<dyn BackendBuffer>) {
+        let Ok(buf) = buf.into_any().downcast::<CudaBuffer>() else {
+            return; // not ours: its own Drop frees it
+        };
+        let mut buf = buf;
+        let ptr = std::mem::replace(&mut buf.ptr, 0);
+        if bind(self.ctx()).is_err() {
+            return;
+        }
+        let freed = if buf.ctx.has_async_alloc() {
+            // SAFETY: `ptr` is live and, by the runtime's rule 3, all work using it was queued
+            // on this stream: the stream-ordered free runs after that work.
+            unsafe { result::free_async(ptr, self.stream.cu_stream()) }
+        } else {
+            // SAFETY: after the stream synchronized, no queued work uses `ptr`.
+            self.stream.synchronize().and_then(|()| unsafe { result::free_sync(ptr) })
+        };
+        let _ = freed;
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+/// A pooled CUDA event.
+///
+/// Invariant: `event` is a live event of `ctx`, destroyed only by `Drop`.
+pub(super) struct CudaEventBox {
+    event: sys::CUevent,
+    ctx: Arc<CudaContext>,
+    wait: WaitPolicy,
+}
+
+// SAFETY: a CUevent handle may be used from any thread of its context; the driver serializes
+// operations on it internally, and the runtime gives each event to one ticket at a time.
+unsafe impl Send for CudaEventBox {}
+// SAFETY: as above; `&CudaEventBox` only exposes record/query/synchronize, which the driver
+// allows concurrently.
+unsafe impl Sync for CudaEventBox {}
+
+impl CudaEventBox {
+    pub(super) fn new(ctx: &Arc<CudaContext>, wait: WaitPolicy) -> Result<Self> {
+        bind(ctx)?;
+        let mut flags = sys::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32;
+        if wait == WaitPolicy::Block {
+            flags |= sys::CUevent_flags::CU_EVENT_BLOCKING_SYNC as u32;
+        }
+        let mut event: sys::CUevent = std::ptr::null_mut();
+        // SAFETY: `event` is a valid out-pointer; the context is current.
+        unsafe { sys::cuEventCreate(&mut event, flags) }
+            .result()
+            .map_err(|e| driver_error("event", e))?;
+        Ok(CudaEventBox { event, ctx: ctx.clone(), wait })
+    }
+}
+
+impl BackendEvent for CudaEventBox {
+    fn wait(&self) -> Result<()> {
+        match self.wait {
+            WaitPolicy::Spin | WaitPolicy::Block => {
+                // SAFETY: `event` is live (invariant).
+                unsafe { result::event::synchronize(self.event) }.map_err(|e| driver_error("wait", e))
+            }
+            WaitPolicy::Yield => loop {
+                if self.is_complete()? {
+                    return Ok(());
+                }
+                std::thread::yield_now();
+            },
+        }
+    }
+
+    fn is_complete(&self) -> Result<bool> {
+        // SAFETY: `event` is live (invariant).
+        match unsafe { result::event::query(self.event) } {
+            Ok(()) => Ok(true),
+            Err(e) if e.0 == sys::cudaError_enum::CUDA_ERROR_NOT_READY => Ok(false),
+            Err(e) => Err(driver_error("query", e)),
+        }
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+impl Drop for CudaEventBox {
+    fn drop(&mut self) {
+        if bind(&self.ctx).is_ok() {
+            // SAFETY: `event` is live and no longer used (we own it); destroying an event with
+            // pending work is allowed (the driver releases it when the work completes).
+            let _ = unsafe { result::event::destroy(self.event) };
+        }
+    }
+}

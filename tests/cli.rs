@@ -1,0 +1,146 @@
+//! The `multiq` command: usage errors (one line, exit 2, nothing written), results JSON, and
+//! verification failing loudly.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn multiq(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_multiq")).args(args).output().expect("run multiq")
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("multiq-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+const SMALL: &[&str] = &["--data", "2048", "--kernel-iters", "2", "--iters", "3"];
+
+fn queues(extra: &[&str]) -> Output {
+    let mut args = vec!["bench", "queues"];
+    // Later flags override earlier ones, except --backend, which may be given once.
+    if !extra.contains(&"--backend") {
+        args.extend(["--backend", "cpu"]);
+    }
+    args.extend_from_slice(SMALL);
+    args.extend_from_slice(extra);
+    multiq(&args)
+}
+
+#[test]
+fn usage_errors_are_one_line_exit_2_and_write_nothing() {
+    let cases: &[(&[&str], &str)] = &[
+        (&["--threads", "0"], "--threads"),
+        (&["--threads", ""], "--threads"),
+        (&["--threads", "1,,2"], "--threads"),
+        (&["--threads", "two"], "--threads"),
+        (&["--threads", "-4"], "--threads"),
+        (&["--iters", "-1"], "--iters"),
+        (&["--iters", "abc"], "--iters"),
+        (&["--iters", "0"], "--iters"),
+        (&["--data", "0"], "--data"),
+        (&["--data", "-5"], "--data"),
+        (&["--data", "99999999999999"], "--data"),
+        (&["--data", "4000000000"], "--data"),
+        (&["--kernel-iters", "-1"], "--kernel-iters"),
+        (&["--inflight", "0"], "--inflight"),
+        (&["--backend", "metal"], "allowed: auto, cpu, cuda"),
+        (&["--preset", "huge"], "allowed: heavy, default, light, minimal"),
+        (&["--lock", "spin"], "allowed: global, per-stream, none"),
+        (&["--scenario", "both-ish"], "allowed:"),
+        (&["--streams", "0"], "--streams"),
+        (&["--units", "0"], "--units"),
+        (&["--bogus"], "--bogus"),
+        (&["--lock", "none", "--scenario", "shared", "--threads", "2"], "none"),
+    ];
+    for (extra, needle) in cases {
+        let json = tmp("never.json");
+        let _ = std::fs::remove_file(&json);
+        let mut args: Vec<&str> = extra.to_vec();
+        let js = json.to_str().unwrap().to_string();
+        args.extend(["--json", &js]);
+        let out = queues(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{extra:?}: stderr {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{extra:?}: not one line: {err}");
+        assert!(err.contains(needle), "{extra:?}: {err} lacks {needle}");
+        assert!(!json.exists(), "{extra:?}: --json was written");
+    }
+}
+
+#[test]
+fn json_path_problems_fail_before_running() {
+    let out = queues(&["--json", "/nonexistent-dir/x.json"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not exist"));
+}
+
+#[test]
+fn absent_cuda_is_a_clear_error_and_auto_falls_back() {
+    let probe = multiq(&["info", "--backend", "cuda"]);
+    if probe.status.success() {
+        eprintln!("CUDA is present here: the absent-backend path is not testable");
+        return;
+    }
+    assert_eq!(probe.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&probe.stderr);
+    assert!(err.contains("backend `cuda` is not available"), "{err}");
+    assert!(err.contains("libcuda") || err.contains("device"), "names what is missing: {err}");
+    let auto = multiq(&["info"]);
+    assert!(auto.status.success());
+    let out = String::from_utf8_lossy(&auto.stdout);
+    assert!(out.contains("CUDA not used") && out.contains("backend: cpu"), "{out}");
+}
+
+#[test]
+fn a_run_writes_the_json_contract() {
+    let json = tmp("run.json");
+    let out = queues(&["--threads", "1,2", "--async", "--json", json.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("scenario per-thread") && stdout.contains("verdict:"), "{stdout}");
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    for key in ["multiq_version", "git_commit", "backend", "device", "host_threads", "started_at", "command", "runs"] {
+        assert!(v.get(key).is_some(), "missing {key}");
+    }
+    assert_eq!(v["backend"], "cpu");
+    let runs = v["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 4, "2 scenarios x 2 thread counts");
+    for r in runs {
+        for key in ["workload", "preset", "scenario", "lock", "inflight", "data", "kernel_iters", "threads", "ops", "seconds", "ops_per_sec", "speedup", "verified"] {
+            assert!(r.get(key).is_some(), "run lacks {key}: {r}");
+        }
+        assert_eq!(r["workload"], "queues");
+        assert_eq!(r["inflight"], 8);
+        assert_eq!(r["verified"], true);
+        assert_eq!(r["ops"], r["threads"].as_u64().unwrap() * 3);
+        assert!(["shared", "per-thread"].contains(&r["scenario"].as_str().unwrap()));
+        assert!(r["ops_per_sec"].as_f64().unwrap() > 0.0);
+    }
+    let one = runs.iter().find(|r| r["threads"] == 1).unwrap();
+    assert_eq!(one["speedup"], 1.0);
+}
+
+#[test]
+fn verification_failure_exits_1_loudly() {
+    let json = tmp("corrupt.json");
+    let out = queues(&["--threads", "1", "--corrupt-for-testing", "--json", json.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("verification failed") && err.contains("FAILED"), "{err}");
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert!(v["runs"].as_array().unwrap().iter().all(|r| r["verified"] == false));
+}
+
+#[test]
+fn help_teaches_what_is_timed() {
+    let out = multiq(&["bench", "queues", "--help"]);
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(help.contains("Timing covers only the ops"), "{help}");
+    assert!(help.contains("--preset") && help.contains("--inflight") && help.contains("--lock"));
+    let top = multiq(&["--help"]);
+    assert!(String::from_utf8_lossy(&top.stdout).contains("bench"));
+    let none = multiq(&[]);
+    assert_eq!(none.status.code(), Some(2), "no sub-command is a usage error");
+}

@@ -1,0 +1,235 @@
+//! Stream pool, lock modes, inflight windows and buffer ownership on the CPU backend.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Barrier};
+
+use multiq::kernel::{initial_value, simple_compute};
+use multiq::{Device, Error, Inflight, Kernel, LockMode, PoolConfig, StreamPool};
+
+fn device() -> Device {
+    Device::cpu(2).unwrap()
+}
+
+fn pool(device: &Device, streams: usize, lock: LockMode) -> StreamPool {
+    StreamPool::new(device, PoolConfig { streams, lock }).unwrap()
+}
+
+/// Runs `f(i)` on `n` threads that all start together; returns results in thread order.
+fn on_threads<T: Send + 'static>(n: usize, f: impl Fn(usize) -> T + Send + Sync + 'static) -> Vec<T> {
+    let f = Arc::new(f);
+    let start = Arc::new(Barrier::new(n));
+    let handles: Vec<_> = (0..n)
+        .map(|i| {
+            let (f, start) = (f.clone(), start.clone());
+            std::thread::spawn(move || {
+                start.wait();
+                f(i)
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+#[test]
+fn first_request_is_round_robin_and_sticky() {
+    let dev = device();
+    let p = pool(&dev, 32, LockMode::PerStream);
+    assert_eq!(p.streams_created(), 0, "streams are created lazily");
+    let p2 = p.clone();
+    let got = on_threads(8, move |_| {
+        let a = p2.current().unwrap().index();
+        let b = p2.current().unwrap().index();
+        (a, b)
+    });
+    for (a, b) in &got {
+        assert_eq!(a, b, "a thread keeps its stream");
+    }
+    let distinct: HashSet<_> = got.iter().map(|g| g.0).collect();
+    assert_eq!(distinct.len(), 8, "8 threads on a 32-stream pool get 8 streams");
+    assert_eq!(p.streams_created(), 8);
+}
+
+#[test]
+fn threads_beyond_the_pool_share_streams_round_robin() {
+    let dev = device();
+    let p = pool(&dev, 32, LockMode::PerStream);
+    let p2 = p.clone();
+    let idx = on_threads(40, move |_| p2.current().unwrap().index());
+    let mut counts = [0usize; 32];
+    for i in &idx {
+        counts[*i] += 1;
+    }
+    assert!(counts.iter().all(|&c| c == 1 || c == 2), "round-robin wraps evenly: {counts:?}");
+    assert_eq!(counts.iter().filter(|&&c| c == 2).count(), 8);
+    assert_eq!(p.streams_created(), 32, "never more streams than the pool's size");
+}
+
+#[test]
+fn release_set_current_and_acquire() {
+    let dev = device();
+    let p = pool(&dev, 4, LockMode::PerStream);
+    let first = p.current().unwrap().index();
+    assert!(p.release_current().unwrap());
+    assert!(!p.release_current().unwrap(), "nothing left to release");
+    let second = p.current().unwrap().index();
+    assert_ne!(first, second, "after release the next stream round-robin is taken");
+    let s3 = p.acquire(3).unwrap();
+    p.set_current(&s3).unwrap();
+    assert_eq!(p.current().unwrap().index(), 3);
+    assert!(matches!(p.acquire(4), Err(Error::NoSuchStream { index: 4, size: 4 })));
+    let other = pool(&dev, 4, LockMode::PerStream);
+    assert!(p.set_current(&other.acquire(0).unwrap()).is_err(), "a stream of another pool");
+    assert!(StreamPool::new(&dev, PoolConfig { streams: 0, lock: LockMode::None }).is_err());
+}
+
+#[test]
+fn lock_none_never_shares_a_stream() {
+    let dev = device();
+    let p = pool(&dev, 2, LockMode::None);
+    let a = p.current().unwrap();
+    let p2 = p.clone();
+    let a_index = a.index();
+    // Another thread cannot take or submit to this thread's stream.
+    let (acquire, submit, own) = std::thread::spawn(move || {
+        let acquire = p2.acquire(a_index).map(|_| ());
+        let mut buf = p2.device().alloc(16).unwrap();
+        let submit = a.launch(Kernel::SimpleCompute { iters: 1 }, &mut buf).map(|_| ());
+        let own = p2.current().map(|s| s.index());
+        (acquire, submit, own)
+    })
+    .join()
+    .unwrap();
+    assert!(matches!(acquire, Err(Error::ExclusiveStreamRequired(_))));
+    assert!(matches!(submit, Err(Error::ExclusiveStreamRequired(_))));
+    assert_eq!(own.unwrap(), 1 - a_index, "the other thread gets the free stream");
+    // That thread exited: its claim was released, so a third thread can take its stream.
+    let p3 = p.clone();
+    let third = std::thread::spawn(move || p3.current().map(|s| s.index())).join().unwrap();
+    assert_eq!(third.unwrap(), 1 - a_index);
+    // A pool with every stream claimed rejects one more thread with a clear error.
+    let full = pool(&dev, 1, LockMode::None);
+    let _mine = full.current().unwrap();
+    let f2 = full.clone();
+    let err = std::thread::spawn(move || f2.current().map(|_| ())).join().unwrap();
+    assert!(matches!(err, Err(Error::ExclusiveStreamRequired(_))));
+}
+
+/// Every lock mode, 64 threads, on private streams and on shared ones: every thread's result
+/// is exactly its serial reference.
+#[test]
+fn every_lock_mode_is_correct_with_64_threads() {
+    let dev = device();
+    for lock in [LockMode::Global, LockMode::PerStream, LockMode::None] {
+        for streams in [64, 4] {
+            let p = pool(&dev, streams, lock);
+            let p2 = p.clone();
+            let all_assigned = Arc::new(Barrier::new(64));
+            let results = on_threads(64, move |t| -> Result<bool, Error> {
+                let s = p2.current();
+                // Every thread holds its stream (or its refusal) before any thread finishes
+                // and releases its claim.
+                all_assigned.wait();
+                let s = s?;
+                let init: Vec<f32> = (0..300).map(|i| initial_value(t, i)).collect();
+                let mut buf = p2.device().buffer_from(&init)?;
+                let k = Kernel::SimpleCompute { iters: 3 };
+                let mut w = Inflight::new(1 + t % 4)?;
+                for _ in 0..10 {
+                    w.submit(|| s.launch(k, &mut buf))?;
+                }
+                w.drain()?;
+                let out = buf.read()?;
+                Ok(out.iter().enumerate().all(|(i, v)| *v == simple_compute(initial_value(t, i), 30)))
+            });
+            let ok = results.iter().filter(|r| matches!(r, Ok(true))).count();
+            if lock == LockMode::None && streams < 64 {
+                // Only as many threads as streams may own one; the rest are refused, never
+                // silently shared.
+                assert_eq!(ok, streams, "{lock} on {streams} streams");
+                assert!(results
+                    .iter()
+                    .all(|r| matches!(r, Ok(true) | Err(Error::ExclusiveStreamRequired(_)))));
+            } else {
+                assert_eq!(ok, 64, "{lock} on {streams} streams: {results:?}");
+            }
+            p.synchronize().unwrap();
+        }
+    }
+}
+
+#[test]
+fn one_shared_stream_from_64_threads_keeps_every_result() {
+    let dev = device();
+    for lock in [LockMode::Global, LockMode::PerStream] {
+        let p = pool(&dev, 32, lock);
+        let p2 = p.clone();
+        let ok = on_threads(64, move |t| {
+            let s = p2.acquire(0).unwrap();
+            let mut buf = p2.device().buffer_from(&[initial_value(t, 0); 64]).unwrap();
+            for _ in 0..5 {
+                s.launch(Kernel::SimpleCompute { iters: 2 }, &mut buf).unwrap().wait().unwrap();
+            }
+            buf.read().unwrap().iter().all(|v| *v == simple_compute(initial_value(t, 0), 10))
+        });
+        assert!(ok.iter().all(|&b| b), "{lock}");
+        assert_eq!(p.acquire(0).unwrap().stats().submitted, 64 * 5);
+    }
+}
+
+#[test]
+fn inflight_reuses_pooled_events() {
+    let dev = device();
+    let p = pool(&dev, 1, LockMode::PerStream);
+    let s = p.current().unwrap();
+    let mut buf = dev.alloc(64).unwrap();
+    let mut w = Inflight::new(8).unwrap();
+    for _ in 0..1000 {
+        w.submit(|| s.launch(Kernel::SimpleCompute { iters: 1 }, &mut buf)).unwrap();
+        assert!(w.outstanding() <= 8);
+    }
+    w.drain().unwrap();
+    let stats = s.stats();
+    assert_eq!(stats.submitted, 1000);
+    assert!(stats.events_created <= 9, "events are pooled, not made per op: {stats:?}");
+    // Dropped tickets give their events back too.
+    for _ in 0..100 {
+        drop(s.launch(Kernel::SimpleCompute { iters: 1 }, &mut buf).unwrap());
+    }
+    assert!(s.stats().events_created <= 9);
+    assert!(Inflight::new(0).is_err());
+}
+
+#[test]
+fn a_buffer_moving_between_streams_keeps_its_order() {
+    let dev = device();
+    let p = pool(&dev, 4, LockMode::PerStream);
+    let (a, b) = (p.acquire(0).unwrap(), p.acquire(1).unwrap());
+    let mut buf = dev.buffer_from(&[0.25; 5000]).unwrap();
+    let k = Kernel::SimpleCompute { iters: 1 };
+    for i in 0..20 {
+        let s = if i % 2 == 0 { &a } else { &b };
+        drop(s.launch(k, &mut buf).unwrap()); // never waited: ordering must come from the runtime
+    }
+    assert!(buf.read().unwrap().iter().all(|v| *v == simple_compute(0.25, 20)));
+    // Dropping a buffer with work in flight is safe.
+    for _ in 0..3 {
+        drop(a.launch(k, &mut buf).unwrap());
+    }
+    drop(buf);
+    p.synchronize().unwrap();
+    dev.synchronize().unwrap();
+}
+
+#[test]
+fn bad_sizes_and_device_mixups_are_errors() {
+    let dev = device();
+    assert!(matches!(dev.alloc(0), Err(Error::InvalidArgument(_))));
+    assert!(dev.alloc(usize::MAX).is_err());
+    let mut buf = dev.alloc(8).unwrap();
+    assert!(buf.write(&[1.0; 7]).is_err());
+    let other = device();
+    let p = pool(&other, 2, LockMode::PerStream);
+    let err = p.current().unwrap().launch(Kernel::SimpleCompute { iters: 1 }, &mut buf);
+    assert!(matches!(err, Err(Error::WrongDevice { .. })));
+    assert!(Device::cpu(0).is_err());
+}

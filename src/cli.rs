@@ -133,15 +133,21 @@ pub struct QueuesArgs {
     #[command(flatten)]
     pub device: DeviceArgs,
     /// Thread counts to run, comma-separated.
-    #[arg(long, allow_hyphen_values = true, value_name = "LIST", default_value = "1,2,4,8,16")]
+    #[arg(
+        long,
+        allow_hyphen_values = true,
+        value_name = "LIST",
+        default_value = "1,2,4,8,16"
+    )]
     pub threads: String,
     /// Timed ops per thread.
     #[arg(long, allow_hyphen_values = true, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
     pub iters: u64,
-    /// Workload preset: heavy 1,048,576x500, default 1,048,576x100, light 1,048,576x10,
-    /// minimal 65,536x10 (elements x kernel iterations). --data/--kernel-iters override it.
-    #[arg(long, value_enum)]
-    pub preset: Option<Preset>,
+    /// Workload preset(s), comma-separated: heavy 1,048,576x500, default 1,048,576x100,
+    /// light 1,048,576x10, minimal 65,536x10 (elements x kernel iterations). --data and
+    /// --kernel-iters override their sizes.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub preset: Vec<Preset>,
     /// f32 elements per thread's buffer [default: 1048576].
     #[arg(long, allow_hyphen_values = true, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=u32::MAX as u64))]
     pub data: Option<u64>,
@@ -151,13 +157,14 @@ pub struct QueuesArgs {
     /// Submit asynchronously: keep up to --inflight ops outstanding per thread.
     #[arg(long = "async")]
     pub async_: bool,
-    /// Ops outstanding per thread with --async (implies --async when given) [default: 8].
-    #[arg(long, allow_hyphen_values = true, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=4096))]
-    pub inflight: Option<u64>,
-    /// Submission lock: global (one mutex), per-stream, or none (each stream owned by one
-    /// thread; the shared scenario is then rejected).
-    #[arg(long, value_enum, default_value_t = LockMode::PerStream)]
-    pub lock: LockMode,
+    /// Ops outstanding per thread, comma-separated (1 = a wait after every op; a value above 1
+    /// implies --async) [default: 8 with --async, else 1].
+    #[arg(long, allow_hyphen_values = true, value_name = "LIST", value_delimiter = ',', value_parser = clap::value_parser!(u64).range(1..=4096))]
+    pub inflight: Vec<u64>,
+    /// Submission lock(s), comma-separated: global (one mutex), per-stream, or none (each
+    /// stream owned by one thread; the shared scenario is then rejected) [default: per-stream].
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub lock: Vec<LockMode>,
     /// Which scenario(s) to run.
     #[arg(long, value_enum, default_value_t = ScenarioChoice::Both)]
     pub scenario: ScenarioChoice,

@@ -72,7 +72,10 @@ mod tests {
         let k = Kernel::by_name("simple_compute", 7).unwrap();
         assert_eq!(k, Kernel::SimpleCompute { iters: 7 });
         assert_eq!(k.name(), "simple_compute");
-        assert!(matches!(Kernel::by_name("nope", 1), Err(Error::UnknownKernel(_))));
+        assert!(matches!(
+            Kernel::by_name("nope", 1),
+            Err(Error::UnknownKernel(_))
+        ));
     }
 
     #[test]

@@ -7,11 +7,18 @@ use std::process::ExitCode;
 use clap::Parser;
 use cli::{BenchCommand, Cli, Command, QueuesArgs, EXIT_FAILURE, EXIT_USAGE};
 use multiq::bench::queues::{self, QueuesSpec};
-use multiq::bench::results::{self, ResultsFile, Skipped};
-use multiq::bench::{parse_thread_list, study, table, Preset};
-use multiq::{Device, Error};
+use multiq::bench::results::{self, ResultsFile};
+use multiq::bench::{parse_thread_list, study, table, Preset, Runner};
+use multiq::{Device, Error, LockMode};
 
 fn main() -> ExitCode {
+    // Piped into `head`: end quietly like other command-line tools instead of panicking.
+    #[cfg(unix)]
+    // SAFETY: called first thing in main, before any other thread exists; SIG_DFL is a valid
+    // disposition for SIGPIPE.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => {
@@ -81,130 +88,108 @@ fn info(dev: &cli::DeviceArgs) -> Result<i32, Error> {
 
 fn run_queues(a: QueuesArgs) -> Result<i32, Error> {
     let threads = parse_thread_list(&a.threads)?;
-    let (preset_name, (default_data, default_k)) = match a.preset {
-        Some(p) => (p.name().to_string(), p.shape()),
-        None => ("default".to_string(), Preset::Default.shape()),
+    let presets: Vec<Option<Preset>> = if a.preset.is_empty() {
+        vec![None]
+    } else {
+        a.preset.iter().copied().map(Some).collect()
     };
     let custom = a.data.is_some() || a.kernel_iters.is_some();
-    let preset = if custom {
-        "custom".to_string()
-    } else {
-        preset_name
-    };
     let data = match a.data {
-        Some(d) => usize::try_from(d).map_err(|_| Error::invalid("--data is too large"))?,
-        None => default_data,
+        Some(d) => Some(usize::try_from(d).map_err(|_| Error::invalid("--data is too large"))?),
+        None => None,
     };
-    let kernel_iters = a.kernel_iters.unwrap_or(default_k);
-    let inflight = match (a.async_, a.inflight) {
-        (_, Some(n)) => n as usize,
-        (true, None) => 8,
-        (false, None) => 1,
+    let inflights: Vec<usize> = match (a.async_, a.inflight.is_empty()) {
+        (_, false) => a.inflight.iter().map(|&n| n as usize).collect(),
+        (true, true) => vec![8],
+        (false, true) => vec![1],
+    };
+    let locks = if a.lock.is_empty() {
+        vec![LockMode::PerStream]
+    } else {
+        a.lock.clone()
     };
     if let Some(path) = &a.json {
         results::check_writable(path)?;
     }
     let device = open_device(&a.device.options())?;
     let max_threads = *threads.iter().max().expect("non-empty list");
-    study::check_memory(&device, data, max_threads)?;
-
+    let shapes: Vec<(String, usize, u32)> = presets
+        .iter()
+        .map(|p| {
+            let (d, k) = p.unwrap_or(Preset::Default).shape();
+            let name = match (custom, p) {
+                (true, _) => "custom".to_string(),
+                (false, Some(p)) => p.name().to_string(),
+                (false, None) => "default".to_string(),
+            };
+            (name, data.unwrap_or(d), a.kernel_iters.unwrap_or(k))
+        })
+        .collect();
+    for (_, d, _) in &shapes {
+        study::check_memory(&device, *d, max_threads)?;
+    }
     let info = device.info().clone();
     println!(
         "multiq bench queues on {} ({} backend, wait {})",
         info.name, info.backend, info.wait
     );
-    println!(
-        "preset {preset}: {} elements x {kernel_iters} kernel iterations; {} ops per thread; \
-         inflight {inflight}; lock {}; pool of {} streams",
-        table::thousands(data as f64),
-        a.iters,
-        a.lock,
-        a.streams
-    );
     let started_at = results::now_rfc3339();
-    let mut rows = Vec::new();
-    let mut skipped = Vec::new();
-    let mut mismatches = Vec::new();
-    for scenario in a.scenario.scenarios() {
-        for &t in &threads {
-            let spec = QueuesSpec {
-                preset: preset.clone(),
-                data,
-                kernel_iters,
-                iters: a.iters as usize,
-                inflight,
-                lock: a.lock,
-                scenario,
-                threads: t,
-                pool_size: a.streams as usize,
-                corrupt: a.corrupt_for_testing,
-            };
-            match queues::run_queues(&device, &spec) {
-                Ok(outcome) => {
-                    if let Some(m) = outcome.mismatch {
-                        eprintln!("multiq: {} threads, {}: {m}", t, scenario.name());
-                        mismatches.push(m);
+    let mut runner = Runner::new(&device);
+    for (preset, data, kernel_iters) in &shapes {
+        for &inflight in &inflights {
+            for &lock in &locks {
+                println!();
+                println!(
+                    "preset {preset}: {} elements x {kernel_iters} kernel iterations; {} ops per \
+                     thread; inflight {inflight}; lock {lock}; pool of {} streams",
+                    table::thousands(*data as f64),
+                    a.iters,
+                    a.streams
+                );
+                let first = runner.rows.len();
+                for scenario in a.scenario.scenarios() {
+                    for &t in &threads {
+                        runner.run(QueuesSpec {
+                            preset: preset.clone(),
+                            data: *data,
+                            kernel_iters: *kernel_iters,
+                            iters: a.iters as usize,
+                            inflight,
+                            lock,
+                            scenario,
+                            threads: t,
+                            pool_size: a.streams as usize,
+                            corrupt: a.corrupt_for_testing,
+                        })?;
                     }
-                    rows.push(outcome.row);
                 }
-                Err(e) if e.is_usage() => skipped.push(Skipped {
-                    preset: preset.clone(),
-                    scenario,
-                    lock: a.lock,
-                    threads: t,
-                    reason: e.to_string(),
-                }),
-                Err(e) => return Err(e),
+                queues::fill_speedups(&mut runner.rows[first..]);
+                for scenario in a.scenario.scenarios() {
+                    let of: Vec<_> = runner.rows[first..]
+                        .iter()
+                        .filter(|r| r.scenario == scenario)
+                        .collect();
+                    if !of.is_empty() {
+                        print!(
+                            "{}",
+                            table::scaling_table(&format!("scenario {}", scenario.name()), &of)
+                        );
+                    }
+                }
             }
         }
     }
-    queues::fill_speedups(&mut rows);
-    for scenario in a.scenario.scenarios() {
-        let of: Vec<_> = rows.iter().filter(|r| r.scenario == scenario).collect();
-        if !of.is_empty() {
-            println!();
-            print!(
-                "{}",
-                table::scaling_table(&format!("scenario {}", scenario.name()), &of)
-            );
-        }
-    }
+    let Runner {
+        rows,
+        skipped,
+        mismatches,
+        ..
+    } = runner;
     for s in &skipped {
         println!(
-            "skipped {} threads, {}: {}",
-            s.threads,
-            s.scenario.name(),
-            s.reason
+            "skipped {} {} threads, lock {}: {}",
+            s.preset, s.threads, s.lock, s.reason
         );
-    }
-    if rows.is_empty() {
-        let reason = skipped.first().map_or("nothing ran".to_string(), |s| s.reason.clone());
-        eprintln!("multiq: no run could be made: {reason}");
-        return Ok(EXIT_USAGE);
-    }
-    if let Some(path) = &a.json {
-        let file = ResultsFile {
-            multiq_version: env!("CARGO_PKG_VERSION"),
-            git_commit: results::GIT_COMMIT,
-            backend: info.backend,
-            device: info.name.clone(),
-            host_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
-            started_at,
-            command: results::command_line(),
-            device_info: info,
-            notes: Vec::new(),
-            runs: rows.clone(),
-            skipped: skipped.clone(),
-        };
-        results::write_json(path, &file)?;
-        println!("results written to {}", path.display());
-    }
-    if !mismatches.is_empty() {
-        eprintln!(
-            "multiq: FAILED: {} run(s) did not match the reference",
-            mismatches.len()
-        );
-        return Ok(EXIT_FAILURE);
     }
     if rows.is_empty() {
         let reason = skipped
@@ -212,6 +197,17 @@ fn run_queues(a: QueuesArgs) -> Result<i32, Error> {
             .map_or("nothing ran".to_string(), |s| s.reason.clone());
         eprintln!("multiq: no run could be made: {reason}");
         return Ok(EXIT_USAGE);
+    }
+    if let Some(path) = &a.json {
+        results::write_json(
+            path,
+            &ResultsFile::new(info, started_at, Vec::new(), rows, skipped),
+        )?;
+        println!("results written to {}", path.display());
+    }
+    if mismatches > 0 {
+        eprintln!("multiq: FAILED: {mismatches} run(s) did not match the reference");
+        return Ok(EXIT_FAILURE);
     }
     Ok(0)
 }

@@ -5,7 +5,10 @@ use std::path::PathBuf;
 use std::process::{Command, Output};
 
 fn multiq(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_multiq")).args(args).output().expect("run multiq")
+    Command::new(env!("CARGO_BIN_EXE_multiq"))
+        .args(args)
+        .output()
+        .expect("run multiq")
 }
 
 fn tmp(name: &str) -> PathBuf {
@@ -45,13 +48,19 @@ fn usage_errors_are_one_line_exit_2_and_write_nothing() {
         (&["--kernel-iters", "-1"], "--kernel-iters"),
         (&["--inflight", "0"], "--inflight"),
         (&["--backend", "metal"], "allowed: auto, cpu, cuda"),
-        (&["--preset", "huge"], "allowed: heavy, default, light, minimal"),
+        (
+            &["--preset", "huge"],
+            "allowed: heavy, default, light, minimal",
+        ),
         (&["--lock", "spin"], "allowed: global, per-stream, none"),
         (&["--scenario", "both-ish"], "allowed:"),
         (&["--streams", "0"], "--streams"),
         (&["--units", "0"], "--units"),
         (&["--bogus"], "--bogus"),
-        (&["--lock", "none", "--scenario", "shared", "--threads", "2"], "none"),
+        (
+            &["--lock", "none", "--scenario", "shared", "--threads", "2"],
+            "none",
+        ),
     ];
     for (extra, needle) in cases {
         let json = tmp("never.json");
@@ -62,7 +71,11 @@ fn usage_errors_are_one_line_exit_2_and_write_nothing() {
         let out = queues(&args);
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{extra:?}: stderr {err}");
-        assert_eq!(err.trim_end().lines().count(), 1, "{extra:?}: not one line: {err}");
+        assert_eq!(
+            err.trim_end().lines().count(),
+            1,
+            "{extra:?}: not one line: {err}"
+        );
         assert!(err.contains(needle), "{extra:?}: {err} lacks {needle}");
         assert!(!json.exists(), "{extra:?}: --json was written");
     }
@@ -85,29 +98,72 @@ fn absent_cuda_is_a_clear_error_and_auto_falls_back() {
     assert_eq!(probe.status.code(), Some(2));
     let err = String::from_utf8_lossy(&probe.stderr);
     assert!(err.contains("backend `cuda` is not available"), "{err}");
-    assert!(err.contains("libcuda") || err.contains("device"), "names what is missing: {err}");
+    assert!(
+        err.contains("libcuda") || err.contains("device"),
+        "names what is missing: {err}"
+    );
     let auto = multiq(&["info"]);
     assert!(auto.status.success());
     let out = String::from_utf8_lossy(&auto.stdout);
-    assert!(out.contains("CUDA not used") && out.contains("backend: cpu"), "{out}");
+    assert!(
+        out.contains("CUDA not used") && out.contains("backend: cpu"),
+        "{out}"
+    );
 }
 
 #[test]
 fn a_run_writes_the_json_contract() {
     let json = tmp("run.json");
-    let out = queues(&["--threads", "1,2", "--async", "--json", json.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = queues(&[
+        "--threads",
+        "1,2",
+        "--async",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("scenario per-thread") && stdout.contains("verdict:"), "{stdout}");
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-    for key in ["multiq_version", "git_commit", "backend", "device", "host_threads", "started_at", "command", "runs"] {
+    assert!(
+        stdout.contains("scenario per-thread") && stdout.contains("verdict:"),
+        "{stdout}"
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    for key in [
+        "multiq_version",
+        "git_commit",
+        "backend",
+        "device",
+        "host_threads",
+        "started_at",
+        "command",
+        "runs",
+    ] {
         assert!(v.get(key).is_some(), "missing {key}");
     }
     assert_eq!(v["backend"], "cpu");
     let runs = v["runs"].as_array().unwrap();
     assert_eq!(runs.len(), 4, "2 scenarios x 2 thread counts");
     for r in runs {
-        for key in ["workload", "preset", "scenario", "lock", "inflight", "data", "kernel_iters", "threads", "ops", "seconds", "ops_per_sec", "speedup", "verified"] {
+        for key in [
+            "workload",
+            "preset",
+            "scenario",
+            "lock",
+            "inflight",
+            "data",
+            "kernel_iters",
+            "threads",
+            "ops",
+            "seconds",
+            "ops_per_sec",
+            "speedup",
+            "verified",
+        ] {
             assert!(r.get(key).is_some(), "run lacks {key}: {r}");
         }
         assert_eq!(r["workload"], "queues");
@@ -124,12 +180,26 @@ fn a_run_writes_the_json_contract() {
 #[test]
 fn verification_failure_exits_1_loudly() {
     let json = tmp("corrupt.json");
-    let out = queues(&["--threads", "1", "--corrupt-for-testing", "--json", json.to_str().unwrap()]);
+    let out = queues(&[
+        "--threads",
+        "1",
+        "--corrupt-for-testing",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("verification failed") && err.contains("FAILED"), "{err}");
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-    assert!(v["runs"].as_array().unwrap().iter().all(|r| r["verified"] == false));
+    assert!(
+        err.contains("verification failed") && err.contains("FAILED"),
+        "{err}"
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert!(v["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|r| r["verified"] == false));
 }
 
 #[test]
@@ -142,5 +212,9 @@ fn help_teaches_what_is_timed() {
     let top = multiq(&["--help"]);
     assert!(String::from_utf8_lossy(&top.stdout).contains("bench"));
     let none = multiq(&[]);
-    assert_eq!(none.status.code(), Some(2), "no sub-command is a usage error");
+    assert_eq!(
+        none.status.code(),
+        Some(2),
+        "no sub-command is a usage error"
+    );
 }

@@ -15,7 +15,10 @@ fn pool(device: &Device, streams: usize, lock: LockMode) -> StreamPool {
 }
 
 /// Runs `f(i)` on `n` threads that all start together; returns results in thread order.
-fn on_threads<T: Send + 'static>(n: usize, f: impl Fn(usize) -> T + Send + Sync + 'static) -> Vec<T> {
+fn on_threads<T: Send + 'static>(
+    n: usize,
+    f: impl Fn(usize) -> T + Send + Sync + 'static,
+) -> Vec<T> {
     let f = Arc::new(f);
     let start = Arc::new(Barrier::new(n));
     let handles: Vec<_> = (0..n)
@@ -45,7 +48,11 @@ fn first_request_is_round_robin_and_sticky() {
         assert_eq!(a, b, "a thread keeps its stream");
     }
     let distinct: HashSet<_> = got.iter().map(|g| g.0).collect();
-    assert_eq!(distinct.len(), 8, "8 threads on a 32-stream pool get 8 streams");
+    assert_eq!(
+        distinct.len(),
+        8,
+        "8 threads on a 32-stream pool get 8 streams"
+    );
     assert_eq!(p.streams_created(), 8);
 }
 
@@ -59,9 +66,16 @@ fn threads_beyond_the_pool_share_streams_round_robin() {
     for i in &idx {
         counts[*i] += 1;
     }
-    assert!(counts.iter().all(|&c| c == 1 || c == 2), "round-robin wraps evenly: {counts:?}");
+    assert!(
+        counts.iter().all(|&c| c == 1 || c == 2),
+        "round-robin wraps evenly: {counts:?}"
+    );
     assert_eq!(counts.iter().filter(|&&c| c == 2).count(), 8);
-    assert_eq!(p.streams_created(), 32, "never more streams than the pool's size");
+    assert_eq!(
+        p.streams_created(),
+        32,
+        "never more streams than the pool's size"
+    );
 }
 
 #[test]
@@ -72,14 +86,30 @@ fn release_set_current_and_acquire() {
     assert!(p.release_current().unwrap());
     assert!(!p.release_current().unwrap(), "nothing left to release");
     let second = p.current().unwrap().index();
-    assert_ne!(first, second, "after release the next stream round-robin is taken");
+    assert_ne!(
+        first, second,
+        "after release the next stream round-robin is taken"
+    );
     let s3 = p.acquire(3).unwrap();
     p.set_current(&s3).unwrap();
     assert_eq!(p.current().unwrap().index(), 3);
-    assert!(matches!(p.acquire(4), Err(Error::NoSuchStream { index: 4, size: 4 })));
+    assert!(matches!(
+        p.acquire(4),
+        Err(Error::NoSuchStream { index: 4, size: 4 })
+    ));
     let other = pool(&dev, 4, LockMode::PerStream);
-    assert!(p.set_current(&other.acquire(0).unwrap()).is_err(), "a stream of another pool");
-    assert!(StreamPool::new(&dev, PoolConfig { streams: 0, lock: LockMode::None }).is_err());
+    assert!(
+        p.set_current(&other.acquire(0).unwrap()).is_err(),
+        "a stream of another pool"
+    );
+    assert!(StreamPool::new(
+        &dev,
+        PoolConfig {
+            streams: 0,
+            lock: LockMode::None
+        }
+    )
+    .is_err());
 }
 
 #[test]
@@ -93,7 +123,9 @@ fn lock_none_never_shares_a_stream() {
     let (acquire, submit, own) = std::thread::spawn(move || {
         let acquire = p2.acquire(a_index).map(|_| ());
         let mut buf = p2.device().alloc(16).unwrap();
-        let submit = a.launch(Kernel::SimpleCompute { iters: 1 }, &mut buf).map(|_| ());
+        let submit = a
+            .launch(Kernel::SimpleCompute { iters: 1 }, &mut buf)
+            .map(|_| ());
         let own = p2.current().map(|s| s.index());
         (acquire, submit, own)
     })
@@ -101,16 +133,24 @@ fn lock_none_never_shares_a_stream() {
     .unwrap();
     assert!(matches!(acquire, Err(Error::ExclusiveStreamRequired(_))));
     assert!(matches!(submit, Err(Error::ExclusiveStreamRequired(_))));
-    assert_eq!(own.unwrap(), 1 - a_index, "the other thread gets the free stream");
+    assert_eq!(
+        own.unwrap(),
+        1 - a_index,
+        "the other thread gets the free stream"
+    );
     // That thread exited: its claim was released, so a third thread can take its stream.
     let p3 = p.clone();
-    let third = std::thread::spawn(move || p3.current().map(|s| s.index())).join().unwrap();
+    let third = std::thread::spawn(move || p3.current().map(|s| s.index()))
+        .join()
+        .unwrap();
     assert_eq!(third.unwrap(), 1 - a_index);
     // A pool with every stream claimed rejects one more thread with a clear error.
     let full = pool(&dev, 1, LockMode::None);
     let _mine = full.current().unwrap();
     let f2 = full.clone();
-    let err = std::thread::spawn(move || f2.current().map(|_| ())).join().unwrap();
+    let err = std::thread::spawn(move || f2.current().map(|_| ()))
+        .join()
+        .unwrap();
     assert!(matches!(err, Err(Error::ExclusiveStreamRequired(_))));
 }
 
@@ -139,7 +179,10 @@ fn every_lock_mode_is_correct_with_64_threads() {
                 }
                 w.drain()?;
                 let out = buf.read()?;
-                Ok(out.iter().enumerate().all(|(i, v)| *v == simple_compute(initial_value(t, i), 30)))
+                Ok(out
+                    .iter()
+                    .enumerate()
+                    .all(|(i, v)| *v == simple_compute(initial_value(t, i), 30)))
             });
             let ok = results.iter().filter(|r| matches!(r, Ok(true))).count();
             if lock == LockMode::None && streams < 64 {
@@ -167,9 +210,15 @@ fn one_shared_stream_from_64_threads_keeps_every_result() {
             let s = p2.acquire(0).unwrap();
             let mut buf = p2.device().buffer_from(&[initial_value(t, 0); 64]).unwrap();
             for _ in 0..5 {
-                s.launch(Kernel::SimpleCompute { iters: 2 }, &mut buf).unwrap().wait().unwrap();
+                s.launch(Kernel::SimpleCompute { iters: 2 }, &mut buf)
+                    .unwrap()
+                    .wait()
+                    .unwrap();
             }
-            buf.read().unwrap().iter().all(|v| *v == simple_compute(initial_value(t, 0), 10))
+            buf.read()
+                .unwrap()
+                .iter()
+                .all(|v| *v == simple_compute(initial_value(t, 0), 10))
         });
         assert!(ok.iter().all(|&b| b), "{lock}");
         assert_eq!(p.acquire(0).unwrap().stats().submitted, 64 * 5);
@@ -184,16 +233,23 @@ fn inflight_reuses_pooled_events() {
     let mut buf = dev.alloc(64).unwrap();
     let mut w = Inflight::new(8).unwrap();
     for _ in 0..1000 {
-        w.submit(|| s.launch(Kernel::SimpleCompute { iters: 1 }, &mut buf)).unwrap();
+        w.submit(|| s.launch(Kernel::SimpleCompute { iters: 1 }, &mut buf))
+            .unwrap();
         assert!(w.outstanding() <= 8);
     }
     w.drain().unwrap();
     let stats = s.stats();
     assert_eq!(stats.submitted, 1000);
-    assert!(stats.events_created <= 9, "events are pooled, not made per op: {stats:?}");
+    assert!(
+        stats.events_created <= 9,
+        "events are pooled, not made per op: {stats:?}"
+    );
     // Dropped tickets give their events back too.
     for _ in 0..100 {
-        drop(s.launch(Kernel::SimpleCompute { iters: 1 }, &mut buf).unwrap());
+        drop(
+            s.launch(Kernel::SimpleCompute { iters: 1 }, &mut buf)
+                .unwrap(),
+        );
     }
     assert!(s.stats().events_created <= 9);
     assert!(Inflight::new(0).is_err());
@@ -210,7 +266,11 @@ fn a_buffer_moving_between_streams_keeps_its_order() {
         let s = if i % 2 == 0 { &a } else { &b };
         drop(s.launch(k, &mut buf).unwrap()); // never waited: ordering must come from the runtime
     }
-    assert!(buf.read().unwrap().iter().all(|v| *v == simple_compute(0.25, 20)));
+    assert!(buf
+        .read()
+        .unwrap()
+        .iter()
+        .all(|v| *v == simple_compute(0.25, 20)));
     // Dropping a buffer with work in flight is safe.
     for _ in 0..3 {
         drop(a.launch(k, &mut buf).unwrap());
@@ -229,7 +289,10 @@ fn bad_sizes_and_device_mixups_are_errors() {
     assert!(buf.write(&[1.0; 7]).is_err());
     let other = device();
     let p = pool(&other, 2, LockMode::PerStream);
-    let err = p.current().unwrap().launch(Kernel::SimpleCompute { iters: 1 }, &mut buf);
+    let err = p
+        .current()
+        .unwrap()
+        .launch(Kernel::SimpleCompute { iters: 1 }, &mut buf);
     assert!(matches!(err, Err(Error::WrongDevice { .. })));
     assert!(Device::cpu(0).is_err());
 }

@@ -13,6 +13,64 @@ pub mod table;
 pub mod verdict;
 
 use crate::error::{Error, Result};
+use crate::runtime::Device;
+use queues::QueuesSpec;
+use results::{RunRow, Skipped};
+
+/// Runs specs on one device, sorting outcomes into rows, rejected combinations (usage errors
+/// such as lock `none` on a shared stream) and verification mismatches, which are reported
+/// on stderr as they happen. Other errors stop the study.
+pub struct Runner<'d> {
+    device: &'d Device,
+    /// Measured runs.
+    pub rows: Vec<RunRow>,
+    /// Rejected combinations.
+    pub skipped: Vec<Skipped>,
+    /// Runs that failed verification.
+    pub mismatches: usize,
+}
+
+impl<'d> Runner<'d> {
+    /// A runner on `device`.
+    pub fn new(device: &'d Device) -> Self {
+        Runner {
+            device,
+            rows: Vec::new(),
+            skipped: Vec::new(),
+            mismatches: 0,
+        }
+    }
+
+    /// Runs one spec.
+    pub fn run(&mut self, s: QueuesSpec) -> Result<()> {
+        match queues::run_queues(self.device, &s) {
+            Ok(o) => {
+                if let Some(m) = o.mismatch {
+                    eprintln!(
+                        "multiq: {} {} {} threads: {m}",
+                        s.preset,
+                        s.scenario.name(),
+                        s.threads
+                    );
+                    self.mismatches += 1;
+                }
+                self.rows.push(o.row);
+                Ok(())
+            }
+            Err(e) if e.is_usage() => {
+                self.skipped.push(Skipped {
+                    preset: s.preset.clone(),
+                    scenario: s.scenario,
+                    lock: s.lock,
+                    threads: s.threads,
+                    reason: e.to_string(),
+                });
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
 
 /// The multi-queue test's workload presets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, clap::ValueEnum)]
@@ -30,7 +88,12 @@ pub enum Preset {
 
 impl Preset {
     /// All presets, heaviest first.
-    pub const ALL: [Preset; 4] = [Preset::Heavy, Preset::Default, Preset::Light, Preset::Minimal];
+    pub const ALL: [Preset; 4] = [
+        Preset::Heavy,
+        Preset::Default,
+        Preset::Light,
+        Preset::Minimal,
+    ];
 
     /// (elements per buffer, kernel iterations) at full scale.
     pub fn shape(self) -> (usize, u32) {
@@ -83,10 +146,15 @@ pub fn parse_thread_list(s: &str) -> Result<Vec<usize>> {
     for part in s.split(',') {
         let part = part.trim();
         let n: usize = part.parse().map_err(|_| {
-            bad(format!("`{part}` is not a positive whole number (example: 1,2,4,8,16)"))
+            bad(format!(
+                "`{part}` is not a positive whole number (example: 1,2,4,8,16)"
+            ))
         })?;
         if n == 0 || n > queues::MAX_THREADS {
-            return Err(bad(format!("thread counts must be 1..={}", queues::MAX_THREADS)));
+            return Err(bad(format!(
+                "thread counts must be 1..={}",
+                queues::MAX_THREADS
+            )));
         }
         if out.contains(&n) {
             return Err(bad(format!("{n} appears twice")));

@@ -77,12 +77,22 @@ pub fn verify_buffer(
 ) -> Verification {
     let n = out.len();
     let per_elem = total_kernel_iters.max(1);
-    let want = ((VERIFY_BUDGET / per_elem) as usize).clamp(VERIFY_MIN_ELEMENTS, n.max(1)).min(n);
-    let mut v = Verification { checked: 0, max_abs_error: 0.0, first_mismatch: None };
+    let want = ((VERIFY_BUDGET / per_elem) as usize)
+        .clamp(VERIFY_MIN_ELEMENTS, n.max(1))
+        .min(n);
+    let mut v = Verification {
+        checked: 0,
+        max_abs_error: 0.0,
+        first_mismatch: None,
+    };
     let iters = u32::try_from(total_kernel_iters).unwrap_or(u32::MAX);
     for k in 0..want {
         // Evenly spaced, first and last included.
-        let i = if want <= 1 { 0 } else { k * (n - 1) / (want - 1) };
+        let i = if want <= 1 {
+            0
+        } else {
+            k * (n - 1) / (want - 1)
+        };
         let expect = simple_compute(initial_value(thread, i), iters);
         let got = out[i];
         let err = (got - expect).abs();
@@ -137,12 +147,22 @@ pub fn run_queues(device: &Device, spec: &QueuesSpec) -> Result<RunOutcome> {
         return Err(Error::invalid(format!("threads must be 1..={MAX_THREADS}")));
     }
     if spec.iters == 0 {
-        return Err(Error::invalid("ops per thread (--iters) must be at least 1"));
+        return Err(Error::invalid(
+            "ops per thread (--iters) must be at least 1",
+        ));
     }
     let inflight_check = Inflight::new(spec.inflight)?;
     drop(inflight_check);
-    let kernel = Kernel::SimpleCompute { iters: spec.kernel_iters };
-    let pool = StreamPool::new(device, PoolConfig { streams: spec.pool_size, lock: spec.lock })?;
+    let kernel = Kernel::SimpleCompute {
+        iters: spec.kernel_iters,
+    };
+    let pool = StreamPool::new(
+        device,
+        PoolConfig {
+            streams: spec.pool_size,
+            lock: spec.lock,
+        },
+    )?;
     if spec.lock == LockMode::None && spec.scenario == Scenario::Shared && spec.threads > 1 {
         // The runtime would refuse the second thread's acquire; say so before starting.
         return Err(Error::ExclusiveStreamRequired(format!(
@@ -189,7 +209,11 @@ pub fn run_queues(device: &Device, spec: &QueuesSpec) -> Result<RunOutcome> {
                     }
                     window.drain()?;
                     let finished = Instant::now();
-                    Ok(Some(ThreadDone { thread: t, buf, finished }))
+                    Ok(Some(ThreadDone {
+                        thread: t,
+                        buf,
+                        finished,
+                    }))
                 })
                 .map_err(|e| Error::invalid(format!("cannot start thread {t}: {e}")))
         })
@@ -234,7 +258,10 @@ pub fn run_queues(device: &Device, spec: &QueuesSpec) -> Result<RunOutcome> {
                 out[0] += 0.25;
                 out[mid] = f32::NAN;
             }
-            Ok((d.thread, verify_buffer(d.thread, &out, total_iters, tolerance)))
+            Ok((
+                d.thread,
+                verify_buffer(d.thread, &out, total_iters, tolerance),
+            ))
         })
         .collect();
     let mut verified_elements = 0u64;
@@ -245,7 +272,13 @@ pub fn run_queues(device: &Device, spec: &QueuesSpec) -> Result<RunOutcome> {
         verified_elements += v.checked as u64;
         max_abs_error = max_abs_error.max(v.max_abs_error);
         if let (Some((index, got, expected)), None) = (v.first_mismatch, &mismatch) {
-            mismatch = Some(Mismatch { thread, index, got, expected, tolerance });
+            mismatch = Some(Mismatch {
+                thread,
+                index,
+                got,
+                expected,
+                tolerance,
+            });
         }
     }
     let row = RunRow {
@@ -276,7 +309,16 @@ pub fn run_queues(device: &Device, spec: &QueuesSpec) -> Result<RunOutcome> {
 pub fn fill_speedups(rows: &mut [RunRow]) {
     let keys: Vec<_> = rows
         .iter()
-        .map(|r| (r.preset.clone(), r.scenario, r.lock, r.inflight, r.data, r.kernel_iters))
+        .map(|r| {
+            (
+                r.preset.clone(),
+                r.scenario,
+                r.lock,
+                r.inflight,
+                r.data,
+                r.kernel_iters,
+            )
+        })
         .collect();
     for i in 0..rows.len() {
         let base = rows
@@ -295,7 +337,9 @@ mod tests {
     use super::*;
 
     fn reference_buffer(thread: usize, n: usize, iters: u32) -> Vec<f32> {
-        (0..n).map(|i| simple_compute(initial_value(thread, i), iters)).collect()
+        (0..n)
+            .map(|i| simple_compute(initial_value(thread, i), iters))
+            .collect()
     }
 
     #[test]

@@ -47,6 +47,32 @@ pub struct ResultsFile {
     pub skipped: Vec<Skipped>,
 }
 
+impl ResultsFile {
+    /// A results file for runs on the device described by `info`, stamped with this binary's
+    /// version and commit and this process's command line.
+    pub fn new(
+        info: DeviceInfo,
+        started_at: String,
+        notes: Vec<String>,
+        runs: Vec<RunRow>,
+        skipped: Vec<Skipped>,
+    ) -> Self {
+        ResultsFile {
+            multiq_version: env!("CARGO_PKG_VERSION"),
+            git_commit: GIT_COMMIT,
+            backend: info.backend,
+            device: info.name.clone(),
+            host_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            started_at,
+            command: command_line(),
+            device_info: info,
+            notes,
+            runs,
+            skipped,
+        }
+    }
+}
+
 /// One measured run.
 #[derive(Clone, Debug, Serialize)]
 pub struct RunRow {
@@ -125,10 +151,19 @@ pub fn command_line() -> String {
 
 /// Checks early that `path` can be written, so a bad `--json` fails before any run.
 pub fn check_writable(path: &Path) -> Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let io = |source| Error::Io { path: path.display().to_string(), source };
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let io = |source| Error::Io {
+        path: path.display().to_string(),
+        source,
+    };
     if path.is_dir() {
-        return Err(Error::invalid(format!("--json {}: is a directory", path.display())));
+        return Err(Error::invalid(format!(
+            "--json {}: is a directory",
+            path.display()
+        )));
     }
     if !dir.is_dir() {
         return Err(Error::invalid(format!(
@@ -141,7 +176,11 @@ pub fn check_writable(path: &Path) -> Result<()> {
 }
 
 fn tempfile_in(dir: &Path) -> std::io::Result<(std::fs::File, std::path::PathBuf)> {
-    let name = format!(".multiq-{}-{}.tmp", std::process::id(), crate::sync::thread_id::current());
+    let name = format!(
+        ".multiq-{}-{}.tmp",
+        std::process::id(),
+        crate::sync::thread_id::current()
+    );
     let path = dir.join(name);
     let f = std::fs::File::create(&path)?;
     let _ = std::fs::remove_file(&path);
@@ -150,16 +189,26 @@ fn tempfile_in(dir: &Path) -> std::io::Result<(std::fs::File, std::path::PathBuf
 
 /// Writes `results` to `path` atomically: a complete file or none (temp file, then rename).
 pub fn write_json(path: &Path, results: &ResultsFile) -> Result<()> {
-    let io = |source| Error::Io { path: path.display().to_string(), source };
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let io = |source| Error::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let tmp = dir.join(format!(
         ".{}.tmp-{}",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("results"),
+        path.file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("results"),
         std::process::id()
     ));
     let text = serde_json::to_string_pretty(results).expect("results serialize");
     let mut f = std::fs::File::create(&tmp).map_err(io)?;
-    f.write_all(text.as_bytes()).and_then(|()| f.write_all(b"\n")).map_err(io)?;
+    f.write_all(text.as_bytes())
+        .and_then(|()| f.write_all(b"\n"))
+        .map_err(io)?;
     f.sync_all().map_err(io)?;
     drop(f);
     std::fs::rename(&tmp, path).map_err(|e| {

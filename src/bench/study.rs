@@ -17,6 +17,7 @@ use std::path::PathBuf;
 use super::queues::{self, QueuesSpec};
 use super::results::{self, ResultsFile, RunRow, Skipped};
 use super::table::{scaling_table, thousands};
+use super::Runner;
 use super::{verdict, Preset, Scenario};
 use crate::backend::{cpu, BackendKind, DeviceOptions};
 use crate::error::{Error, Result};
@@ -57,7 +58,12 @@ pub struct PresetPlan {
 }
 
 /// The study's plan for a device: presets as run, and what was scaled, in words.
-pub fn plan(kind: BackendKind, units: usize, full: bool, iters: Option<usize>) -> (Vec<PresetPlan>, Vec<String>) {
+pub fn plan(
+    kind: BackendKind,
+    units: usize,
+    full: bool,
+    iters: Option<usize>,
+) -> (Vec<PresetPlan>, Vec<String>) {
     let mut notes = Vec::new();
     let scaled = kind == BackendKind::Cpu && !full;
     let plans = Preset::ALL
@@ -75,12 +81,21 @@ pub fn plan(kind: BackendKind, units: usize, full: bool, iters: Option<usize>) -
             } else {
                 (data, GPU_ITERS)
             };
-            PresetPlan { preset: p, data, kernel_iters: k, iters: iters.unwrap_or(default_iters) }
+            PresetPlan {
+                preset: p,
+                data,
+                kernel_iters: k,
+                iters: iters.unwrap_or(default_iters),
+            }
         })
         .collect::<Vec<_>>();
     if scaled {
         let list = |f: &dyn Fn(&PresetPlan) -> String| {
-            plans.iter().map(|p| format!("{} {}", p.preset.name(), f(p))).collect::<Vec<_>>().join(", ")
+            plans
+                .iter()
+                .map(|p| format!("{} {}", p.preset.name(), f(p)))
+                .collect::<Vec<_>>()
+                .join(", ")
         };
         notes.push(format!(
             "scaled for the CPU backend ({units} execution units): buffers of {} instead of \
@@ -94,17 +109,26 @@ pub fn plan(kind: BackendKind, units: usize, full: bool, iters: Option<usize>) -
             list(&|p| p.iters.to_string())
         ));
     } else if iters.is_some() {
-        notes.push(format!("ops per thread set by --iters to {}", plans[0].iters));
+        notes.push(format!(
+            "ops per thread set by --iters to {}",
+            plans[0].iters
+        ));
     }
     (plans, notes)
 }
 
 /// Refuses sizes the device cannot hold: `threads` buffers of `data` f32 (plus host copies).
 pub fn check_memory(device: &Device, data: usize, threads: usize) -> Result<()> {
-    let need = (data as u64).saturating_mul(4).saturating_mul(threads as u64);
+    let need = (data as u64)
+        .saturating_mul(4)
+        .saturating_mul(threads as u64);
     if let Some(avail) = device.memory_available() {
         // Device buffers plus the host-side initial values; on the CPU both are host memory.
-        let factor = if device.info().backend == BackendKind::Cpu { 2 } else { 1 };
+        let factor = if device.info().backend == BackendKind::Cpu {
+            2
+        } else {
+            1
+        };
         if need.saturating_mul(factor) > avail {
             return Err(Error::OutOfMemory {
                 elements: data.saturating_mul(threads),
@@ -134,7 +158,13 @@ impl StudyOutcome {
     }
 }
 
-fn spec(p: &PresetPlan, scenario: Scenario, lock: LockMode, threads: usize, inflight: usize) -> QueuesSpec {
+fn spec(
+    p: &PresetPlan,
+    scenario: Scenario,
+    lock: LockMode,
+    threads: usize,
+    inflight: usize,
+) -> QueuesSpec {
     QueuesSpec {
         preset: p.preset.name().to_string(),
         data: p.data,
@@ -163,12 +193,15 @@ pub fn run(cfg: &StudyConfig) -> Result<StudyOutcome> {
     for p in &plans {
         check_memory(&device, p.data, *THREADS.iter().max().expect("threads"))?;
     }
-    println!("multiq study on {} ({} backend, wait {})", info.name, info.backend, info.wait);
+    println!(
+        "multiq study on {} ({} backend, wait {})",
+        info.name, info.backend, info.wait
+    );
     for n in &notes {
         println!("note: {n}");
     }
     let started_at = results::now_rfc3339();
-    let mut c = Collector { device: &device, rows: Vec::new(), skipped: Vec::new(), mismatches: 0 };
+    let mut c = Runner::new(&device);
     for p in &plans {
         println!();
         println!(
@@ -190,27 +223,26 @@ pub fn run(cfg: &StudyConfig) -> Result<StudyOutcome> {
                 c.run(spec(p, scenario, lock, top, 1))?;
             }
         }
-        c.run(spec(p, Scenario::PerThread, LockMode::PerStream, top, ASYNC_INFLIGHT))?;
+        c.run(spec(
+            p,
+            Scenario::PerThread,
+            LockMode::PerStream,
+            top,
+            ASYNC_INFLIGHT,
+        ))?;
         queues::fill_speedups(&mut c.rows[first..]);
         print!("{}", preset_report(&c.rows[first..], &c.skipped, p));
     }
-    let Collector { rows, skipped, mismatches, .. } = c;
+    let Runner {
+        rows,
+        skipped,
+        mismatches,
+        ..
+    } = c;
     println!();
     print!("{}", summary(&rows, &plans));
     if let Some(path) = &cfg.json {
-        let file = ResultsFile {
-            multiq_version: env!("CARGO_PKG_VERSION"),
-            git_commit: results::GIT_COMMIT,
-            backend: info.backend,
-            device: info.name.clone(),
-            host_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
-            started_at,
-            command: results::command_line(),
-            device_info: info,
-            notes,
-            runs: rows.clone(),
-            skipped,
-        };
+        let file = ResultsFile::new(info, started_at, notes, rows.clone(), skipped);
         results::write_json(path, &file)?;
         println!("results written to {}", path.display());
     }
@@ -220,40 +252,6 @@ pub fn run(cfg: &StudyConfig) -> Result<StudyOutcome> {
     Ok(StudyOutcome { rows, mismatches })
 }
 
-/// Runs specs, sorting outcomes into rows, rejected combinations and mismatches.
-struct Collector<'d> {
-    device: &'d Device,
-    rows: Vec<RunRow>,
-    skipped: Vec<Skipped>,
-    mismatches: usize,
-}
-
-impl Collector<'_> {
-    fn run(&mut self, s: QueuesSpec) -> Result<()> {
-        match queues::run_queues(self.device, &s) {
-            Ok(o) => {
-                if let Some(m) = o.mismatch {
-                    eprintln!("multiq: {} {} {}T: {m}", s.preset, s.scenario.name(), s.threads);
-                    self.mismatches += 1;
-                }
-                self.rows.push(o.row);
-                Ok(())
-            }
-            Err(e) if e.is_usage() => {
-                self.skipped.push(Skipped {
-                    preset: s.preset.clone(),
-                    scenario: s.scenario,
-                    lock: s.lock,
-                    threads: s.threads,
-                    reason: e.to_string(),
-                });
-                Ok(())
-            }
-            Err(e) => Err(e),
-        }
-    }
-}
-
 fn sweep<'a>(rows: &'a [RunRow], scenario: Scenario) -> Vec<&'a RunRow> {
     rows.iter()
         .filter(|r| r.scenario == scenario && r.lock == LockMode::PerStream && r.inflight == 1)
@@ -261,19 +259,31 @@ fn sweep<'a>(rows: &'a [RunRow], scenario: Scenario) -> Vec<&'a RunRow> {
 }
 
 fn best(rows: &[&RunRow]) -> Option<(usize, f64)> {
-    rows.iter().map(|r| (r.threads, r.ops_per_sec)).max_by(|a, b| a.1.total_cmp(&b.1))
+    rows.iter()
+        .map(|r| (r.threads, r.ops_per_sec))
+        .max_by(|a, b| a.1.total_cmp(&b.1))
 }
 
 fn preset_report(rows: &[RunRow], skipped: &[Skipped], p: &PresetPlan) -> String {
     let mut s = String::new();
     let per = sweep(rows, Scenario::PerThread);
     let shared = sweep(rows, Scenario::Shared);
-    s += &scaling_table("scenario per-thread (a stream per thread), lock per-stream, wait after every op", &per);
-    s += &scaling_table("scenario shared (one stream), lock per-stream, wait after every op", &shared);
+    s += &scaling_table(
+        "scenario per-thread (a stream per thread), lock per-stream, wait after every op",
+        &per,
+    );
+    s += &scaling_table(
+        "scenario shared (one stream), lock per-stream, wait after every op",
+        &shared,
+    );
     let top = *THREADS.iter().max().expect("threads");
     let reference = per.iter().find(|r| r.threads == top).map(|r| r.ops_per_sec);
     let _ = writeln!(s, "{top} threads, every lock mode and async submission:");
-    let _ = writeln!(s, "  {:<11} {:<11} {:>8} {:>12} {:>15}", "scenario", "lock", "inflight", "ops/s", "vs per-thread");
+    let _ = writeln!(
+        s,
+        "  {:<11} {:<11} {:>8} {:>12} {:>15}",
+        "scenario", "lock", "inflight", "ops/s", "vs per-thread"
+    );
     let mut at_top: Vec<&RunRow> = rows.iter().filter(|r| r.threads == top).collect();
     at_top.sort_by_key(|r| (r.scenario.name(), r.lock.to_string(), r.inflight));
     for r in at_top {
@@ -290,11 +300,28 @@ fn preset_report(rows: &[RunRow], skipped: &[Skipped], p: &PresetPlan) -> String
         );
     }
     for k in skipped.iter().filter(|k| k.preset == p.preset.name()) {
-        let _ = writeln!(s, "  {:<11} {:<11} {:>8} {:>12}  rejected: {}", k.scenario.name(), k.lock.to_string(), 1, "-", k.reason);
+        let _ = writeln!(
+            s,
+            "  {:<11} {:<11} {:>8} {:>12}  rejected: {}",
+            k.scenario.name(),
+            k.lock.to_string(),
+            1,
+            "-",
+            k.reason
+        );
     }
     if let (Some((_, bp)), Some((_, bs))) = (best(&per), best(&shared)) {
-        let vp = verdict::judge(&per.iter().map(|r| (r.threads, r.ops_per_sec)).collect::<Vec<_>>());
-        let vs = verdict::judge(&shared.iter().map(|r| (r.threads, r.ops_per_sec)).collect::<Vec<_>>());
+        let vp = verdict::judge(
+            &per.iter()
+                .map(|r| (r.threads, r.ops_per_sec))
+                .collect::<Vec<_>>(),
+        );
+        let vs = verdict::judge(
+            &shared
+                .iter()
+                .map(|r| (r.threads, r.ops_per_sec))
+                .collect::<Vec<_>>(),
+        );
         let diagnosis = match (vp.map(|v| v.max_speedup), vs.map(|v| v.max_speedup)) {
             (Some(a), Some(b)) if a >= verdict::SERIALIZED_SPEEDUP && bp > bs * 1.2 => format!(
                 "per-thread streams run in parallel (x{a:.2}); one shared stream serializes \
@@ -333,23 +360,37 @@ fn summary(rows: &[RunRow], plans: &[PresetPlan]) -> String {
         let of: Vec<RunRow> = rows.iter().filter(|r| r.preset == name).cloned().collect();
         let per = sweep(&of, Scenario::PerThread);
         let shared = sweep(&of, Scenario::Shared);
-        let (Some(one), Some((bt, bp)), Some((st, bs))) =
-            (per.iter().find(|r| r.threads == 1), best(&per), best(&shared))
-        else {
+        let (Some(one), Some((bt, bp)), Some((st, bs))) = (
+            per.iter().find(|r| r.threads == 1),
+            best(&per),
+            best(&shared),
+        ) else {
             continue;
         };
         let top = *THREADS.iter().max().expect("threads");
         let at = |lock| {
             of.iter()
-                .find(|r| r.scenario == Scenario::PerThread && r.lock == lock && r.threads == top && r.inflight == 1)
+                .find(|r| {
+                    r.scenario == Scenario::PerThread
+                        && r.lock == lock
+                        && r.threads == top
+                        && r.inflight == 1
+                })
                 .map(|r| r.ops_per_sec)
         };
         let lock_ratio = match (at(LockMode::Global), at(LockMode::PerStream)) {
             (Some(g), Some(ps)) => format!("{:.2}", g / ps),
             _ => "-".into(),
         };
-        let best_row = per.iter().find(|r| r.threads == bt).expect("best row exists");
-        let frac = if limit > 0.0 { 100.0 * rate(best_row) / limit } else { 0.0 };
+        let best_row = per
+            .iter()
+            .find(|r| r.threads == bt)
+            .expect("best row exists");
+        let frac = if limit > 0.0 {
+            100.0 * rate(best_row) / limit
+        } else {
+            0.0
+        };
         let _ = writeln!(
             s,
             "  {:<8} {:>12} {:>14} ({:>2}T) {:>12} ({:>2}T) {:>11} {:>12.0}%",
@@ -363,7 +404,12 @@ fn summary(rows: &[RunRow], plans: &[PresetPlan]) -> String {
             frac
         );
         // Smallest thread count within 90% of the best.
-        let enough = per.iter().filter(|r| r.ops_per_sec >= 0.9 * bp).map(|r| r.threads).min().unwrap_or(bt);
+        let enough = per
+            .iter()
+            .filter(|r| r.ops_per_sec >= 0.9 * bp)
+            .map(|r| r.threads)
+            .min()
+            .unwrap_or(bt);
         recs.push((name, enough, frac));
     }
     let _ = writeln!(
@@ -402,7 +448,9 @@ mod tests {
         assert!(full.iter().all(|p| p.iters == 7));
         assert_eq!(notes.len(), 1);
         let (gpu, notes) = plan(BackendKind::Cuda, 132, false, None);
-        assert!(gpu.iter().all(|p| p.iters == GPU_ITERS && p.data == p.preset.shape().0));
+        assert!(gpu
+            .iter()
+            .all(|p| p.iters == GPU_ITERS && p.data == p.preset.shape().0));
         assert!(notes.is_empty());
     }
 }

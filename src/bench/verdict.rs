@@ -57,7 +57,9 @@ pub fn judge(points: &[(usize, f64)]) -> Option<Verdict> {
     }
     let (t0, base) = pts[0];
     let (best_threads, best) =
-        pts.iter().copied().fold((t0, base), |acc, p| if p.1 > acc.1 { p } else { acc });
+        pts.iter()
+            .copied()
+            .fold((t0, base), |acc, p| if p.1 > acc.1 { p } else { acc });
     let saturation = pts
         .windows(2)
         .find(|w| w[1].1 < w[0].1 * SATURATION_GAIN)
@@ -118,7 +120,11 @@ mod tests {
     use super::*;
 
     fn curve(ys: &[f64]) -> Vec<(usize, f64)> {
-        [1, 2, 4, 8, 16].iter().copied().zip(ys.iter().copied()).collect()
+        [1, 2, 4, 8, 16]
+            .iter()
+            .copied()
+            .zip(ys.iter().copied())
+            .collect()
     }
 
     #[test]

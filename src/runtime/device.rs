@@ -29,7 +29,9 @@ struct DeviceInner {
 
 impl std::fmt::Debug for Device {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Device").field("name", &self.inner.info.name).finish()
+        f.debug_struct("Device")
+            .field("name", &self.inner.info.name)
+            .finish()
     }
 }
 
@@ -89,7 +91,12 @@ impl Device {
             )));
         }
         let raw = self.backend().alloc(len)?;
-        Ok(Buffer { raw: Some(raw), len, device: self.clone(), last: None })
+        Ok(Buffer {
+            raw: Some(raw),
+            len,
+            device: self.clone(),
+            last: None,
+        })
     }
 
     /// Allocates a buffer holding a copy of `data`.
@@ -157,7 +164,9 @@ impl Buffer {
     }
 
     pub(crate) fn raw(&self) -> &dyn BackendBuffer {
-        self.raw.as_deref().expect("a live Buffer always holds its storage")
+        self.raw
+            .as_deref()
+            .expect("a live Buffer always holds its storage")
     }
 
     /// Makes `stream` the buffer's stream for the next piece of work: checks the device and,

@@ -21,7 +21,10 @@ pub(crate) struct EventPool {
 
 impl EventPool {
     pub(crate) fn new() -> Self {
-        EventPool { free: ArrayQueue::new(CAPACITY), created: AtomicU64::new(0) }
+        EventPool {
+            free: ArrayQueue::new(CAPACITY),
+            created: AtomicU64::new(0),
+        }
     }
 
     /// A free event, or a new one when none is free.

@@ -27,7 +27,10 @@ impl Inflight {
                 "inflight depth must be between 1 and {MAX_DEPTH}, got {depth}"
             )));
         }
-        Ok(Inflight { depth, pending: VecDeque::with_capacity(depth) })
+        Ok(Inflight {
+            depth,
+            pending: VecDeque::with_capacity(depth),
+        })
     }
 
     /// The window's depth.

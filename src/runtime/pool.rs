@@ -42,7 +42,10 @@ pub struct PoolConfig {
 
 impl Default for PoolConfig {
     fn default() -> Self {
-        PoolConfig { streams: DEFAULT_POOL_SIZE, lock: LockMode::PerStream }
+        PoolConfig {
+            streams: DEFAULT_POOL_SIZE,
+            lock: LockMode::PerStream,
+        }
     }
 }
 
@@ -79,7 +82,9 @@ impl StreamPool {
                 config.streams
             )));
         }
-        let slots = (0..config.streams).map(|_| parking_lot::Mutex::new(None)).collect();
+        let slots = (0..config.streams)
+            .map(|_| parking_lot::Mutex::new(None))
+            .collect();
         Ok(StreamPool {
             shared: Arc::new(PoolShared {
                 id: NEXT_POOL_ID.fetch_add(1, Ordering::Relaxed),
@@ -109,7 +114,11 @@ impl StreamPool {
 
     /// Streams created so far (they are created lazily).
     pub fn streams_created(&self) -> usize {
-        self.shared.slots.iter().filter(|s| s.lock().is_some()).count()
+        self.shared
+            .slots
+            .iter()
+            .filter(|s| s.lock().is_some())
+            .count()
     }
 
     /// The calling thread's stream: assigned round-robin on first call, then kept.
@@ -262,7 +271,11 @@ impl StreamPool {
             .try_with(|table| {
                 let mut table = table.borrow_mut();
                 let table = &mut *table;
-                let pos = match table.entries.iter().position(|e| e.pool_id == self.shared.id) {
+                let pos = match table
+                    .entries
+                    .iter()
+                    .position(|e| e.pool_id == self.shared.id)
+                {
                     Some(pos) => pos,
                     None => {
                         table.entries.retain(|e| e.pool.strong_count() > 0);

@@ -27,7 +27,12 @@ pub(crate) struct StreamShared {
 }
 
 impl StreamShared {
-    pub(crate) fn new(pool_id: u64, index: usize, device: Device, lock: SubmitLock) -> Result<Self> {
+    pub(crate) fn new(
+        pool_id: u64,
+        index: usize,
+        device: Device,
+        lock: SubmitLock,
+    ) -> Result<Self> {
         let backend = device.backend().new_stream()?;
         Ok(StreamShared {
             pool_id,
@@ -62,7 +67,9 @@ pub struct StreamStats {
 
 impl std::fmt::Debug for Stream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Stream").field("index", &self.shared.index).finish()
+        f.debug_struct("Stream")
+            .field("index", &self.shared.index)
+            .finish()
     }
 }
 
@@ -85,12 +92,17 @@ impl Stream {
                     return Err(e);
                 }
             };
-            s.backend.launch(kernel, buf.raw()).and_then(|()| s.backend.record(&*event))
+            s.backend
+                .launch(kernel, buf.raw())
+                .and_then(|()| s.backend.record(&*event))
         };
         match submitted {
             Ok(()) => {
                 s.submitted.fetch_add(1, Ordering::Relaxed);
-                Ok(Ticket { stream: self.shared.clone(), event: Some(event) })
+                Ok(Ticket {
+                    stream: self.shared.clone(),
+                    event: Some(event),
+                })
             }
             Err(e) => {
                 s.events.give_back(event);
@@ -125,7 +137,10 @@ impl Ticket {
     /// Waits until the op (and everything before it on its stream) has completed. Errors the
     /// device reports for that work are returned here, to this thread.
     pub fn wait(mut self) -> Result<()> {
-        let event = self.event.take().expect("a ticket holds its event until waited");
+        let event = self
+            .event
+            .take()
+            .expect("a ticket holds its event until waited");
         let result = event.wait();
         self.stream.events.give_back(event);
         result

@@ -25,14 +25,19 @@ pub struct OwnerClaim {
 impl OwnerClaim {
     /// An unowned claim.
     pub fn new() -> Self {
-        OwnerClaim { owner: AtomicU64::new(FREE) }
+        OwnerClaim {
+            owner: AtomicU64::new(FREE),
+        }
     }
 
     /// Takes the claim for `thread`. True if `thread` owns it afterwards (also when it already
     /// did); false if another thread owns it.
     pub fn try_claim(&self, thread: u64) -> bool {
         debug_assert_ne!(thread, FREE);
-        match self.owner.compare_exchange(FREE, thread, Ordering::Acquire, Ordering::Acquire) {
+        match self
+            .owner
+            .compare_exchange(FREE, thread, Ordering::Acquire, Ordering::Acquire)
+        {
             Ok(_) => true,
             Err(current) => current == thread,
         }

@@ -113,7 +113,11 @@ mod loom_tests {
         loom::model(move || {
             let global = std::sync::Arc::new(Mutex::new(()));
             let a = Arc::new(SubmitLock::new(mode, &global));
-            let b = if shared_stream { a.clone() } else { Arc::new(SubmitLock::new(mode, &global)) };
+            let b = if shared_stream {
+                a.clone()
+            } else {
+                Arc::new(SubmitLock::new(mode, &global))
+            };
             let log = Arc::new(Mutex::new(Vec::new()));
             let handles: Vec<_> = [(1u64, a), (2u64, b)]
                 .into_iter()
@@ -131,8 +135,14 @@ mod loom_tests {
             }
             let log = log.lock();
             if shared_stream || mode == LockMode::Global {
-                assert_eq!(log[0].0, log[1].0, "another submission interleaved: {log:?}");
-                assert_eq!(log[2].0, log[3].0, "another submission interleaved: {log:?}");
+                assert_eq!(
+                    log[0].0, log[1].0,
+                    "another submission interleaved: {log:?}"
+                );
+                assert_eq!(
+                    log[2].0, log[3].0,
+                    "another submission interleaved: {log:?}"
+                );
             }
         });
     }
@@ -180,15 +190,24 @@ mod tests {
     fn none_mode_requires_the_claim() {
         let global = Arc::new(Mutex::new(()));
         let lock = SubmitLock::new(LockMode::None, &global);
-        assert!(matches!(lock.enter_as(3), Err(Error::ExclusiveStreamRequired(_))));
+        assert!(matches!(
+            lock.enter_as(3),
+            Err(Error::ExclusiveStreamRequired(_))
+        ));
         assert!(lock.claim().unwrap().try_claim(3));
         assert!(lock.enter_as(3).is_ok());
-        assert!(matches!(lock.enter_as(4), Err(Error::ExclusiveStreamRequired(_))));
+        assert!(matches!(
+            lock.enter_as(4),
+            Err(Error::ExclusiveStreamRequired(_))
+        ));
     }
 
     #[test]
     fn modes_display_as_on_the_command_line() {
         assert_eq!(LockMode::PerStream.to_string(), "per-stream");
-        assert_eq!(serde_json::to_string(&LockMode::PerStream).unwrap(), "\"per-stream\"");
+        assert_eq!(
+            serde_json::to_string(&LockMode::PerStream).unwrap(),
+            "\"per-stream\""
+        );
     }
 }

@@ -28,8 +28,9 @@ mod tests {
         let me = super::current();
         assert_eq!(me, super::current());
         assert_ne!(me, super::EXITING);
-        let others: Vec<u64> =
-            (0..8).map(|_| std::thread::spawn(super::current).join().unwrap()).collect();
+        let others: Vec<u64> = (0..8)
+            .map(|_| std::thread::spawn(super::current).join().unwrap())
+            .collect();
         let mut all = others.clone();
         all.push(me);
         all.sort_unstable();

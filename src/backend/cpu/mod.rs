@@ -38,7 +38,9 @@ pub struct CpuBackend {
 
 impl std::fmt::Debug for CpuBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CpuBackend").field("units", &self.units).finish()
+        f.debug_struct("CpuBackend")
+            .field("units", &self.units)
+            .finish()
     }
 }
 
@@ -94,7 +96,9 @@ impl Backend for CpuBackend {
             reason,
         };
         if len > MAX_ELEMENTS {
-            return Err(oom(format!("more than the {MAX_ELEMENTS} elements a buffer may hold")));
+            return Err(oom(format!(
+                "more than the {MAX_ELEMENTS} elements a buffer may hold"
+            )));
         }
         // Linux overcommits: a reservation that succeeds can still be killed when touched.
         // Refuse up front what the machine cannot hold.
@@ -104,9 +108,12 @@ impl Backend for CpuBackend {
             }
         }
         let mut data = Vec::new();
-        data.try_reserve_exact(len).map_err(|e| oom(e.to_string()))?;
+        data.try_reserve_exact(len)
+            .map_err(|e| oom(e.to_string()))?;
         data.resize(len, 0.0f32);
-        Ok(Box::new(CpuBuffer { data: Arc::new(Mutex::new(data)) }))
+        Ok(Box::new(CpuBuffer {
+            data: Arc::new(Mutex::new(data)),
+        }))
     }
 
     fn new_stream(&self) -> Result<Arc<dyn BackendStream>> {
@@ -122,7 +129,12 @@ impl Backend for CpuBackend {
     }
 
     fn synchronize(&self) -> Result<()> {
-        let streams: Vec<_> = self.streams.lock().iter().filter_map(Weak::upgrade).collect();
+        let streams: Vec<_> = self
+            .streams
+            .lock()
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect();
         for s in streams {
             s.wait_all(self.wait)?;
         }
@@ -168,7 +180,12 @@ fn cpu_buffer(buf: &dyn BackendBuffer) -> Result<&CpuBuffer> {
 fn meminfo(field: &str) -> Option<u64> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = text.lines().find(|l| l.starts_with(field))?;
-    let kb: u64 = line[field.len()..].trim().trim_end_matches("kB").trim().parse().ok()?;
+    let kb: u64 = line[field.len()..]
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
     Some(kb * 1024)
 }
 
@@ -177,15 +194,25 @@ mod tests {
     use super::*;
 
     fn device(units: usize) -> CpuBackend {
-        CpuBackend::new(&DeviceOptions { cpu_units: Some(units), ..Default::default() }).unwrap()
+        CpuBackend::new(&DeviceOptions {
+            cpu_units: Some(units),
+            ..Default::default()
+        })
+        .unwrap()
     }
 
     #[test]
     fn rejects_zero_units_and_impossible_allocations() {
-        let zero = CpuBackend::new(&DeviceOptions { cpu_units: Some(0), ..Default::default() });
+        let zero = CpuBackend::new(&DeviceOptions {
+            cpu_units: Some(0),
+            ..Default::default()
+        });
         assert!(matches!(zero, Err(Error::InvalidArgument(_))));
         let dev = device(1);
-        assert!(matches!(dev.alloc(usize::MAX / 2), Err(Error::OutOfMemory { .. })));
+        assert!(matches!(
+            dev.alloc(usize::MAX / 2),
+            Err(Error::OutOfMemory { .. })
+        ));
     }
 
     #[test]

@@ -114,9 +114,10 @@ impl StreamQueue {
             }
         }
         match &self.state.lock().failure {
-            Some((failed, msg)) if *failed <= seq => {
-                Err(Error::Device { op: "wait", message: msg.clone() })
-            }
+            Some((failed, msg)) if *failed <= seq => Err(Error::Device {
+                op: "wait",
+                message: msg.clone(),
+            }),
             _ => Ok(()),
         }
     }
@@ -226,7 +227,10 @@ pub(super) struct CpuEvent {
 
 impl CpuEvent {
     pub(super) fn new(wait: WaitPolicy) -> Self {
-        CpuEvent { mark: Mutex::new(None), wait }
+        CpuEvent {
+            mark: Mutex::new(None),
+            wait,
+        }
     }
 }
 

@@ -38,7 +38,9 @@ pub fn for_device(ctx: &Arc<CudaContext>, ordinal: usize) -> Result<Arc<Kernels>
     if let Some(k) = cache.get(&ordinal) {
         return Ok(k.clone());
     }
-    let (major, minor) = ctx.compute_capability().map_err(|e| driver_error("info", e))?;
+    let (major, minor) = ctx
+        .compute_capability()
+        .map_err(|e| driver_error("info", e))?;
     let opts = CompileOptions {
         // cudarc's `use_fast_math` field only sets --fmad; pass the real flag.
         options: vec![
@@ -52,11 +54,16 @@ pub fn for_device(ctx: &Arc<CudaContext>, ordinal: usize) -> Result<Arc<Kernels>
             op: "compile",
             message: log.to_string_lossy().into_owned(),
         },
-        other => unavailable(format!("NVRTC could not compile multiq's kernels: {other:?}")),
+        other => unavailable(format!(
+            "NVRTC could not compile multiq's kernels: {other:?}"
+        )),
     })?;
-    let module = ctx.load_module(ptx).map_err(|e| driver_error("load module", e))?;
-    let simple_compute =
-        module.load_function("simple_compute").map_err(|e| driver_error("load function", e))?;
+    let module = ctx
+        .load_module(ptx)
+        .map_err(|e| driver_error("load module", e))?;
+    let simple_compute = module
+        .load_function("simple_compute")
+        .map_err(|e| driver_error("load function", e))?;
     let k = Arc::new(Kernels { simple_compute });
     cache.insert(ordinal, k.clone());
     Ok(k)

@@ -50,18 +50,32 @@ pub struct CudaBackend {
 
 impl std::fmt::Debug for CudaBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CudaBackend").field("device", &self.info.name).finish()
+        f.debug_struct("CudaBackend")
+            .field("device", &self.info.name)
+            .finish()
     }
 }
 
 pub(crate) fn driver_error(op: &'static str, e: DriverError) -> Error {
-    let name = e.error_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-    let text = e.error_string().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-    Error::Device { op, message: format!("{name}: {text}") }
+    let name = e
+        .error_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let text = e
+        .error_string()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    Error::Device {
+        op,
+        message: format!("{name}: {text}"),
+    }
 }
 
 fn unavailable(reason: impl Into<String>) -> Error {
-    Error::BackendUnavailable { backend: BackendKind::Cuda, reason: reason.into() }
+    Error::BackendUnavailable {
+        backend: BackendKind::Cuda,
+        reason: reason.into(),
+    }
 }
 
 impl CudaBackend {
@@ -92,7 +106,8 @@ impl CudaBackend {
     }
 
     fn open(opts: &DeviceOptions) -> Result<Self> {
-        let count = CudaContext::device_count().map_err(|e| unavailable(driver_error("init", e).to_string()))?;
+        let count = CudaContext::device_count()
+            .map_err(|e| unavailable(driver_error("init", e).to_string()))?;
         if count <= 0 {
             return Err(unavailable("the driver reports no CUDA device"));
         }
@@ -111,7 +126,13 @@ impl CudaBackend {
         let kernels = kernels::for_device(&ctx, opts.ordinal)?;
         let wait = opts.wait.unwrap_or(DEFAULT_WAIT);
         let info = device_info(&ctx, wait)?;
-        Ok(CudaBackend { ctx, alloc_stream, kernels, info, wait })
+        Ok(CudaBackend {
+            ctx,
+            alloc_stream,
+            kernels,
+            info,
+            wait,
+        })
     }
 }
 
@@ -120,14 +141,22 @@ fn device_info(ctx: &Arc<CudaContext>, wait: WaitPolicy) -> Result<DeviceInfo> {
     let units = ctx
         .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
         .map_err(|e| driver_error("info", e))? as usize;
-    let (major, minor) = ctx.compute_capability().map_err(|e| driver_error("info", e))?;
+    let (major, minor) = ctx
+        .compute_capability()
+        .map_err(|e| driver_error("info", e))?;
     let total = ctx.total_mem().ok().map(|m| m as u64);
     let mut version = 0i32;
     // SAFETY: `version` is a valid, writable c_int for the duration of the call.
     let driver = unsafe { sys::cuDriverGetVersion(&mut version) }
         .result()
         .ok()
-        .map(|()| format!("CUDA driver API {}.{}", version / 1000, (version % 1000) / 10));
+        .map(|()| {
+            format!(
+                "CUDA driver API {}.{}",
+                version / 1000,
+                (version % 1000) / 10
+            )
+        });
     let connections = std::env::var("CUDA_DEVICE_MAX_CONNECTIONS")
         .unwrap_or_else(|_| "unset (driver default 8)".into());
     Ok(DeviceInfo {
@@ -150,11 +179,19 @@ impl Backend for CudaBackend {
     }
 
     fn alloc(&self, len: usize) -> Result<Box<dyn BackendBuffer>> {
-        Ok(Box::new(CudaBuffer::alloc(&self.ctx, &self.alloc_stream, len, &self.info.name)?))
+        Ok(Box::new(CudaBuffer::alloc(
+            &self.ctx,
+            &self.alloc_stream,
+            len,
+            &self.info.name,
+        )?))
     }
 
     fn new_stream(&self) -> Result<Arc<dyn BackendStream>> {
-        let stream = self.ctx.new_stream().map_err(|e| driver_error("stream", e))?;
+        let stream = self
+            .ctx
+            .new_stream()
+            .map_err(|e| driver_error("stream", e))?;
         Ok(Arc::new(CudaQueue::new(stream, self.kernels.clone())))
     }
 
@@ -163,7 +200,9 @@ impl Backend for CudaBackend {
     }
 
     fn synchronize(&self) -> Result<()> {
-        self.ctx.synchronize().map_err(|e| driver_error("synchronize", e))
+        self.ctx
+            .synchronize()
+            .map_err(|e| driver_error("synchronize", e))
     }
 
     fn memory_available(&self) -> Option<u64> {

@@ -36,7 +36,12 @@ pub(super) struct CudaBuffer {
 }
 
 impl CudaBuffer {
-    pub(super) fn alloc(ctx: &Arc<CudaContext>, stream: &CudaStream, len: usize, device: &str) -> Result<Self> {
+    pub(super) fn alloc(
+        ctx: &Arc<CudaContext>,
+        stream: &CudaStream,
+        len: usize,
+        device: &str,
+    ) -> Result<Self> {
         let bytes = len.checked_mul(4).filter(|_| len <= MAX_ELEMENTS);
         let Some(bytes) = bytes else {
             return Err(Error::OutOfMemory {
@@ -58,7 +63,11 @@ impl CudaBuffer {
             // stream is synchronized before the pointer is used anywhere else, so every
             // other stream may use it afterwards.
             let p = unsafe { result::malloc_async(stream.cu_stream(), bytes) }.map_err(oom)?;
-            let buf = CudaBuffer { ptr: p, len, ctx: ctx.clone() };
+            let buf = CudaBuffer {
+                ptr: p,
+                len,
+                ctx: ctx.clone(),
+            };
             stream.synchronize().map_err(|e| driver_error("alloc", e))?;
             return Ok(buf);
         } else {
@@ -66,7 +75,11 @@ impl CudaBuffer {
             // (uploads or kernels), and `f32` has no invalid bit patterns anyway.
             unsafe { result::malloc_sync(bytes) }.map_err(oom)?
         };
-        Ok(CudaBuffer { ptr, len, ctx: ctx.clone() })
+        Ok(CudaBuffer {
+            ptr,
+            len,
+            ctx: ctx.clone(),
+        })
     }
 }
 
@@ -118,7 +131,8 @@ impl BackendStream for CudaQueue {
         let buf = cuda_buffer(buf)?;
         let Kernel::SimpleCompute { iters } = kernel;
         // Checked at allocation; re-checked here because the kernel's index type depends on it.
-        let mut n = u32::try_from(buf.len).map_err(|_| Error::invalid("buffer too large for a 32-bit kernel index"))?;
+        let mut n = u32::try_from(buf.len)
+            .map_err(|_| Error::invalid("buffer too large for a 32-bit kernel index"))?;
         let mut iters = iters;
         let mut ptr = buf.ptr;
         let grid = n.div_ceil(BLOCK_THREADS).max(1);
@@ -149,7 +163,11 @@ impl BackendStream for CudaQueue {
     fn upload(&self, buf: &dyn BackendBuffer, src: &[f32]) -> Result<()> {
         let buf = cuda_buffer(buf)?;
         if src.len() != buf.len {
-            return Err(Error::invalid(format!("upload of {} elements into a buffer of {}", src.len(), buf.len)));
+            return Err(Error::invalid(format!(
+                "upload of {} elements into a buffer of {}",
+                src.len(),
+                buf.len
+            )));
         }
         bind(self.ctx())?;
         // SAFETY: `buf.ptr` holds `buf.len` floats = `src.len()`; the stream is synchronized
@@ -162,7 +180,11 @@ impl BackendStream for CudaQueue {
     fn download(&self, buf: &dyn BackendBuffer, dst: &mut [f32]) -> Result<()> {
         let buf = cuda_buffer(buf)?;
         if dst.len() != buf.len {
-            return Err(Error::invalid(format!("download of a buffer of {} elements into {}", buf.len, dst.len())));
+            return Err(Error::invalid(format!(
+                "download of a buffer of {} elements into {}",
+                buf.len,
+                dst.len()
+            )));
         }
         bind(self.ctx())?;
         // SAFETY: `dst` has room for `buf.len` floats; the stream is synchronized before
@@ -182,7 +204,9 @@ impl BackendStream for CudaQueue {
     }
 
     fn synchronize(&self) -> Result<()> {
-        self.stream.synchronize().map_err(|e| driver_error("synchronize", e))
+        self.stream
+            .synchronize()
+            .map_err(|e| driver_error("synchronize", e))
     }
 
     fn free_after(&self, buf: Box<dyn BackendBuffer>) {
@@ -200,7 +224,9 @@ impl BackendStream for CudaQueue {
             unsafe { result::free_async(ptr, self.stream.cu_stream()) }
         } else {
             // SAFETY: after the stream synchronized, no queued work uses `ptr`.
-            self.stream.synchronize().and_then(|()| unsafe { result::free_sync(ptr) })
+            self.stream
+                .synchronize()
+                .and_then(|()| unsafe { result::free_sync(ptr) })
         };
         let _ = freed;
     }
@@ -238,7 +264,11 @@ impl CudaEventBox {
         unsafe { sys::cuEventCreate(&mut event, flags) }
             .result()
             .map_err(|e| driver_error("event", e))?;
-        Ok(CudaEventBox { event, ctx: ctx.clone(), wait })
+        Ok(CudaEventBox {
+            event,
+            ctx: ctx.clone(),
+            wait,
+        })
     }
 }
 
@@ -247,7 +277,8 @@ impl BackendEvent for CudaEventBox {
         match self.wait {
             WaitPolicy::Spin | WaitPolicy::Block => {
                 // SAFETY: `event` is live (invariant).
-                unsafe { result::event::synchronize(self.event) }.map_err(|e| driver_error("wait", e))
+                unsafe { result::event::synchronize(self.event) }
+                    .map_err(|e| driver_error("wait", e))
             }
             WaitPolicy::Yield => loop {
                 if self.is_complete()? {

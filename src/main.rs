@@ -135,6 +135,7 @@ fn run_queues(a: QueuesArgs) -> Result<i32, Error> {
     );
     let started_at = results::now_rfc3339();
     let mut runner = Runner::new(&device);
+    runner.repeat = a.repeat as usize;
     for (preset, data, kernel_iters) in &shapes {
         for &inflight in &inflights {
             for &lock in &locks {

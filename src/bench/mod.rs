@@ -22,6 +22,8 @@ use results::{RunRow, Skipped};
 /// on stderr as they happen. Other errors stop the study.
 pub struct Runner<'d> {
     device: &'d Device,
+    /// Times each spec is run; the median run (by ops/s) is kept.
+    pub repeat: usize,
     /// Measured runs.
     pub rows: Vec<RunRow>,
     /// Rejected combinations.
@@ -31,44 +33,57 @@ pub struct Runner<'d> {
 }
 
 impl<'d> Runner<'d> {
-    /// A runner on `device`.
+    /// A runner on `device`, running each spec once.
     pub fn new(device: &'d Device) -> Self {
         Runner {
             device,
+            repeat: 1,
             rows: Vec::new(),
             skipped: Vec::new(),
             mismatches: 0,
         }
     }
 
-    /// Runs one spec.
+    /// Runs one spec `repeat` times and keeps the median run (by ops/s); the spread goes into
+    /// the row. A mismatch in any repeat marks the row unverified.
     pub fn run(&mut self, s: QueuesSpec) -> Result<()> {
-        match queues::run_queues(self.device, &s) {
-            Ok(o) => {
-                if let Some(m) = o.mismatch {
-                    eprintln!(
-                        "multiq: {} {} {} threads: {m}",
-                        s.preset,
-                        s.scenario.name(),
-                        s.threads
-                    );
-                    self.mismatches += 1;
+        let mut outcomes = Vec::with_capacity(self.repeat.max(1));
+        for _ in 0..self.repeat.max(1) {
+            match queues::run_queues(self.device, &s) {
+                Ok(o) => outcomes.push(o),
+                Err(e) if e.is_usage() => {
+                    self.skipped.push(Skipped {
+                        preset: s.preset.clone(),
+                        scenario: s.scenario,
+                        lock: s.lock,
+                        threads: s.threads,
+                        reason: e.to_string(),
+                    });
+                    return Ok(());
                 }
-                self.rows.push(o.row);
-                Ok(())
+                Err(e) => return Err(e),
             }
-            Err(e) if e.is_usage() => {
-                self.skipped.push(Skipped {
-                    preset: s.preset.clone(),
-                    scenario: s.scenario,
-                    lock: s.lock,
-                    threads: s.threads,
-                    reason: e.to_string(),
-                });
-                Ok(())
-            }
-            Err(e) => Err(e),
         }
+        let mut mismatched = false;
+        for m in outcomes.iter().filter_map(|o| o.mismatch.as_ref()) {
+            eprintln!(
+                "multiq: {} {} {} threads: {m}",
+                s.preset,
+                s.scenario.name(),
+                s.threads
+            );
+            mismatched = true;
+        }
+        self.mismatches += usize::from(mismatched);
+        let rates: Vec<f64> = outcomes.iter().map(|o| o.row.ops_per_sec).collect();
+        outcomes.sort_by(|a, b| a.row.ops_per_sec.total_cmp(&b.row.ops_per_sec));
+        let mut row = outcomes.swap_remove(outcomes.len() / 2).row;
+        row.verified = !mismatched;
+        row.repeats = rates.len();
+        row.ops_per_sec_min = rates.iter().copied().fold(f64::INFINITY, f64::min);
+        row.ops_per_sec_max = rates.iter().copied().fold(0.0, f64::max);
+        self.rows.push(row);
+        Ok(())
     }
 }
 

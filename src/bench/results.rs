@@ -112,6 +112,12 @@ pub struct RunRow {
     pub streams_used: usize,
     /// Wait policy in force.
     pub wait: WaitPolicy,
+    /// Times the run was repeated; the row is the median run by ops/s.
+    pub repeats: usize,
+    /// Lowest ops/s among the repeats.
+    pub ops_per_sec_min: f64,
+    /// Highest ops/s among the repeats.
+    pub ops_per_sec_max: f64,
 }
 
 /// A combination that was not run.

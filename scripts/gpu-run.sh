@@ -13,7 +13,8 @@ out=${1:-${OUT:-out}}
 mkdir -p "$out"
 res=$(mktemp -d)/res && mkdir -p "$res"
 bin=carry/bin/multiq
-iters=${ITERS:-300}
+iters=${ITERS:-1000}
+repeat=${REPEAT:-3}
 step() { echo "== $* ($(date -u +%T))" | tee -a "$res/summary.txt"; }
 
 step environment
@@ -27,13 +28,25 @@ step build anchors
 nvcc -O3 -use_fast_math -arch=sm_90 -o /tmp/mq carry/anchors/mq.cu -lpthread &&
 nvcc -O3 -use_fast_math -arch=sm_90 -o /tmp/launch carry/anchors/launch.cu -lpthread || echo "anchor build failed" | tee -a "$res/summary.txt"
 
-step "anchor mq.cu ($iters ops per thread)"
-/tmp/mq "$iters" > "$res/anchor-mq.txt" 2>&1; tail -n 16 "$res/anchor-mq.txt" >> "$res/summary.txt"
+# Short runs are noisy on both sides: the anchor runs $repeat times (the ratio table takes the
+# median per configuration), and multiq repeats the light and minimal runs $repeat times.
+for i in $(seq 1 "$repeat"); do
+  step "anchor mq.cu ($iters ops per thread), run $i"
+  /tmp/mq "$iters" > "$res/anchor-mq-$i.txt" 2>&1
+done
+cp "$res/anchor-mq-1.txt" "$res/anchor-mq.txt"
 
-step "multiq bench queues, same configurations"
-"$bin" bench queues --backend cuda --preset heavy,default,light,minimal --inflight 1,8 \
-  --lock per-stream,none --iters "$iters" --json "$res/queues.json" > "$res/queues.txt" 2>&1
+step "multiq bench queues, same configurations (heavy, default)"
+"$bin" bench queues --backend cuda --preset heavy,default --inflight 1,8 \
+  --lock per-stream,none --iters "$iters" --json "$res/queues-heavy.json" > "$res/queues-heavy.txt" 2>&1
 echo "exit $?" >> "$res/summary.txt"
+step "multiq bench queues, same configurations (light, minimal; median of $repeat)"
+"$bin" bench queues --backend cuda --preset light,minimal --inflight 1,8 --repeat "$repeat" \
+  --lock per-stream,none --iters "$iters" --json "$res/queues-light.json" > "$res/queues-light.txt" 2>&1
+echo "exit $?" >> "$res/summary.txt"
+python3 scripts/ratios.py "$res/queues-heavy.json" "$res/queues-light.json" \
+  $(for i in $(seq 1 "$repeat"); do echo --anchor "$res/anchor-mq-$i.txt"; done) > "$res/queues.md" 2>&1
+tail -n 12 "$res/queues.md" >> "$res/summary.txt"
 
 for w in spin yield block; do
   step "wait policy $w (light, minimal; per-thread; lock none)"

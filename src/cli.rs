@@ -42,7 +42,7 @@ pub enum Command {
                       finishes in about a minute on 2 cores; what was scaled is printed first.",
         args_conflicts_with_subcommands = true
     )]
-    Bench(BenchArgs),
+    Bench(Box<BenchArgs>),
     /// Show which backends and devices multiq can use on this machine.
     Info(DeviceArgs),
 }

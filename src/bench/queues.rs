@@ -97,7 +97,7 @@ pub fn verify_buffer(
         let got = out[i];
         let err = (got - expect).abs();
         v.checked += 1;
-        let bad = !(err <= tolerance); // NaN counts as a mismatch
+        let bad = err.is_nan() || err > tolerance;
         if err > v.max_abs_error || err.is_nan() {
             v.max_abs_error = if err.is_nan() { f32::INFINITY } else { err };
         }

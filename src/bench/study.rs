@@ -252,7 +252,7 @@ pub fn run(cfg: &StudyConfig) -> Result<StudyOutcome> {
     Ok(StudyOutcome { rows, mismatches })
 }
 
-fn sweep<'a>(rows: &'a [RunRow], scenario: Scenario) -> Vec<&'a RunRow> {
+fn sweep(rows: &[RunRow], scenario: Scenario) -> Vec<&RunRow> {
     rows.iter()
         .filter(|r| r.scenario == scenario && r.lock == LockMode::PerStream && r.inflight == 1)
         .collect()

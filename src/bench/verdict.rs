@@ -52,7 +52,7 @@ pub struct Verdict {
 pub fn judge(points: &[(usize, f64)]) -> Option<Verdict> {
     let mut pts: Vec<(usize, f64)> = points.to_vec();
     pts.sort_by_key(|p| p.0);
-    if pts.len() < 2 || pts.iter().any(|p| !(p.1 > 0.0)) {
+    if pts.len() < 2 || pts.iter().any(|p| p.1.is_nan() || p.1 <= 0.0) {
         return None;
     }
     let (t0, base) = pts[0];

@@ -5,6 +5,7 @@
 //! every interleaving; otherwise they are std atomics and parking_lot mutexes.
 
 pub mod claim;
+pub mod ordered_queue;
 pub mod submit_lock;
 pub mod thread_id;
 
@@ -44,4 +45,56 @@ impl<T> Mutex<T> {
         let guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         guard
     }
+}
+
+/// A condition variable over [`Mutex`], backed by loom's under `cfg(loom)`.
+#[derive(Debug, Default)]
+pub(crate) struct Condvar {
+    #[cfg(not(loom))]
+    inner: parking_lot::Condvar,
+    #[cfg(loom)]
+    inner: loom::sync::Condvar,
+}
+
+impl Condvar {
+    pub(crate) fn new() -> Self {
+        Condvar {
+            inner: Default::default(),
+        }
+    }
+
+    /// Atomically releases `guard`, sleeps until notified, and re-acquires it.
+    pub(crate) fn wait<'a, T>(&self, guard: MutexGuard<'a, T>) -> MutexGuard<'a, T> {
+        #[cfg(not(loom))]
+        {
+            let mut guard = guard;
+            self.inner.wait(&mut guard);
+            guard
+        }
+        #[cfg(loom)]
+        {
+            self.inner.wait(guard).unwrap_or_else(|p| p.into_inner())
+        }
+    }
+
+    pub(crate) fn notify_all(&self) {
+        self.inner.notify_all();
+    }
+}
+
+/// One step of a busy-wait: a CPU spin hint (a loom yield under `cfg(loom)`, so models of
+/// spinning waiters terminate).
+pub(crate) fn spin_hint() {
+    #[cfg(not(loom))]
+    std::hint::spin_loop();
+    #[cfg(loom)]
+    loom::thread::yield_now();
+}
+
+/// Yields the thread (loom's yield under `cfg(loom)`).
+pub(crate) fn yield_now() {
+    #[cfg(not(loom))]
+    std::thread::yield_now();
+    #[cfg(loom)]
+    loom::thread::yield_now();
 }

@@ -1,59 +1,38 @@
 //! CPU streams and events.
 //!
-//! A stream is a FIFO of tasks. At most one task of a stream runs at a time (in-order
-//! execution): a "drain" job on the unit pool runs the oldest task, then re-queues itself if
-//! more are waiting, so streams take turns on the units instead of one busy stream starving
-//! the others. An event is a (stream, sequence number) mark; it completes when the stream's
-//! completed count reaches that number.
+//! A stream is an [`OrderedQueue`] of tasks: at most one task of a stream runs at a time
+//! (in-order execution). Its drain job on the unit pool runs the oldest task, then re-queues
+//! itself if more are waiting, so streams take turns on the units instead of one busy stream
+//! starving the others. An event is a (stream, sequence number) mark; it completes when the
+//! stream's completed count reaches that number.
 
 use std::any::Any;
-use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use parking_lot::{Condvar, Mutex};
+use parking_lot::Mutex;
 use rayon::prelude::*;
 
 use super::{cpu_buffer, BLOCK};
 use crate::backend::{downcast, BackendBuffer, BackendEvent, BackendStream, WaitPolicy};
 use crate::error::{Error, Result};
 use crate::kernel::Kernel;
+use crate::sync::ordered_queue::OrderedQueue;
 
 type Task = Box<dyn FnOnce() + Send>;
 
-/// The shared state of one CPU stream.
+/// The shared state of one CPU stream: its ordered queue and the units that drain it.
 pub(super) struct StreamQueue {
-    state: Mutex<QueueState>,
-    done: Condvar,
-    /// Mirror of `QueueState::completed`, for lock-free polling by spinning waiters.
-    completed: AtomicU64,
+    queue: OrderedQueue<Task>,
     pool: Arc<rayon::ThreadPool>,
 }
 
-struct QueueState {
-    tasks: VecDeque<Task>,
-    /// A drain job is queued or running.
-    running: bool,
-    submitted: u64,
-    completed: u64,
-    /// First failure: the sequence number of the task that failed and why. Sticky, as a CUDA
-    /// stream's errors are: every wait covering that task reports it.
-    failure: Option<(u64, String)>,
-}
-
 impl StreamQueue {
-    fn push(self: &Arc<Self>, task: Task) -> u64 {
-        let mut st = self.state.lock();
-        st.tasks.push_back(task);
-        st.submitted += 1;
-        let seq = st.submitted;
-        if !st.running {
-            st.running = true;
-            drop(st);
+    fn push(self: &Arc<Self>, task: Task) {
+        let (_, start) = self.queue.push(task);
+        if start {
             self.spawn_drain();
         }
-        seq
     }
 
     fn spawn_drain(self: &Arc<Self>) {
@@ -61,69 +40,33 @@ impl StreamQueue {
         self.pool.spawn(move || me.drain_one());
     }
 
+    /// Runs one task, then re-queues the drain job behind other streams' work if more wait.
     fn drain_one(self: Arc<Self>) {
-        let task = self.state.lock().tasks.pop_front();
-        let failed = match task {
-            Some(task) => catch_unwind(AssertUnwindSafe(task)).err(),
-            None => None,
-        };
-        let mut st = self.state.lock();
-        st.completed += 1;
-        if let Some(payload) = failed {
-            if st.failure.is_none() {
-                let msg = payload
+        let failed = self.queue.next().and_then(|task| {
+            catch_unwind(AssertUnwindSafe(task)).err().map(|payload| {
+                payload
                     .downcast_ref::<&str>()
                     .map(|s| s.to_string())
                     .or_else(|| payload.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "a CPU kernel panicked".into());
-                st.failure = Some((st.completed, msg));
-            }
-        }
-        self.completed.store(st.completed, Ordering::Release);
-        let more = !st.tasks.is_empty();
-        st.running = more;
-        drop(st);
-        self.done.notify_all();
-        if more {
+                    .unwrap_or_else(|| "a CPU kernel panicked".into())
+            })
+        });
+        if self.queue.complete(failed) {
             self.spawn_drain();
         }
     }
 
-    fn submitted(&self) -> u64 {
-        self.state.lock().submitted
-    }
-
-    /// Waits until task `seq` (and all before it) completed.
-    pub(super) fn wait_for(&self, seq: u64, policy: WaitPolicy) -> Result<()> {
-        match policy {
-            WaitPolicy::Spin => {
-                while self.completed.load(Ordering::Acquire) < seq {
-                    std::hint::spin_loop();
-                }
-            }
-            WaitPolicy::Yield => {
-                while self.completed.load(Ordering::Acquire) < seq {
-                    std::thread::yield_now();
-                }
-            }
-            WaitPolicy::Block => {
-                let mut st = self.state.lock();
-                while st.completed < seq {
-                    self.done.wait(&mut st);
-                }
-            }
-        }
-        match &self.state.lock().failure {
-            Some((failed, msg)) if *failed <= seq => Err(Error::Device {
+    fn wait_for(&self, seq: u64, policy: WaitPolicy) -> Result<()> {
+        self.queue
+            .wait_for(seq, policy)
+            .map_err(|message| Error::Device {
                 op: "wait",
-                message: msg.clone(),
-            }),
-            _ => Ok(()),
-        }
+                message,
+            })
     }
 
     pub(super) fn wait_all(&self, policy: WaitPolicy) -> Result<()> {
-        self.wait_for(self.submitted(), policy)
+        self.wait_for(self.queue.submitted(), policy)
     }
 }
 
@@ -136,15 +79,7 @@ pub(super) struct CpuStream {
 impl CpuStream {
     pub(super) fn new(pool: Arc<rayon::ThreadPool>, wait: WaitPolicy) -> Self {
         let queue = Arc::new(StreamQueue {
-            state: Mutex::new(QueueState {
-                tasks: VecDeque::new(),
-                running: false,
-                submitted: 0,
-                completed: 0,
-                failure: None,
-            }),
-            done: Condvar::new(),
-            completed: AtomicU64::new(0),
+            queue: OrderedQueue::new(),
             pool,
         });
         CpuStream { queue, wait }
@@ -201,7 +136,7 @@ impl BackendStream for CpuStream {
 
     fn record(&self, event: &dyn BackendEvent) -> Result<()> {
         let ev = downcast::<CpuEvent>(event.as_any(), "event")?;
-        *ev.mark.lock() = Some((self.queue.clone(), self.queue.submitted()));
+        *ev.mark.lock() = Some((self.queue.clone(), self.queue.queue.submitted()));
         Ok(())
     }
 
@@ -245,7 +180,7 @@ impl BackendEvent for CpuEvent {
 
     fn is_complete(&self) -> Result<bool> {
         Ok(match &*self.mark.lock() {
-            Some((queue, seq)) => queue.completed.load(Ordering::Acquire) >= *seq,
+            Some((queue, seq)) => queue.queue.is_complete(*seq),
             None => true,
         })
     }

@@ -197,3 +197,38 @@ fn dropping_buffers_and_tickets_with_work_in_flight_is_safe() {
     }
     dev.synchronize().unwrap();
 }
+
+#[test]
+fn grouped_launches_are_bit_identical_to_single_launches() {
+    let Some(dev) = cuda("grouped_launches_are_bit_identical_to_single_launches") else {
+        return;
+    };
+    let pool = StreamPool::new(&dev, PoolConfig::default()).unwrap();
+    let s = pool.current().unwrap();
+    let k = Kernel::SimpleCompute { iters: 7 };
+    // 300 buffers (three grouped launches of at most 128), sizes not multiples of 256.
+    let sizes: Vec<usize> = (0..300).map(|i| 1 + (i * 7919) % 70_000).collect();
+    let init = |t: usize, n: usize| (0..n).map(|i| initial_value(t, i)).collect::<Vec<f32>>();
+    let mut grouped: Vec<_> = sizes
+        .iter()
+        .enumerate()
+        .map(|(t, &n)| dev.buffer_from(&init(t, n)).unwrap())
+        .collect();
+    let mut alone: Vec<_> = sizes
+        .iter()
+        .enumerate()
+        .map(|(t, &n)| dev.buffer_from(&init(t, n)).unwrap())
+        .collect();
+    {
+        let mut refs: Vec<&mut multiq::Buffer> = grouped.iter_mut().collect();
+        s.launch_many(k, &mut refs).unwrap().wait().unwrap();
+    }
+    for b in alone.iter_mut() {
+        s.launch(k, b).unwrap().wait().unwrap();
+    }
+    for (t, (g, a)) in grouped.iter_mut().zip(alone.iter_mut()).enumerate() {
+        let (g, a) = (g.read().unwrap(), a.read().unwrap());
+        assert_eq!(g, a, "buffer {t} of {} elements", sizes[t]);
+        assert_eq!(verify_buffer(t, &g, 7, tolerance()).first_mismatch, None);
+    }
+}

@@ -231,13 +231,18 @@ fn inflight_reuses_pooled_events() {
     let p = pool(&dev, 1, LockMode::PerStream);
     let s = p.current().unwrap();
     let mut buf = dev.alloc(64).unwrap();
-    let mut w = Inflight::new(8).unwrap();
+    let mut w = Inflight::with_latency(8).unwrap();
     for _ in 0..1000 {
         w.submit(|| s.launch(Kernel::SimpleCompute { iters: 1 }, &mut buf))
             .unwrap();
         assert!(w.outstanding() <= 8);
     }
     w.drain().unwrap();
+    assert_eq!(
+        w.latency().unwrap().len(),
+        1000,
+        "every op's latency is recorded once"
+    );
     let stats = s.stats();
     assert_eq!(stats.submitted, 1000);
     assert!(
@@ -295,4 +300,34 @@ fn bad_sizes_and_device_mixups_are_errors() {
         .launch(Kernel::SimpleCompute { iters: 1 }, &mut buf);
     assert!(matches!(err, Err(Error::WrongDevice { .. })));
     assert!(Device::cpu(0).is_err());
+}
+
+#[test]
+fn a_grouped_launch_equals_each_launch_alone_bit_for_bit() {
+    let dev = device();
+    let p = pool(&dev, 2, LockMode::PerStream);
+    let (a, b) = (p.acquire(0).unwrap(), p.acquire(1).unwrap());
+    let k = Kernel::SimpleCompute { iters: 3 };
+    let sizes = [1usize, 255, 4096, 5000, 70_000];
+    let init = |t: usize, n: usize| (0..n).map(|i| initial_value(t, i)).collect::<Vec<f32>>();
+    let mut grouped: Vec<_> = sizes
+        .iter()
+        .enumerate()
+        .map(|(t, &n)| dev.buffer_from(&init(t, n)).unwrap())
+        .collect();
+    let mut alone: Vec<_> = sizes
+        .iter()
+        .enumerate()
+        .map(|(t, &n)| dev.buffer_from(&init(t, n)).unwrap())
+        .collect();
+    {
+        let mut refs: Vec<&mut multiq::Buffer> = grouped.iter_mut().collect();
+        a.launch_many(k, &mut refs).unwrap().wait().unwrap();
+    }
+    for buf in alone.iter_mut() {
+        b.launch(k, buf).unwrap().wait().unwrap();
+    }
+    for (g, s) in grouped.iter_mut().zip(alone.iter_mut()) {
+        assert_eq!(g.read().unwrap(), s.read().unwrap());
+    }
 }

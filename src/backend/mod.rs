@@ -126,6 +126,16 @@ pub trait Backend: Send + Sync + fmt::Debug {
 pub trait BackendStream: Send + Sync {
     /// Enqueues `kernel` over all of `buf`, in place.
     fn launch(&self, kernel: Kernel, buf: &dyn BackendBuffer) -> Result<()>;
+    /// Enqueues `kernel` over every buffer of `bufs`, in as few launches as the backend can
+    /// (CUDA: one grouped launch per 128 buffers). Each buffer's result equals launching the
+    /// kernel on it alone. The buffers must be distinct (the caller checks).
+    /// Default: one launch per buffer.
+    fn launch_grouped(&self, kernel: Kernel, bufs: &[&dyn BackendBuffer]) -> Result<()> {
+        for b in bufs {
+            self.launch(kernel, *b)?;
+        }
+        Ok(())
+    }
     /// Copies `src` into `buf`, ordered after earlier work on this stream; returns when done.
     fn upload(&self, buf: &dyn BackendBuffer, src: &[f32]) -> Result<()>;
     /// Copies `buf` into `dst`, ordered after earlier work on this stream; returns when done.

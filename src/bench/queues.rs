@@ -14,7 +14,9 @@ use std::time::Instant;
 use parking_lot::Mutex;
 use rayon::prelude::*;
 
-use super::results::RunRow;
+use hdrhistogram::Histogram;
+
+use super::results::{LatencyUs, RunRow};
 use super::Scenario;
 use crate::error::{Error, Result};
 use crate::kernel::{initial_value, simple_compute, Kernel};
@@ -139,6 +141,7 @@ struct ThreadDone {
     thread: usize,
     buf: Buffer,
     finished: Instant,
+    latency: Histogram<u64>,
 }
 
 /// Runs one configuration on `device`.
@@ -203,16 +206,18 @@ pub fn run_queues(device: &Device, spec: &QueuesSpec) -> Result<RunOutcome> {
                     if setup_error.lock().is_some() {
                         return Ok(None);
                     }
-                    let mut window = Inflight::new(inflight)?;
+                    let mut window = Inflight::with_latency(inflight)?;
                     for _ in 0..iters {
                         window.submit(|| stream.launch(kernel, &mut buf))?;
                     }
                     window.drain()?;
                     let finished = Instant::now();
+                    let latency = window.latency().cloned().expect("made with_latency");
                     Ok(Some(ThreadDone {
                         thread: t,
                         buf,
                         finished,
+                        latency,
                     }))
                 })
                 .map_err(|e| Error::invalid(format!("cannot start thread {t}: {e}")))
@@ -244,6 +249,19 @@ pub fn run_queues(device: &Device, spec: &QueuesSpec) -> Result<RunOutcome> {
     let finished = done.iter().map(|d| d.finished).max().unwrap_or(t0);
     let seconds = finished.duration_since(t0).as_secs_f64().max(1e-9);
     let ops = (spec.threads * spec.iters) as u64;
+    let mut latency = Histogram::<u64>::new_with_bounds(1, 3_600_000_000_000, 3)
+        .map_err(|e| Error::invalid(format!("latency histogram: {e}")))?;
+    for d in &done {
+        latency
+            .add(&d.latency)
+            .map_err(|e| Error::invalid(format!("latency histogram: {e}")))?;
+    }
+    let us = |q: f64| latency.value_at_quantile(q) as f64 / 1000.0;
+    let latency_us = LatencyUs {
+        p50: us(0.5),
+        p99: us(0.99),
+        p999: us(0.999),
+    };
 
     // Verification, after timing: read back every buffer, compare with the reference.
     let tolerance = device.backend().tolerance(kernel);
@@ -300,6 +318,8 @@ pub fn run_queues(device: &Device, spec: &QueuesSpec) -> Result<RunOutcome> {
         tolerance,
         streams_used: pool.streams_created(),
         wait: device.info().wait,
+        coalesce: "off",
+        latency_us,
         repeats: 1,
         ops_per_sec_min: ops as f64 / seconds,
         ops_per_sec_max: ops as f64 / seconds,

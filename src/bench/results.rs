@@ -112,12 +112,27 @@ pub struct RunRow {
     pub streams_used: usize,
     /// Wait policy in force.
     pub wait: WaitPolicy,
+    /// Cross-thread coalescing policy (`off` = one launch per op).
+    pub coalesce: &'static str,
+    /// Per-op latency, submission to completion seen by the submitting thread.
+    pub latency_us: LatencyUs,
     /// Times the run was repeated; the row is the median run by ops/s.
     pub repeats: usize,
     /// Lowest ops/s among the repeats.
     pub ops_per_sec_min: f64,
     /// Highest ops/s among the repeats.
     pub ops_per_sec_max: f64,
+}
+
+/// Latency percentiles in microseconds.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct LatencyUs {
+    /// Median.
+    pub p50: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// 99.9th percentile.
+    pub p999: f64,
 }
 
 /// A combination that was not run.

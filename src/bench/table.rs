@@ -32,8 +32,8 @@ pub fn scaling_table(title: &str, rows: &[&RunRow]) -> String {
     let _ = writeln!(s, "{title}");
     let _ = writeln!(
         s,
-        "  {:>7} {:>8} {:>9} {:>12} {:>8} {:>10}  verified",
-        "threads", "ops", "seconds", "ops/s", "speedup", "efficiency"
+        "  {:>7} {:>8} {:>9} {:>12} {:>8} {:>10} {:>9} {:>9}  verified",
+        "threads", "ops", "seconds", "ops/s", "speedup", "efficiency", "p50 us", "p99 us"
     );
     let base_threads = rows.first().map_or(1, |r| r.threads) as f64;
     for r in &rows {
@@ -45,13 +45,15 @@ pub fn scaling_table(title: &str, rows: &[&RunRow]) -> String {
         };
         let _ = writeln!(
             s,
-            "  {:>7} {:>8} {:>9.3} {:>12} {:>7.2}x {:>9.0}%  {check}",
+            "  {:>7} {:>8} {:>9.3} {:>12} {:>7.2}x {:>9.0}% {:>9.1} {:>9.1}  {check}",
             r.threads,
             r.ops,
             r.seconds,
             thousands(r.ops_per_sec),
             r.speedup,
-            100.0 * eff
+            100.0 * eff,
+            r.latency_us.p50,
+            r.latency_us.p99
         );
     }
     let points: Vec<(usize, f64)> = rows.iter().map(|r| (r.threads, r.ops_per_sec)).collect();

@@ -6,6 +6,9 @@
 //! stream's pool, so no event is created per op.
 
 use std::collections::VecDeque;
+use std::time::Instant;
+
+use hdrhistogram::Histogram;
 
 use super::Ticket;
 use crate::error::{Error, Result};
@@ -13,10 +16,12 @@ use crate::error::{Error, Result};
 /// Largest window accepted.
 pub const MAX_DEPTH: usize = 4096;
 
-/// A window of at most `depth` outstanding ops.
+/// A window of at most `depth` outstanding ops. Optionally records each op's latency, from
+/// the start of its submission to the return of its wait, in nanoseconds.
 pub struct Inflight {
     depth: usize,
-    pending: VecDeque<Ticket>,
+    pending: VecDeque<(Ticket, Instant)>,
+    latency: Option<Histogram<u64>>,
 }
 
 impl Inflight {
@@ -30,7 +35,31 @@ impl Inflight {
         Ok(Inflight {
             depth,
             pending: VecDeque::with_capacity(depth),
+            latency: None,
         })
+    }
+
+    /// A window of `depth` that records every op's latency (nanoseconds, 3 significant
+    /// digits, up to an hour).
+    pub fn with_latency(depth: usize) -> Result<Self> {
+        let mut w = Inflight::new(depth)?;
+        let hist = Histogram::new_with_bounds(1, 3_600_000_000_000, 3)
+            .map_err(|e| Error::invalid(format!("latency histogram: {e}")))?;
+        w.latency = Some(hist);
+        Ok(w)
+    }
+
+    /// The recorded latencies (nanoseconds), when made with [`Inflight::with_latency`].
+    pub fn latency(&self) -> Option<&Histogram<u64>> {
+        self.latency.as_ref()
+    }
+
+    fn finish(&mut self, ticket: Ticket, submitted: Instant) -> Result<()> {
+        let r = ticket.wait();
+        if let Some(h) = &mut self.latency {
+            h.saturating_record(submitted.elapsed().as_nanos().max(1) as u64);
+        }
+        r
     }
 
     /// The window's depth.
@@ -46,15 +75,16 @@ impl Inflight {
     /// Submits one op through `submit`, first waiting for the oldest if the window is full.
     pub fn submit(&mut self, submit: impl FnOnce() -> Result<Ticket>) -> Result<()> {
         if self.pending.len() >= self.depth {
-            if let Some(oldest) = self.pending.pop_front() {
-                oldest.wait()?;
+            if let Some((oldest, at)) = self.pending.pop_front() {
+                self.finish(oldest, at)?;
             }
         }
+        let at = Instant::now();
         let ticket = submit()?;
         if self.depth == 1 {
-            ticket.wait()
+            self.finish(ticket, at)
         } else {
-            self.pending.push_back(ticket);
+            self.pending.push_back((ticket, at));
             Ok(())
         }
     }
@@ -62,8 +92,8 @@ impl Inflight {
     /// Waits for every outstanding op; returns the first error after waiting for all.
     pub fn drain(&mut self) -> Result<()> {
         let mut first = Ok(());
-        while let Some(t) = self.pending.pop_front() {
-            let r = t.wait();
+        while let Some((t, at)) = self.pending.pop_front() {
+            let r = self.finish(t, at);
             if first.is_ok() {
                 first = r;
             }

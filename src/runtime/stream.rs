@@ -111,6 +111,48 @@ impl Stream {
         }
     }
 
+    /// Submits `kernel` over every buffer of `bufs` as one grouped launch (batching by hand):
+    /// one ticket completes when all of them are done. Each buffer's result equals launching
+    /// it alone. The buffers must be distinct.
+    pub fn launch_many(&self, kernel: Kernel, bufs: &mut [&mut Buffer]) -> Result<Ticket> {
+        let s = &*self.shared;
+        for (i, b) in bufs.iter().enumerate() {
+            if bufs[..i]
+                .iter()
+                .any(|o| std::ptr::addr_eq(o.raw(), b.raw()))
+            {
+                return Err(crate::Error::invalid(
+                    "the same buffer appears twice in one grouped launch",
+                ));
+            }
+        }
+        for b in bufs.iter_mut() {
+            b.bind(s.device.id(), &s.backend)?;
+        }
+        let raws: Vec<&dyn crate::backend::BackendBuffer> = bufs.iter().map(|b| b.raw()).collect();
+        let event = s.events.take(s.device.backend())?;
+        let submitted = match s.lock.enter() {
+            Ok(_guard) => s
+                .backend
+                .launch_grouped(kernel, &raws)
+                .and_then(|()| s.backend.record(&*event)),
+            Err(e) => Err(e),
+        };
+        match submitted {
+            Ok(()) => {
+                s.submitted.fetch_add(bufs.len() as u64, Ordering::Relaxed);
+                Ok(Ticket {
+                    stream: self.shared.clone(),
+                    event: Some(event),
+                })
+            }
+            Err(e) => {
+                s.events.give_back(event);
+                Err(e)
+            }
+        }
+    }
+
     /// Waits until all work submitted to this stream so far has completed.
     pub fn synchronize(&self) -> Result<()> {
         self.shared.backend.synchronize()

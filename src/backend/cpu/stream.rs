@@ -104,6 +104,21 @@ impl BackendStream for CpuStream {
         Ok(())
     }
 
+    fn launch_grouped(&self, kernel: Kernel, bufs: &[&dyn BackendBuffer]) -> Result<()> {
+        let data: Vec<_> = bufs
+            .iter()
+            .map(|b| cpu_buffer(*b).map(|b| b.data.clone()))
+            .collect::<Result<_>>()?;
+        self.queue.push(Box::new(move || {
+            data.par_iter().for_each(|d| {
+                let mut d = d.lock();
+                d.par_chunks_mut(BLOCK)
+                    .for_each(|block| kernel.reference(block));
+            });
+        }));
+        Ok(())
+    }
+
     fn upload(&self, buf: &dyn BackendBuffer, src: &[f32]) -> Result<()> {
         let buf = cpu_buffer(buf)?;
         self.synchronize()?;

@@ -23,11 +23,55 @@ extern "C" __global__ void simple_compute(float* data, unsigned int n, unsigned 
     for (unsigned int k = 0; k < iters; k++) v = sinf(v) * cosf(v) + v;
     data[i] = v;
 }
+
+// A grouped launch: one grid over up to MAX_SEGMENTS buffers, passed by value as a kernel
+// parameter (no copy of a table before the launch). Block b works on the segment whose
+// first_block is the largest <= b. Each element goes through exactly the code above, so a
+// buffer's result is bit-identical to launching it alone.
+#define MAX_SEGMENTS 128
+struct Segment { float* data; unsigned int n; unsigned int first_block; };
+struct Group { unsigned int count; unsigned int pad; Segment seg[MAX_SEGMENTS]; };
+extern "C" __global__ void simple_compute_grouped(const Group g, unsigned int iters) {
+    unsigned int lo = 0, hi = g.count - 1;
+    while (lo < hi) {
+        unsigned int mid = (lo + hi + 1) / 2;
+        if (g.seg[mid].first_block <= blockIdx.x) lo = mid; else hi = mid - 1;
+    }
+    float* data = g.seg[lo].data;
+    unsigned int n = g.seg[lo].n;
+    unsigned int i = (blockIdx.x - g.seg[lo].first_block) * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float v = data[i];
+    for (unsigned int k = 0; k < iters; k++) v = sinf(v) * cosf(v) + v;
+    data[i] = v;
+}
 "#;
+
+/// Buffers per grouped launch (the kernel's `MAX_SEGMENTS`).
+pub const MAX_SEGMENTS: usize = 128;
+
+/// One buffer of a grouped launch, laid out as the kernel's `Segment`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Segment {
+    pub data: u64,
+    pub n: u32,
+    pub first_block: u32,
+}
+
+/// The grouped launch's parameter, laid out as the kernel's `Group` (2,056 bytes, within the
+/// 4 KiB kernel-parameter limit).
+#[repr(C)]
+pub struct Group {
+    pub count: u32,
+    pub pad: u32,
+    pub seg: [Segment; MAX_SEGMENTS],
+}
 
 /// The loaded kernels of one device.
 pub struct Kernels {
     pub simple_compute: CudaFunction,
+    pub simple_compute_grouped: CudaFunction,
 }
 
 static CACHE: OnceLock<Mutex<HashMap<usize, Arc<Kernels>>>> = OnceLock::new();
@@ -64,7 +108,13 @@ pub fn for_device(ctx: &Arc<CudaContext>, ordinal: usize) -> Result<Arc<Kernels>
     let simple_compute = module
         .load_function("simple_compute")
         .map_err(|e| driver_error("load function", e))?;
-    let k = Arc::new(Kernels { simple_compute });
+    let simple_compute_grouped = module
+        .load_function("simple_compute_grouped")
+        .map_err(|e| driver_error("load function", e))?;
+    let k = Arc::new(Kernels {
+        simple_compute,
+        simple_compute_grouped,
+    });
     cache.insert(ordinal, k.clone());
     Ok(k)
 }

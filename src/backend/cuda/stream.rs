@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use cudarc::driver::{result, sys, CudaContext, CudaStream};
 
-use super::kernels::{Kernels, BLOCK_THREADS};
+use super::kernels::{Group, Kernels, Segment, BLOCK_THREADS, MAX_SEGMENTS};
 use super::{driver_error, MAX_ELEMENTS};
 use crate::backend::{downcast, BackendBuffer, BackendEvent, BackendStream, WaitPolicy};
 use crate::error::{Error, Result};
@@ -158,6 +158,64 @@ impl BackendStream for CudaQueue {
             )
         }
         .map_err(|e| driver_error("launch", e))
+    }
+
+    fn launch_grouped(&self, kernel: Kernel, bufs: &[&dyn BackendBuffer]) -> Result<()> {
+        let Kernel::SimpleCompute { iters } = kernel;
+        let bufs: Vec<&CudaBuffer> = bufs
+            .iter()
+            .map(|b| cuda_buffer(*b))
+            .collect::<Result<_>>()?;
+        bind(self.ctx())?;
+        for chunk in bufs.chunks(MAX_SEGMENTS) {
+            let empty = Segment {
+                data: 0,
+                n: 0,
+                first_block: 0,
+            };
+            let mut group = Group {
+                count: 0,
+                pad: 0,
+                seg: [empty; MAX_SEGMENTS],
+            };
+            let mut blocks: u64 = 0;
+            for (slot, b) in group.seg.iter_mut().zip(chunk) {
+                let n = u32::try_from(b.len)
+                    .map_err(|_| Error::invalid("buffer too large for a 32-bit kernel index"))?;
+                *slot = Segment {
+                    data: b.ptr,
+                    n,
+                    first_block: blocks as u32,
+                };
+                blocks += u64::from(n.div_ceil(BLOCK_THREADS).max(1));
+            }
+            let grid = u32::try_from(blocks)
+                .map_err(|_| Error::invalid("grouped launch exceeds 2^32 blocks"))?;
+            group.count = chunk.len() as u32;
+            let mut iters = iters;
+            let mut params: [*mut c_void; 2] = [
+                (&mut group as *mut Group).cast(),
+                (&mut iters as *mut u32).cast(),
+            ];
+            // SAFETY: the function takes (Group by value, unsigned int); `Group` is #[repr(C)]
+            // with the kernel's layout (u32, u32, then 128 x {u64, u32, u32}); `params` point to
+            // live locals for the duration of the call (the driver copies them). Each segment
+            // is a live allocation of `n` floats of this context (CudaBuffer invariant), the
+            // buffers are distinct (the caller's contract), and the grid has exactly
+            // `first_block + ceil(n/256)` blocks per segment, each bounds-checking `i < n`.
+            unsafe {
+                result::launch_kernel(
+                    self.kernels.simple_compute_grouped.cu_function(),
+                    (grid.max(1), 1, 1),
+                    (BLOCK_THREADS, 1, 1),
+                    0,
+                    self.stream.cu_stream(),
+                    &mut params,
+                )
+            }
+            .map_err(|e| driver_error("launch", e))?;
+        }
+        Ok(())
     }
 
     fn upload(&self, buf: &dyn BackendBuffer, src: &[f32]) -> Result<()> {

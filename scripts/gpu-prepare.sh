@@ -19,7 +19,7 @@ for line in sys.stdin:
     if m.get("reason") != "compiler-artifact" or not m.get("executable"):
         continue
     t = m["target"]
-    if t["name"] in ("multiq", "pool", "gpu") and t["kind"] != ["bin"]:
+    if t["name"] in ("multiq", "pool", "gpu", "coalesce") and t["kind"] != ["bin"]:
         name = "unit" if t["kind"] == ["lib"] else t["name"]
         shutil.copy(m["executable"], "carry/tests/" + name)
 '

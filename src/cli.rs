@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use multiq::bench::{Preset, Scenario};
-use multiq::{BackendKind, DeviceOptions, LockMode, WaitPolicy};
+use multiq::{BackendKind, CoalescePolicy, DeviceOptions, LockMode, WaitPolicy};
 
 /// Exit code for usage errors.
 pub const EXIT_USAGE: i32 = 2;
@@ -165,6 +165,21 @@ pub struct QueuesArgs {
     /// stream owned by one thread; the shared scenario is then rejected) [default: per-stream].
     #[arg(long, value_enum, value_delimiter = ',')]
     pub lock: Vec<LockMode>,
+    /// Cross-thread coalescing, comma-separated: off (one launch per op), fixed (merge up to
+    /// --max-batch concurrent ops into one launch, waiting at most --max-delay-us; an idle
+    /// device launches at once), adaptive (as fixed, growing the batch while throughput rises
+    /// and batch latency stays under --latency-target-us) [default: off].
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub coalesce: Vec<CoalesceChoice>,
+    /// Coalescing: most ops per launch.
+    #[arg(long, allow_hyphen_values = true, value_name = "N", default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    pub max_batch: u64,
+    /// Coalescing: longest an op waits for others, in microseconds.
+    #[arg(long, allow_hyphen_values = true, value_name = "US", default_value_t = 20, value_parser = clap::value_parser!(u64).range(0..=10_000_000))]
+    pub max_delay_us: u64,
+    /// Adaptive coalescing: batch latency to stay under, in microseconds.
+    #[arg(long, allow_hyphen_values = true, value_name = "US", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    pub latency_target_us: u64,
     /// Which scenario(s) to run.
     #[arg(long, value_enum, default_value_t = ScenarioChoice::Both)]
     pub scenario: ScenarioChoice,
@@ -181,6 +196,45 @@ pub struct QueuesArgs {
     /// Test hook: corrupt a buffer before verification, to show that verification fails.
     #[arg(long, hide = true)]
     pub corrupt_for_testing: bool,
+}
+
+/// Coalescing policy on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum CoalesceChoice {
+    /// One launch per op.
+    Off,
+    /// Fixed batch limit and delay.
+    Fixed,
+    /// AIMD batch target under a latency target.
+    Adaptive,
+}
+
+impl QueuesArgs {
+    /// The coalescing policies asked for.
+    pub fn coalesce_policies(&self) -> Vec<CoalescePolicy> {
+        let choices = if self.coalesce.is_empty() {
+            vec![CoalesceChoice::Off]
+        } else {
+            self.coalesce.clone()
+        };
+        let max_batch = self.max_batch as usize;
+        let max_delay = std::time::Duration::from_micros(self.max_delay_us);
+        choices
+            .into_iter()
+            .map(|c| match c {
+                CoalesceChoice::Off => CoalescePolicy::Off,
+                CoalesceChoice::Fixed => CoalescePolicy::Fixed {
+                    max_batch,
+                    max_delay,
+                },
+                CoalesceChoice::Adaptive => CoalescePolicy::Adaptive {
+                    max_batch,
+                    max_delay,
+                    latency_target: std::time::Duration::from_micros(self.latency_target_us),
+                },
+            })
+            .collect()
+    }
 }
 
 /// Scenario selection on the command line.

@@ -27,5 +27,7 @@ pub(crate) mod sync;
 pub use backend::{BackendKind, DeviceInfo, DeviceOptions, WaitPolicy};
 pub use error::{Error, Result};
 pub use kernel::Kernel;
-pub use runtime::{Buffer, Device, Inflight, PoolConfig, Stream, StreamPool, Ticket};
+pub use runtime::{
+    Buffer, CoalescePolicy, Device, Inflight, PoolConfig, Stream, StreamPool, Ticket,
+};
 pub use sync::submit_lock::LockMode;

@@ -103,6 +103,7 @@ fn run_queues(a: QueuesArgs) -> Result<i32, Error> {
         (true, true) => vec![8],
         (false, true) => vec![1],
     };
+    let policies = a.coalesce_policies();
     let locks = if a.lock.is_empty() {
         vec![LockMode::PerStream]
     } else {
@@ -138,13 +139,17 @@ fn run_queues(a: QueuesArgs) -> Result<i32, Error> {
     runner.repeat = a.repeat as usize;
     for (preset, data, kernel_iters) in &shapes {
         for &inflight in &inflights {
-            for &lock in &locks {
+            for (&lock, coalesce) in locks
+                .iter()
+                .flat_map(|l| policies.iter().map(move |c| (l, *c)))
+            {
                 println!();
                 println!(
                     "preset {preset}: {} elements x {kernel_iters} kernel iterations; {} ops per \
-                     thread; inflight {inflight}; lock {lock}; pool of {} streams",
+                     thread; inflight {inflight}; lock {lock}; coalesce {}; pool of {} streams",
                     table::thousands(*data as f64),
                     a.iters,
+                    coalesce.name(),
                     a.streams
                 );
                 let first = runner.rows.len();
@@ -160,6 +165,7 @@ fn run_queues(a: QueuesArgs) -> Result<i32, Error> {
                             scenario,
                             threads: t,
                             pool_size: a.streams as usize,
+                            coalesce,
                             corrupt: a.corrupt_for_testing,
                         })?;
                     }

@@ -74,7 +74,15 @@ fn sixteen_threads_each_lock_mode_and_inflight() {
         return;
     };
     for lock in [LockMode::None, LockMode::PerStream, LockMode::Global] {
-        let pool = StreamPool::new(&dev, PoolConfig { streams: 32, lock }).unwrap();
+        let pool = StreamPool::new(
+            &dev,
+            PoolConfig {
+                streams: 32,
+                lock,
+                ..PoolConfig::default()
+            },
+        )
+        .unwrap();
         let start = Arc::new(Barrier::new(16));
         let handles: Vec<_> = (0..16)
             .map(|t| {
@@ -174,6 +182,7 @@ fn dropping_buffers_and_tickets_with_work_in_flight_is_safe() {
         PoolConfig {
             streams: 4,
             lock: LockMode::PerStream,
+            ..PoolConfig::default()
         },
     )
     .unwrap();

@@ -11,7 +11,15 @@ fn device() -> Device {
 }
 
 fn pool(device: &Device, streams: usize, lock: LockMode) -> StreamPool {
-    StreamPool::new(device, PoolConfig { streams, lock }).unwrap()
+    StreamPool::new(
+        device,
+        PoolConfig {
+            streams,
+            lock,
+            ..PoolConfig::default()
+        },
+    )
+    .unwrap()
 }
 
 /// Runs `f(i)` on `n` threads that all start together; returns results in thread order.
@@ -106,7 +114,8 @@ fn release_set_current_and_acquire() {
         &dev,
         PoolConfig {
             streams: 0,
-            lock: LockMode::None
+            lock: LockMode::None,
+            ..PoolConfig::default()
         }
     )
     .is_err());

@@ -20,7 +20,7 @@ use super::results::{LatencyUs, RunRow};
 use super::Scenario;
 use crate::error::{Error, Result};
 use crate::kernel::{initial_value, simple_compute, Kernel};
-use crate::runtime::{Buffer, Device, Inflight, PoolConfig, StreamPool};
+use crate::runtime::{Buffer, CoalescePolicy, Device, Inflight, PoolConfig, StreamPool};
 use crate::sync::submit_lock::LockMode;
 
 /// Most submitting threads a run accepts.
@@ -54,6 +54,8 @@ pub struct QueuesSpec {
     pub threads: usize,
     /// Streams in the pool.
     pub pool_size: usize,
+    /// Cross-thread coalescing.
+    pub coalesce: CoalescePolicy,
     /// Test hook: corrupt one element of thread 0's buffer before verification.
     pub corrupt: bool,
 }
@@ -164,6 +166,7 @@ pub fn run_queues(device: &Device, spec: &QueuesSpec) -> Result<RunOutcome> {
         PoolConfig {
             streams: spec.pool_size,
             lock: spec.lock,
+            coalesce: spec.coalesce,
         },
     )?;
     if spec.lock == LockMode::None && spec.scenario == Scenario::Shared && spec.threads > 1 {
@@ -318,7 +321,7 @@ pub fn run_queues(device: &Device, spec: &QueuesSpec) -> Result<RunOutcome> {
         tolerance,
         streams_used: pool.streams_created(),
         wait: device.info().wait,
-        coalesce: "off",
+        coalesce: spec.coalesce.name(),
         latency_us,
         repeats: 1,
         ops_per_sec_min: ops as f64 / seconds,

@@ -21,7 +21,7 @@ use super::Runner;
 use super::{verdict, Preset, Scenario};
 use crate::backend::{cpu, BackendKind, DeviceOptions};
 use crate::error::{Error, Result};
-use crate::runtime::{Device, DEFAULT_POOL_SIZE};
+use crate::runtime::{CoalescePolicy, Device, DEFAULT_POOL_SIZE};
 use crate::sync::submit_lock::LockMode;
 
 /// Thread counts of the study's scaling runs.
@@ -175,6 +175,7 @@ fn spec(
         scenario,
         threads,
         pool_size: DEFAULT_POOL_SIZE,
+        coalesce: CoalescePolicy::Off,
         corrupt: false,
     }
 }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
+use super::coalescer::{Batch, SharedRaw};
 use crate::backend::{self, Backend, BackendBuffer, BackendStream, DeviceInfo, DeviceOptions};
 use crate::error::{Error, Result};
 
@@ -92,10 +93,11 @@ impl Device {
         }
         let raw = self.backend().alloc(len)?;
         Ok(Buffer {
-            raw: Some(raw),
+            raw: Some(Arc::new(raw)),
             len,
             device: self.clone(),
             last: None,
+            coalesced: None,
         })
     }
 
@@ -129,12 +131,15 @@ impl Device {
 
 /// Device memory holding f32 elements. See the ownership rules in [`crate::runtime`].
 pub struct Buffer {
-    /// Always `Some` until `Drop` hands it to the last stream.
-    raw: Option<Box<dyn BackendBuffer>>,
+    /// Always `Some` until `Drop` hands it to the last stream. Shared only with a pending
+    /// coalesced op (see `coalesced`).
+    raw: Option<SharedRaw>,
     len: usize,
     device: Device,
     /// The last stream work on this buffer was queued on.
     last: Option<Arc<dyn BackendStream>>,
+    /// The coalesced batch of the last op on this buffer, which may not be launched yet.
+    coalesced: Option<Arc<Batch>>,
 }
 
 impl std::fmt::Debug for Buffer {
@@ -164,9 +169,28 @@ impl Buffer {
     }
 
     pub(crate) fn raw(&self) -> &dyn BackendBuffer {
-        self.raw
-            .as_deref()
+        &***self
+            .raw
+            .as_ref()
             .expect("a live Buffer always holds its storage")
+    }
+
+    pub(crate) fn shared_raw(&self) -> SharedRaw {
+        self.raw
+            .clone()
+            .expect("a live Buffer always holds its storage")
+    }
+
+    /// Records the coalesced batch of the op just submitted on this buffer.
+    pub(crate) fn set_coalesced(&mut self, batch: Arc<Batch>) {
+        self.coalesced = Some(batch);
+    }
+
+    /// Launches this buffer's pending coalesced op, if any, before any other use of it.
+    fn flush(&mut self) {
+        if let Some(b) = self.coalesced.take() {
+            b.ensure_launched();
+        }
     }
 
     /// Makes `stream` the buffer's stream for the next piece of work: checks the device and,
@@ -174,6 +198,13 @@ impl Buffer {
     pub(crate) fn bind(&mut self, device_id: u64, stream: &Arc<dyn BackendStream>) -> Result<()> {
         if device_id != self.device.id() {
             return Err(Error::WrongDevice { what: "buffer" });
+        }
+        if self
+            .last
+            .as_ref()
+            .is_some_and(|last| !same_stream(last, stream))
+        {
+            self.flush();
         }
         match &self.last {
             Some(last) if same_stream(last, stream) => {}
@@ -187,6 +218,7 @@ impl Buffer {
     }
 
     fn stream_for_copy(&mut self) -> Result<Arc<dyn BackendStream>> {
+        self.flush();
         match &self.last {
             Some(s) => Ok(s.clone()),
             None => {
@@ -221,11 +253,15 @@ impl Buffer {
 
 impl Drop for Buffer {
     fn drop(&mut self) {
+        // A pending coalesced op must be queued before the storage is handed back.
+        self.flush();
         if let Some(raw) = self.raw.take() {
-            match &self.last {
+            match (Arc::try_unwrap(raw), &self.last) {
                 // Rule 3: freed after the work already queued on its last stream.
-                Some(stream) => stream.free_after(raw),
-                None => drop(raw),
+                (Ok(raw), Some(stream)) => stream.free_after(raw),
+                (Ok(raw), None) => drop(raw),
+                // Still shared (cannot happen after the flush): the last holder frees it.
+                (Err(shared), _) => drop(shared),
             }
         }
     }

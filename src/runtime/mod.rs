@@ -10,12 +10,14 @@
 //!    dropped or leaked.
 //! 4. Reading a buffer back is ordered after all work queued on its last stream.
 
+mod coalescer;
 mod device;
 mod event_pool;
 mod inflight;
 mod pool;
 mod stream;
 
+pub use coalescer::CoalescePolicy;
 pub use device::{Buffer, Device};
 pub use inflight::Inflight;
 pub use pool::{PoolConfig, StreamPool, DEFAULT_POOL_SIZE};

@@ -18,6 +18,7 @@ use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 
+use super::coalescer::{CoalescePolicy, CoalescerShared};
 use super::stream::StreamShared;
 use super::{Device, Stream};
 use crate::error::{Error, Result};
@@ -38,6 +39,8 @@ pub struct PoolConfig {
     pub streams: usize,
     /// How submissions are serialized.
     pub lock: LockMode,
+    /// Whether and how ops from different threads are merged into one launch.
+    pub coalesce: CoalescePolicy,
 }
 
 impl Default for PoolConfig {
@@ -45,6 +48,7 @@ impl Default for PoolConfig {
         PoolConfig {
             streams: DEFAULT_POOL_SIZE,
             lock: LockMode::PerStream,
+            coalesce: CoalescePolicy::Off,
         }
     }
 }
@@ -60,6 +64,7 @@ struct PoolShared {
     device: Device,
     lock: LockMode,
     global: Arc<Mutex<()>>,
+    coalescer: Option<Arc<CoalescerShared>>,
     slots: Box<[parking_lot::Mutex<Option<Arc<StreamShared>>>]>,
     next: AtomicUsize,
 }
@@ -85,12 +90,17 @@ impl StreamPool {
         let slots = (0..config.streams)
             .map(|_| parking_lot::Mutex::new(None))
             .collect();
+        let coalescer = match config.coalesce {
+            CoalescePolicy::Off => None,
+            policy => Some(CoalescerShared::new(device, policy)?),
+        };
         Ok(StreamPool {
             shared: Arc::new(PoolShared {
                 id: NEXT_POOL_ID.fetch_add(1, Ordering::Relaxed),
                 device: device.clone(),
                 lock: config.lock,
                 global: Arc::new(Mutex::new(())),
+                coalescer,
                 slots,
                 next: AtomicUsize::new(0),
             }),
@@ -219,7 +229,10 @@ impl StreamPool {
     /// Waits until all work on every stream of the pool has completed. Returns the first
     /// error after waiting for all streams.
     pub fn synchronize(&self) -> Result<()> {
-        let mut first = Ok(());
+        let mut first = match &self.shared.coalescer {
+            Some(c) => c.synchronize(),
+            None => Ok(()),
+        };
         for slot in self.shared.slots.iter() {
             let stream = slot.lock().clone();
             if let Some(s) = stream {
@@ -243,7 +256,13 @@ impl StreamPool {
         }
         let p = &self.shared;
         let lock = SubmitLock::new(p.lock, &p.global);
-        let s = Arc::new(StreamShared::new(p.id, index, p.device.clone(), lock)?);
+        let s = Arc::new(StreamShared::new(
+            p.id,
+            index,
+            p.device.clone(),
+            lock,
+            p.coalescer.clone(),
+        )?);
         *slot = Some(s.clone());
         Ok(s)
     }

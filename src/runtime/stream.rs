@@ -8,6 +8,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use super::coalescer::{Batch, CoalescerShared};
 use super::event_pool::EventPool;
 use super::{Buffer, Device};
 use crate::backend::{BackendEvent, BackendStream};
@@ -17,6 +18,8 @@ use crate::sync::submit_lock::SubmitLock;
 
 /// The state one pool slot's stream shares among all handles to it.
 pub(crate) struct StreamShared {
+    /// The pool's coalescer, when coalescing is on.
+    pub(crate) coalescer: Option<Arc<CoalescerShared>>,
     pub(crate) pool_id: u64,
     pub(crate) index: usize,
     pub(crate) device: Device,
@@ -32,9 +35,11 @@ impl StreamShared {
         index: usize,
         device: Device,
         lock: SubmitLock,
+        coalescer: Option<Arc<CoalescerShared>>,
     ) -> Result<Self> {
         let backend = device.backend().new_stream()?;
         Ok(StreamShared {
+            coalescer,
             pool_id,
             index,
             device,
@@ -82,6 +87,18 @@ impl Stream {
     /// Submits `kernel` over `buf`. Returns at once with a ticket for the op's completion.
     pub fn launch(&self, kernel: Kernel, buf: &mut Buffer) -> Result<Ticket> {
         let s = &*self.shared;
+        if let Some(c) = &s.coalescer {
+            // The lock mode still decides who may submit (lock `none`: the owner only).
+            drop(s.lock.enter()?);
+            buf.bind(s.device.id(), c.stream())?;
+            let batch = c.submit(kernel, buf.shared_raw(), Arc::as_ptr(&self.shared) as usize)?;
+            buf.set_coalesced(batch.clone());
+            s.submitted.fetch_add(1, Ordering::Relaxed);
+            return Ok(Ticket {
+                stream: self.shared.clone(),
+                kind: TicketKind::Coalesced(batch),
+            });
+        }
         buf.bind(s.device.id(), &s.backend)?;
         let event = s.events.take(s.device.backend())?;
         let submitted = {
@@ -101,7 +118,7 @@ impl Stream {
                 s.submitted.fetch_add(1, Ordering::Relaxed);
                 Ok(Ticket {
                     stream: self.shared.clone(),
-                    event: Some(event),
+                    kind: TicketKind::Event(Some(event)),
                 })
             }
             Err(e) => {
@@ -143,7 +160,7 @@ impl Stream {
                 s.submitted.fetch_add(bufs.len() as u64, Ordering::Relaxed);
                 Ok(Ticket {
                     stream: self.shared.clone(),
-                    event: Some(event),
+                    kind: TicketKind::Event(Some(event)),
                 })
             }
             Err(e) => {
@@ -153,8 +170,12 @@ impl Stream {
         }
     }
 
-    /// Waits until all work submitted to this stream so far has completed.
+    /// Waits until all work submitted to this stream so far has completed (with coalescing
+    /// on, everything the pool's coalescer launched too).
     pub fn synchronize(&self) -> Result<()> {
+        if let Some(c) = &self.shared.coalescer {
+            c.synchronize()?;
+        }
         self.shared.backend.synchronize()
     }
 
@@ -172,32 +193,53 @@ impl Stream {
 #[must_use = "a ticket is the only way to know the op completed"]
 pub struct Ticket {
     stream: Arc<StreamShared>,
-    event: Option<Box<dyn BackendEvent>>,
+    kind: TicketKind,
+}
+
+enum TicketKind {
+    /// The op's own event (taken from the stream's pool).
+    Event(Option<Box<dyn BackendEvent>>),
+    /// The coalesced batch the op is part of.
+    Coalesced(Arc<Batch>),
 }
 
 impl Ticket {
     /// Waits until the op (and everything before it on its stream) has completed. Errors the
     /// device reports for that work are returned here, to this thread.
     pub fn wait(mut self) -> Result<()> {
-        let event = self
-            .event
-            .take()
-            .expect("a ticket holds its event until waited");
-        let result = event.wait();
-        self.stream.events.give_back(event);
-        result
+        match &mut self.kind {
+            TicketKind::Event(event) => {
+                let event = event.take().expect("a ticket holds its event until waited");
+                let result = event.wait();
+                self.stream.events.give_back(event);
+                result
+            }
+            TicketKind::Coalesced(batch) => {
+                let c = self
+                    .stream
+                    .coalescer
+                    .as_ref()
+                    .expect("coalesced tickets come from coalescing pools");
+                c.wait(batch)
+            }
+        }
     }
 
     /// True when the op has completed.
     pub fn is_complete(&self) -> Result<bool> {
-        self.event.as_ref().map_or(Ok(true), |e| e.is_complete())
+        match &self.kind {
+            TicketKind::Event(event) => event.as_ref().map_or(Ok(true), |e| e.is_complete()),
+            TicketKind::Coalesced(batch) => Ok(batch.is_done()),
+        }
     }
 }
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        if let Some(event) = self.event.take() {
-            self.stream.events.give_back(event);
+        if let TicketKind::Event(event) = &mut self.kind {
+            if let Some(event) = event.take() {
+                self.stream.events.give_back(event);
+            }
         }
     }
 }

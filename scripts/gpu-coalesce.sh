@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Run ON THE GPU MACHINE (after scripts/gpu-prepare.sh here): cross-thread coalescing measured
+# side by side with the anchors, in one command. Results: $OUT/coalesce.tgz + summary.
+#   1. tests (GPU + CPU unit/pool/coalesce) from carry/tests;
+#   2. anchors: mq.cu (one launch per op) and launch.cu (the coalesced-launch ceiling);
+#   3. multiq, stream per thread, lock none: coalesce off / fixed / adaptive, inflight 1 and 8,
+#      1-16 threads: minimal and light as the median of 3; heavy and default at 1 and 16 threads;
+#   4. a max-batch sweep for the minimal op at 16 threads.
+set -u -o pipefail
+out=${1:-${OUT:-out}}
+mkdir -p "$out"
+res=$(mktemp -d)/coalesce && mkdir -p "$res"
+bin=carry/bin/multiq
+step() { echo "== $* ($(date -u +%T))" | tee -a "$res/summary.txt"; }
+
+step environment
+{ cat carry/BUILD; date -u +%FT%TZ; nvidia-smi; } > "$res/env.txt" 2>&1
+step tests
+for t in carry/tests/*; do echo "--- $t"; "$t" 2>&1; echo "exit $?"; done > "$res/tests.txt" 2>&1
+grep -E "^test result|FAILED|panicked" "$res/tests.txt" | tee -a "$res/summary.txt"
+
+step anchors
+nvcc -O3 -use_fast_math -arch=sm_90 -o /tmp/mq carry/anchors/mq.cu -lpthread
+nvcc -O3 -use_fast_math -arch=sm_90 -o /tmp/launch carry/anchors/launch.cu -lpthread
+/tmp/mq 1000 > "$res/anchor-mq.txt" 2>&1
+SCHED=auto /tmp/launch > "$res/anchor-launch.txt" 2>&1
+cat "$res/anchor-launch.txt" >> "$res/summary.txt"
+
+common=(--backend cuda --scenario per-thread --lock none --coalesce off,fixed,adaptive --inflight 1,8)
+step "multiq minimal, light (median of 3)"
+"$bin" bench queues "${common[@]}" --preset minimal,light --iters 1000 --repeat 3 \
+  --json "$res/coalesce-small.json" > "$res/coalesce-small.txt" 2>&1; echo "exit $?" >> "$res/summary.txt"
+step "multiq heavy, default (1 and 16 threads)"
+"$bin" bench queues "${common[@]}" --preset heavy,default --threads 1,16 --iters 300 \
+  --json "$res/coalesce-large.json" > "$res/coalesce-large.txt" 2>&1; echo "exit $?" >> "$res/summary.txt"
+for mb in 4 8 32 64; do
+  step "max-batch $mb (minimal, 16 threads, fixed)"
+  "$bin" bench queues --backend cuda --scenario per-thread --lock none --coalesce fixed --max-batch $mb \
+    --inflight 1,8 --preset minimal --threads 16 --iters 1000 --repeat 3 \
+    --json "$res/maxbatch-$mb.json" > "$res/maxbatch-$mb.txt" 2>&1; echo "exit $?" >> "$res/summary.txt"
+done
+python3 - "$res" >> "$res/summary.txt" <<'PY'
+import json, sys, glob
+for f in sorted(glob.glob(sys.argv[1] + "/*.json")):
+    for r in json.load(open(f))["runs"]:
+        if r["threads"] in (1, 16):
+            print(f"{f.split('/')[-1]:<22} {r['preset']:<8} if{r['inflight']} {r['coalesce']:<8} {r['threads']:>2}T "
+                  f"{r['ops_per_sec']:>12,.0f} ops/s  p50 {r['latency_us']['p50']:8.1f}  p99 {r['latency_us']['p99']:8.1f} us  verified={r['verified']}")
+PY
+tar czf "$out/coalesce.tgz" -C "$(dirname "$res")" coalesce
+cp "$res/summary.txt" "$out/summary.txt"

@@ -135,10 +135,9 @@ impl Batch {
             return;
         }
         if let Some(c) = self.coalescer.upgrade() {
-            let mut st = c.state.lock();
-            if st.pending.as_ref().is_some_and(|p| Arc::ptr_eq(p, self)) {
-                c.launch_pending(&mut st);
-            }
+            // Either this batch is still pending (and gets launched now), or another thread
+            // took it out under the launch lock and has launched it by the time we get it.
+            c.launch_pending();
         }
     }
 }
@@ -167,6 +166,9 @@ pub(crate) struct CoalescerShared {
     events: EventPool,
     policy: CoalescePolicy,
     state: Mutex<State>,
+    /// Serializes launches so batches reach the stream in the order they left `pending`.
+    /// Lock order: `launching`, then `state`. The state lock is never held across a launch.
+    launching: Mutex<()>,
     /// `state.in_flight.len()`, readable without the lock by spinning waiters.
     in_flight: AtomicUsize,
     /// Notified at every launch and every completion.
@@ -195,6 +197,7 @@ impl CoalescerShared {
                 target,
                 window: AimdWindow::default(),
             }),
+            launching: Mutex::new(()),
             in_flight: AtomicUsize::new(0),
             done: Condvar::new(),
             wait: device.info().wait,
@@ -212,71 +215,66 @@ impl CoalescerShared {
         raw: SharedRaw,
         stream_id: usize,
     ) -> Result<Arc<Batch>> {
-        let mut st = self.state.lock();
-        self.reap(&mut st);
-        if let Some(p) = &st.pending {
-            let conflict = {
-                let m = p.members.lock();
-                p.kernel != kernel
-                    || m.1.contains(&stream_id)
-                    || m.0.iter().any(|r| Arc::ptr_eq(r, &raw))
-            };
-            if conflict {
-                self.launch_pending(&mut st);
-            }
-        }
-        let batch = st
-            .pending
-            .get_or_insert_with(|| {
-                Arc::new(Batch {
-                    kernel,
-                    coalescer: Arc::downgrade(self),
-                    members: Mutex::new((Vec::new(), Vec::new())),
-                    state: AtomicU8::new(PENDING),
-                    event: Mutex::new(None),
-                    error: OnceLock::new(),
-                    first_submit: Instant::now(),
-                    launched_at: OnceLock::new(),
-                    syncing: AtomicBool::new(false),
-                })
-            })
-            .clone();
-        let len = {
-            let mut m = batch.members.lock();
-            m.0.push(raw);
-            m.1.push(stream_id);
-            m.0.len()
-        };
         let (_, max_delay) = self.policy.limits();
-        if st.in_flight.is_empty() || len >= st.target || batch.first_submit.elapsed() >= max_delay
-        {
-            self.launch_pending(&mut st);
-        }
-        Ok(batch)
-    }
-
-    /// Launches the pending batch (the caller holds the state lock).
-    fn launch_pending(&self, st: &mut State) {
-        let Some(batch) = st.pending.take() else {
-            return;
-        };
-        let raws = std::mem::take(&mut batch.members.lock().0);
-        let refs: Vec<&dyn BackendBuffer> = raws.iter().map(|r| &***r).collect();
-        let launched = self.events.take(self.device.backend()).and_then(|event| {
-            match self
-                .stream
-                .launch_grouped(batch.kernel, &refs)
-                .and_then(|()| self.stream.record(&*event))
-            {
-                Ok(()) => Ok(event),
-                Err(e) => {
-                    self.events.give_back(event);
-                    Err(e)
+        loop {
+            let mut st = self.state.lock();
+            if let Some(p) = &st.pending {
+                let conflict = {
+                    let m = p.members.lock();
+                    p.kernel != kernel
+                        || m.1.contains(&stream_id)
+                        || m.0.iter().any(|r| Arc::ptr_eq(r, &raw))
+                };
+                if conflict {
+                    // Same stream, same buffer or another kernel: the pending batch goes first.
+                    drop(st);
+                    self.launch_pending();
+                    continue;
                 }
             }
-        });
-        drop(refs);
-        drop(raws);
+            let batch = st
+                .pending
+                .get_or_insert_with(|| self.new_batch(kernel))
+                .clone();
+            let len = {
+                let mut m = batch.members.lock();
+                m.0.push(raw);
+                m.1.push(stream_id);
+                m.0.len()
+            };
+            let due = st.in_flight.is_empty()
+                || len >= st.target
+                || batch.first_submit.elapsed() >= max_delay;
+            drop(st);
+            if due {
+                self.launch_pending();
+            }
+            return Ok(batch);
+        }
+    }
+
+    fn new_batch(self: &Arc<Self>, kernel: Kernel) -> Arc<Batch> {
+        Arc::new(Batch {
+            kernel,
+            coalescer: Arc::downgrade(self),
+            members: Mutex::new((Vec::new(), Vec::new())),
+            state: AtomicU8::new(PENDING),
+            event: Mutex::new(None),
+            error: OnceLock::new(),
+            first_submit: Instant::now(),
+            launched_at: OnceLock::new(),
+            syncing: AtomicBool::new(false),
+        })
+    }
+
+    /// Launches the pending batch, if any. Never called with the state lock held.
+    fn launch_pending(&self) {
+        let _order = self.launching.lock();
+        let Some(batch) = self.state.lock().pending.take() else {
+            return;
+        };
+        let launched = self.launch(&batch);
+        let mut st = self.state.lock();
         match launched {
             Ok(event) => {
                 *batch.event.lock() = Some(event);
@@ -284,12 +282,30 @@ impl CoalescerShared {
                 batch.state.store(LAUNCHED, Ordering::Release);
                 st.in_flight.push_back(batch);
                 self.in_flight.store(st.in_flight.len(), Ordering::Release);
-                self.done.notify_all();
             }
             Err(e) => {
                 let _ = batch.error.set(e.to_string());
                 batch.state.store(DONE, Ordering::Release);
-                self.done.notify_all();
+            }
+        }
+        drop(st);
+        self.done.notify_all();
+    }
+
+    /// Queues `batch`'s grouped launch and its completion event.
+    fn launch(&self, batch: &Batch) -> Result<Box<dyn BackendEvent>> {
+        let raws = std::mem::take(&mut batch.members.lock().0);
+        let refs: Vec<&dyn BackendBuffer> = raws.iter().map(|r| &***r).collect();
+        let event = self.events.take(self.device.backend())?;
+        match self
+            .stream
+            .launch_grouped(batch.kernel, &refs)
+            .and_then(|()| self.stream.record(&*event))
+        {
+            Ok(()) => Ok(event),
+            Err(e) => {
+                self.events.give_back(event);
+                Err(e)
             }
         }
     }
@@ -394,7 +410,8 @@ impl CoalescerShared {
                         self.reap(&mut st);
                         let mine = st.pending.as_ref().is_some_and(|p| Arc::ptr_eq(p, batch));
                         if mine && (st.in_flight.is_empty() || Instant::now() >= deadline) {
-                            self.launch_pending(&mut st);
+                            drop(st);
+                            self.launch_pending();
                         } else if mine && self.wait == WaitPolicy::Block {
                             let _ = self.done.wait_until(&mut st, deadline);
                         }
@@ -426,18 +443,17 @@ impl CoalescerShared {
                 break;
             }
         }
-        if st.in_flight.is_empty() && st.pending.is_some() {
-            self.launch_pending(&mut st);
-        }
+        let idle_with_work = st.in_flight.is_empty() && st.pending.is_some();
         drop(st);
+        if idle_with_work {
+            self.launch_pending();
+        }
         batch.result()
     }
 
     /// Launches the pending batch and waits for everything launched.
     pub(crate) fn synchronize(&self) -> Result<()> {
-        let mut st = self.state.lock();
-        self.launch_pending(&mut st);
-        drop(st);
+        self.launch_pending();
         self.stream.synchronize()?;
         let mut st = self.state.lock();
         self.reap(&mut st);

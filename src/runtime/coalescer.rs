@@ -135,9 +135,12 @@ impl Batch {
             return;
         }
         if let Some(c) = self.coalescer.upgrade() {
-            // Either this batch is still pending (and gets launched now), or another thread
-            // took it out under the launch lock and has launched it by the time we get it.
+            // The request is served by whoever holds the launch lock; wait until it has.
             c.launch_pending();
+            while self.state.load(Ordering::Acquire) == PENDING {
+                std::thread::yield_now();
+                c.launch_pending();
+            }
         }
     }
 }
@@ -169,6 +172,8 @@ pub(crate) struct CoalescerShared {
     /// Serializes launches so batches reach the stream in the order they left `pending`.
     /// Lock order: `launching`, then `state`. The state lock is never held across a launch.
     launching: Mutex<()>,
+    /// Set by anyone who wants the pending batch launched; cleared by the launcher.
+    launch_requested: AtomicBool,
     /// `state.in_flight.len()`, readable without the lock by spinning waiters.
     in_flight: AtomicUsize,
     /// Notified at every launch and every completion.
@@ -198,6 +203,7 @@ impl CoalescerShared {
                 window: AimdWindow::default(),
             }),
             launching: Mutex::new(()),
+            launch_requested: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
             done: Condvar::new(),
             wait: device.info().wait,
@@ -267,29 +273,46 @@ impl CoalescerShared {
         })
     }
 
-    /// Launches the pending batch, if any. Never called with the state lock held.
+    /// Asks for the pending batch to be launched, without blocking: if another thread is
+    /// launching, it sees the request and launches again before it stops (combining). Never
+    /// called with the state lock held.
     fn launch_pending(&self) {
-        let _order = self.launching.lock();
-        let Some(batch) = self.state.lock().pending.take() else {
-            return;
-        };
-        let launched = self.launch(&batch);
-        let mut st = self.state.lock();
-        match launched {
-            Ok(event) => {
-                *batch.event.lock() = Some(event);
-                let _ = batch.launched_at.set(Instant::now());
-                batch.state.store(LAUNCHED, Ordering::Release);
-                st.in_flight.push_back(batch);
-                self.in_flight.store(st.in_flight.len(), Ordering::Release);
+        self.launch_requested.store(true, Ordering::Release);
+        loop {
+            let Some(order) = self.launching.try_lock() else {
+                return;
+            };
+            while self.launch_requested.swap(false, Ordering::AcqRel) {
+                let taken = {
+                    let mut st = self.state.lock();
+                    self.reap(&mut st);
+                    st.pending.take()
+                };
+                let Some(batch) = taken else { continue };
+                let launched = self.launch(&batch);
+                let mut st = self.state.lock();
+                match launched {
+                    Ok(event) => {
+                        *batch.event.lock() = Some(event);
+                        let _ = batch.launched_at.set(Instant::now());
+                        batch.state.store(LAUNCHED, Ordering::Release);
+                        st.in_flight.push_back(batch);
+                        self.in_flight.store(st.in_flight.len(), Ordering::Release);
+                    }
+                    Err(e) => {
+                        let _ = batch.error.set(e.to_string());
+                        batch.state.store(DONE, Ordering::Release);
+                    }
+                }
+                drop(st);
+                self.done.notify_all();
             }
-            Err(e) => {
-                let _ = batch.error.set(e.to_string());
-                batch.state.store(DONE, Ordering::Release);
+            drop(order);
+            // A request that arrived after the last swap but before the unlock is ours too.
+            if !self.launch_requested.load(Ordering::Acquire) {
+                return;
             }
         }
-        drop(st);
-        self.done.notify_all();
     }
 
     /// Queues `batch`'s grouped launch and its completion event.
@@ -404,15 +427,16 @@ impl CoalescerShared {
                 _pending => {
                     spins = spins.wrapping_add(1);
                     let due = self.in_flight.load(Ordering::Acquire) == 0
-                        || (spins % 16 == 0 && Instant::now() >= deadline);
-                    if due || self.wait == WaitPolicy::Block {
+                        || (spins % 64 == 0 && Instant::now() >= deadline);
+                    if due {
+                        self.launch_pending();
+                        if self.wait != WaitPolicy::Spin {
+                            std::thread::yield_now(); // let a descheduled launcher run
+                        }
+                    } else if self.wait == WaitPolicy::Block {
                         let mut st = self.state.lock();
-                        self.reap(&mut st);
-                        let mine = st.pending.as_ref().is_some_and(|p| Arc::ptr_eq(p, batch));
-                        if mine && (st.in_flight.is_empty() || Instant::now() >= deadline) {
-                            drop(st);
-                            self.launch_pending();
-                        } else if mine && self.wait == WaitPolicy::Block {
+                        if batch.state.load(Ordering::Acquire) == PENDING && st.in_flight.len() > 0
+                        {
                             let _ = self.done.wait_until(&mut st, deadline);
                         }
                     } else if self.wait == WaitPolicy::Yield {

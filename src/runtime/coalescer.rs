@@ -435,7 +435,8 @@ impl CoalescerShared {
                         }
                     } else if self.wait == WaitPolicy::Block {
                         let mut st = self.state.lock();
-                        if batch.state.load(Ordering::Acquire) == PENDING && st.in_flight.len() > 0
+                        if batch.state.load(Ordering::Acquire) == PENDING
+                            && !st.in_flight.is_empty()
                         {
                             let _ = self.done.wait_until(&mut st, deadline);
                         }

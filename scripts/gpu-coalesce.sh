@@ -45,7 +45,7 @@ for f in sorted(glob.glob(sys.argv[1] + "/*.json")):
     for r in json.load(open(f))["runs"]:
         if r["threads"] in (1, 16):
             print(f"{f.split('/')[-1]:<22} {r['preset']:<8} if{r['inflight']} {r['coalesce']:<8} {r['threads']:>2}T "
-                  f"{r['ops_per_sec']:>12,.0f} ops/s  p50 {r['latency_us']['p50']:8.1f}  p99 {r['latency_us']['p99']:8.1f} us  verified={r['verified']}")
+                  f"{r['ops_per_sec']:>12,.0f} ops/s  p50 {r['latency_us']['p50']:8.1f}  p99 {r['latency_us']['p99']:8.1f} us  ops/launch {r['ops_per_launch']:5.1f}  verified={r['verified']}")
 PY
 tar czf "$out/coalesce.tgz" -C "$(dirname "$res")" coalesce
 cp "$res/summary.txt" "$out/summary.txt"

@@ -322,6 +322,10 @@ pub fn run_queues(device: &Device, spec: &QueuesSpec) -> Result<RunOutcome> {
         streams_used: pool.streams_created(),
         wait: device.info().wait,
         coalesce: spec.coalesce.name(),
+        coalesced_launches: pool.coalesce_stats().map_or(0, |s| s.0),
+        ops_per_launch: pool
+            .coalesce_stats()
+            .map_or(1.0, |(b, o)| o as f64 / b.max(1) as f64),
         latency_us,
         repeats: 1,
         ops_per_sec_min: ops as f64 / seconds,

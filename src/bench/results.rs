@@ -114,6 +114,10 @@ pub struct RunRow {
     pub wait: WaitPolicy,
     /// Cross-thread coalescing policy (`off` = one launch per op).
     pub coalesce: &'static str,
+    /// With coalescing on: grouped launches made during the run (warm-up included).
+    pub coalesced_launches: u64,
+    /// With coalescing on: ops per grouped launch, on average (1.0 when off).
+    pub ops_per_launch: f64,
     /// Per-op latency, submission to completion seen by the submitting thread.
     pub latency_us: LatencyUs,
     /// Times the run was repeated; the row is the median run by ops/s.

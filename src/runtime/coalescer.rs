@@ -27,7 +27,7 @@
 //! freed before the launch that uses it is queued.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -174,6 +174,8 @@ pub(crate) struct CoalescerShared {
     launching: Mutex<()>,
     /// Set by anyone who wants the pending batch launched; cleared by the launcher.
     launch_requested: AtomicBool,
+    /// Batches launched and ops in them, for statistics.
+    launched: (AtomicU64, AtomicU64),
     /// `state.in_flight.len()`, readable without the lock by spinning waiters.
     in_flight: AtomicUsize,
     /// Notified at every launch and every completion.
@@ -204,10 +206,19 @@ impl CoalescerShared {
             }),
             launching: Mutex::new(()),
             launch_requested: AtomicBool::new(false),
+            launched: (AtomicU64::new(0), AtomicU64::new(0)),
             in_flight: AtomicUsize::new(0),
             done: Condvar::new(),
             wait: device.info().wait,
         }))
+    }
+
+    /// (batches launched, ops in them) so far.
+    pub(crate) fn stats(&self) -> (u64, u64) {
+        (
+            self.launched.0.load(Ordering::Relaxed),
+            self.launched.1.load(Ordering::Relaxed),
+        )
     }
 
     pub(crate) fn stream(&self) -> &Arc<dyn BackendStream> {
@@ -319,6 +330,10 @@ impl CoalescerShared {
     fn launch(&self, batch: &Batch) -> Result<Box<dyn BackendEvent>> {
         let raws = std::mem::take(&mut batch.members.lock().0);
         let refs: Vec<&dyn BackendBuffer> = raws.iter().map(|r| &***r).collect();
+        self.launched.0.fetch_add(1, Ordering::Relaxed);
+        self.launched
+            .1
+            .fetch_add(refs.len() as u64, Ordering::Relaxed);
         let event = self.events.take(self.device.backend())?;
         match self
             .stream

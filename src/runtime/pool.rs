@@ -122,6 +122,11 @@ impl StreamPool {
         &self.shared.device
     }
 
+    /// With coalescing on: (grouped launches so far, ops in them).
+    pub fn coalesce_stats(&self) -> Option<(u64, u64)> {
+        self.shared.coalescer.as_ref().map(|c| c.stats())
+    }
+
     /// Streams created so far (they are created lazily).
     pub fn streams_created(&self) -> usize {
         self.shared

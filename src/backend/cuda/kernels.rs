@@ -28,10 +28,11 @@ extern "C" __global__ void simple_compute(float* data, unsigned int n, unsigned 
 // parameter (no copy of a table before the launch). Block b works on the segment whose
 // first_block is the largest <= b. Each element goes through exactly the code above, so a
 // buffer's result is bit-identical to launching it alone.
-#define MAX_SEGMENTS 128
+// Variants for 8, 32 and 128 segments keep the parameter block (copied at every launch)
+// as small as the batch allows.
 struct Segment { float* data; unsigned int n; unsigned int first_block; };
-struct Group { unsigned int count; unsigned int pad; Segment seg[MAX_SEGMENTS]; };
-extern "C" __global__ void simple_compute_grouped(const Group g, unsigned int iters) {
+template <int MAX> struct Group { unsigned int count; unsigned int pad; Segment seg[MAX]; };
+template <int MAX> __device__ void grouped(const Group<MAX>& g, unsigned int iters) {
     unsigned int lo = 0, hi = g.count - 1;
     while (lo < hi) {
         unsigned int mid = (lo + hi + 1) / 2;
@@ -45,6 +46,9 @@ extern "C" __global__ void simple_compute_grouped(const Group g, unsigned int it
     for (unsigned int k = 0; k < iters; k++) v = sinf(v) * cosf(v) + v;
     data[i] = v;
 }
+extern "C" __global__ void simple_compute_grouped8(const Group<8> g, unsigned int iters) { grouped(g, iters); }
+extern "C" __global__ void simple_compute_grouped32(const Group<32> g, unsigned int iters) { grouped(g, iters); }
+extern "C" __global__ void simple_compute_grouped(const Group<128> g, unsigned int iters) { grouped(g, iters); }
 "#;
 
 /// Buffers per grouped launch (the kernel's `MAX_SEGMENTS`).
@@ -71,8 +75,12 @@ pub struct Group {
 /// The loaded kernels of one device.
 pub struct Kernels {
     pub simple_compute: CudaFunction,
-    pub simple_compute_grouped: CudaFunction,
+    /// Grouped variants for at most 8, 32 and 128 segments.
+    pub simple_compute_grouped: [CudaFunction; 3],
 }
+
+/// Segments each grouped variant takes.
+pub const GROUP_SIZES: [usize; 3] = [8, 32, MAX_SEGMENTS];
 
 static CACHE: OnceLock<Mutex<HashMap<usize, Arc<Kernels>>>> = OnceLock::new();
 
@@ -108,9 +116,16 @@ pub fn for_device(ctx: &Arc<CudaContext>, ordinal: usize) -> Result<Arc<Kernels>
     let simple_compute = module
         .load_function("simple_compute")
         .map_err(|e| driver_error("load function", e))?;
-    let simple_compute_grouped = module
-        .load_function("simple_compute_grouped")
-        .map_err(|e| driver_error("load function", e))?;
+    let load = |name: &str| {
+        module
+            .load_function(name)
+            .map_err(|e| driver_error("load function", e))
+    };
+    let simple_compute_grouped = [
+        load("simple_compute_grouped8")?,
+        load("simple_compute_grouped32")?,
+        load("simple_compute_grouped")?,
+    ];
     let k = Arc::new(Kernels {
         simple_compute,
         simple_compute_grouped,

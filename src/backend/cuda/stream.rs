@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use cudarc::driver::{result, sys, CudaContext, CudaStream};
 
-use super::kernels::{Group, Kernels, Segment, BLOCK_THREADS, MAX_SEGMENTS};
+use super::kernels::{Group, Kernels, Segment, BLOCK_THREADS, GROUP_SIZES, MAX_SEGMENTS};
 use super::{driver_error, MAX_ELEMENTS};
 use crate::backend::{downcast, BackendBuffer, BackendEvent, BackendStream, WaitPolicy};
 use crate::error::{Error, Result};
@@ -192,20 +192,29 @@ impl BackendStream for CudaQueue {
             let grid = u32::try_from(blocks)
                 .map_err(|_| Error::invalid("grouped launch exceeds 2^32 blocks"))?;
             group.count = chunk.len() as u32;
+            // The smallest variant that holds the chunk: its parameter block is a prefix of
+            // `Group` (count, pad, the first MAX segments), so the same memory serves all.
+            let variant = GROUP_SIZES
+                .iter()
+                .position(|&m| chunk.len() <= m)
+                .unwrap_or(GROUP_SIZES.len() - 1);
+            let function = &self.kernels.simple_compute_grouped[variant];
             let mut iters = iters;
             let mut params: [*mut c_void; 2] = [
                 (&mut group as *mut Group).cast(),
                 (&mut iters as *mut u32).cast(),
             ];
-            // SAFETY: the function takes (Group by value, unsigned int); `Group` is #[repr(C)]
-            // with the kernel's layout (u32, u32, then 128 x {u64, u32, u32}); `params` point to
+            // SAFETY: the function takes (Group<MAX> by value, unsigned int) with MAX >= the
+            // chunk's length; `Group` is #[repr(C)] with the kernel's layout (u32, u32, then
+            // segments of {u64, u32, u32}), and Group<MAX> is a prefix of it (the driver reads
+            // the variant's parameter size from the function); `params` point to
             // live locals for the duration of the call (the driver copies them). Each segment
             // is a live allocation of `n` floats of this context (CudaBuffer invariant), the
             // buffers are distinct (the caller's contract), and the grid has exactly
             // `first_block + ceil(n/256)` blocks per segment, each bounds-checking `i < n`.
             unsafe {
                 result::launch_kernel(
-                    self.kernels.simple_compute_grouped.cu_function(),
+                    function.cu_function(),
                     (grid.max(1), 1, 1),
                     (BLOCK_THREADS, 1, 1),
                     0,

@@ -91,8 +91,21 @@ for preset in ["light", "minimal"]:
         if low: collapse.append(f"{preset} lock {lock}: below the 1-thread figure at {low}")
 print("- no collapse (light, minimal, wait per op, no thread count below 1 thread): " +
       ("holds" if not collapse else "MISSED: " + "; ".join(collapse)))
+# The targets name "lock per-stream or none": per cell, the better of the two.
+best_miss = []
+for preset in ["heavy", "default", "light", "minimal"]:
+    for inflight in [1, 8]:
+        for t in threads:
+            a = anchor.get((inflight, preset, "per-thread", t))
+            rs = [mq[k] for k in [(inflight, preset, "per-thread", l, t) for l in locks] if k in mq]
+            if not a or not rs: continue
+            need = 0.99 if preset in ("heavy", "default") and inflight == 1 else 1.0
+            ratio = max(r["ops_per_sec"] for r in rs) / a
+            if ratio < need: best_miss.append(f"{preset} inflight {inflight} {t}T: {ratio:.2f}")
+print("- with the better of the two lock modes per cell (the targets say \"lock per-stream or none\"): " +
+      ("every cell holds" if not best_miss else "MISSED in " + "; ".join(best_miss)))
 if misses:
-    print(f"- ratio targets missed in {len(misses)} cell(s):")
+    print(f"- each lock mode on its own: ratio targets missed in {len(misses)} cell(s):")
     for m in misses: print(f"  - {m}")
 else:
     print("- ratio targets (heavy/default ≥ 0.99, light/minimal ≥ 1.00, inflight 8 ≥ 1.00): hold in every per-thread cell")

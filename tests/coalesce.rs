@@ -42,7 +42,8 @@ fn random_mix(seed: u64, policy: CoalescePolicy, lock: LockMode) {
             std::thread::spawn(move || {
                 let mut rng = seed
                     .wrapping_mul(6364136223846793005)
-                    .wrapping_add(t * 1442695040888963407);
+                    .wrapping_add(t.wrapping_mul(1442695040888963407))
+                    | 1; // xorshift needs a non-zero state
                 let mut next = move |m: u64| {
                     rng ^= rng << 13;
                     rng ^= rng >> 7;

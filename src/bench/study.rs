@@ -30,6 +30,11 @@ pub const THREADS: [usize; 5] = [1, 2, 4, 8, 16];
 pub const GPU_ITERS: usize = 300;
 /// Depth of the study's async runs.
 pub const ASYNC_INFLIGHT: usize = 8;
+/// The coalescing policy the study compares with one launch per op.
+pub const STUDY_COALESCE: CoalescePolicy = CoalescePolicy::Fixed {
+    max_batch: 16,
+    max_delay: std::time::Duration::from_micros(20),
+};
 
 /// What to run.
 #[derive(Clone, Debug, Default)]
@@ -231,6 +236,18 @@ pub fn run(cfg: &StudyConfig) -> Result<StudyOutcome> {
             top,
             ASYNC_INFLIGHT,
         ))?;
+        // Coalescing on, side by side: 1 and 16 threads, a wait per op and 8 in flight.
+        for (threads, inflight) in [(1, 1), (top, 1), (top, ASYNC_INFLIGHT)] {
+            let mut s = spec(
+                p,
+                Scenario::PerThread,
+                LockMode::PerStream,
+                threads,
+                inflight,
+            );
+            s.coalesce = STUDY_COALESCE;
+            c.run(s)?;
+        }
         queues::fill_speedups(&mut c.rows[first..]);
         print!("{}", preset_report(&c.rows[first..], &c.skipped, p));
     }
@@ -255,7 +272,12 @@ pub fn run(cfg: &StudyConfig) -> Result<StudyOutcome> {
 
 fn sweep(rows: &[RunRow], scenario: Scenario) -> Vec<&RunRow> {
     rows.iter()
-        .filter(|r| r.scenario == scenario && r.lock == LockMode::PerStream && r.inflight == 1)
+        .filter(|r| {
+            r.scenario == scenario
+                && r.lock == LockMode::PerStream
+                && r.inflight == 1
+                && r.coalesce == "off"
+        })
         .collect()
 }
 
@@ -282,22 +304,60 @@ fn preset_report(rows: &[RunRow], skipped: &[Skipped], p: &PresetPlan) -> String
     let _ = writeln!(s, "{top} threads, every lock mode and async submission:");
     let _ = writeln!(
         s,
-        "  {:<11} {:<11} {:>8} {:>12} {:>15}",
-        "scenario", "lock", "inflight", "ops/s", "vs per-thread"
+        "  {:<11} {:<11} {:>8} {:>9} {:>12} {:>15} {:>9} {:>12}",
+        "scenario",
+        "lock",
+        "inflight",
+        "coalesce",
+        "ops/s",
+        "vs per-thread",
+        "p99 us",
+        "ops/launch"
     );
     let mut at_top: Vec<&RunRow> = rows.iter().filter(|r| r.threads == top).collect();
-    at_top.sort_by_key(|r| (r.scenario.name(), r.lock.to_string(), r.inflight));
+    at_top.sort_by_key(|r| {
+        (
+            r.scenario.name(),
+            r.lock.to_string(),
+            r.inflight,
+            r.coalesce,
+        )
+    });
     for r in at_top {
         let vs = reference.map_or(String::new(), |b| format!("{:.2}x", r.ops_per_sec / b));
         let check = if r.verified { "" } else { "  MISMATCH" };
         let _ = writeln!(
             s,
-            "  {:<11} {:<11} {:>8} {:>12} {:>15}{check}",
+            "  {:<11} {:<11} {:>8} {:>9} {:>12} {:>15} {:>9.1} {:>12.1}{check}",
             r.scenario.name(),
             r.lock.to_string(),
             r.inflight,
+            r.coalesce,
             thousands(r.ops_per_sec),
-            vs
+            vs,
+            r.latency_us.p99,
+            r.ops_per_launch
+        );
+    }
+    let one = |coalesce: &str| {
+        rows.iter()
+            .find(|r| {
+                r.threads == 1
+                    && r.inflight == 1
+                    && r.coalesce == coalesce
+                    && r.scenario == Scenario::PerThread
+                    && r.lock == LockMode::PerStream
+            })
+            .map(|r| r.ops_per_sec)
+    };
+    if let (Some(off), Some(on)) = (one("off"), one(STUDY_COALESCE.name())) {
+        let _ = writeln!(
+            s,
+            "1 thread, coalescing {} vs off: {} vs {} ops/s ({:.2}x)",
+            STUDY_COALESCE.name(),
+            thousands(on),
+            thousands(off),
+            on / off
         );
     }
     for k in skipped.iter().filter(|k| k.preset == p.preset.name()) {
@@ -352,8 +412,14 @@ fn summary(rows: &[RunRow], plans: &[PresetPlan]) -> String {
     let limit = rows.iter().map(rate).fold(0.0f64, f64::max);
     let _ = writeln!(
         s,
-        "  {:<8} {:>12} {:>22} {:>20} {:>11} {:>13}",
-        "preset", "1T ops/s", "best per-thread", "best shared", "global/per", "% of limit"
+        "  {:<8} {:>12} {:>22} {:>20} {:>11} {:>13} {:>14}",
+        "preset",
+        "1T ops/s",
+        "best per-thread",
+        "best shared",
+        "global/per",
+        "% of limit",
+        "coalesced/off"
     );
     let mut recs = Vec::new();
     for p in plans {
@@ -369,15 +435,24 @@ fn summary(rows: &[RunRow], plans: &[PresetPlan]) -> String {
             continue;
         };
         let top = *THREADS.iter().max().expect("threads");
-        let at = |lock| {
+        let at_with = |lock, coalesce: &str| {
             of.iter()
                 .find(|r| {
                     r.scenario == Scenario::PerThread
                         && r.lock == lock
                         && r.threads == top
                         && r.inflight == 1
+                        && r.coalesce == coalesce
                 })
                 .map(|r| r.ops_per_sec)
+        };
+        let at = |lock| at_with(lock, "off");
+        let coalesce_ratio = match (
+            at_with(LockMode::PerStream, STUDY_COALESCE.name()),
+            at(LockMode::PerStream),
+        ) {
+            (Some(c), Some(o)) => format!("{:.2}", c / o),
+            _ => "-".into(),
         };
         let lock_ratio = match (at(LockMode::Global), at(LockMode::PerStream)) {
             (Some(g), Some(ps)) => format!("{:.2}", g / ps),
@@ -394,7 +469,7 @@ fn summary(rows: &[RunRow], plans: &[PresetPlan]) -> String {
         };
         let _ = writeln!(
             s,
-            "  {:<8} {:>12} {:>14} ({:>2}T) {:>12} ({:>2}T) {:>11} {:>12.0}%",
+            "  {:<8} {:>12} {:>14} ({:>2}T) {:>12} ({:>2}T) {:>11} {:>12.0}% {:>14}",
             name,
             thousands(one.ops_per_sec),
             thousands(bp),
@@ -402,7 +477,8 @@ fn summary(rows: &[RunRow], plans: &[PresetPlan]) -> String {
             thousands(bs),
             st,
             lock_ratio,
-            frac
+            frac,
+            coalesce_ratio
         );
         // Smallest thread count within 90% of the best.
         let enough = per
@@ -417,7 +493,8 @@ fn summary(rows: &[RunRow], plans: &[PresetPlan]) -> String {
         s,
         "  (global/per: ops/s with one global submission mutex over a lock per stream, 16 threads; \
          % of limit: element-iterations per second at the best thread count over the best any \
-         preset reached, the device's measured limit)"
+         preset reached, the device's measured limit; coalesced/off: 16 threads, coalescing on \
+         over one launch per op)"
     );
     for (name, enough, frac) in recs {
         let why = if frac < 50.0 {

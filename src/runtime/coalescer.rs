@@ -38,6 +38,7 @@ use super::Device;
 use crate::backend::{BackendBuffer, BackendEvent, BackendStream, WaitPolicy};
 use crate::error::{Error, Result};
 use crate::kernel::Kernel;
+use crate::sync::combiner::Combiner;
 
 /// How a pool merges ops from different threads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -169,11 +170,10 @@ pub(crate) struct CoalescerShared {
     events: EventPool,
     policy: CoalescePolicy,
     state: Mutex<State>,
-    /// Serializes launches so batches reach the stream in the order they left `pending`.
-    /// Lock order: `launching`, then `state`. The state lock is never held across a launch.
-    launching: Mutex<()>,
-    /// Set by anyone who wants the pending batch launched; cleared by the launcher.
-    launch_requested: AtomicBool,
+    /// Serializes launches (so batches reach the stream in the order they left `pending`)
+    /// without blocking anyone: see `sync::combiner`. The state lock is never held across a
+    /// launch.
+    launcher: Combiner,
     /// Batches launched and ops in them, for statistics.
     launched: (AtomicU64, AtomicU64),
     /// `state.in_flight.len()`, readable without the lock by spinning waiters.
@@ -204,8 +204,7 @@ impl CoalescerShared {
                 target,
                 window: AimdWindow::default(),
             }),
-            launching: Mutex::new(()),
-            launch_requested: AtomicBool::new(false),
+            launcher: Combiner::new(),
             launched: (AtomicU64::new(0), AtomicU64::new(0)),
             in_flight: AtomicUsize::new(0),
             done: Condvar::new(),
@@ -288,42 +287,31 @@ impl CoalescerShared {
     /// launching, it sees the request and launches again before it stops (combining). Never
     /// called with the state lock held.
     fn launch_pending(&self) {
-        self.launch_requested.store(true, Ordering::Release);
-        loop {
-            let Some(order) = self.launching.try_lock() else {
-                return;
-            };
-            while self.launch_requested.swap(false, Ordering::AcqRel) {
-                let taken = {
-                    let mut st = self.state.lock();
-                    self.reap(&mut st);
-                    st.pending.take()
-                };
-                let Some(batch) = taken else { continue };
-                let launched = self.launch(&batch);
+        self.launcher.request(|| {
+            let taken = {
                 let mut st = self.state.lock();
-                match launched {
-                    Ok(event) => {
-                        *batch.event.lock() = Some(event);
-                        let _ = batch.launched_at.set(Instant::now());
-                        batch.state.store(LAUNCHED, Ordering::Release);
-                        st.in_flight.push_back(batch);
-                        self.in_flight.store(st.in_flight.len(), Ordering::Release);
-                    }
-                    Err(e) => {
-                        let _ = batch.error.set(e.to_string());
-                        batch.state.store(DONE, Ordering::Release);
-                    }
+                self.reap(&mut st);
+                st.pending.take()
+            };
+            let Some(batch) = taken else { return };
+            let launched = self.launch(&batch);
+            let mut st = self.state.lock();
+            match launched {
+                Ok(event) => {
+                    *batch.event.lock() = Some(event);
+                    let _ = batch.launched_at.set(Instant::now());
+                    batch.state.store(LAUNCHED, Ordering::Release);
+                    st.in_flight.push_back(batch);
+                    self.in_flight.store(st.in_flight.len(), Ordering::Release);
                 }
-                drop(st);
-                self.done.notify_all();
+                Err(e) => {
+                    let _ = batch.error.set(e.to_string());
+                    batch.state.store(DONE, Ordering::Release);
+                }
             }
-            drop(order);
-            // A request that arrived after the last swap but before the unlock is ours too.
-            if !self.launch_requested.load(Ordering::Acquire) {
-                return;
-            }
-        }
+            drop(st);
+            self.done.notify_all();
+        });
     }
 
     /// Queues `batch`'s grouped launch and its completion event.

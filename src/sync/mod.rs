@@ -5,6 +5,7 @@
 //! every interleaving; otherwise they are std atomics and parking_lot mutexes.
 
 pub mod claim;
+pub mod combiner;
 pub mod ordered_queue;
 pub mod submit_lock;
 pub mod thread_id;

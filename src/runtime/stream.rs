@@ -100,22 +100,25 @@ impl Stream {
             });
         }
         buf.bind(s.device.id(), &s.backend)?;
+        self.submit(1, |backend| backend.launch(kernel, buf.raw()))
+    }
+
+    /// One submission: a pooled event, the lock mode's guard, `enqueue`, the event's record.
+    /// The event goes back to the pool if anything fails.
+    fn submit(
+        &self,
+        ops: u64,
+        enqueue: impl FnOnce(&dyn crate::backend::BackendStream) -> Result<()>,
+    ) -> Result<Ticket> {
+        let s = &*self.shared;
         let event = s.events.take(s.device.backend())?;
-        let submitted = {
-            let _guard = match s.lock.enter() {
-                Ok(g) => g,
-                Err(e) => {
-                    s.events.give_back(event);
-                    return Err(e);
-                }
-            };
-            s.backend
-                .launch(kernel, buf.raw())
-                .and_then(|()| s.backend.record(&*event))
+        let submitted = match s.lock.enter() {
+            Ok(_guard) => enqueue(&*s.backend).and_then(|()| s.backend.record(&*event)),
+            Err(e) => Err(e),
         };
         match submitted {
             Ok(()) => {
-                s.submitted.fetch_add(1, Ordering::Relaxed);
+                s.submitted.fetch_add(ops, Ordering::Relaxed);
                 Ok(Ticket {
                     stream: self.shared.clone(),
                     kind: TicketKind::Event(Some(event)),
@@ -147,27 +150,9 @@ impl Stream {
             b.bind(s.device.id(), &s.backend)?;
         }
         let raws: Vec<&dyn crate::backend::BackendBuffer> = bufs.iter().map(|b| b.raw()).collect();
-        let event = s.events.take(s.device.backend())?;
-        let submitted = match s.lock.enter() {
-            Ok(_guard) => s
-                .backend
-                .launch_grouped(kernel, &raws)
-                .and_then(|()| s.backend.record(&*event)),
-            Err(e) => Err(e),
-        };
-        match submitted {
-            Ok(()) => {
-                s.submitted.fetch_add(bufs.len() as u64, Ordering::Relaxed);
-                Ok(Ticket {
-                    stream: self.shared.clone(),
-                    kind: TicketKind::Event(Some(event)),
-                })
-            }
-            Err(e) => {
-                s.events.give_back(event);
-                Err(e)
-            }
-        }
+        self.submit(bufs.len() as u64, |backend| {
+            backend.launch_grouped(kernel, &raws)
+        })
     }
 
     /// Waits until all work submitted to this stream so far has completed (with coalescing

@@ -493,12 +493,13 @@ impl Drop for CoalescerShared {
     fn drop(&mut self) {
         // Ops whose tickets were dropped may still be pending: queue them, so their buffers
         // end up as if launched alone.
-        let st = self.state.get_mut();
-        if let Some(batch) = st.pending.take() {
-            let raws = std::mem::take(&mut batch.members.lock().0);
-            let refs: Vec<&dyn BackendBuffer> = raws.iter().map(|r| &***r).collect();
-            if let Err(e) = self.stream.launch_grouped(batch.kernel, &refs) {
-                let _ = batch.error.set(e.to_string());
+        let pending = self.state.get_mut().pending.take();
+        if let Some(batch) = pending {
+            match self.launch(&batch) {
+                Ok(event) => self.events.give_back(event),
+                Err(e) => {
+                    let _ = batch.error.set(e.to_string());
+                }
             }
             batch.state.store(DONE, Ordering::Release);
         }

@@ -302,6 +302,21 @@ pub fn run_queues(device: &Device, spec: &QueuesSpec) -> Result<RunOutcome> {
             });
         }
     }
+    let (coalesce_max_batch, coalesce_max_delay_us) = match spec.coalesce {
+        CoalescePolicy::Off => (1, 0),
+        CoalescePolicy::Fixed {
+            max_batch,
+            max_delay,
+        }
+        | CoalescePolicy::Adaptive {
+            max_batch,
+            max_delay,
+            ..
+        } => (
+            max_batch,
+            u64::try_from(max_delay.as_micros()).unwrap_or(u64::MAX),
+        ),
+    };
     let row = RunRow {
         workload: "queues",
         preset: spec.preset.clone(),
@@ -322,6 +337,8 @@ pub fn run_queues(device: &Device, spec: &QueuesSpec) -> Result<RunOutcome> {
         streams_used: pool.streams_created(),
         wait: device.info().wait,
         coalesce: spec.coalesce.name(),
+        coalesce_max_batch,
+        coalesce_max_delay_us,
         coalesced_launches: pool.coalesce_stats().map_or(0, |s| s.0),
         ops_per_launch: pool
             .coalesce_stats()

@@ -74,7 +74,7 @@ pub fn label(a: &Analysis, s: &Series, group: &[&Series]) -> String {
             .any(|x| f(x) != f(group[0]))
     };
     let mut parts = vec![if c.scenario == "per-thread" {
-        "stream per thread".to_string()
+        "a stream per thread".to_string()
     } else if c.scenario == "shared" {
         "one shared stream".to_string()
     } else {
@@ -83,12 +83,8 @@ pub fn label(a: &Analysis, s: &Series, group: &[&Series]) -> String {
     if varies(&|x| x.config.lock.clone()) || c.lock != "per-stream" {
         parts.push(format!("lock {}", c.lock));
     }
-    if varies(&|x| x.config.inflight.to_string()) || c.inflight != 1 {
-        parts.push(if c.inflight == 1 {
-            "wait per op".into()
-        } else {
-            format!("{} in flight", c.inflight)
-        });
+    if c.inflight != 1 {
+        parts.push(format!("{} in flight", c.inflight));
     }
     if varies(&|x| x.config.coalesce_words()) || c.coalesce != "off" {
         parts.push(format!("coalescing {}", c.coalesce_words()));
@@ -174,7 +170,10 @@ fn throughput(a: &Analysis, op: &Op, qualify: bool) -> Vec<Figure> {
                     },
                 })
                 .collect();
-            let mut notes = vec![sources_note(a, &group)];
+            let mut notes = vec![
+                "a wait after every op unless \"in flight\" says otherwise".into(),
+                sources_note(a, &group),
+            ];
             if let Some(p) = op.full_size_preset() {
                 let n = lines.len();
                 for (j, c) in a

@@ -55,6 +55,15 @@ fn md_escape(s: &str) -> String {
     s.replace('|', "\\|")
 }
 
+/// `1 thread`, `8 threads`.
+pub fn threads(n: usize) -> String {
+    if n == 1 {
+        "1 thread".into()
+    } else {
+        format!("{n} threads")
+    }
+}
+
 fn ratio(x: f64) -> String {
     format!("x{x:.2}")
 }
@@ -145,11 +154,11 @@ fn verdict_section(s: &mut String, a: &Analysis) {
                 let (lim, frac) = limit_cells(p);
                 let _ = writeln!(
                     s,
-                    "| {} | {} | **{}** | {} threads | {} | {:.0}% | {} ({}) | {lim} | {frac} |",
+                    "| {} | {} | **{}** | {} | {} | {:.0}% | {} ({}) | {lim} | {frac} |",
                     v.op.preset,
                     v.op.shape(),
                     p.class.name(),
-                    p.verdict.saturation_threads,
+                    threads(p.verdict.saturation_threads),
                     ratio(p.verdict.max_speedup),
                     100.0 * p.verdict.efficiency_at_saturation,
                     thousands(p.best.1),

@@ -36,6 +36,9 @@ use input::{Source, StoredResults};
 use series::{Op, Series};
 use verdict::{Evidence, OpVerdict};
 
+/// The JSON file `multiq bench --report DIR` writes into DIR when `--json` is not given.
+pub const STUDY_JSON: &str = "study.json";
+
 /// Everything a report is made from.
 #[derive(Clone, Debug)]
 pub struct Inputs {

@@ -224,7 +224,9 @@ pub fn render(chart: &Chart) -> Result<String, String> {
         draw(&root, chart).map_err(|e| e.to_string())?;
         root.present().map_err(|e| e.to_string())?;
     }
-    Ok(svg)
+    // `opacity="1"` is SVG's default; ImageMagick's own renderer lets it override
+    // `fill="none"` and fills every line black, so it is left out.
+    Ok(svg.replace(" opacity=\"1\"", ""))
 }
 
 type Area<'a> = DrawingArea<SVGBackend<'a>, Shift>;
@@ -264,6 +266,7 @@ fn draw(root: &Area<'_>, chart: &Chart) -> Result<(), Box<dyn std::error::Error>
     let mut cc = ChartBuilder::on(&plot)
         .caption(&chart.title, ("sans-serif", 18).into_font())
         .margin(12)
+        .margin_top(22)
         .margin_right(24)
         .x_label_area_size(48)
         .y_label_area_size(78)
@@ -274,9 +277,21 @@ fn draw(root: &Area<'_>, chart: &Chart) -> Result<(), Box<dyn std::error::Error>
         .x_labels(0)
         .y_labels(0)
         .x_desc("threads")
-        .y_desc(chart.y_desc.as_str())
         .axis_desc_style(label_font.clone())
         .draw()?;
+    // The y description goes above the axis, unrotated: rotated text is not drawn by every
+    // converter.
+    let (ax, ay) = cc.backend_coord(&(xa - 0.15, yb));
+    plot.draw(&Text::new(
+        chart.y_desc.clone(),
+        (ax - 70, ay - 14),
+        label_font
+            .clone()
+            .pos(plotters::style::text_anchor::Pos::new(
+                plotters::style::text_anchor::HPos::Left,
+                plotters::style::text_anchor::VPos::Center,
+            )),
+    ))?;
     let grid = RGBColor(0xe4, 0xe4, 0xe4);
     // Grid and tick labels, placed by hand so the ticks are where the data is.
     for k in xa as i32..=xb as i32 {

@@ -27,6 +27,7 @@
 //! launch-bound op the batch (ops per launch) that reaches the device limit.
 
 use super::anchor::Peers;
+use super::markdown::threads;
 use super::series::{sweep, Op, Series};
 use crate::bench::table::thousands;
 use crate::bench::verdict::{self as curve, Scaling, Verdict};
@@ -170,7 +171,7 @@ impl Evidence<'_> {
     /// A run's configuration in words, naming its file.
     fn describe(&self, s: &Series, threads: usize) -> String {
         let c = &s.config;
-        let mut parts = vec![format!("{threads} threads"), c.scenario.clone()];
+        let mut parts = vec![super::markdown::threads(threads), c.scenario.clone()];
         parts.push(format!("lock {}", c.lock));
         if c.inflight > 1 {
             parts.push(format!("{} in flight", c.inflight));
@@ -340,15 +341,14 @@ impl Evidence<'_> {
         let mut out = Vec::new();
         let first = &s.runs[0];
         out.push(format!(
-            "a stream per thread: {} ops/s at {} thread(s), best {} at {} (x{:.2}); adding \
-             threads stops paying (< 10% per doubling) after {} thread(s), where efficiency is \
-             {:.0}% of ideal ({})",
+            "a stream per thread: {} ops/s at {}, best {} at {} (x{:.2}); adding threads stops \
+             paying (< 10% per doubling) after {}, where efficiency is {:.0}% of ideal ({})",
             thousands(first.ops_per_sec),
-            first.threads,
+            threads(first.threads),
             thousands(v.best.1),
-            v.best.0,
+            threads(v.best.0),
             v.verdict.max_speedup,
-            v.verdict.saturation_threads,
+            threads(v.verdict.saturation_threads),
             100.0 * v.verdict.efficiency_at_saturation,
             self.files[s.config.source]
         ));
@@ -415,10 +415,10 @@ impl Evidence<'_> {
         if let Some(sv) = shared {
             let ratio = v.best.1 / sv.best.1;
             out.push(format!(
-                "one shared stream: best {} ops/s at {} thread(s) (x{:.2}, {}); a stream per \
-                 thread reaches {:.2}x that{}",
+                "one shared stream: best {} ops/s at {} (x{:.2}, {}); a stream per thread \
+                 reaches {:.2}x that{}",
                 thousands(sv.best.1),
-                sv.best.0,
+                threads(sv.best.0),
                 sv.verdict.max_speedup,
                 sv.class.name(),
                 ratio,

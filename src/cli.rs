@@ -309,6 +309,19 @@ pub fn one_line(err: &clap::Error) -> String {
         .unwrap_or("invalid arguments")
         .trim();
     let mut line = first.strip_prefix("error: ").unwrap_or(first).to_string();
+    // "the following required arguments were not provided:" lists them on the next lines.
+    if line.ends_with(':') {
+        let listed: Vec<&str> = rendered
+            .lines()
+            .skip(1)
+            .map(str::trim)
+            .take_while(|l| !l.is_empty())
+            .collect();
+        if !listed.is_empty() {
+            line.push(' ');
+            line.push_str(&listed.join(", "));
+        }
+    }
     if let Some(ContextValue::Strings(values)) = err.get(ContextKind::ValidValue) {
         line.push_str(&format!(" (allowed: {})", values.join(", ")));
     }

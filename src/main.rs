@@ -6,9 +6,9 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use cli::{BenchCommand, Cli, Command, QueuesArgs, EXIT_FAILURE, EXIT_USAGE};
+use multiq::bench::progress::Progress;
 use multiq::bench::queues::{self, QueuesSpec};
 use multiq::bench::results::{self, ResultsFile};
-use multiq::bench::progress::Progress;
 use multiq::bench::{parse_thread_list, study, table, Preset, Runner};
 use multiq::{Device, Error, LockMode};
 

@@ -14,10 +14,10 @@
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
+use super::progress::{human, Progress};
 use super::queues::{self, QueuesSpec};
 use super::results::{self, ResultsFile, RunRow, Skipped};
 use super::table::{scaling_table, thousands};
-use super::progress::{human, Progress};
 use super::Runner;
 use super::{verdict, Preset, Scenario};
 use crate::backend::{cpu, BackendKind, DeviceOptions};
@@ -232,7 +232,11 @@ pub fn preset_specs(p: &PresetPlan) -> Vec<QueuesSpec> {
 /// costs its ops (threads × ops per thread) at the single-thread op time, plus the set-up and
 /// verification seen, per thread. That assumes threads add no throughput, so where they do
 /// the study is faster. `None` when a calibration run fails.
-pub fn estimate(device: &Device, plans: &[PresetPlan], specs: &[Vec<QueuesSpec>]) -> Option<Vec<Vec<f64>>> {
+pub fn estimate(
+    device: &Device,
+    plans: &[PresetPlan],
+    specs: &[Vec<QueuesSpec>],
+) -> Option<Vec<Vec<f64>>> {
     plans
         .iter()
         .zip(specs)

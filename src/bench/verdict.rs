@@ -67,7 +67,9 @@ pub fn judge(points: &[(usize, f64)]) -> Option<Verdict> {
     let saturation = (0..pts.len() - 1)
         .find(|&i| {
             pts[i + 1].1 < pts[i].1 * SATURATION_GAIN
-                && pts[i + 1..].iter().all(|p| p.1 < pts[i].1 * SATURATION_SLACK)
+                && pts[i + 1..]
+                    .iter()
+                    .all(|p| p.1 < pts[i].1 * SATURATION_SLACK)
         })
         .map(|i| pts[i])
         .unwrap_or(*pts.last().expect("two points"));
@@ -154,7 +156,10 @@ mod tests {
     #[test]
     fn a_dip_is_not_the_knee() {
         // The H100's minimal op in one study: 4 threads no faster than 2, then 8 much faster.
-        let v = judge(&curve(&[91_582.0, 156_852.0, 155_852.0, 370_005.0, 319_000.0])).unwrap();
+        let v = judge(&curve(&[
+            91_582.0, 156_852.0, 155_852.0, 370_005.0, 319_000.0,
+        ]))
+        .unwrap();
         assert_eq!(v.saturation_threads, 8);
         assert_eq!(v.class, Scaling::Saturated);
     }

@@ -309,10 +309,16 @@ mod tests {
         let a = Anchor::parse(Path::new("launch.txt"), text).unwrap();
         assert_eq!(a.launch.len(), 2);
         let s = &a.launch[0];
-        assert_eq!((s.sched.as_str(), s.max_connections.as_str()), ("spin", "default(8)"));
+        assert_eq!(
+            (s.sched.as_str(), s.max_connections.as_str()),
+            ("spin", "default(8)")
+        );
         assert_eq!(s.launch_wait, vec![(1, 100164.0), (2, 170027.0)]);
         assert_eq!(s.coalesced[0].0, "minimal");
-        assert_eq!(s.coalesced[1], ("light".into(), vec![(1, 64108.0), (64, 186507.0)]));
+        assert_eq!(
+            s.coalesced[1],
+            ("light".into(), vec![(1, 64108.0), (64, 186507.0)])
+        );
         assert_eq!(a.launch[1].max_connections, "32");
     }
 

@@ -68,11 +68,7 @@ pub fn build(a: &Analysis) -> Vec<Figure> {
 /// A legend label naming what varies among `group`, always the scenario.
 pub fn label(a: &Analysis, s: &Series, group: &[&Series]) -> String {
     let c = &s.config;
-    let varies = |f: &dyn Fn(&Series) -> String| {
-        group
-            .iter()
-            .any(|x| f(x) != f(group[0]))
-    };
+    let varies = |f: &dyn Fn(&Series) -> String| group.iter().any(|x| f(x) != f(group[0]));
     let mut parts = vec![if c.scenario == "per-thread" {
         "a stream per thread".to_string()
     } else if c.scenario == "shared" {
@@ -181,16 +177,12 @@ fn throughput(a: &Analysis, op: &Op, qualify: bool) -> Vec<Figure> {
                     .mq
                     .iter()
                     .filter(|c| {
-                        c.preset == p.name()
-                            && depth.map_or(c.inflight == 1, |d| c.inflight == d)
+                        c.preset == p.name() && depth.map_or(c.inflight == 1, |d| c.inflight == d)
                     })
                     .enumerate()
                 {
                     lines.push(Line {
-                        label: format!(
-                            "peer mq.cu: {}, {} in flight",
-                            c.scenario, c.inflight
-                        ),
+                        label: format!("peer mq.cu: {}, {} in flight", c.scenario, c.inflight),
                         points: c.points.iter().map(|&(t, v)| (t as f64, v)).collect(),
                         color: Some(n + j),
                         stroke: Stroke::Dashed,
@@ -377,7 +369,9 @@ fn coalescing(a: &Analysis, op: &Op, qualify: bool) -> Option<Figure> {
         .map(|s| Line {
             label: label(a, s, &group),
             points: xy(s),
-            color: distinct.iter().position(|p| *p == s.config.coalesce_words()),
+            color: distinct
+                .iter()
+                .position(|p| *p == s.config.coalesce_words()),
             stroke: if s.config.inflight == 1 {
                 Stroke::Solid
             } else {
@@ -420,7 +414,10 @@ fn latency(a: &Analysis, op: &Op, qualify: bool) -> Option<Figure> {
             "stream per thread"
         };
         for (i, (pct, f)) in [
-            ("p50", (|l: &super::input::StoredLatency| l.p50) as fn(&_) -> f64),
+            (
+                "p50",
+                (|l: &super::input::StoredLatency| l.p50) as fn(&_) -> f64,
+            ),
             ("p99", |l| l.p99),
             ("p99.9", |l| l.p999),
         ]

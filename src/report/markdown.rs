@@ -177,7 +177,10 @@ fn verdict_section(s: &mut String, a: &Analysis) {
     }
     s.push('\n');
     for v in &a.verdicts {
-        let class = v.per_thread.as_ref().map_or("not classified", |p| p.class.name());
+        let class = v
+            .per_thread
+            .as_ref()
+            .map_or("not classified", |p| p.class.name());
         let _ = writeln!(s, "**{}: {class}.**\n", v.op.preset);
         for e in &v.evidence {
             let _ = writeln!(s, "- {e}");
@@ -341,8 +344,8 @@ fn speedup_section(s: &mut String, a: &Analysis, figures: &[Figure]) {
                 .map(|r| format!("{}T {}", r.threads, ratio(r.ops_per_sec / base.ops_per_sec)))
                 .collect();
             let last = x.runs.last().expect("runs");
-            let eff = (last.ops_per_sec / base.ops_per_sec)
-                / (last.threads as f64 / base.threads as f64);
+            let eff =
+                (last.ops_per_sec / base.ops_per_sec) / (last.threads as f64 / base.threads as f64);
             let _ = writeln!(
                 s,
                 "| {} | {} | {} | {:.0}% |",
@@ -412,7 +415,10 @@ fn coalescing_section(s: &mut String, a: &Analysis, figures: &[Figure]) {
                 o.map_or("-".into(), |o| thousands(o.ops_per_sec)),
                 c.coalesce_words(),
                 thousands(r.ops_per_sec),
-                o.map_or("-".into(), |o| format!("{:.2}", r.ops_per_sec / o.ops_per_sec)),
+                o.map_or("-".into(), |o| format!(
+                    "{:.2}",
+                    r.ops_per_sec / o.ops_per_sec
+                )),
                 r.ops_per_launch,
                 p99(o),
                 p99(Some(r))
@@ -439,7 +445,9 @@ fn latency_section(s: &mut String, a: &Analysis, figures: &[Figure]) {
     for f in figs {
         figure_link(s, f);
     }
-    s.push_str("| op | streams | threads | p50 µs | p99 µs | p99.9 µs |\n|---|---|---|---|---|---|\n");
+    s.push_str(
+        "| op | streams | threads | p50 µs | p99 µs | p99.9 µs |\n|---|---|---|---|---|---|\n",
+    );
     for op in &a.ops {
         for scenario in ["per-thread", "shared"] {
             let Some(x) = sweep(&a.series, op, scenario) else {
@@ -522,9 +530,15 @@ fn provenance_section(s: &mut String, a: &Analysis, dir: &Path) {
         let _ = writeln!(
             s,
             "- driver: {}",
-            d.driver.as_deref().unwrap_or("none (no driver on this backend)")
+            d.driver
+                .as_deref()
+                .unwrap_or("none (no driver on this backend)")
         );
-        let _ = writeln!(s, "- wait policy: {}; host threads: {}", d.wait, r.host_threads);
+        let _ = writeln!(
+            s,
+            "- wait policy: {}; host threads: {}",
+            d.wait, r.host_threads
+        );
         for (k, v) in &d.extra {
             let _ = writeln!(s, "- {k}: {v}");
         }
@@ -603,11 +617,9 @@ fn runs_section(s: &mut String, a: &Analysis) {
     );
     for (i, src) in a.inputs.sources.iter().enumerate() {
         for r in &src.results.runs {
-            let (p50, p99) = r
-                .latency_us
-                .map_or(("-".into(), "-".into()), |l| {
-                    (format!("{:.1}", l.p50), format!("{:.1}", l.p99))
-                });
+            let (p50, p99) = r.latency_us.map_or(("-".into(), "-".into()), |l| {
+                (format!("{:.1}", l.p50), format!("{:.1}", l.p99))
+            });
             let _ = writeln!(
                 s,
                 "| {} | {} | {} | {} | {} | {} | {} | {} | {:.2} | {p50} | {p99} | {} |",
@@ -634,7 +646,10 @@ mod tests {
     #[test]
     fn links_are_relative_to_the_report() {
         assert_eq!(
-            relative(Path::new("/r/bench/h100/report"), Path::new("/r/bench/h100/study.json")),
+            relative(
+                Path::new("/r/bench/h100/report"),
+                Path::new("/r/bench/h100/study.json")
+            ),
             "../study.json"
         );
         assert_eq!(

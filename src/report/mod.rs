@@ -210,9 +210,8 @@ pub fn prepare_dir(dir: &Path, flag: &str) -> Result<()> {
             dir.display()
         )));
     }
-    std::fs::create_dir_all(dir).map_err(|e| {
-        Error::invalid(format!("{flag} {}: cannot create it: {e}", dir.display()))
-    })?;
+    std::fs::create_dir_all(dir)
+        .map_err(|e| Error::invalid(format!("{flag} {}: cannot create it: {e}", dir.display())))?;
     let probe = dir.join(format!(".multiq-probe-{}", std::process::id()));
     std::fs::write(&probe, b"").map_err(|e| {
         Error::invalid(format!("{flag} {}: cannot write there: {e}", dir.display()))
@@ -257,7 +256,14 @@ mod tests {
     use input::{StoredDeviceInfo, StoredLatency, StoredRun};
     use verdict::Class;
 
-    fn run(preset: &str, data: usize, k: u32, scenario: &str, threads: usize, ops: f64) -> StoredRun {
+    fn run(
+        preset: &str,
+        data: usize,
+        k: u32,
+        scenario: &str,
+        threads: usize,
+        ops: f64,
+    ) -> StoredRun {
         StoredRun {
             workload: "queues".into(),
             preset: preset.into(),
@@ -298,11 +304,41 @@ mod tests {
             }
         };
         // work 1M × 500: 3,878 ops/s is 2.03e12 element-iterations/s.
-        curve("heavy", 1 << 20, 500, [3_600.0, 3_870.0, 3_875.0, 3_878.0, 3_878.0], [3_500.0, 3_700.0, 3_700.0, 3_700.0, 3_700.0]);
-        curve("light", 1 << 20, 10, [62_000.0, 113_000.0, 186_000.0, 193_000.0, 190_000.0], [55_000.0, 80_000.0, 84_000.0, 82_000.0, 80_000.0]);
-        curve("minimal", 1 << 16, 10, [89_000.0, 158_000.0, 269_000.0, 400_000.0, 403_000.0], [72_000.0, 77_000.0, 76_000.0, 75_000.0, 78_000.0]);
-        curve("collapse", 1 << 16, 20, [50_000.0, 90_000.0, 60_000.0, 40_000.0, 20_000.0], [50_000.0, 51_000.0, 50_000.0, 49_000.0, 48_000.0]);
-        curve("linear", 1 << 18, 100, [1_000.0, 2_000.0, 4_000.0, 8_000.0, 16_000.0], [1_000.0, 1_000.0, 1_000.0, 1_000.0, 1_000.0]);
+        curve(
+            "heavy",
+            1 << 20,
+            500,
+            [3_600.0, 3_870.0, 3_875.0, 3_878.0, 3_878.0],
+            [3_500.0, 3_700.0, 3_700.0, 3_700.0, 3_700.0],
+        );
+        curve(
+            "light",
+            1 << 20,
+            10,
+            [62_000.0, 113_000.0, 186_000.0, 193_000.0, 190_000.0],
+            [55_000.0, 80_000.0, 84_000.0, 82_000.0, 80_000.0],
+        );
+        curve(
+            "minimal",
+            1 << 16,
+            10,
+            [89_000.0, 158_000.0, 269_000.0, 400_000.0, 403_000.0],
+            [72_000.0, 77_000.0, 76_000.0, 75_000.0, 78_000.0],
+        );
+        curve(
+            "collapse",
+            1 << 16,
+            20,
+            [50_000.0, 90_000.0, 60_000.0, 40_000.0, 20_000.0],
+            [50_000.0, 51_000.0, 50_000.0, 49_000.0, 48_000.0],
+        );
+        curve(
+            "linear",
+            1 << 18,
+            100,
+            [1_000.0, 2_000.0, 4_000.0, 8_000.0, 16_000.0],
+            [1_000.0, 1_000.0, 1_000.0, 1_000.0, 1_000.0],
+        );
         // Coalescing on for minimal at 1 and 16 threads: slower.
         for (n, ops) in [(1, 85_000.0), (16, 250_000.0)] {
             let mut r = run("minimal", 1 << 16, 10, "per-thread", n, ops);
@@ -360,7 +396,11 @@ mod tests {
         assert_eq!(class_of(&a, "minimal"), Class::LaunchBound);
         assert_eq!(class_of(&a, "collapse"), Class::Collapsing);
         assert_eq!(class_of(&a, "linear"), Class::Parallel);
-        let minimal = a.verdicts.iter().find(|v| v.op.preset == "minimal").unwrap();
+        let minimal = a
+            .verdicts
+            .iter()
+            .find(|v| v.op.preset == "minimal")
+            .unwrap();
         let limit = minimal.per_thread.as_ref().unwrap().limit().unwrap();
         // heavy's work rate ÷ minimal's work: 3,878 × 500 × 2^20 / (10 × 2^16).
         assert!((limit.ops_per_sec - 3_878.0 * 500.0 * 16.0 / 10.0).abs() < 1.0);
@@ -400,7 +440,11 @@ mod tests {
         }
         for f in &w.figures {
             let svg = std::fs::read_to_string(f).unwrap();
-            assert!(svg.starts_with("<svg") && !svg.contains("NaN"), "{}", f.display());
+            assert!(
+                svg.starts_with("<svg") && !svg.contains("NaN"),
+                "{}",
+                f.display()
+            );
             assert!(md.contains(f.file_name().unwrap().to_str().unwrap()));
         }
         let _ = std::fs::remove_dir_all(&dir);

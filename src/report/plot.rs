@@ -255,14 +255,23 @@ fn draw(root: &Area<'_>, chart: &Chart) -> Result<(), Box<dyn std::error::Error>
     } else {
         (x_lo, x_hi)
     };
-    let (xa, xb) = (x_lo.log2().floor(), x_hi.log2().ceil().max(x_lo.log2().floor() + 1.0));
+    let (xa, xb) = (
+        x_lo.log2().floor(),
+        x_hi.log2().ceil().max(x_lo.log2().floor() + 1.0),
+    );
     let y_lo = ys.iter().copied().fold(f64::INFINITY, f64::min);
     let y_hi = ys.iter().copied().fold(0.0, f64::max);
-    let (y_lo, y_hi) = if ys.is_empty() { (1.0, 10.0) } else { (y_lo, y_hi) };
+    let (y_lo, y_hi) = if ys.is_empty() {
+        (1.0, 10.0)
+    } else {
+        (y_lo, y_hi)
+    };
     let ((ya, yb), yticks) = y_ticks(axis, y_lo, y_hi);
 
     let label_font = ("sans-serif", 14).into_font().color(&BLACK);
-    let tick_font = ("sans-serif", 13).into_font().color(&RGBColor(0x33, 0x33, 0x33));
+    let tick_font = ("sans-serif", 13)
+        .into_font()
+        .color(&RGBColor(0x33, 0x33, 0x33));
     let mut cc = ChartBuilder::on(&plot)
         .caption(&chart.title, ("sans-serif", 18).into_font())
         .margin(12)
@@ -354,12 +363,7 @@ fn draw(root: &Area<'_>, chart: &Chart) -> Result<(), Box<dyn std::error::Error>
                 cc.draw_series(pts.iter().map(|p| Circle::new(*p, 4, c.filled())))?;
             }
             Stroke::Dashed => {
-                cc.draw_series(DashedLineSeries::new(
-                    pts.clone(),
-                    7,
-                    5,
-                    c.stroke_width(2),
-                ))?;
+                cc.draw_series(DashedLineSeries::new(pts.clone(), 7, 5, c.stroke_width(2)))?;
                 cc.draw_series(pts.iter().map(|p| Circle::new(*p, 4, c.stroke_width(2))))?;
             }
         }
@@ -401,9 +405,18 @@ fn draw(root: &Area<'_>, chart: &Chart) -> Result<(), Box<dyn std::error::Error>
     }
     for level in &chart.levels {
         let grey = RGBColor(0x66, 0x66, 0x66);
-        legend.draw(&PathElement::new(vec![(6, y), (14, y)], grey.stroke_width(2)))?;
-        legend.draw(&PathElement::new(vec![(19, y), (27, y)], grey.stroke_width(2)))?;
-        legend.draw(&PathElement::new(vec![(32, y), (38, y)], grey.stroke_width(2)))?;
+        legend.draw(&PathElement::new(
+            vec![(6, y), (14, y)],
+            grey.stroke_width(2),
+        ))?;
+        legend.draw(&PathElement::new(
+            vec![(19, y), (27, y)],
+            grey.stroke_width(2),
+        ))?;
+        legend.draw(&PathElement::new(
+            vec![(32, y), (38, y)],
+            grey.stroke_width(2),
+        ))?;
         y = entry(y, &level.label)?;
     }
     let note_font = ("sans-serif", 12)

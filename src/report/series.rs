@@ -138,7 +138,10 @@ pub struct Series {
 impl Series {
     /// (threads, ops/s).
     pub fn points(&self) -> Vec<(usize, f64)> {
-        self.runs.iter().map(|r| (r.threads, r.ops_per_sec)).collect()
+        self.runs
+            .iter()
+            .map(|r| (r.threads, r.ops_per_sec))
+            .collect()
     }
 
     /// The run with the most ops/s.

@@ -243,8 +243,7 @@ impl Evidence<'_> {
         }
         if let Some(preset) = op.full_size_preset() {
             if let Some((section, file)) = &self.peers.launch {
-                if let Some((_, pts)) = section.coalesced.iter().find(|(p, _)| p == preset.name())
-                {
+                if let Some((_, pts)) = section.coalesced.iter().find(|(p, _)| p == preset.name()) {
                     if let Some(&(b, v)) = pts.iter().max_by(|a, b| a.1.total_cmp(&b.1)) {
                         out.push(Limit {
                             ops_per_sec: v,
@@ -262,7 +261,12 @@ impl Evidence<'_> {
                 .mq
                 .iter()
                 .filter(|c| c.preset == preset.name())
-                .filter_map(|c| c.points.iter().max_by(|a, b| a.1.total_cmp(&b.1)).map(|p| (c, p)))
+                .filter_map(|c| {
+                    c.points
+                        .iter()
+                        .max_by(|a, b| a.1.total_cmp(&b.1))
+                        .map(|p| (c, p))
+                })
                 .max_by(|a, b| a.1 .1.total_cmp(&b.1 .1))
             {
                 out.push(Limit {
@@ -322,9 +326,11 @@ impl Evidence<'_> {
             .as_ref()
             .map(|v| self.evidence(v, shared_v.as_ref()))
             .unwrap_or_else(|| {
-                vec!["no stream-per-thread sweep with a wait per op (two or more thread \
+                vec![
+                    "no stream-per-thread sweep with a wait per op (two or more thread \
                       counts) was measured for this op, so it is not classified"
-                    .into()]
+                        .into(),
+                ]
             });
         let recommendation = self.recommend(op, per_v.as_ref(), shared_v.as_ref());
         OpVerdict {
@@ -528,7 +534,10 @@ impl Evidence<'_> {
                     .map(|x| format!("{} {:.2}x", x.config.lock, value(x) / reference))
                     .collect();
                 r.why.push(if others.is_empty() {
-                    format!("lock: {} (no other lock measured at {top} threads)", s.config.lock)
+                    format!(
+                        "lock: {} (no other lock measured at {top} threads)",
+                        s.config.lock
+                    )
                 } else {
                     format!(
                         "lock: {} (at {top} threads the others reach {}: under {:.0}% more)",
@@ -574,9 +583,7 @@ impl Evidence<'_> {
         let pairs: Vec<(&Series, f64, f64)> = self
             .series
             .iter()
-            .filter(|x| {
-                x.config.op == *op && x.config.coalesce != "off" && x.config.inflight == 1
-            })
+            .filter(|x| x.config.op == *op && x.config.coalesce != "off" && x.config.inflight == 1)
             .filter_map(|on| {
                 let t = on.max_threads();
                 let off = self.series.iter().find(|o| {
@@ -589,7 +596,11 @@ impl Evidence<'_> {
                 })?;
                 let on_r = on.at(t)?;
                 let off_r = off.at(t)?;
-                Some((on, on_r.ops_per_sec / off_r.ops_per_sec, on_r.ops_per_launch))
+                Some((
+                    on,
+                    on_r.ops_per_sec / off_r.ops_per_sec,
+                    on_r.ops_per_launch,
+                ))
             })
             .collect();
         match pairs.iter().max_by(|a, b| a.1.total_cmp(&b.1)) {
@@ -658,9 +669,8 @@ impl Evidence<'_> {
             }
             Class::Parallel => {
                 r.batch = "1 (one op per launch)".into();
-                r.why.push(
-                    "batch: threads still add throughput; merging is not needed yet".into(),
-                );
+                r.why
+                    .push("batch: threads still add throughput; merging is not needed yet".into());
             }
             Class::Collapsing | Class::Plateau => {
                 r.batch = "1 (one op per launch)".into();
@@ -675,18 +685,26 @@ mod tests {
     use super::*;
 
     fn curve(ys: &[f64]) -> Vec<(usize, f64)> {
-        [1, 2, 4, 8, 16].into_iter().zip(ys.iter().copied()).collect()
+        [1, 2, 4, 8, 16]
+            .into_iter()
+            .zip(ys.iter().copied())
+            .collect()
     }
 
     #[test]
     fn linear_curve_below_the_limit_is_parallel() {
-        let (v, c) = classify(&curve(&[100.0, 200.0, 400.0, 800.0, 1600.0]), Some(10_000.0))
-            .unwrap();
+        let (v, c) = classify(
+            &curve(&[100.0, 200.0, 400.0, 800.0, 1600.0]),
+            Some(10_000.0),
+        )
+        .unwrap();
         assert_eq!(c, Class::Parallel);
         assert_eq!(v.saturation_threads, 16);
         // No limit at all: still parallel, the shape alone says so.
         assert_eq!(
-            classify(&curve(&[100.0, 200.0, 400.0, 800.0, 1600.0]), None).unwrap().1,
+            classify(&curve(&[100.0, 200.0, 400.0, 800.0, 1600.0]), None)
+                .unwrap()
+                .1,
             Class::Parallel
         );
     }
@@ -713,8 +731,11 @@ mod tests {
         assert_eq!(c, Class::LaunchBound);
         assert_eq!(v.saturation_threads, 8);
         // Flat from the start, far below the limit: launch-bound, not saturated.
-        let (_, c) = classify(&curve(&[3_400.0, 3_500.0, 3_450.0, 3_300.0, 3_350.0]), Some(7_200.0))
-            .unwrap();
+        let (_, c) = classify(
+            &curve(&[3_400.0, 3_500.0, 3_450.0, 3_300.0, 3_350.0]),
+            Some(7_200.0),
+        )
+        .unwrap();
         assert_eq!(c, Class::LaunchBound);
         // Without a limit the cause is not known.
         assert_eq!(classify(&pts, None).unwrap().1, Class::Plateau);

@@ -45,7 +45,7 @@ impl Progress {
         }
         let bar = ProgressBar::with_draw_target(Some(total.max(1)), ProgressDrawTarget::stderr());
         let style = ProgressStyle::with_template(
-            "[{elapsed_precise}] {bar:32} {percent:>3}%  about {eta} left  {wide_msg}",
+            "[{elapsed_precise}] {bar:24} {percent:>3}%  about {eta} left  {wide_msg}",
         )
         .unwrap_or_else(|_| ProgressStyle::default_bar());
         bar.set_style(style);

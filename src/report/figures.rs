@@ -94,6 +94,17 @@ pub fn label(a: &Analysis, s: &Series, group: &[&Series]) -> String {
     parts.join(", ")
 }
 
+/// True when `s` was measured at every thread count of `group` within its own span, so a
+/// line between its points hides nothing measured elsewhere.
+fn contiguous(s: &Series, group: &[&Series]) -> bool {
+    let (lo, hi) = (s.runs[0].threads, s.max_threads());
+    group
+        .iter()
+        .flat_map(|g| g.runs.iter().map(|r| r.threads))
+        .filter(|t| *t > lo && *t < hi)
+        .all(|t| s.at(t).is_some())
+}
+
 fn xy(s: &Series) -> Vec<(f64, f64)> {
     s.runs
         .iter()
@@ -164,10 +175,13 @@ fn throughput(a: &Analysis, op: &Op, qualify: bool) -> Vec<Figure> {
                     } else {
                         Stroke::Solid
                     },
+                    connect: contiguous(s, &group),
                 })
                 .collect();
             let mut notes = vec![
-                "a wait after every op unless \"in flight\" says otherwise".into(),
+                "a wait after every op unless \"in flight\" says otherwise; points without a \
+                 line: measured only at those thread counts"
+                    .into(),
                 sources_note(a, &group),
             ];
             if let Some(p) = op.full_size_preset() {
@@ -186,6 +200,7 @@ fn throughput(a: &Analysis, op: &Op, qualify: bool) -> Vec<Figure> {
                         points: c.points.iter().map(|&(t, v)| (t as f64, v)).collect(),
                         color: Some(n + j),
                         stroke: Stroke::Dashed,
+                        connect: true,
                     });
                 }
                 if lines.len() > n {
@@ -291,6 +306,7 @@ fn speedup(a: &Analysis) -> Option<Figure> {
                 } else {
                     Stroke::Solid
                 },
+                connect: true,
             });
         }
     }
@@ -311,6 +327,7 @@ fn speedup(a: &Analysis) -> Option<Figure> {
         points: ideal,
         color: None,
         stroke: Stroke::Dashed,
+        connect: true,
     });
     Some(Figure {
         file: "speedup.svg".into(),
@@ -323,7 +340,9 @@ fn speedup(a: &Analysis) -> Option<Figure> {
             lines,
             levels: Vec::new(),
             notes: vec![
-                "a wait after every op, one launch per op".into(),
+                "per op, submission to completion as its thread sees it; a wait after every \
+                 op, one launch per op"
+                    .into(),
                 sources_note(a, &used),
             ],
         },
@@ -377,6 +396,7 @@ fn coalescing(a: &Analysis, op: &Op, qualify: bool) -> Option<Figure> {
             } else {
                 Stroke::Dashed
             },
+            connect: contiguous(s, &group),
         })
         .collect();
     Some(Figure {
@@ -390,7 +410,9 @@ fn coalescing(a: &Analysis, op: &Op, qualify: bool) -> Option<Figure> {
             lines,
             levels: Vec::new(),
             notes: vec![
-                "solid: a wait per op; dashed: several in flight".into(),
+                "solid: a wait per op; dashed: several in flight; points without a line: \
+                 measured only at those thread counts"
+                    .into(),
                 sources_note(a, &group),
             ],
         },
@@ -437,6 +459,7 @@ fn latency(a: &Analysis, op: &Op, qualify: bool) -> Option<Figure> {
                 } else {
                     Stroke::Solid
                 },
+                connect: true,
             });
         }
     }
@@ -450,11 +473,13 @@ fn latency(a: &Analysis, op: &Op, qualify: bool) -> Option<Figure> {
         chart: Chart {
             title: format!("{}: latency per op ({})", op.preset, op.shape()),
             y_axis: YAxis::Micros,
-            y_desc: "µs, submission to completion (log scale)".into(),
+            y_desc: "µs (log scale)".into(),
             lines,
             levels: Vec::new(),
             notes: vec![
-                "a wait after every op, one launch per op".into(),
+                "per op, submission to completion as its thread sees it; a wait after every \
+                 op, one launch per op"
+                    .into(),
                 sources_note(a, &used),
             ],
         },

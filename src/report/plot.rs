@@ -64,6 +64,9 @@ pub struct Line {
     pub color: Option<usize>,
     /// Stroke.
     pub stroke: Stroke,
+    /// Join the points with a line (false: markers only, for points measured at scattered
+    /// thread counts, so no line suggests values between them).
+    pub connect: bool,
 }
 
 /// A horizontal reference line (a device limit).
@@ -359,11 +362,15 @@ fn draw(root: &Area<'_>, chart: &Chart) -> Result<(), Box<dyn std::error::Error>
             .collect();
         match line.stroke {
             Stroke::Solid => {
-                cc.draw_series(LineSeries::new(pts.clone(), c.stroke_width(2)))?;
+                if line.connect {
+                    cc.draw_series(LineSeries::new(pts.clone(), c.stroke_width(2)))?;
+                }
                 cc.draw_series(pts.iter().map(|p| Circle::new(*p, 4, c.filled())))?;
             }
             Stroke::Dashed => {
-                cc.draw_series(DashedLineSeries::new(pts.clone(), 7, 5, c.stroke_width(2)))?;
+                if line.connect {
+                    cc.draw_series(DashedLineSeries::new(pts.clone(), 7, 5, c.stroke_width(2)))?;
+                }
                 cc.draw_series(pts.iter().map(|p| Circle::new(*p, 4, c.stroke_width(2))))?;
             }
         }
@@ -390,16 +397,19 @@ fn draw(root: &Area<'_>, chart: &Chart) -> Result<(), Box<dyn std::error::Error>
     };
     for line in &chart.lines {
         let c = color(line.color);
-        match line.stroke {
-            Stroke::Solid => {
+        match (line.stroke, line.connect) {
+            (Stroke::Solid, true) => {
                 legend.draw(&PathElement::new(vec![(6, y), (38, y)], c.stroke_width(2)))?;
-                legend.draw(&Circle::new((22, y), 4, c.filled()))?;
             }
-            Stroke::Dashed => {
+            (Stroke::Dashed, true) => {
                 legend.draw(&PathElement::new(vec![(6, y), (16, y)], c.stroke_width(2)))?;
                 legend.draw(&PathElement::new(vec![(28, y), (38, y)], c.stroke_width(2)))?;
-                legend.draw(&Circle::new((22, y), 4, c.stroke_width(2)))?;
             }
+            (_, false) => {}
+        }
+        match line.stroke {
+            Stroke::Solid => legend.draw(&Circle::new((22, y), 4, c.filled()))?,
+            Stroke::Dashed => legend.draw(&Circle::new((22, y), 4, c.stroke_width(2)))?,
         }
         y = entry(y, &line.label)?;
     }
@@ -456,6 +466,7 @@ mod tests {
                     points: vec![(1.0, 100.0), (2.0, 190.0), (16.0, 210.0)],
                     color: Some(0),
                     stroke: Stroke::Solid,
+                    connect: true,
                 },
                 Line {
                     label: "a single point, with a label long enough to wrap onto a second line"
@@ -463,6 +474,7 @@ mod tests {
                     points: vec![(16.0, 150.0)],
                     color: Some(1),
                     stroke: Stroke::Dashed,
+                    connect: false,
                 },
             ],
             levels: vec![Level {
@@ -498,6 +510,7 @@ mod tests {
             points: vec![(1.0, 5.0)],
             color: None,
             stroke: Stroke::Solid,
+            connect: true,
         }];
         assert!(!render(&c).unwrap().contains("NaN"));
     }

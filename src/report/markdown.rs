@@ -489,9 +489,10 @@ fn rule_section(s: &mut String) {
          so the launch-and-wait path per op is the limit; **plateau** when it stopped growing \
          and no limit was measured.\n\
          - **recommendation**: the fewest threads within {enough} of the best; a stream per \
-         thread unless one shared stream is within {enough}; another lock or coalescing only \
-         when it beats the sweep by {choice} or more at its largest thread count, more ops in \
-         flight by {depth}; for a launch-bound op, the batch (ops per launch) at which a peer's \
+         thread unless one shared stream is within {enough}; another lock, more ops in flight or \
+         coalescing only when, where it was measured, it beats the best the sweep reached by \
+         {choice} or more ({depth} for more in flight), and then at the thread count it was \
+         measured at; for a launch-bound op, the batch (ops per launch) at which a peer's \
          coalesced launches reach {batch} of their ceiling, or else the device limit over the \
          best with one op per launch.\n",
         gain = pct(SATURATION_GAIN - 1.0),

@@ -22,9 +22,10 @@
 //! - **plateau** when the curve stopped growing and nothing measured a limit to tell which.
 //!
 //! The recommendation for the machine follows from the same numbers: the fewest threads within
-//! 90% of the best; a stream per thread unless one shared stream is as fast; the lock, depth
-//! and coalescing policy that beat the defaults by ≥ 5% (10% for depth); and for a
-//! launch-bound op the batch (ops per launch) that reaches the device limit.
+//! 90% of the best; a stream per thread unless one shared stream is as fast; another lock,
+//! depth or coalescing policy only where, as measured, it beats the best of the sweep by ≥ 5%
+//! (10% for depth), and then at the thread count it was measured at; and for a launch-bound op
+//! the batch (ops per launch) that reaches the device limit.
 
 use super::anchor::Peers;
 use super::markdown::threads;
@@ -503,25 +504,26 @@ impl Evidence<'_> {
                     .push("streams: one shared stream was not measured for this op".into());
             }
         }
-        // Lock, at the largest thread count of the sweep.
+        // Lock, depth and coalescing: another choice is recommended only when, where it was
+        // measured, it beats the best the sweep reached at any thread count.
         let top = s.max_threads();
+        let best = v.best.1;
+        let mut moved_to: Option<usize> = None;
+        let value = |x: &Series| x.at(top).map_or(0.0, |r| r.ops_per_sec);
         let plain: Vec<&Series> = self
             .at_top(op, top)
-            .filter(|x| x.config.inflight == 1)
+            .filter(|x| x.config.inflight == 1 && x.config.lock != s.config.lock)
             .collect();
-        let value = |x: &Series| x.at(top).map_or(0.0, |r| r.ops_per_sec);
-        let reference = value(s);
-        let best_lock = plain
-            .iter()
-            .filter(|x| x.config.lock != s.config.lock)
-            .max_by(|a, b| value(a).total_cmp(&value(b)));
-        match best_lock {
-            Some(x) if value(x) >= CHOICE_GAIN * reference => {
+        match plain.iter().max_by(|a, b| value(a).total_cmp(&value(b))) {
+            Some(x) if value(x) >= CHOICE_GAIN * best => {
                 r.lock = x.config.lock.clone();
+                moved_to = Some(top);
                 r.why.push(format!(
-                    "lock: {} reaches {:.2}x lock {} at {top} threads ({})",
+                    "lock: {} at {top} threads reaches {} ops/s, {:.2}x the sweep's best with \
+                     lock {} ({})",
                     x.config.lock,
-                    value(x) / reference,
+                    thousands(value(x)),
+                    value(x) / best,
                     s.config.lock,
                     self.files[x.config.source]
                 ));
@@ -530,17 +532,14 @@ impl Evidence<'_> {
                 r.lock = s.config.lock.clone();
                 let others: Vec<String> = plain
                     .iter()
-                    .filter(|x| x.config.lock != s.config.lock)
-                    .map(|x| format!("{} {:.2}x", x.config.lock, value(x) / reference))
+                    .map(|x| format!("{} {:.2}x", x.config.lock, value(x) / best))
                     .collect();
                 r.why.push(if others.is_empty() {
-                    format!(
-                        "lock: {} (no other lock measured at {top} threads)",
-                        s.config.lock
-                    )
+                    format!("lock: {} (no other lock measured)", s.config.lock)
                 } else {
                     format!(
-                        "lock: {} (at {top} threads the others reach {}: under {:.0}% more)",
+                        "lock: {} (the others at {top} threads reach {} of the sweep's best: \
+                         under {:.0}% more)",
                         s.config.lock,
                         others.join(", "),
                         100.0 * (CHOICE_GAIN - 1.0)
@@ -548,39 +547,41 @@ impl Evidence<'_> {
                 });
             }
         }
-        // Depth.
         let deep = self
             .at_top(op, top)
             .filter(|x| x.config.inflight > 1 && x.config.source == s.config.source)
             .max_by(|a, b| value(a).total_cmp(&value(b)));
         match deep {
-            Some(x) if value(x) >= DEPTH_GAIN * reference => {
+            Some(x) if value(x) >= DEPTH_GAIN * best => {
                 r.submission = format!("async, {} in flight", x.config.inflight);
+                moved_to = Some(top);
                 r.why.push(format!(
-                    "submission: {} in flight reaches {:.2}x a wait per op at {top} threads",
+                    "submission: {} in flight at {top} threads reaches {} ops/s, {:.2}x the \
+                     sweep's best with a wait per op",
                     x.config.inflight,
-                    value(x) / reference
+                    thousands(value(x)),
+                    value(x) / best
                 ));
             }
             Some(x) => {
                 r.submission = "a wait per op".into();
                 r.why.push(format!(
-                    "submission: {} in flight reaches {:.2}x a wait per op at {top} threads \
-                     (under {:.0}% more)",
+                    "submission: a wait per op ({} in flight at {top} threads reaches {:.2}x \
+                     the sweep's best: under {:.0}% more)",
                     x.config.inflight,
-                    value(x) / reference,
+                    value(x) / best,
                     100.0 * (DEPTH_GAIN - 1.0)
                 ));
             }
             None => {
                 r.submission = "a wait per op".into();
-                r.why.push(format!(
-                    "submission: deeper submission not measured at {top} threads"
-                ));
+                r.why
+                    .push("submission: a wait per op (deeper submission not measured)".into());
             }
         }
-        // Coalescing: on over off, same scenario/lock/depth/file, at the sweep's top.
-        let pairs: Vec<(&Series, f64, f64)> = self
+        // Coalescing: on against off in the same scenario, lock, depth and file, at the largest
+        // thread count measured with it on.
+        let pairs: Vec<(&Series, f64, f64, f64)> = self
             .series
             .iter()
             .filter(|x| x.config.op == *op && x.config.coalesce != "off" && x.config.inflight == 1)
@@ -600,20 +601,23 @@ impl Evidence<'_> {
                     on,
                     on_r.ops_per_sec / off_r.ops_per_sec,
                     on_r.ops_per_launch,
+                    on_r.ops_per_sec,
                 ))
             })
             .collect();
-        match pairs.iter().max_by(|a, b| a.1.total_cmp(&b.1)) {
-            Some((on, ratio, opl)) => {
+        match pairs.iter().max_by(|a, b| a.3.total_cmp(&b.3)) {
+            Some((on, ratio, opl, ops)) => {
                 let t = on.max_threads();
-                r.coalescing = if *ratio >= CHOICE_GAIN {
-                    format!("on ({})", on.config.coalesce_words())
+                let gain = ops / best;
+                if gain >= CHOICE_GAIN && *ratio > 1.0 {
+                    r.coalescing = format!("on ({})", on.config.coalesce_words());
+                    moved_to = Some(t);
                 } else {
-                    "off".into()
-                };
+                    r.coalescing = "off".into();
+                }
                 r.why.push(format!(
-                    "coalescing: {} reaches {ratio:.2}x one launch per op at {t} threads, \
-                     merging {opl:.1} ops per launch ({})",
+                    "coalescing: {} at {t} threads reaches {ratio:.2}x one launch per op there \
+                     and {gain:.2}x the sweep's best, merging {opl:.1} ops per launch ({})",
                     on.config.coalesce_words(),
                     self.files[on.config.source]
                 ));
@@ -622,6 +626,14 @@ impl Evidence<'_> {
                 r.coalescing = "off".into();
                 r.why
                     .push("coalescing: not measured for this op (off is the default)".into());
+            }
+        }
+        if let Some(t) = moved_to {
+            if r.threads != Some(t) {
+                r.threads = Some(t);
+                r.why.push(format!(
+                    "threads: {t} after all, where the better choice above was measured"
+                ));
             }
         }
         // Batch size.

@@ -340,9 +340,9 @@ fn speedup(a: &Analysis) -> Option<Figure> {
             lines,
             levels: Vec::new(),
             notes: vec![
-                "per op, submission to completion as its thread sees it; a wait after every \
-                 op, one launch per op"
-                    .into(),
+                "ops/s over ops/s at the fewest threads; a wait after every op, one launch per \
+                 op"
+                .into(),
                 sources_note(a, &used),
             ],
         },

@@ -33,6 +33,15 @@ step "multiq minimal, light (median of 3)"
 step "multiq heavy, default (1 and 16 threads)"
 "$bin" bench queues "${common[@]}" --preset heavy,default --threads 1,16 --iters 300 \
   --json "$res/coalesce-large.json" > "$res/coalesce-large.txt" 2>&1; echo "exit $?" >> "$res/summary.txt"
+step "depth 1 and 3, and wait yield (minimal, light, default; 16 threads; fixed)"
+for d in 1 3; do
+  "$bin" bench queues --backend cuda --scenario per-thread --lock none --coalesce fixed --coalesce-depth $d \
+    --inflight 1,8 --preset minimal,light,default --threads 16 --iters 1000 --repeat 3 \
+    --json "$res/depth-$d.json" > "$res/depth-$d.txt" 2>&1; echo "exit $?" >> "$res/summary.txt"
+done
+"$bin" bench queues --backend cuda --wait yield --scenario per-thread --lock none --coalesce off,fixed \
+  --inflight 1,8 --preset minimal,light --threads 16 --iters 1000 --repeat 3 \
+  --json "$res/wait-yield.json" > "$res/wait-yield.txt" 2>&1; echo "exit $?" >> "$res/summary.txt"
 for mb in 4 8 32 64; do
   step "max-batch $mb (minimal, 16 threads, fixed)"
   "$bin" bench queues --backend cuda --scenario per-thread --lock none --coalesce fixed --max-batch $mb \
@@ -45,7 +54,10 @@ for f in sorted(glob.glob(sys.argv[1] + "/*.json")):
     for r in json.load(open(f))["runs"]:
         if r["threads"] in (1, 16):
             print(f"{f.split('/')[-1]:<22} {r['preset']:<8} if{r['inflight']} {r['coalesce']:<8} {r['threads']:>2}T "
-                  f"{r['ops_per_sec']:>12,.0f} ops/s  p50 {r['latency_us']['p50']:8.1f}  p99 {r['latency_us']['p99']:8.1f} us  ops/launch {r['ops_per_launch']:5.1f}  verified={r['verified']}")
+                  f"{r['ops_per_sec']:>12,.0f} ops/s  p50 {r['latency_us']['p50']:8.1f}  p99 {r['latency_us']['p99']:8.1f} us  ops/launch {r['ops_per_launch']:5.1f} d{r.get('coalesce_depth', 0)} {r['wait']} verified={r['verified']}")
+            c = r.get("coalesce_stats")
+            if c:
+                print(f"{'':24} per batch: pending {c['pending_us']:.1f} us, launch call {c['launch_us']:.1f} us, launch to seen complete {c['complete_us']:.1f} us")
 PY
 tar czf "$out/coalesce.tgz" -C "$(dirname "$res")" coalesce
 cp "$res/summary.txt" "$out/summary.txt"

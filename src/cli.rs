@@ -213,6 +213,10 @@ pub struct QueuesArgs {
     /// Coalescing: longest an op waits for others, in microseconds.
     #[arg(long, allow_hyphen_values = true, value_name = "US", default_value_t = 20, value_parser = clap::value_parser!(u64).range(0..=10_000_000))]
     pub max_delay_us: u64,
+    /// Coalescing: batches queued on the device before new ops wait to fill a batch (1: launch
+    /// only when the device is idle; 2: queue the next batch while one runs).
+    #[arg(long, allow_hyphen_values = true, value_name = "N", default_value_t = multiq::runtime::DEFAULT_DEPTH as u64, value_parser = clap::value_parser!(u64).range(1..=64))]
+    pub coalesce_depth: u64,
     /// Adaptive coalescing: batch latency to stay under, in microseconds.
     #[arg(long, allow_hyphen_values = true, value_name = "US", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
     pub latency_target_us: u64,
@@ -259,6 +263,7 @@ impl QueuesArgs {
         };
         let max_batch = self.max_batch as usize;
         let max_delay = std::time::Duration::from_micros(self.max_delay_us);
+        let depth = self.coalesce_depth as usize;
         choices
             .into_iter()
             .map(|c| match c {
@@ -266,11 +271,13 @@ impl QueuesArgs {
                 CoalesceChoice::Fixed => CoalescePolicy::Fixed {
                     max_batch,
                     max_delay,
+                    depth,
                 },
                 CoalesceChoice::Adaptive => CoalescePolicy::Adaptive {
                     max_batch,
                     max_delay,
                     latency_target: std::time::Duration::from_micros(self.latency_target_us),
+                    depth,
                 },
             })
             .collect()

@@ -5,7 +5,10 @@ use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
 use multiq::kernel::{initial_value, simple_compute};
-use multiq::{CoalescePolicy, Device, Inflight, Kernel, LockMode, PoolConfig, StreamPool};
+use multiq::{
+    BackendKind, CoalescePolicy, Device, DeviceOptions, Inflight, Kernel, LockMode, PoolConfig,
+    StreamPool, WaitPolicy,
+};
 use proptest::prelude::*;
 
 fn policies() -> [CoalescePolicy; 2] {
@@ -13,19 +16,35 @@ fn policies() -> [CoalescePolicy; 2] {
         CoalescePolicy::Fixed {
             max_batch: 8,
             max_delay: Duration::from_micros(50),
+            depth: 2,
         },
         CoalescePolicy::Adaptive {
             max_batch: 16,
             max_delay: Duration::from_micros(50),
             latency_target: Duration::from_micros(500),
+            depth: 1,
         },
     ]
 }
 
 /// 64 threads, each a random mix of kernels (iteration counts), buffer sizes, inflight depths
 /// and one or two buffers, on its own or a shared stream; compared with serial execution.
-fn random_mix(seed: u64, policy: CoalescePolicy, lock: LockMode) {
-    let dev = Device::cpu(2).unwrap();
+/// A 2-unit CPU device waiting per `wait`: `block` makes the coalescer use events, `spin` and
+/// `yield` its host completion signal. Both paths are tested.
+fn cpu(wait: WaitPolicy) -> Device {
+    Device::open(&DeviceOptions {
+        backend: Some(BackendKind::Cpu),
+        cpu_units: Some(2),
+        wait: Some(wait),
+        ..Default::default()
+    })
+    .unwrap()
+}
+
+const WAITS: [WaitPolicy; 3] = [WaitPolicy::Block, WaitPolicy::Yield, WaitPolicy::Spin];
+
+fn random_mix(seed: u64, policy: CoalescePolicy, lock: LockMode, wait: WaitPolicy) {
+    let dev = cpu(wait);
     let pool = StreamPool::new(
         &dev,
         PoolConfig {
@@ -93,7 +112,11 @@ fn random_mix(seed: u64, policy: CoalescePolicy, lock: LockMode) {
 fn random_mixes_from_64_threads_equal_serial_execution() {
     for policy in policies() {
         for lock in [LockMode::PerStream, LockMode::Global] {
-            random_mix(7, policy, lock);
+            // Spinning 64 threads on 2 cores is correct but slow: block and yield here, spin
+            // in the smaller tests below.
+            for wait in [WaitPolicy::Block, WaitPolicy::Yield] {
+                random_mix(7, policy, lock, wait);
+            }
         }
     }
 }
@@ -102,7 +125,7 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(4))]
     #[test]
     fn random_mixes_hold_for_any_seed(seed in any::<u64>()) {
-        random_mix(seed, policies()[0], LockMode::PerStream);
+        random_mix(seed, policies()[0], LockMode::PerStream, WaitPolicy::Yield);
     }
 }
 
@@ -110,8 +133,8 @@ proptest! {
 fn one_threads_async_ops_on_one_buffer_are_never_merged_or_reordered() {
     // Few iterations: values are still far from the fixed point, so a lost, merged (run
     // concurrently) or reordered op changes the result.
-    let dev = Device::cpu(2).unwrap();
-    for policy in policies() {
+    for (policy, wait) in policies().into_iter().flat_map(|p| WAITS.map(|w| (p, w))) {
+        let dev = cpu(wait);
         let pool = StreamPool::new(
             &dev,
             PoolConfig {
@@ -141,7 +164,13 @@ fn one_threads_async_ops_on_one_buffer_are_never_merged_or_reordered() {
 
 #[test]
 fn dropped_tickets_leak_nothing_and_block_no_one() {
-    let dev = Device::cpu(2).unwrap();
+    for wait in WAITS {
+        dropped_tickets_with(wait);
+    }
+}
+
+fn dropped_tickets_with(wait: WaitPolicy) {
+    let dev = cpu(wait);
     let pool = StreamPool::new(
         &dev,
         PoolConfig {
@@ -150,6 +179,12 @@ fn dropped_tickets_leak_nothing_and_block_no_one() {
         },
     )
     .unwrap();
+    let completion = if wait == WaitPolicy::Block {
+        "event"
+    } else {
+        "signal"
+    };
+    assert_eq!(pool.coalesce_completion(), Some(completion));
     let s = pool.current().unwrap();
     let mut a = dev.buffer_from(&[0.5; 100]).unwrap();
     let mut b = dev.buffer_from(&[0.25; 100]).unwrap();

@@ -8,7 +8,8 @@ use std::sync::{Arc, Barrier};
 use multiq::bench::queues::verify_buffer;
 use multiq::kernel::initial_value;
 use multiq::{
-    BackendKind, Device, DeviceOptions, Error, Inflight, Kernel, LockMode, PoolConfig, StreamPool,
+    BackendKind, CoalescePolicy, Device, DeviceOptions, Error, Inflight, Kernel, LockMode,
+    PoolConfig, StreamPool, WaitPolicy,
 };
 
 fn cuda(test: &str) -> Option<Device> {
@@ -239,5 +240,105 @@ fn grouped_launches_are_bit_identical_to_single_launches() {
         let (g, a) = (g.read().unwrap(), a.read().unwrap());
         assert_eq!(g, a, "buffer {t} of {} elements", sizes[t]);
         assert_eq!(verify_buffer(t, &g, 7, tolerance()).first_mismatch, None);
+    }
+}
+
+/// 16 threads, coalescing on (host-signal completion with spin/yield, events with block),
+/// each a mix of kernels and inflight depths over two buffers: every buffer equals the same
+/// ops launched one by one, bit for bit.
+#[test]
+fn coalesced_ops_are_bit_identical_to_single_launches() {
+    let test = "coalesced_ops_are_bit_identical_to_single_launches";
+    let Some(probe) = cuda(test) else {
+        return;
+    };
+    drop(probe);
+    for wait in [WaitPolicy::Spin, WaitPolicy::Yield, WaitPolicy::Block] {
+        let dev = Device::open(&DeviceOptions {
+            backend: Some(BackendKind::Cuda),
+            wait: Some(wait),
+            ..Default::default()
+        })
+        .unwrap();
+        let policy = CoalescePolicy::Fixed {
+            max_batch: 16,
+            max_delay: std::time::Duration::from_micros(20),
+            depth: 2,
+        };
+        let pool = StreamPool::new(
+            &dev,
+            PoolConfig {
+                lock: LockMode::PerStream,
+                coalesce: policy,
+                ..PoolConfig::default()
+            },
+        )
+        .unwrap();
+        let want = if wait == WaitPolicy::Block {
+            "event"
+        } else {
+            "signal"
+        };
+        assert_eq!(pool.coalesce_completion(), Some(want), "{wait}");
+        let start = Arc::new(Barrier::new(16));
+        let handles: Vec<_> = (0..16usize)
+            .map(|t| {
+                let (pool, start) = (pool.clone(), start.clone());
+                std::thread::spawn(move || {
+                    let dev = pool.device().clone();
+                    let n = [1usize, 255, 4097, 65_536][t % 4];
+                    let init = |b: usize| {
+                        (0..n)
+                            .map(|i| initial_value(t * 2 + b, i))
+                            .collect::<Vec<f32>>()
+                    };
+                    let mut bufs = [
+                        dev.buffer_from(&init(0)).unwrap(),
+                        dev.buffer_from(&init(1)).unwrap(),
+                    ];
+                    let mut plan = Vec::new();
+                    let s = pool.current().unwrap();
+                    let mut w = Inflight::new(1 + t % 4).unwrap();
+                    start.wait();
+                    for i in 0..200 {
+                        let (k, b) = (1 + ((i * 7 + t) % 3) as u32, (i + t) % 2);
+                        plan.push((k, b));
+                        w.submit(|| s.launch(Kernel::SimpleCompute { iters: k }, &mut bufs[b]))
+                            .unwrap();
+                    }
+                    w.drain().unwrap();
+                    // The same ops, one launch each, on a non-coalescing pool.
+                    let single = StreamPool::new(&dev, PoolConfig::default()).unwrap();
+                    let s1 = single.current().unwrap();
+                    let mut alone = [
+                        dev.buffer_from(&init(0)).unwrap(),
+                        dev.buffer_from(&init(1)).unwrap(),
+                    ];
+                    for (k, b) in plan {
+                        s1.launch(Kernel::SimpleCompute { iters: k }, &mut alone[b])
+                            .unwrap()
+                            .wait()
+                            .unwrap();
+                    }
+                    for b in 0..2 {
+                        assert_eq!(
+                            bufs[b].read().unwrap(),
+                            alone[b].read().unwrap(),
+                            "thread {t} buffer {b} ({wait})"
+                        );
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap();
+        }
+        let stats = pool.coalesce_stats().unwrap();
+        let (launches, ops) = (stats.launches, stats.ops);
+        assert_eq!(ops, 16 * 200, "{wait}: every op launched exactly once");
+        assert!(
+            launches < ops,
+            "{wait}: {launches} launches for {ops} ops: nothing merged"
+        );
     }
 }

@@ -111,6 +111,12 @@ pub trait Backend: Send + Sync + fmt::Debug {
     fn new_stream(&self) -> Result<Arc<dyn BackendStream>>;
     /// Creates a new event (not yet recorded; waiting on it returns at once).
     fn new_event(&self) -> Result<Box<dyn BackendEvent>>;
+    /// Creates a host-visible progress word streams can write to ([`BackendStream::signal`]),
+    /// or `None` where the device cannot write host memory in stream order (the runtime then
+    /// falls back to events).
+    fn new_signal(&self) -> Result<Option<Arc<dyn BackendSignal>>> {
+        Ok(None)
+    }
     /// Waits until all work on all streams of this device has completed.
     fn synchronize(&self) -> Result<()>;
     /// Bytes that can still be allocated, where known.
@@ -136,6 +142,20 @@ pub trait BackendStream: Send + Sync {
         }
         Ok(())
     }
+    /// [`launch_grouped`](Self::launch_grouped), then [`signal`](Self::signal) with `value`,
+    /// in one call so a backend can fuse them (CUDA: the grouped kernel writes the signal
+    /// itself, saving a driver call and a stream memory operation). A signal written this
+    /// way must not be written by two streams at once.
+    fn launch_grouped_signalled(
+        &self,
+        kernel: Kernel,
+        bufs: &[&dyn BackendBuffer],
+        signal: &dyn BackendSignal,
+        value: u64,
+    ) -> Result<()> {
+        self.launch_grouped(kernel, bufs)?;
+        self.signal(signal, value)
+    }
     /// Copies `src` into `buf`, ordered after earlier work on this stream; returns when done.
     fn upload(&self, buf: &dyn BackendBuffer, src: &[f32]) -> Result<()>;
     /// Copies `buf` into `dst`, ordered after earlier work on this stream; returns when done.
@@ -144,6 +164,16 @@ pub trait BackendStream: Send + Sync {
     fn record(&self, event: &dyn BackendEvent) -> Result<()>;
     /// Waits until all work submitted so far on this stream has completed.
     fn synchronize(&self) -> Result<()>;
+    /// True when all work submitted so far on this stream has completed; the stream's (sticky)
+    /// error if any of it failed. Never blocks.
+    fn query(&self) -> Result<bool>;
+    /// Queues a write of `value` into `signal`, performed after all work submitted so far on
+    /// this stream has completed, and only if all of it succeeded (a failed stream never
+    /// writes again). Values written to one signal must increase.
+    fn signal(&self, signal: &dyn BackendSignal, value: u64) -> Result<()> {
+        let _ = (signal, value);
+        Err(Error::invalid("this backend has no host signals"))
+    }
     /// Frees `buf` once all work submitted so far on this stream has completed, without
     /// blocking the caller.
     fn free_after(&self, buf: Box<dyn BackendBuffer>);
@@ -157,6 +187,18 @@ pub trait BackendEvent: Send + Sync {
     fn wait(&self) -> Result<()>;
     /// True when the work before the last record has completed.
     fn is_complete(&self) -> Result<bool>;
+    /// For downcasting inside the backend.
+    fn as_any(&self) -> &dyn Any;
+}
+
+/// A word of host memory that streams write increasing values into (see
+/// [`BackendStream::signal`]). Reading it costs a memory load, no driver call: many threads can
+/// poll it at once. The memory stays valid until every write queued to it has landed (the
+/// backend's `Drop` makes sure).
+pub trait BackendSignal: Send + Sync {
+    /// The last value written (0 before any write), with acquire ordering: work that completed
+    /// before the write is visible to the reader.
+    fn value(&self) -> u64;
     /// For downcasting inside the backend.
     fn as_any(&self) -> &dyn Any;
 }

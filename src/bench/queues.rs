@@ -313,6 +313,7 @@ pub fn run_queues(device: &Device, spec: &QueuesSpec) -> Result<RunOutcome> {
         CoalescePolicy::Fixed {
             max_batch,
             max_delay,
+            ..
         }
         | CoalescePolicy::Adaptive {
             max_batch,
@@ -345,14 +346,17 @@ pub fn run_queues(device: &Device, spec: &QueuesSpec) -> Result<RunOutcome> {
         coalesce: spec.coalesce.name(),
         coalesce_max_batch,
         coalesce_max_delay_us,
-        coalesced_launches: pool.coalesce_stats().map_or(0, |s| s.0),
+        coalesced_launches: pool.coalesce_stats().map_or(0, |s| s.launches),
         ops_per_launch: pool
             .coalesce_stats()
-            .map_or(1.0, |(b, o)| o as f64 / b.max(1) as f64),
+            .map_or(1.0, |s| s.ops as f64 / s.launches.max(1) as f64),
         latency_us,
         repeats: 1,
         ops_per_sec_min: ops as f64 / seconds,
         ops_per_sec_max: ops as f64 / seconds,
+        coalesce_depth: spec.coalesce.depth(),
+        coalesce_completion: pool.coalesce_completion().unwrap_or(""),
+        coalesce_stats: pool.coalesce_stats(),
     };
     Ok(RunOutcome { row, mismatch })
 }

@@ -130,6 +130,14 @@ pub struct RunRow {
     pub ops_per_sec_min: f64,
     /// Highest ops/s among the repeats.
     pub ops_per_sec_max: f64,
+    /// With coalescing on: batches queued on the device before new ops wait (0 when off).
+    pub coalesce_depth: usize,
+    /// With coalescing on: how waiters learn a batch completed, `signal` (a host word the
+    /// stream writes) or `event`; empty when off.
+    pub coalesce_completion: &'static str,
+    /// With coalescing on: launches, ops and the average time breakdown of a batch (pending,
+    /// launch call, launch-to-completion), warm-up included.
+    pub coalesce_stats: Option<crate::runtime::CoalesceStats>,
 }
 
 /// Latency percentiles in microseconds.

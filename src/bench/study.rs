@@ -35,6 +35,7 @@ pub const ASYNC_INFLIGHT: usize = 8;
 pub const STUDY_COALESCE: CoalescePolicy = CoalescePolicy::Fixed {
     max_batch: 16,
     max_delay: std::time::Duration::from_micros(20),
+    depth: crate::runtime::DEFAULT_DEPTH,
 };
 
 /// What to run.

@@ -135,6 +135,9 @@ pub struct StoredRun {
     /// Most ops per grouped launch the policy allowed (0 = not recorded).
     #[serde(default)]
     pub coalesce_max_batch: usize,
+    /// Batches queued on the device before new ops wait (0 = off or not recorded).
+    #[serde(default)]
+    pub coalesce_depth: usize,
     /// Ops per grouped launch, on average.
     #[serde(default = "one_f64")]
     pub ops_per_launch: f64,

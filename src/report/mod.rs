@@ -281,6 +281,7 @@ mod tests {
             wait: "spin".into(),
             coalesce: "off".into(),
             coalesce_max_batch: 1,
+            coalesce_depth: 0,
             ops_per_launch: 1.0,
             latency_us: Some(StoredLatency {
                 p50: 1e6 / ops * threads as f64,

@@ -86,6 +86,8 @@ pub struct Config {
     pub coalesce: String,
     /// Coalescing batch limit (0 = not recorded).
     pub max_batch: usize,
+    /// Coalescing depth (0 = not recorded).
+    pub depth: usize,
     /// Wait policy.
     pub wait: String,
     /// Index of the results file.
@@ -106,6 +108,11 @@ impl Config {
             } else {
                 r.coalesce_max_batch
             },
+            depth: if r.coalesce == "off" {
+                0
+            } else {
+                r.coalesce_depth
+            },
             wait: r.wait.clone(),
             source,
         }
@@ -116,13 +123,18 @@ impl Config {
         self.inflight == 1 && self.coalesce == "off"
     }
 
-    /// The coalescing policy in words (`off`, `fixed ≤16`).
+    /// The coalescing policy in words (`off`, `fixed ≤16`, `fixed ≤16 depth 2`).
     pub fn coalesce_words(&self) -> String {
-        if self.coalesce == "off" || self.max_batch == 0 {
-            self.coalesce.clone()
-        } else {
-            format!("{} ≤{}", self.coalesce, self.max_batch)
+        let mut s = self.coalesce.clone();
+        if self.coalesce != "off" {
+            if self.max_batch > 0 {
+                s += &format!(" ≤{}", self.max_batch);
+            }
+            if self.depth > 0 {
+                s += &format!(" depth {}", self.depth);
+            }
         }
+        s
     }
 }
 

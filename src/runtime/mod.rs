@@ -17,7 +17,7 @@ mod inflight;
 mod pool;
 mod stream;
 
-pub use coalescer::CoalescePolicy;
+pub use coalescer::{CoalescePolicy, CoalesceStats, DEFAULT_DEPTH};
 pub use device::{Buffer, Device};
 pub use inflight::Inflight;
 pub use pool::{PoolConfig, StreamPool, DEFAULT_POOL_SIZE};

@@ -122,9 +122,19 @@ impl StreamPool {
         &self.shared.device
     }
 
-    /// With coalescing on: (grouped launches so far, ops in them).
-    pub fn coalesce_stats(&self) -> Option<(u64, u64)> {
+    /// With coalescing on: grouped launches so far, ops in them, and where a batch's time
+    /// went.
+    pub fn coalesce_stats(&self) -> Option<super::CoalesceStats> {
         self.shared.coalescer.as_ref().map(|c| c.stats())
+    }
+
+    /// With coalescing on: how waiters learn a batch completed, `"signal"` (a host word the
+    /// batch stream writes; no driver call to wait) or `"event"`.
+    pub fn coalesce_completion(&self) -> Option<&'static str> {
+        self.shared
+            .coalescer
+            .as_ref()
+            .map(|c| if c.uses_signal() { "signal" } else { "event" })
     }
 
     /// Streams created so far (they are created lazily).

@@ -214,7 +214,12 @@ impl Ticket {
     pub fn is_complete(&self) -> Result<bool> {
         match &self.kind {
             TicketKind::Event(event) => event.as_ref().map_or(Ok(true), |e| e.is_complete()),
-            TicketKind::Coalesced(batch) => Ok(batch.is_done()),
+            TicketKind::Coalesced(batch) => self
+                .stream
+                .coalescer
+                .as_ref()
+                .expect("coalesced tickets come from coalescing pools")
+                .poll(batch),
         }
     }
 }

@@ -96,6 +96,21 @@ impl<T> OrderedQueue<T> {
         self.state.lock().submitted
     }
 
+    /// `Ok(true)` when every task pushed so far has completed, `Ok(false)` while some have
+    /// not, the first failure once one failed (sticky).
+    pub fn status(&self) -> Result<bool, String> {
+        let st = self.state.lock();
+        match &st.failure {
+            Some((_, msg)) => Err(msg.clone()),
+            None => Ok(st.completed == st.submitted),
+        }
+    }
+
+    /// True once a task has failed (sticky).
+    pub fn has_failed(&self) -> bool {
+        self.state.lock().failure.is_some()
+    }
+
     /// True when task `seq` has completed.
     pub fn is_complete(&self, seq: u64) -> bool {
         self.completed.load(Ordering::Acquire) >= seq

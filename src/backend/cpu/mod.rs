@@ -17,7 +17,7 @@ use std::sync::{Arc, Weak};
 use parking_lot::Mutex;
 
 use super::{downcast, Backend, BackendBuffer, BackendEvent, BackendKind, BackendStream};
-use super::{DeviceInfo, DeviceOptions, WaitPolicy};
+use super::{BackendSignal, DeviceInfo, DeviceOptions, WaitPolicy};
 use crate::error::{Error, Result};
 use crate::kernel::Kernel;
 use stream::{CpuStream, StreamQueue};
@@ -126,6 +126,10 @@ impl Backend for CpuBackend {
 
     fn new_event(&self) -> Result<Box<dyn BackendEvent>> {
         Ok(Box::new(stream::CpuEvent::new(self.wait)))
+    }
+
+    fn new_signal(&self) -> Result<Option<Arc<dyn BackendSignal>>> {
+        Ok(Some(Arc::new(stream::CpuSignal::new())))
     }
 
     fn synchronize(&self) -> Result<()> {

@@ -8,13 +8,16 @@
 
 use std::any::Any;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
 use rayon::prelude::*;
 
 use super::{cpu_buffer, BLOCK};
-use crate::backend::{downcast, BackendBuffer, BackendEvent, BackendStream, WaitPolicy};
+use crate::backend::{
+    downcast, BackendBuffer, BackendEvent, BackendSignal, BackendStream, WaitPolicy,
+};
 use crate::error::{Error, Result};
 use crate::kernel::Kernel;
 use crate::sync::ordered_queue::OrderedQueue;
@@ -159,9 +162,54 @@ impl BackendStream for CpuStream {
         self.queue.wait_all(self.wait)
     }
 
+    fn query(&self) -> Result<bool> {
+        self.queue.queue.status().map_err(|message| Error::Device {
+            op: "query",
+            message,
+        })
+    }
+
+    fn signal(&self, signal: &dyn BackendSignal, value: u64) -> Result<()> {
+        let word = downcast::<CpuSignal>(signal.as_any(), "signal")?
+            .word
+            .clone();
+        // The drain job holds the queue while a task runs, so the weak reference upgrades.
+        let queue = Arc::downgrade(&self.queue);
+        self.queue.push(Box::new(move || {
+            // Like a CUDA stream, a failed stream writes nothing more.
+            if queue.upgrade().is_some_and(|q| !q.queue.has_failed()) {
+                word.store(value, Ordering::Release);
+            }
+        }));
+        Ok(())
+    }
+
     fn free_after(&self, buf: Box<dyn BackendBuffer>) {
         // Queued tasks hold their own reference to the storage: dropping ours is enough.
         drop(buf);
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+/// A CPU signal: a shared atomic word, written by a task queued on a stream.
+pub(super) struct CpuSignal {
+    word: Arc<AtomicU64>,
+}
+
+impl CpuSignal {
+    pub(super) fn new() -> Self {
+        CpuSignal {
+            word: Arc::new(AtomicU64::new(0)),
+        }
+    }
+}
+
+impl BackendSignal for CpuSignal {
+    fn value(&self) -> u64 {
+        self.word.load(Ordering::Acquire)
     }
 
     fn as_any(&self) -> &dyn Any {

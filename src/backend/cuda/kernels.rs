@@ -46,6 +46,48 @@ template <int MAX> __device__ void grouped(const Group<MAX>& g, unsigned int ite
     for (unsigned int k = 0; k < iters; k++) v = sinf(v) * cosf(v) + v;
     data[i] = v;
 }
+// The same, followed by a completion signal written by the kernel itself (no separate
+// stream memory operation). The grid strides over the same 256-element virtual blocks with
+// at most SIGNAL_BLOCKS_PER_SM blocks of 1,024 threads per multiprocessor, so few blocks
+// count themselves done: every thread fences its writes, each block then adds one to the
+// counter, and the last block resets the counter for the next launch on the stream and
+// writes `value` into the host-mapped word. The host seeing `value` therefore implies every
+// element of the batch was written and is visible device-wide. Each element still goes
+// through exactly the code above (bit-identical results).
+struct Signal { unsigned long long* word; unsigned int* counter; unsigned long long value; };
+template <int MAX> __device__ __forceinline__ void grouped_signal(const Group<MAX>& g, unsigned int iters, const Signal& s) {
+    const Segment& last = g.seg[g.count - 1];
+    unsigned int vblocks = last.first_block + (last.n + 255u) / 256u;
+    if (last.n == 0u) vblocks += 1u;
+    for (unsigned int vb = blockIdx.x * 4u + threadIdx.x / 256u; vb < vblocks; vb += gridDim.x * 4u) {
+        unsigned int lo = 0, hi = g.count - 1;
+        while (lo < hi) {
+            unsigned int mid = (lo + hi + 1) / 2;
+            if (g.seg[mid].first_block <= vb) lo = mid; else hi = mid - 1;
+        }
+        float* data = g.seg[lo].data;
+        unsigned int n = g.seg[lo].n;
+        unsigned int i = (vb - g.seg[lo].first_block) * 256u + threadIdx.x % 256u;
+        if (i < n) {
+            float v = data[i];
+            for (unsigned int k = 0; k < iters; k++) v = sinf(v) * cosf(v) + v;
+            data[i] = v;
+        }
+    }
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        unsigned int done = atomicAdd(s.counter, 1u);
+        if (done == gridDim.x - 1) {
+            *s.counter = 0u;
+            __threadfence_system();
+            *(volatile unsigned long long*)s.word = s.value;
+        }
+    }
+}
+extern "C" __global__ void __launch_bounds__(1024, 2) simple_compute_grouped_signal8(const Group<8> g, unsigned int iters, const Signal s) { grouped_signal(g, iters, s); }
+extern "C" __global__ void __launch_bounds__(1024, 2) simple_compute_grouped_signal32(const Group<32> g, unsigned int iters, const Signal s) { grouped_signal(g, iters, s); }
+extern "C" __global__ void __launch_bounds__(1024, 2) simple_compute_grouped_signal(const Group<128> g, unsigned int iters, const Signal s) { grouped_signal(g, iters, s); }
 extern "C" __global__ void simple_compute_grouped8(const Group<8> g, unsigned int iters) { grouped(g, iters); }
 extern "C" __global__ void simple_compute_grouped32(const Group<32> g, unsigned int iters) { grouped(g, iters); }
 extern "C" __global__ void simple_compute_grouped(const Group<128> g, unsigned int iters) { grouped(g, iters); }
@@ -72,11 +114,35 @@ pub struct Group {
     pub seg: [Segment; MAX_SEGMENTS],
 }
 
+/// Threads per block of the grouped-and-signalled kernels (four virtual blocks).
+pub const SIGNAL_BLOCK_THREADS: u32 = 1024;
+/// Blocks per multiprocessor, at most, of the grouped-and-signalled kernels (two waves of
+/// two resident 1,024-thread blocks); larger batches use the plain kernel and a stream
+/// memory operation.
+pub const SIGNAL_BLOCKS_PER_SM: u32 = 4;
+
+/// The signal parameter of the grouped-and-signalled kernels, laid out as the kernel's
+/// `Signal`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct SignalParam {
+    /// Device alias of the host-mapped completion word.
+    pub word: u64,
+    /// Device word counting finished blocks (0 between launches).
+    pub counter: u64,
+    /// Value to write once every block finished.
+    pub value: u64,
+}
+
 /// The loaded kernels of one device.
 pub struct Kernels {
     pub simple_compute: CudaFunction,
     /// Grouped variants for at most 8, 32 and 128 segments.
     pub simple_compute_grouped: [CudaFunction; 3],
+    /// Grouped variants that write a completion signal when done (same sizes).
+    pub simple_compute_grouped_signal: [CudaFunction; 3],
+    /// Multiprocessors of the device (sizes the signalled kernels' grid).
+    pub multiprocessors: u32,
 }
 
 /// Segments each grouped variant takes.
@@ -126,9 +192,22 @@ pub fn for_device(ctx: &Arc<CudaContext>, ordinal: usize) -> Result<Arc<Kernels>
         load("simple_compute_grouped32")?,
         load("simple_compute_grouped")?,
     ];
+    let simple_compute_grouped_signal = [
+        load("simple_compute_grouped_signal8")?,
+        load("simple_compute_grouped_signal32")?,
+        load("simple_compute_grouped_signal")?,
+    ];
+    let multiprocessors = ctx
+        .attribute(
+            cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+        )
+        .map_err(|e| driver_error("info", e))?
+        .max(1) as u32;
     let k = Arc::new(Kernels {
         simple_compute,
         simple_compute_grouped,
+        simple_compute_grouped_signal,
+        multiprocessors,
     });
     cache.insert(ordinal, k.clone());
     Ok(k)

@@ -23,10 +23,10 @@ use std::sync::Arc;
 use cudarc::driver::{sys, CudaContext, CudaStream, DriverError};
 
 use super::{Backend, BackendBuffer, BackendEvent, BackendKind, BackendStream};
-use super::{DeviceInfo, DeviceOptions, WaitPolicy};
+use super::{BackendSignal, DeviceInfo, DeviceOptions, WaitPolicy};
 use crate::error::{Error, Result};
 use crate::kernel::Kernel;
-use stream::{CudaBuffer, CudaEventBox, CudaQueue};
+use stream::{CudaBuffer, CudaEventBox, CudaQueue, CudaSignal};
 
 /// Largest buffer (elements): the kernels index with 32-bit unsigned integers.
 pub const MAX_ELEMENTS: usize = u32::MAX as usize;
@@ -197,6 +197,21 @@ impl Backend for CudaBackend {
 
     fn new_event(&self) -> Result<Box<dyn BackendEvent>> {
         Ok(Box::new(CudaEventBox::new(&self.ctx, self.wait)?))
+    }
+
+    fn new_signal(&self) -> Result<Option<Arc<dyn BackendSignal>>> {
+        let attr = sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_CAN_USE_64_BIT_STREAM_MEM_OPS;
+        if self.ctx.attribute(attr).unwrap_or(0) != 1 {
+            return Ok(None);
+        }
+        // cudarc panics when the driver lacks a symbol: treat that as "no signals".
+        let made = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            CudaSignal::new(&self.ctx, &self.alloc_stream)
+        }));
+        match made {
+            Ok(Ok(signal)) => Ok(Some(Arc::new(signal))),
+            Ok(Err(_)) | Err(_) => Ok(None),
+        }
     }
 
     fn synchronize(&self) -> Result<()> {

@@ -45,6 +45,34 @@ pub enum Command {
     Bench(Box<BenchArgs>),
     /// Show which backends and devices multiq can use on this machine.
     Info(DeviceArgs),
+    /// Write a report (report.md and SVG charts) from stored results files.
+    #[command(long_about = REPORT_HELP)]
+    Report(ReportArgs),
+}
+
+const REPORT_HELP: &str = "Writes report.md and SVG charts into --out DIR from one or more \
+    results files (from `multiq bench --json` or `multiq bench queues --json`), all measured on \
+    one device: ops/s by threads per op, speedup against ideal, coalescing off vs on, latency \
+    percentiles, and a computed verdict per op (saturation point, maximum speedup, efficiency, \
+    class: parallel / launch-bound / device-saturated / collapsing, with the device limit that \
+    decides it) with a recommendation for the machine. --anchor adds a peer's output (mq.cu or \
+    launch.cu from shared/anchors) on the same axes and as evidence. Every number in the report \
+    is computed from the files given, and the report names each file with its command, commit, \
+    date, device and driver.\n\n\
+    Exit codes: 0 written; 2 usage errors (no file, --out not a directory, files from different \
+    devices); 1 a file that cannot be read or is not a results file.";
+
+#[derive(Args, Debug)]
+pub struct ReportArgs {
+    /// Results files (JSON written by `multiq bench --json` or `multiq bench queues --json`).
+    #[arg(value_name = "RESULTS.json", required = true)]
+    pub files: Vec<PathBuf>,
+    /// Directory to write report.md and the charts into (created if missing).
+    #[arg(long, value_name = "DIR", required = true)]
+    pub out: PathBuf,
+    /// A peer's output (mq.cu or launch.cu), drawn on the same axes; may be repeated.
+    #[arg(long, value_name = "FILE")]
+    pub anchor: Vec<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -126,6 +154,14 @@ pub struct StudyArgs {
     /// Run the presets at full size on the CPU backend too (slow).
     #[arg(long)]
     pub full: bool,
+    /// Also write a report into DIR: report.md, SVG charts, and the results as DIR/study.json
+    /// (or at --json FILE when given).
+    #[arg(long, value_name = "DIR")]
+    pub report: Option<PathBuf>,
+    /// No progress bar or time estimate on stderr (there is none when stderr is not a
+    /// terminal either); the results on stdout are unchanged.
+    #[arg(long)]
+    pub quiet: bool,
 }
 
 #[derive(Args, Debug)]
@@ -197,6 +233,10 @@ pub struct QueuesArgs {
     /// Write the runs as JSON to FILE (written whole at the end, or not at all).
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
+    /// No progress bar on stderr (there is none when stderr is not a terminal either); the
+    /// results on stdout are unchanged.
+    #[arg(long)]
+    pub quiet: bool,
     /// Test hook: corrupt a buffer before verification, to show that verification fails.
     #[arg(long, hide = true)]
     pub corrupt_for_testing: bool,
@@ -276,6 +316,19 @@ pub fn one_line(err: &clap::Error) -> String {
         .unwrap_or("invalid arguments")
         .trim();
     let mut line = first.strip_prefix("error: ").unwrap_or(first).to_string();
+    // "the following required arguments were not provided:" lists them on the next lines.
+    if line.ends_with(':') {
+        let listed: Vec<&str> = rendered
+            .lines()
+            .skip(1)
+            .map(str::trim)
+            .take_while(|l| !l.is_empty())
+            .collect();
+        if !listed.is_empty() {
+            line.push(' ');
+            line.push_str(&listed.join(", "));
+        }
+    }
     if let Some(ContextValue::Strings(values)) = err.get(ContextKind::ValidValue) {
         line.push_str(&format!(" (allowed: {})", values.join(", ")));
     }

@@ -69,6 +69,15 @@ pub enum Error {
     #[error("unknown kernel `{0}` (known: simple_compute)")]
     UnknownKernel(String),
 
+    /// A results or anchor file that cannot be read as one (garbage, wrong shape, no runs).
+    #[error("{path}: {reason}")]
+    BadInput {
+        /// The file involved, as given.
+        path: String,
+        /// What is wrong with it, in words.
+        reason: String,
+    },
+
     /// Writing results failed.
     #[error("{path}: {source}")]
     Io {

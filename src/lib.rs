@@ -21,6 +21,7 @@ pub mod backend;
 pub mod bench;
 pub mod error;
 pub mod kernel;
+pub mod report;
 pub mod runtime;
 pub(crate) mod sync;
 

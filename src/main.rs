@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use cli::{BenchCommand, Cli, Command, QueuesArgs, EXIT_FAILURE, EXIT_USAGE};
+use multiq::bench::progress::Progress;
 use multiq::bench::queues::{self, QueuesSpec};
 use multiq::bench::results::{self, ResultsFile};
 use multiq::bench::{parse_thread_list, study, table, Preset, Runner};
@@ -36,6 +37,7 @@ fn main() -> ExitCode {
             None => study::run(&study_config(&args.study)).map(|o| o.exit_code()),
         },
         Command::Info(dev) => info(&dev),
+        Command::Report(r) => report(&r),
     };
     match outcome {
         Ok(code) => ExitCode::from(code as u8),
@@ -54,9 +56,23 @@ fn study_config(a: &cli::StudyArgs) -> study::StudyConfig {
     study::StudyConfig {
         device: a.device.options(),
         json: a.json.clone(),
+        report: a.report.clone(),
         iters: a.iters.map(|i| i as usize),
         full: a.full,
+        quiet: a.quiet,
     }
+}
+
+fn report(a: &cli::ReportArgs) -> Result<i32, Error> {
+    multiq::report::prepare_dir(&a.out, "--out")?;
+    let inputs = multiq::report::Inputs::load(&a.files, &a.anchor, results::command_line())?;
+    let w = multiq::report::write(&a.out, inputs)?;
+    println!(
+        "report written to {} ({} charts)",
+        w.report.display(),
+        w.figures.len()
+    );
+    Ok(0)
 }
 
 fn open_device(opts: &multiq::DeviceOptions) -> Result<Device, Error> {
@@ -137,24 +153,38 @@ fn run_queues(a: QueuesArgs) -> Result<i32, Error> {
     let started_at = results::now_rfc3339();
     let mut runner = Runner::new(&device);
     runner.repeat = a.repeat as usize;
+    let mut progress = Progress::new(a.quiet);
+    progress.start(
+        (shapes.len()
+            * inflights.len()
+            * locks.len()
+            * policies.len()
+            * a.scenario.scenarios().len()
+            * threads.len()) as u64,
+    );
     for (preset, data, kernel_iters) in &shapes {
         for &inflight in &inflights {
             for (&lock, coalesce) in locks
                 .iter()
                 .flat_map(|l| policies.iter().map(move |c| (l, *c)))
             {
-                println!();
-                println!(
-                    "preset {preset}: {} elements x {kernel_iters} kernel iterations; {} ops per \
-                     thread; inflight {inflight}; lock {lock}; coalesce {}; pool of {} streams",
+                progress.print(&format!(
+                    "\npreset {preset}: {} elements x {kernel_iters} kernel iterations; {} ops \
+                     per thread; inflight {inflight}; lock {lock}; coalesce {}; pool of {} \
+                     streams\n",
                     table::thousands(*data as f64),
                     a.iters,
                     coalesce.name(),
                     a.streams
-                );
+                ));
                 let first = runner.rows.len();
                 for scenario in a.scenario.scenarios() {
                     for &t in &threads {
+                        progress.set_message(format!(
+                            "{preset} {} {t}T lock {lock}, {inflight} in flight, coalescing {}",
+                            scenario.name(),
+                            coalesce.name()
+                        ));
                         runner.run(QueuesSpec {
                             preset: preset.clone(),
                             data: *data,
@@ -168,6 +198,7 @@ fn run_queues(a: QueuesArgs) -> Result<i32, Error> {
                             coalesce,
                             corrupt: a.corrupt_for_testing,
                         })?;
+                        progress.inc(1);
                     }
                 }
                 queues::fill_speedups(&mut runner.rows[first..]);
@@ -177,15 +208,16 @@ fn run_queues(a: QueuesArgs) -> Result<i32, Error> {
                         .filter(|r| r.scenario == scenario)
                         .collect();
                     if !of.is_empty() {
-                        print!(
-                            "{}",
-                            table::scaling_table(&format!("scenario {}", scenario.name()), &of)
-                        );
+                        progress.print(&table::scaling_table(
+                            &format!("scenario {}", scenario.name()),
+                            &of,
+                        ));
                     }
                 }
             }
         }
     }
+    progress.finish();
     let Runner {
         rows,
         skipped,

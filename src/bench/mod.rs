@@ -5,7 +5,9 @@
 //! - `verdict`: what a curve of ops/s over thread counts says (saturation, speedup, class).
 //! - `study`: the whole matrix, scaled down on CPU, with tables and verdicts.
 //! - `results`: the JSON contract later tools read.
+//! - `progress`: the progress bar and time estimate on stderr for long runs.
 
+pub mod progress;
 pub mod queues;
 pub mod results;
 pub mod study;

@@ -142,6 +142,7 @@ pub struct RunOutcome {
 struct ThreadDone {
     thread: usize,
     buf: Buffer,
+    started: Instant,
     finished: Instant,
     latency: Histogram<u64>,
 }
@@ -206,6 +207,7 @@ pub fn run_queues(device: &Device, spec: &QueuesSpec) -> Result<RunOutcome> {
                         }
                     };
                     start.wait();
+                    let started = Instant::now();
                     if setup_error.lock().is_some() {
                         return Ok(None);
                     }
@@ -219,6 +221,7 @@ pub fn run_queues(device: &Device, spec: &QueuesSpec) -> Result<RunOutcome> {
                     Ok(Some(ThreadDone {
                         thread: t,
                         buf,
+                        started,
                         finished,
                         latency,
                     }))
@@ -249,6 +252,9 @@ pub fn run_queues(device: &Device, spec: &QueuesSpec) -> Result<RunOutcome> {
     if let Some(e) = first_err {
         return Err(e);
     }
+    // The clock starts when the first thread leaves the barrier: this thread may be
+    // scheduled after a short run has already finished, so its own clock can start late.
+    let t0 = done.iter().map(|d| d.started).min().unwrap_or(t0).min(t0);
     let finished = done.iter().map(|d| d.finished).max().unwrap_or(t0);
     let seconds = finished.duration_since(t0).as_secs_f64().max(1e-9);
     let ops = (spec.threads * spec.iters) as u64;
@@ -302,6 +308,22 @@ pub fn run_queues(device: &Device, spec: &QueuesSpec) -> Result<RunOutcome> {
             });
         }
     }
+    let (coalesce_max_batch, coalesce_max_delay_us) = match spec.coalesce {
+        CoalescePolicy::Off => (1, 0),
+        CoalescePolicy::Fixed {
+            max_batch,
+            max_delay,
+            ..
+        }
+        | CoalescePolicy::Adaptive {
+            max_batch,
+            max_delay,
+            ..
+        } => (
+            max_batch,
+            u64::try_from(max_delay.as_micros()).unwrap_or(u64::MAX),
+        ),
+    };
     let row = RunRow {
         workload: "queues",
         preset: spec.preset.clone(),
@@ -322,6 +344,8 @@ pub fn run_queues(device: &Device, spec: &QueuesSpec) -> Result<RunOutcome> {
         streams_used: pool.streams_created(),
         wait: device.info().wait,
         coalesce: spec.coalesce.name(),
+        coalesce_max_batch,
+        coalesce_max_delay_us,
         coalesced_launches: pool.coalesce_stats().map_or(0, |s| s.launches),
         ops_per_launch: pool
             .coalesce_stats()

@@ -114,6 +114,10 @@ pub struct RunRow {
     pub wait: WaitPolicy,
     /// Cross-thread coalescing policy (`off` = one launch per op).
     pub coalesce: &'static str,
+    /// With coalescing on: most ops per grouped launch the policy allowed (1 when off).
+    pub coalesce_max_batch: usize,
+    /// With coalescing on: longest an op waited for others, in microseconds (0 when off).
+    pub coalesce_max_delay_us: u64,
     /// With coalescing on: grouped launches made during the run (warm-up included).
     pub coalesced_launches: u64,
     /// With coalescing on: ops per grouped launch, on average (1.0 when off).

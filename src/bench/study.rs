@@ -14,6 +14,7 @@
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
+use super::progress::{human, Progress};
 use super::queues::{self, QueuesSpec};
 use super::results::{self, ResultsFile, RunRow, Skipped};
 use super::table::{scaling_table, thousands};
@@ -44,10 +45,14 @@ pub struct StudyConfig {
     pub device: DeviceOptions,
     /// Where to write JSON results.
     pub json: Option<PathBuf>,
+    /// Where to write the report (`report.md`, charts, and the JSON unless `json` is set).
+    pub report: Option<PathBuf>,
     /// Ops per thread for every preset (overrides the defaults).
     pub iters: Option<usize>,
     /// Full-size presets even on the CPU backend.
     pub full: bool,
+    /// No progress bar or time estimate.
+    pub quiet: bool,
 }
 
 /// One preset as the study runs it.
@@ -186,10 +191,101 @@ fn spec(
     }
 }
 
+/// Every run of one preset, in the order the study makes them: 1-16 threads with a stream
+/// each, then shared; at 16 threads the other lock modes and 8 in flight; then coalescing on
+/// at 1 and 16 threads, a wait per op and 8 in flight.
+pub fn preset_specs(p: &PresetPlan) -> Vec<QueuesSpec> {
+    let mut out = Vec::new();
+    for scenario in [Scenario::PerThread, Scenario::Shared] {
+        for t in THREADS {
+            out.push(spec(p, scenario, LockMode::PerStream, t, 1));
+        }
+    }
+    let top = *THREADS.iter().max().expect("threads");
+    for scenario in [Scenario::PerThread, Scenario::Shared] {
+        for lock in [LockMode::Global, LockMode::None] {
+            out.push(spec(p, scenario, lock, top, 1));
+        }
+    }
+    out.push(spec(
+        p,
+        Scenario::PerThread,
+        LockMode::PerStream,
+        top,
+        ASYNC_INFLIGHT,
+    ));
+    // Coalescing on, side by side: 1 and 16 threads, a wait per op and 8 in flight.
+    for (threads, inflight) in [(1, 1), (top, 1), (top, ASYNC_INFLIGHT)] {
+        let mut s = spec(
+            p,
+            Scenario::PerThread,
+            LockMode::PerStream,
+            threads,
+            inflight,
+        );
+        s.coalesce = STUDY_COALESCE;
+        out.push(s);
+    }
+    out
+}
+
+/// Estimated seconds per spec, from one short single-thread run of each preset: each run
+/// costs its ops (threads × ops per thread) at the single-thread op time, plus the set-up and
+/// verification seen, per thread. That assumes threads add no throughput, so where they do
+/// the study is faster. `None` when a calibration run fails.
+pub fn estimate(
+    device: &Device,
+    plans: &[PresetPlan],
+    specs: &[Vec<QueuesSpec>],
+) -> Option<Vec<Vec<f64>>> {
+    plans
+        .iter()
+        .zip(specs)
+        .map(|(p, specs)| {
+            let mut s = spec(p, Scenario::PerThread, LockMode::PerStream, 1, 1);
+            s.iters = p.iters.clamp(1, 3);
+            let t0 = std::time::Instant::now();
+            let o = queues::run_queues(device, &s).ok()?;
+            let wall = t0.elapsed().as_secs_f64();
+            let per_op = o.row.seconds / o.row.ops.max(1) as f64;
+            let overhead = (wall - o.row.seconds).max(0.0);
+            Some(
+                specs
+                    .iter()
+                    .map(|x| {
+                        let ops = (x.threads * x.iters) as f64;
+                        ops * per_op + overhead * x.threads as f64
+                    })
+                    .collect(),
+            )
+        })
+        .collect()
+}
+
+fn describe(s: &QueuesSpec) -> String {
+    let mut d = format!(
+        "{} {} {}T lock {}",
+        s.preset,
+        s.scenario.name(),
+        s.threads,
+        s.lock
+    );
+    if s.inflight > 1 {
+        d += &format!(", {} in flight", s.inflight);
+    }
+    if s.coalesce != CoalescePolicy::Off {
+        d += &format!(", coalescing {}", s.coalesce.name());
+    }
+    d
+}
+
 /// Runs the study, printing as it goes.
 pub fn run(cfg: &StudyConfig) -> Result<StudyOutcome> {
     if let Some(path) = &cfg.json {
         results::check_writable(path)?;
+    }
+    if let Some(dir) = &cfg.report {
+        crate::report::prepare_dir(dir, "--report")?;
     }
     let device = Device::open(&cfg.device)?;
     if let Some(why) = device.fallback_reason() {
@@ -207,50 +303,52 @@ pub fn run(cfg: &StudyConfig) -> Result<StudyOutcome> {
     for n in &notes {
         println!("note: {n}");
     }
+    let specs: Vec<Vec<QueuesSpec>> = plans.iter().map(preset_specs).collect();
+    let mut progress = Progress::new(cfg.quiet);
+    let costs = if progress.enabled() {
+        estimate(&device, &plans, &specs)
+    } else {
+        None
+    };
+    let clock = std::time::Instant::now();
+    let total: f64 = costs.iter().flatten().flatten().sum();
+    if costs.is_some() {
+        progress.note(&format!(
+            "multiq: {} runs, estimated at most {} (one op of each preset timed at 1 thread; \
+             threads that add throughput make it shorter)",
+            specs.iter().map(Vec::len).sum::<usize>(),
+            human(std::time::Duration::from_secs_f64(total))
+        ));
+        progress.start((total * 1000.0).ceil() as u64);
+    }
     let started_at = results::now_rfc3339();
     let mut c = Runner::new(&device);
-    for p in &plans {
-        println!();
-        println!(
-            "== preset {}: {} elements x {} kernel iterations, {} ops per thread ==",
+    for (pi, p) in plans.iter().enumerate() {
+        progress.print(&format!(
+            "\n== preset {}: {} elements x {} kernel iterations, {} ops per thread ==\n",
             p.preset.name(),
             thousands(p.data as f64),
             p.kernel_iters,
             p.iters
-        );
+        ));
         let first = c.rows.len();
-        for scenario in [Scenario::PerThread, Scenario::Shared] {
-            for t in THREADS {
-                c.run(spec(p, scenario, LockMode::PerStream, t, 1))?;
+        for (si, s) in specs[pi].iter().enumerate() {
+            progress.set_message(describe(s));
+            c.run(s.clone())?;
+            if let Some(costs) = &costs {
+                progress.inc((costs[pi][si] * 1000.0).round() as u64);
             }
-        }
-        let top = *THREADS.iter().max().expect("threads");
-        for scenario in [Scenario::PerThread, Scenario::Shared] {
-            for lock in [LockMode::Global, LockMode::None] {
-                c.run(spec(p, scenario, lock, top, 1))?;
-            }
-        }
-        c.run(spec(
-            p,
-            Scenario::PerThread,
-            LockMode::PerStream,
-            top,
-            ASYNC_INFLIGHT,
-        ))?;
-        // Coalescing on, side by side: 1 and 16 threads, a wait per op and 8 in flight.
-        for (threads, inflight) in [(1, 1), (top, 1), (top, ASYNC_INFLIGHT)] {
-            let mut s = spec(
-                p,
-                Scenario::PerThread,
-                LockMode::PerStream,
-                threads,
-                inflight,
-            );
-            s.coalesce = STUDY_COALESCE;
-            c.run(s)?;
         }
         queues::fill_speedups(&mut c.rows[first..]);
-        print!("{}", preset_report(&c.rows[first..], &c.skipped, p));
+        progress.print(&preset_report(&c.rows[first..], &c.skipped, p));
+    }
+    progress.finish();
+    if costs.is_some() {
+        progress.note(&format!(
+            "multiq: the study took {} (estimated at most {})",
+            human(clock.elapsed()),
+            human(std::time::Duration::from_secs_f64(total))
+        ));
     }
     let Runner {
         rows,
@@ -260,10 +358,31 @@ pub fn run(cfg: &StudyConfig) -> Result<StudyOutcome> {
     } = c;
     println!();
     print!("{}", summary(&rows, &plans));
-    if let Some(path) = &cfg.json {
-        let file = ResultsFile::new(info, started_at, notes, rows.clone(), skipped);
+    let file = ResultsFile::new(info, started_at, notes, rows.clone(), skipped);
+    let json = cfg.json.clone().or_else(|| {
+        cfg.report
+            .as_ref()
+            .map(|d| d.join(crate::report::STUDY_JSON))
+    });
+    if let Some(path) = &json {
         results::write_json(path, &file)?;
         println!("results written to {}", path.display());
+    }
+    if let (Some(dir), Some(path)) = (&cfg.report, &json) {
+        let inputs = crate::report::Inputs {
+            sources: vec![crate::report::input::Source {
+                path: path.clone(),
+                results: crate::report::input::StoredResults::from_results(&file)?,
+            }],
+            anchors: Vec::new(),
+            command: results::command_line(),
+        };
+        let w = crate::report::write(dir, inputs)?;
+        println!(
+            "report written to {} ({} charts)",
+            w.report.display(),
+            w.figures.len()
+        );
     }
     if mismatches > 0 {
         eprintln!("multiq: FAILED: {mismatches} run(s) did not match the reference");

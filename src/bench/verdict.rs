@@ -1,8 +1,9 @@
 //! What a scaling curve says: computed from the numbers, never typed by hand.
 //!
 //! Input: ops/s at increasing thread counts for one configuration. Output: the saturation
-//! point (the thread count past which doubling threads adds < 10%), the maximum speedup, and a
-//! classification:
+//! point (the thread count past which doubling threads adds < 10%, and no larger thread count
+//! is 20% or more above it, so that a dip in a noisy curve is not taken for the knee), the
+//! maximum speedup, and a classification:
 //! - `scaling`: throughput still grows ≥ 10% at the largest thread count measured;
 //! - `saturated`: it grew, then stopped growing (the device or a shared resource is full);
 //! - `serialized`: it never grew by 20% (one queue, or one op already fills the device);
@@ -15,6 +16,9 @@ use serde::Serialize;
 pub const SATURATION_GAIN: f64 = 1.10;
 /// Best speedup below which a curve counts as serialized.
 pub const SERIALIZED_SPEEDUP: f64 = 1.20;
+/// Growth over the knee that a later point must not reach (two steps of [`SATURATION_GAIN`]'s
+/// 10%): past the saturation point nothing measured is 20% or more above it.
+pub const SATURATION_SLACK: f64 = 1.20;
 /// Fraction of the best below which the last point counts as a collapse.
 pub const COLLAPSE_FRACTION: f64 = 0.80;
 
@@ -60,10 +64,14 @@ pub fn judge(points: &[(usize, f64)]) -> Option<Verdict> {
         pts.iter()
             .copied()
             .fold((t0, base), |acc, p| if p.1 > acc.1 { p } else { acc });
-    let saturation = pts
-        .windows(2)
-        .find(|w| w[1].1 < w[0].1 * SATURATION_GAIN)
-        .map(|w| w[0])
+    let saturation = (0..pts.len() - 1)
+        .find(|&i| {
+            pts[i + 1].1 < pts[i].1 * SATURATION_GAIN
+                && pts[i + 1..]
+                    .iter()
+                    .all(|p| p.1 < pts[i].1 * SATURATION_SLACK)
+        })
+        .map(|i| pts[i])
         .unwrap_or(*pts.last().expect("two points"));
     let last = *pts.last().expect("two points");
     let max_speedup = best / base;
@@ -143,6 +151,17 @@ mod tests {
         assert_eq!(v.saturation_threads, 2);
         assert_eq!(v.best_threads, 16);
         assert!((v.efficiency_at_saturation - 0.95).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_dip_is_not_the_knee() {
+        // The H100's minimal op in one study: 4 threads no faster than 2, then 8 much faster.
+        let v = judge(&curve(&[
+            91_582.0, 156_852.0, 155_852.0, 370_005.0, 319_000.0,
+        ]))
+        .unwrap();
+        assert_eq!(v.saturation_threads, 8);
+        assert_eq!(v.class, Scaling::Saturated);
     }
 
     #[test]

@@ -448,11 +448,7 @@ impl CoalescerShared {
             m.raws.len()
         };
         batch.len.store(len, Ordering::Relaxed);
-        let in_flight = self.in_flight();
-        let due = index == 0
-            && (len >= st.target
-                || in_flight < self.depth
-                || (in_flight <= self.depth && batch.first_submit.elapsed() >= self.max_delay));
+        let due = index == 0 && self.front_due(len, batch.first_submit, st.target);
         drop(st);
         if due {
             self.launch_due();
@@ -490,11 +486,12 @@ impl CoalescerShared {
                 let Some(front) = st.pending.front() else {
                     return;
                 };
-                let in_flight = self.in_flight();
                 let due = front.id <= self.flush_to.load(Ordering::Acquire)
-                    || front.len.load(Ordering::Relaxed) >= st.target
-                    || in_flight < self.depth
-                    || (in_flight <= self.depth && front.first_submit.elapsed() >= self.max_delay);
+                    || self.front_due(
+                        front.len.load(Ordering::Relaxed),
+                        front.first_submit,
+                        st.target,
+                    );
                 if !due {
                     return;
                 }
@@ -662,12 +659,21 @@ impl CoalescerShared {
     }
 
     /// True when `batch` is due (see the module doc), checked by its waiters while pending.
+    /// (A full front batch was launched by the submission that filled it; the clock is read
+    /// every 64th poll only.)
     fn pending_due(&self, batch: &Batch, spins: u32) -> bool {
+        self.in_flight() < self.depth
+            || (spins % 64 == 0 && self.front_due(0, batch.first_submit, usize::MAX))
+    }
+
+    /// The launch rule of the module doc for the front batch (`len` ops, first submitted at
+    /// `first`, batch target `target`): full, room on the device, or past its deadline with at
+    /// most `depth` batches on the device.
+    fn front_due(&self, len: usize, first: Instant, target: usize) -> bool {
         let in_flight = self.in_flight();
-        in_flight < self.depth
-            || (in_flight <= self.depth
-                && spins % 64 == 0
-                && batch.first_submit.elapsed() >= self.max_delay)
+        len >= target
+            || in_flight < self.depth
+            || (in_flight <= self.depth && first.elapsed() >= self.max_delay)
     }
 
     /// A batch completed: launch the front pending batch if the device has room now.

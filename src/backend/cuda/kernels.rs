@@ -32,19 +32,26 @@ extern "C" __global__ void simple_compute(float* data, unsigned int n, unsigned 
 // as small as the batch allows.
 struct Segment { float* data; unsigned int n; unsigned int first_block; };
 template <int MAX> struct Group { unsigned int count; unsigned int pad; Segment seg[MAX]; };
-template <int MAX> __device__ void grouped(const Group<MAX>& g, unsigned int iters) {
+// The segment holding 256-element block `vb`: the last one whose first_block <= vb.
+template <int MAX> __device__ __forceinline__ const Segment& locate(const Group<MAX>& g, unsigned int vb) {
     unsigned int lo = 0, hi = g.count - 1;
     while (lo < hi) {
         unsigned int mid = (lo + hi + 1) / 2;
-        if (g.seg[mid].first_block <= blockIdx.x) lo = mid; else hi = mid - 1;
+        if (g.seg[mid].first_block <= vb) lo = mid; else hi = mid - 1;
     }
-    float* data = g.seg[lo].data;
-    unsigned int n = g.seg[lo].n;
-    unsigned int i = (blockIdx.x - g.seg[lo].first_block) * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    float v = data[i];
+    return g.seg[lo];
+}
+// Element `lane` of 256-element block `vb`, through exactly simple_compute's code.
+template <int MAX> __device__ __forceinline__ void element(const Group<MAX>& g, unsigned int vb, unsigned int lane, unsigned int iters) {
+    const Segment& s = locate(g, vb);
+    unsigned int i = (vb - s.first_block) * 256u + lane;
+    if (i >= s.n) return;
+    float v = s.data[i];
     for (unsigned int k = 0; k < iters; k++) v = sinf(v) * cosf(v) + v;
-    data[i] = v;
+    s.data[i] = v;
+}
+template <int MAX> __device__ void grouped(const Group<MAX>& g, unsigned int iters) {
+    element(g, blockIdx.x, threadIdx.x, iters);
 }
 // The same, followed by a completion signal written by the kernel itself (no separate
 // stream memory operation). The grid strides over the same 256-element virtual blocks with
@@ -60,19 +67,7 @@ template <int MAX> __device__ __forceinline__ void grouped_signal(const Group<MA
     unsigned int vblocks = last.first_block + (last.n + 255u) / 256u;
     if (last.n == 0u) vblocks += 1u;
     for (unsigned int vb = blockIdx.x * 4u + threadIdx.x / 256u; vb < vblocks; vb += gridDim.x * 4u) {
-        unsigned int lo = 0, hi = g.count - 1;
-        while (lo < hi) {
-            unsigned int mid = (lo + hi + 1) / 2;
-            if (g.seg[mid].first_block <= vb) lo = mid; else hi = mid - 1;
-        }
-        float* data = g.seg[lo].data;
-        unsigned int n = g.seg[lo].n;
-        unsigned int i = (vb - g.seg[lo].first_block) * 256u + threadIdx.x % 256u;
-        if (i < n) {
-            float v = data[i];
-            for (unsigned int k = 0; k < iters; k++) v = sinf(v) * cosf(v) + v;
-            data[i] = v;
-        }
+        element(g, vb, threadIdx.x % 256u, iters);
     }
     __threadfence();
     __syncthreads();

@@ -181,20 +181,22 @@ impl CudaQueue {
                 counter: sig.counter,
                 value,
             });
-            let (function, mut params, grid, block): (_, Vec<*mut c_void>, _, _) =
+            // Parameter pointers: the unsignalled variants read the first two.
+            let (function, mut params, grid, block): (_, [*mut c_void; 3], _, _) =
                 match &mut signal_param {
                     None => (
                         &self.kernels.simple_compute_grouped[variant],
-                        vec![
+                        [
                             (&mut group as *mut Group).cast(),
                             (&mut iters as *mut u32).cast(),
+                            std::ptr::null_mut(),
                         ],
                         grid.max(1),
                         BLOCK_THREADS,
                     ),
                     Some(p) => (
                         &self.kernels.simple_compute_grouped_signal[variant],
-                        vec![
+                        [
                             (&mut group as *mut Group).cast(),
                             (&mut iters as *mut u32).cast(),
                             (p as *mut SignalParam).cast(),

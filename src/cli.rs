@@ -204,7 +204,9 @@ pub struct QueuesArgs {
     /// Cross-thread coalescing, comma-separated: off (one launch per op), fixed (merge up to
     /// --max-batch concurrent ops into one launch, waiting at most --max-delay-us; an idle
     /// device launches at once), adaptive (as fixed, growing the batch while throughput rises
-    /// and batch latency stays under --latency-target-us) [default: off].
+    /// and batch latency stays under --latency-target-us), persistent (ops published straight
+    /// to a kernel that stays on the GPU while work arrives: no launch per op; on the CPU
+    /// backend it falls back to fixed with its defaults) [default: off].
     #[arg(long, value_enum, value_delimiter = ',')]
     pub coalesce: Vec<CoalesceChoice>,
     /// Coalescing: most ops per launch.
@@ -251,6 +253,8 @@ pub enum CoalesceChoice {
     Fixed,
     /// AIMD batch target under a latency target.
     Adaptive,
+    /// A device queue: a kernel that stays on the device and takes published ops.
+    Persistent,
 }
 
 impl QueuesArgs {
@@ -279,6 +283,7 @@ impl QueuesArgs {
                     latency_target: std::time::Duration::from_micros(self.latency_target_us),
                     depth,
                 },
+                CoalesceChoice::Persistent => CoalescePolicy::Persistent,
             })
             .collect()
     }

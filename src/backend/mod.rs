@@ -117,6 +117,12 @@ pub trait Backend: Send + Sync + fmt::Debug {
     fn new_signal(&self) -> Result<Option<Arc<dyn BackendSignal>>> {
         Ok(None)
     }
+    /// Creates a device queue ([`BackendDeviceQueue`]): ops published by any thread, run by a
+    /// kernel that stays on the device while work arrives. `None` where the backend has none
+    /// (the runtime then coalesces on the host).
+    fn new_device_queue(&self) -> Result<Option<Arc<dyn BackendDeviceQueue>>> {
+        Ok(None)
+    }
     /// Waits until all work on all streams of this device has completed.
     fn synchronize(&self) -> Result<()>;
     /// Bytes that can still be allocated, where known.
@@ -201,6 +207,32 @@ pub trait BackendSignal: Send + Sync {
     fn value(&self) -> u64;
     /// For downcasting inside the backend.
     fn as_any(&self) -> &dyn Any;
+}
+
+/// A queue of ops that threads publish straight to the device, with no launch per op: a
+/// kernel stays on the device while ops arrive, takes every published op, and runs
+/// concurrent ops side by side (cross-thread coalescing without a host batcher).
+///
+/// Ops are numbered 1, 2, … in publication order. An op starts only after the ops it names
+/// in `after` completed; ops that name none may run in any order and at the same time.
+pub trait BackendDeviceQueue: Send + Sync {
+    /// Whether `kernel` can run on this queue.
+    fn supports(&self, kernel: Kernel) -> bool;
+    /// Publishes `kernel` over `buf`, to start once ops `after` (0: none) completed. Returns
+    /// the op's number. The caller keeps `buf` alive, and runs no other work on it, until
+    /// [`is_done`](Self::is_done) reported the op complete.
+    fn submit(&self, kernel: Kernel, buf: &dyn BackendBuffer, after: [u64; 2]) -> Result<u64>;
+    /// True once op `op` completed (a memory load). With `check`, also asks the device
+    /// whether the queue failed (its error is returned) and restarts the queue's kernel if it
+    /// left the device while ops were outstanding: waiters pass it now and then.
+    fn is_done(&self, op: u64, check: bool) -> Result<bool>;
+    /// Ops published so far (the last op's number).
+    fn published(&self) -> u64;
+    /// Ops in flight at most: every op more than this many behind the last published one
+    /// has completed.
+    fn window(&self) -> u64;
+    /// Times the queue's kernel was launched (it leaves the device when idle).
+    fn launches(&self) -> u64;
 }
 
 /// Device memory holding f32 elements.

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 
 use super::coalescer::{Batch, SharedRaw};
+use super::device_queue::DeviceQueue;
 use crate::backend::{self, Backend, BackendBuffer, BackendStream, DeviceInfo, DeviceOptions};
 use crate::error::{Error, Result};
 
@@ -98,6 +99,7 @@ impl Device {
             device: self.clone(),
             last: None,
             coalesced: None,
+            queued: None,
         })
     }
 
@@ -140,6 +142,9 @@ pub struct Buffer {
     last: Option<Arc<dyn BackendStream>>,
     /// The coalesced batch of the last op on this buffer, which may not be launched yet.
     coalesced: Option<Arc<Batch>>,
+    /// The last op published on this buffer to a device queue, which may not have completed:
+    /// the buffer is used for nothing else until it has.
+    queued: Option<(Arc<DeviceQueue>, u64)>,
 }
 
 impl std::fmt::Debug for Buffer {
@@ -186,6 +191,42 @@ impl Buffer {
         self.coalesced = Some(batch);
     }
 
+    /// Records the device-queue op just published on this buffer.
+    pub(crate) fn set_queued(&mut self, queue: Arc<DeviceQueue>, op: u64) {
+        self.queued = Some((queue, op));
+    }
+
+    /// Waits for this buffer's device-queue op, if any, before any other use of it.
+    fn settle(&mut self) -> Result<()> {
+        if let Some((queue, op)) = &self.queued {
+            queue.wait(*op)?;
+            self.queued = None;
+        }
+        Ok(())
+    }
+
+    /// Prepares the buffer for an op on device queue `queue`; returns the op it must run
+    /// after (0: none). Work queued on an ordinary stream is waited for first (the queue's
+    /// kernel is not ordered with streams), as is an op on another queue.
+    pub(crate) fn bind_queue(&mut self, queue: &Arc<DeviceQueue>) -> Result<u64> {
+        if queue.device_id() != self.device.id() {
+            return Err(Error::WrongDevice { what: "buffer" });
+        }
+        self.flush();
+        if let Some(last) = &self.last {
+            last.synchronize()?;
+            self.last = None;
+        }
+        match &self.queued {
+            Some((q, op)) if Arc::ptr_eq(q, queue) => Ok(*op),
+            Some(_) => {
+                self.settle()?;
+                Ok(0)
+            }
+            None => Ok(0),
+        }
+    }
+
     /// Launches this buffer's pending coalesced op, if any, before any other use of it.
     fn flush(&mut self) {
         if let Some(b) = self.coalesced.take() {
@@ -199,6 +240,7 @@ impl Buffer {
         if device_id != self.device.id() {
             return Err(Error::WrongDevice { what: "buffer" });
         }
+        self.settle()?;
         if self
             .last
             .as_ref()
@@ -218,6 +260,7 @@ impl Buffer {
     }
 
     fn stream_for_copy(&mut self) -> Result<Arc<dyn BackendStream>> {
+        self.settle()?;
         self.flush();
         match &self.last {
             Some(s) => Ok(s.clone()),
@@ -253,7 +296,10 @@ impl Buffer {
 
 impl Drop for Buffer {
     fn drop(&mut self) {
-        // A pending coalesced op must be queued before the storage is handed back.
+        // A pending coalesced op must be queued, and a device-queue op finished, before the
+        // storage is handed back. (If the device failed, its error is the owner's to see
+        // elsewhere; the storage is freed after the wait returned either way.)
+        let _ = self.settle();
         self.flush();
         if let Some(raw) = self.raw.take() {
             match (Arc::try_unwrap(raw), &self.last) {

@@ -12,6 +12,7 @@
 
 mod coalescer;
 mod device;
+mod device_queue;
 mod event_pool;
 mod inflight;
 mod pool;

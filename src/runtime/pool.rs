@@ -18,7 +18,8 @@ use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 
-use super::coalescer::{CoalescePolicy, CoalescerShared};
+use super::coalescer::{CoalescePolicy, CoalescerShared, PERSISTENT_FALLBACK};
+use super::device_queue::DeviceQueue;
 use super::stream::StreamShared;
 use super::{Device, Stream};
 use crate::error::{Error, Result};
@@ -65,6 +66,7 @@ struct PoolShared {
     lock: LockMode,
     global: Arc<Mutex<()>>,
     coalescer: Option<Arc<CoalescerShared>>,
+    device_queue: Option<Arc<DeviceQueue>>,
     slots: Box<[parking_lot::Mutex<Option<Arc<StreamShared>>>]>,
     next: AtomicUsize,
 }
@@ -90,9 +92,16 @@ impl StreamPool {
         let slots = (0..config.streams)
             .map(|_| parking_lot::Mutex::new(None))
             .collect();
-        let coalescer = match config.coalesce {
-            CoalescePolicy::Off => None,
-            policy => Some(CoalescerShared::new(device, policy)?),
+        let (coalescer, device_queue) = match config.coalesce {
+            CoalescePolicy::Off => (None, None),
+            CoalescePolicy::Persistent => match DeviceQueue::new(device)? {
+                Some(q) => (None, Some(q)),
+                None => (
+                    Some(CoalescerShared::new(device, PERSISTENT_FALLBACK)?),
+                    None,
+                ),
+            },
+            policy => (Some(CoalescerShared::new(device, policy)?), None),
         };
         Ok(StreamPool {
             shared: Arc::new(PoolShared {
@@ -101,6 +110,7 @@ impl StreamPool {
                 lock: config.lock,
                 global: Arc::new(Mutex::new(())),
                 coalescer,
+                device_queue,
                 slots,
                 next: AtomicUsize::new(0),
             }),
@@ -124,13 +134,26 @@ impl StreamPool {
 
     /// With coalescing on: grouped launches so far, ops in them, and where a batch's time
     /// went.
+    /// With the device queue, `launches` counts the queue kernel's launches.
     pub fn coalesce_stats(&self) -> Option<super::CoalesceStats> {
+        if let Some(q) = &self.shared.device_queue {
+            let (launches, ops) = q.counts();
+            return Some(super::CoalesceStats {
+                launches,
+                ops,
+                ..Default::default()
+            });
+        }
         self.shared.coalescer.as_ref().map(|c| c.stats())
     }
 
     /// With coalescing on: how waiters learn a batch completed, `"signal"` (a host word the
-    /// batch stream writes; no driver call to wait) or `"event"`.
+    /// batch stream writes; no driver call to wait), `"event"`, or `"device-queue"` (ops run
+    /// by a kernel on the device, which writes each op's own host word).
     pub fn coalesce_completion(&self) -> Option<&'static str> {
+        if self.shared.device_queue.is_some() {
+            return Some("device-queue");
+        }
         self.shared
             .coalescer
             .as_ref()
@@ -244,9 +267,10 @@ impl StreamPool {
     /// Waits until all work on every stream of the pool has completed. Returns the first
     /// error after waiting for all streams.
     pub fn synchronize(&self) -> Result<()> {
-        let mut first = match &self.shared.coalescer {
-            Some(c) => c.synchronize(),
-            None => Ok(()),
+        let mut first = match (&self.shared.coalescer, &self.shared.device_queue) {
+            (Some(c), _) => c.synchronize(),
+            (None, Some(q)) => q.synchronize(),
+            (None, None) => Ok(()),
         };
         for slot in self.shared.slots.iter() {
             let stream = slot.lock().clone();
@@ -277,6 +301,7 @@ impl StreamPool {
             p.device.clone(),
             lock,
             p.coalescer.clone(),
+            p.device_queue.clone(),
         )?);
         *slot = Some(s.clone());
         Ok(s)

@@ -22,7 +22,7 @@ use crate::error::{Error, Result};
 use crate::kernel::Kernel;
 
 /// Makes `ctx` current on the calling thread.
-fn bind(ctx: &CudaContext) -> Result<()> {
+pub(super) fn bind(ctx: &CudaContext) -> Result<()> {
     let want = ctx.cu_ctx();
     match result::ctx::get_current() {
         Ok(Some(current)) if current == want => Ok(()),
@@ -86,6 +86,13 @@ impl CudaBuffer {
             len,
             ctx: ctx.clone(),
         })
+    }
+}
+
+impl CudaBuffer {
+    /// The allocation's device address (live per the invariant).
+    pub(super) fn device_ptr(&self) -> sys::CUdeviceptr {
+        self.ptr
     }
 }
 

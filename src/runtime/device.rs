@@ -217,6 +217,30 @@ impl Buffer {
         Ok(())
     }
 
+    /// Prepares the buffer for work on a stream the caller will pick later: launches its
+    /// pending coalesced op and, unless its last stream is one `known_idle` vouches for (all
+    /// work on the buffer there is known complete), waits for that stream (rule 2).
+    pub(crate) fn settle(
+        &mut self,
+        device_id: u64,
+        known_idle: impl Fn(&Arc<dyn BackendStream>) -> bool,
+    ) -> Result<()> {
+        if device_id != self.device.id() {
+            return Err(Error::WrongDevice { what: "buffer" });
+        }
+        self.flush();
+        match &self.last {
+            Some(last) if !known_idle(last) => last.synchronize(),
+            _ => Ok(()),
+        }
+    }
+
+    /// Records `stream` as the buffer's last stream after work on it that the caller saw
+    /// complete (see [`Buffer::settle`]).
+    pub(crate) fn set_last(&mut self, stream: Arc<dyn BackendStream>) {
+        self.last = Some(stream);
+    }
+
     fn stream_for_copy(&mut self) -> Result<Arc<dyn BackendStream>> {
         self.flush();
         match &self.last {

@@ -203,6 +203,9 @@ pub struct GemmSpec {
     pub dtype: DType,
     /// fp32 or TF32.
     pub precision: Precision,
+    /// Fuse the bias and ReLU into the product's epilogue where the backend can (CUDA:
+    /// cuBLASLt); false: a separate pass (for comparison and as the fallback).
+    pub fuse: bool,
 }
 
 impl GemmSpec {

@@ -53,6 +53,7 @@ impl Stream {
             relu: false,
             dtype: DType::F32,
             precision,
+            fuse: true,
         };
         let ops = GemmOperands {
             a: MatRef::new(a.raw()),
@@ -229,6 +230,7 @@ impl MatmulCoalescer {
                 relu: false,
                 dtype: DType::F32,
                 precision: self.config.precision,
+                fuse: true,
             };
             self.launches.fetch_add(1, Ordering::Relaxed);
             self.ops.fetch_add(ops.len() as u64, Ordering::Relaxed);

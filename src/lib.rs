@@ -21,6 +21,7 @@ pub mod backend;
 pub mod bench;
 pub mod error;
 pub mod kernel;
+pub mod model;
 pub mod report;
 pub mod runtime;
 pub(crate) mod sync;
@@ -29,6 +30,7 @@ pub mod tensor;
 pub use backend::{BackendKind, DType, DeviceInfo, DeviceOptions, Precision, WaitPolicy};
 pub use error::{Error, Result};
 pub use kernel::Kernel;
+pub use model::{Model, ModelOptions};
 pub use runtime::{
     Buffer, CoalescePolicy, Device, Inflight, MatmulCoalescer, MatmulCoalescerConfig, PoolConfig,
     Stream, StreamPool, Ticket,

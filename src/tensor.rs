@@ -268,6 +268,45 @@ pub fn check_matmul(
     out
 }
 
+/// [`check_matmul`] on at most `max_rows` evenly spaced rows of C (first and last included):
+/// the f64 reference of a large product costs as much as the product, so benchmarks sample.
+pub fn check_matmul_rows(
+    c: &[f32],
+    a: &[f32],
+    b: &[f32],
+    (m, n, k): (usize, usize, usize),
+    b_transposed: bool,
+    precision: Precision,
+    max_rows: usize,
+) -> MatmulCheck {
+    let want = max_rows.clamp(1, m);
+    let rows: Vec<usize> = (0..want)
+        .map(|i| {
+            if want == 1 {
+                0
+            } else {
+                i * (m - 1) / (want - 1)
+            }
+        })
+        .collect();
+    let a_sub: Vec<f32> = rows
+        .iter()
+        .flat_map(|&r| a[r * k..(r + 1) * k].to_vec())
+        .collect();
+    let c_sub: Vec<f32> = rows
+        .iter()
+        .flat_map(|&r| c.get(r * n..(r + 1) * n).unwrap_or(&[]).to_vec())
+        .collect();
+    check_matmul(
+        &c_sub,
+        &a_sub,
+        b,
+        (rows.len(), n, k),
+        b_transposed,
+        precision,
+    )
+}
+
 /// Deterministic pseudo-random values in [-1, 1) (SplitMix64), for test and benchmark
 /// operands: the same seed gives the same values on every machine.
 pub fn seeded_values(seed: u64, n: usize) -> Vec<f32> {

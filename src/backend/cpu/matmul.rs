@@ -111,7 +111,7 @@ fn run(spec: &GemmSpec, storages: &[(Storage, bool)], plan: &[Op]) {
     };
     let work = spec.m * spec.n * spec.k;
     if plan.len() == 1 {
-        one(&plan[0], work >= PARALLEL_WORK);
+        one(&plan[0], work >= PARALLEL_WORK && spec.m >= 16);
     } else {
         plan.par_iter().for_each(|op| one(op, false));
     }
@@ -131,8 +131,52 @@ unsafe fn product(spec: &GemmSpec, ptrs: &[SendPtr], op: &Op, parallel: bool) {
     // `wrapping_add` is safe to call; the offsets are inside the buffers (caller's contract),
     // so the results are in bounds when dereferenced below.
     let (a, b, c) = (at(op.a) as *const f32, at(op.b) as *const f32, at(op.c));
+    // SAFETY: the ranges are valid and C exclusive (our contract, passed on).
+    unsafe { packed(m, n, k, a, b, c, spec.b_transposed, parallel) };
+    if op.bias.is_none() && !spec.relu {
+        return;
+    }
+    // SAFETY: C's m×n elements are valid and exclusively ours (caller's contract).
+    let out = unsafe { std::slice::from_raw_parts_mut(c, m * n) };
+    let bias = op.bias.map(|(i, off)| {
+        // SAFETY: the bias's n elements lie inside its buffer and are not written meanwhile.
+        unsafe { std::slice::from_raw_parts(ptrs[i].0.add(off) as *const f32, n) }
+    });
+    for row in out.chunks_exact_mut(n) {
+        if let Some(bias) = bias {
+            for (v, b) in row.iter_mut().zip(bias) {
+                *v += *b;
+            }
+        }
+        if spec.relu {
+            for v in row.iter_mut() {
+                // NaN stays NaN (`max` would turn it into 0 and hide it).
+                if *v < 0.0 {
+                    *v = 0.0;
+                }
+            }
+        }
+    }
+}
+
+/// `C = A · B'` with the `gemm` crate (packed, SIMD).
+///
+/// # Safety
+/// A (m×k), B' (B `[k, n]`, or `[n, k]` when `b_transposed`) and C (m×n) must be valid for
+/// those ranges; C must not overlap A or B, and no other thread may access C meanwhile.
+#[allow(clippy::too_many_arguments)]
+unsafe fn packed(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: *const f32,
+    b: *const f32,
+    c: *mut f32,
+    b_transposed: bool,
+    parallel: bool,
+) {
     // Strides in elements: row-major A[m×k], C[m×n]; B' is B[k×n] or B[n×k] transposed.
-    let (b_cs, b_rs) = if spec.b_transposed {
+    let (b_cs, b_rs) = if b_transposed {
         (k as isize, 1)
     } else {
         (1, n as isize)
@@ -167,29 +211,5 @@ unsafe fn product(spec: &GemmSpec, ptrs: &[SendPtr], op: &Op, parallel: bool) {
             false,
             parallelism,
         );
-    }
-    if op.bias.is_none() && !spec.relu {
-        return;
-    }
-    // SAFETY: C's m×n elements are valid and exclusively ours (caller's contract).
-    let out = unsafe { std::slice::from_raw_parts_mut(c, m * n) };
-    let bias = op.bias.map(|(i, off)| {
-        // SAFETY: the bias's n elements lie inside its buffer and are not written meanwhile.
-        unsafe { std::slice::from_raw_parts(ptrs[i].0.add(off) as *const f32, n) }
-    });
-    for row in out.chunks_exact_mut(n) {
-        if let Some(bias) = bias {
-            for (v, b) in row.iter_mut().zip(bias) {
-                *v += *b;
-            }
-        }
-        if spec.relu {
-            for v in row.iter_mut() {
-                // NaN stays NaN (`max` would turn it into 0 and hide it).
-                if *v < 0.0 {
-                    *v = 0.0;
-                }
-            }
-        }
     }
 }

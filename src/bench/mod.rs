@@ -18,6 +18,7 @@ pub mod study;
 pub mod table;
 pub mod verdict;
 pub mod workload;
+pub mod workload_study;
 
 use crate::error::{Error, Result};
 use crate::runtime::Device;

@@ -55,7 +55,7 @@ pub fn run(
     Ok((rows, bad))
 }
 
-fn find<'a>(rows: &'a [WorkloadRow], f: impl Fn(&WorkloadRow) -> bool) -> Option<&'a WorkloadRow> {
+fn find(rows: &[WorkloadRow], f: impl Fn(&WorkloadRow) -> bool) -> Option<&WorkloadRow> {
     rows.iter().filter(|r| f(r)).max_by_key(|r| r.threads)
 }
 

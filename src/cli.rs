@@ -3,6 +3,8 @@
 //! Usage errors print one line naming the flag (and the allowed values) and exit with 2.
 //! Failures while running (a device error, a verification mismatch) exit with 1.
 
+pub mod workloads;
+
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -48,6 +50,12 @@ pub enum Command {
     /// Write a report (report.md and SVG charts) from stored results files.
     #[command(long_about = REPORT_HELP)]
     Report(ReportArgs),
+    /// Write seeded random MLP weights (512→1024→1024→512) as safetensors, in the layout of
+    /// PyTorch's nn.Sequential state dict.
+    Weights(workloads::WeightsArgs),
+    /// Run the MLP on a seeded input and write input and output (the numerics check).
+    #[command(hide = true)]
+    MlpRun(Box<workloads::MlpRunArgs>),
 }
 
 const REPORT_HELP: &str = "Writes report.md and SVG charts into --out DIR from one or more \
@@ -88,6 +96,12 @@ pub enum BenchCommand {
     /// The multi-queue test: N threads, each launching `simple_compute` over its own buffer.
     #[command(long_about = QUEUES_HELP)]
     Queues(QueuesArgs),
+    /// fp32 matrix products from many threads: per-thread and shared streams, coalesced, and
+    /// the device's batched GEMM rate.
+    Matmul(workloads::MatmulArgs),
+    /// The MLP 512→1024→1024→512: batch sweep, and batch-1 requests from many threads with
+    /// dynamic batching off and on.
+    Mlp(workloads::MlpArgs),
 }
 
 const QUEUES_HELP: &str = "The multi-queue test. Each thread owns one buffer of --data f32 \

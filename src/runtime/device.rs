@@ -197,7 +197,7 @@ impl Buffer {
     }
 
     /// Waits for this buffer's device-queue op, if any, before any other use of it.
-    fn settle(&mut self) -> Result<()> {
+    fn finish_queued(&mut self) -> Result<()> {
         if let Some((queue, op)) = &self.queued {
             queue.wait(*op)?;
             self.queued = None;
@@ -220,7 +220,7 @@ impl Buffer {
         match &self.queued {
             Some((q, op)) if Arc::ptr_eq(q, queue) => Ok(*op),
             Some(_) => {
-                self.settle()?;
+                self.finish_queued()?;
                 Ok(0)
             }
             None => Ok(0),
@@ -240,7 +240,7 @@ impl Buffer {
         if device_id != self.device.id() {
             return Err(Error::WrongDevice { what: "buffer" });
         }
-        self.settle()?;
+        self.finish_queued()?;
         if self
             .last
             .as_ref()
@@ -259,8 +259,33 @@ impl Buffer {
         Ok(())
     }
 
+    /// Prepares the buffer for work on a stream the caller will pick later: launches its
+    /// pending coalesced op and, unless its last stream is one `known_idle` vouches for (all
+    /// work on the buffer there is known complete), waits for that stream (rule 2).
+    pub(crate) fn settle(
+        &mut self,
+        device_id: u64,
+        known_idle: impl Fn(&Arc<dyn BackendStream>) -> bool,
+    ) -> Result<()> {
+        if device_id != self.device.id() {
+            return Err(Error::WrongDevice { what: "buffer" });
+        }
+        self.finish_queued()?;
+        self.flush();
+        match &self.last {
+            Some(last) if !known_idle(last) => last.synchronize(),
+            _ => Ok(()),
+        }
+    }
+
+    /// Records `stream` as the buffer's last stream after work on it that the caller saw
+    /// complete (see [`Buffer::settle`]).
+    pub(crate) fn set_last(&mut self, stream: Arc<dyn BackendStream>) {
+        self.last = Some(stream);
+    }
+
     fn stream_for_copy(&mut self) -> Result<Arc<dyn BackendStream>> {
-        self.settle()?;
+        self.finish_queued()?;
         self.flush();
         match &self.last {
             Some(s) => Ok(s.clone()),
@@ -299,7 +324,7 @@ impl Drop for Buffer {
         // A pending coalesced op must be queued, and a device-queue op finished, before the
         // storage is handed back. (If the device failed, its error is the owner's to see
         // elsewhere; the storage is freed after the wait returned either way.)
-        let _ = self.settle();
+        let _ = self.finish_queued();
         self.flush();
         if let Some(raw) = self.raw.take() {
             match (Arc::try_unwrap(raw), &self.last) {

@@ -15,11 +15,13 @@ mod device;
 mod device_queue;
 mod event_pool;
 mod inflight;
+mod matmul;
 mod pool;
 mod stream;
 
 pub use coalescer::{CoalescePolicy, CoalesceStats, DEFAULT_DEPTH};
 pub use device::{Buffer, Device};
 pub use inflight::Inflight;
+pub use matmul::{MatmulCoalescer, MatmulCoalescerConfig, MatmulStats};
 pub use pool::{PoolConfig, StreamPool, DEFAULT_POOL_SIZE};
 pub use stream::{Stream, StreamStats, Ticket};

@@ -128,7 +128,7 @@ impl Stream {
 
     /// One submission: a pooled event, the lock mode's guard, `enqueue`, the event's record.
     /// The event goes back to the pool if anything fails.
-    fn submit(
+    pub(crate) fn submit(
         &self,
         ops: u64,
         enqueue: impl FnOnce(&dyn crate::backend::BackendStream) -> Result<()>,

@@ -4,6 +4,7 @@
 //! Under `cfg(loom)` the atomics and mutexes used here are loom's, so the models explore
 //! every interleaving; otherwise they are std atomics and parking_lot mutexes.
 
+pub mod batcher;
 pub mod claim;
 pub mod combiner;
 pub mod ordered_queue;

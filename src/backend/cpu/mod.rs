@@ -9,12 +9,13 @@
 //! Results are bit-identical to [`Kernel::reference`]: each element goes through the same f32
 //! operations in the same order.
 
+mod matmul;
 mod stream;
 
 use std::any::Any;
 use std::sync::{Arc, Weak};
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 
 use super::{downcast, Backend, BackendBuffer, BackendEvent, BackendKind, BackendStream};
 use super::{BackendSignal, DeviceInfo, DeviceOptions, WaitPolicy};
@@ -112,7 +113,8 @@ impl Backend for CpuBackend {
             .map_err(|e| oom(e.to_string()))?;
         data.resize(len, 0.0f32);
         Ok(Box::new(CpuBuffer {
-            data: Arc::new(Mutex::new(data)),
+            data: Arc::new(RwLock::new(data)),
+            len,
         }))
     }
 
@@ -158,15 +160,19 @@ impl Backend for CpuBackend {
     }
 }
 
-/// A CPU buffer. Kernels lock it for their whole run; the runtime's stream ordering makes that
-/// lock uncontended in correct programs, and it keeps incorrect ones memory-safe.
+/// A CPU buffer. Kernels lock it for their whole run (writers exclusively, matrix-product
+/// inputs shared, so read-only weights serve many streams at once); the runtime's stream
+/// ordering makes that lock uncontended in correct programs, and it keeps incorrect ones
+/// memory-safe.
 pub struct CpuBuffer {
-    data: Arc<Mutex<Vec<f32>>>,
+    data: Arc<RwLock<Vec<f32>>>,
+    /// Fixed at allocation (read without taking the lock).
+    len: usize,
 }
 
 impl BackendBuffer for CpuBuffer {
     fn len(&self) -> usize {
-        self.data.lock().len()
+        self.len
     }
     fn as_any(&self) -> &dyn Any {
         self

@@ -15,6 +15,7 @@
 //!   `CU_EVENT_BLOCKING_SYNC` (the context's scheduling flags are left alone: they belong to
 //!   the whole process); `yield` polls `cuEventQuery` and yields between polls.
 
+mod blas;
 mod kernels;
 mod queue;
 mod stream;

@@ -370,7 +370,7 @@ impl BackendDeviceQueue for CudaDeviceQueue {
         let Kernel::SimpleCompute { iters } = kernel;
         let n = u32::try_from(buf.len())
             .map_err(|_| Error::invalid("buffer too large for a 32-bit kernel index"))?;
-        let t = self.publish(buf.device_ptr(), n, iters, after, 0)?;
+        let t = self.publish(buf.ptr(), n, iters, after, 0)?;
         self.ensure_running()?;
         Ok(t)
     }

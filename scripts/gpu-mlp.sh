@@ -30,7 +30,7 @@ step environment
 step tests
 for t in gpu_mlp tensor mlp; do
   [ -x "carry/tests/$t" ] || { echo "missing carry/tests/$t"; continue; }
-  echo "--- $t"; timeout 300 "carry/tests/$t" --nocapture 2>&1; echo "exit $?"
+  echo "--- $t"; timeout 150 "carry/tests/$t" --nocapture 2>&1; echo "exit $?"
 done > "$res/tests.txt" 2>&1
 grep -E "^test result|SKIPPED|FAILED|panicked|^gpu_mlp:" "$res/tests.txt" | tee -a "$res/summary.txt"
 
@@ -63,11 +63,14 @@ timeout 60 "$bin" bench matmul --backend cuda --tf32 --sizes 1024,4096 --threads
 for d in 1 4; do
   timeout 60 "$bin" bench mlp --backend cuda --batches '' --threads 8,16 --batching on --depth $d \
     --json "$res/mlp-depth$d.json" > "$res/mlp-depth$d.txt" 2>&1
+  timeout 60 "$bin" bench matmul --backend cuda --sizes 64,256 --threads 16 --coalesce on --depth $d \
+    --limit-batch 0 --json "$res/matmul-depth$d.json" > "$res/matmul-depth$d.txt" 2>&1
 done
+grep -h -E "^  (threads|coalesced) " "$res"/mlp-depth*.txt "$res"/matmul-depth*.txt | tee -a "$res/summary.txt"
 
 step "tables"
 python3 scripts/mlp-table.py --matmul "$res/matmul.json" --mlp "$res/mlp.json" \
-  --anchor "$res/anchor-torch.txt" --out-dir "$res" >> "$res/summary.txt" 2>&1
+  --anchor "$res/anchor-torch.txt" --numerics "$res/numerics.txt" --out-dir "$res" >> "$res/summary.txt" 2>&1
 cp "$res/matmul.md" "$res/mlp.md" "$out/" 2>/dev/null
 
 step done

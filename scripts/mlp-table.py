@@ -174,6 +174,7 @@ def main():
     ap.add_argument("--mlp", required=True)
     ap.add_argument("--anchor", required=True)
     ap.add_argument("--out-dir", required=True)
+    ap.add_argument("--numerics", help="scripts/mlp_check.py's output, quoted in mlp.md")
     a = ap.parse_args()
     header, torch_mm, sweep, mlp_threads = parse_torch(a.anchor)
     if not torch_mm and not sweep:
@@ -183,6 +184,15 @@ def main():
     open(f"{a.out_dir}/matmul.md", "w").write(md)
     data, runs = rows(a.mlp)
     md, t2 = mlp_md(data, runs, header, sweep, mlp_threads)
+    if a.numerics:
+        try:
+            text = open(a.numerics, encoding="utf-8", errors="replace").read().strip()
+        except OSError as e:
+            text = f"(not readable: {e})"
+        md += "\n## Numerics against PyTorch (scripts/mlp_check.py, same weights file)\n\n```\n" + text + "\n```\n"
+        passed = "numerics: PASS" in text
+        t2.append(("MLP output within 1e-4 relative of PyTorch's for the same weights", passed,
+                   "see mlp.md, Numerics"))
     open(f"{a.out_dir}/mlp.md", "w").write(md)
     for name, ok, why in t1 + t2:
         print(f"{verdict(ok)}: {name}: {why}")

@@ -235,6 +235,18 @@ pub fn run_matmul(a: &MatmulArgs) -> Result<i32, Error> {
             )))
         }
     };
+    if sizes.iter().any(|&n| n > 16384) {
+        return Err(Error::invalid(format!(
+            "--sizes `{}`: at most 16384",
+            a.sizes
+        )));
+    }
+    if a.max_batch == 0 || a.max_batch > 4096 || a.depth == 0 || a.depth > 64 {
+        return Err(Error::invalid(format!(
+            "--max-batch {} / --depth {}: must be 1..=4096 and 1..=64",
+            a.max_batch, a.depth
+        )));
+    }
     let cfg = MatmulBenchConfig {
         sizes,
         threads,
@@ -296,6 +308,20 @@ pub fn run_mlp(a: &MlpArgs) -> Result<i32, Error> {
         fuse: !a.no_fuse,
         weights: a.weights.clone(),
     };
+    let b = cfg.batching_opts;
+    if b.max_rows == 0 || b.max_rows > multiq::model::MAX_FORWARD_ROWS {
+        return Err(Error::invalid(format!(
+            "--max-rows {}: must be 1..={}",
+            b.max_rows,
+            multiq::model::MAX_FORWARD_ROWS
+        )));
+    }
+    if b.depth == 0 || b.depth > 64 {
+        return Err(Error::invalid(format!(
+            "--depth {}: must be 1..=64",
+            b.depth
+        )));
+    }
     if cfg
         .batches
         .iter()

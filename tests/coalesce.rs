@@ -290,3 +290,58 @@ fn persistent_falls_back_to_host_coalescing_on_the_cpu() {
     }
     assert_eq!(pool.coalesce_stats().unwrap().ops, 8 * 20);
 }
+
+/// Event mode (wait `block`): batches launched beyond `depth` by a flush, whose tickets were
+/// all dropped, are still found complete, so a later waiter is not left sleeping. (Found by
+/// `multiq stress`.)
+#[test]
+fn event_mode_reaps_batches_nobody_waits_for() {
+    let dev = Device::open(&DeviceOptions {
+        backend: Some(BackendKind::Cpu),
+        cpu_units: Some(1),
+        wait: Some(WaitPolicy::Block),
+        ..Default::default()
+    })
+    .unwrap();
+    let pool = StreamPool::new(
+        &dev,
+        PoolConfig {
+            streams: 2,
+            lock: LockMode::PerStream,
+            coalesce: CoalescePolicy::Fixed {
+                max_batch: 8,
+                max_delay: Duration::from_micros(20),
+                depth: 1,
+            },
+        },
+    )
+    .unwrap();
+    assert_eq!(pool.coalesce_completion(), Some("event"));
+    let s = pool.current().unwrap();
+    let (mut x, mut y, mut z) = (
+        dev.alloc(1 << 16).unwrap(),
+        dev.alloc(16).unwrap(),
+        dev.alloc(16).unwrap(),
+    );
+    // Launched at once, and long.
+    drop(
+        s.launch(Kernel::SimpleCompute { iters: 300 }, &mut x)
+            .unwrap(),
+    );
+    // Pending; the read flushes it: a second batch on the device although depth is 1.
+    drop(
+        s.launch(Kernel::SimpleCompute { iters: 1 }, &mut y)
+            .unwrap(),
+    );
+    y.read().unwrap();
+    let t = s
+        .launch(Kernel::SimpleCompute { iters: 1 }, &mut z)
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(t.wait()).unwrap());
+    let r = rx.recv_timeout(Duration::from_secs(10));
+    assert!(
+        matches!(r, Ok(Ok(()))),
+        "the wait on a coalesced op hung: {r:?}"
+    );
+}

@@ -31,6 +31,8 @@
 //! waiter per batch also polls the stream for errors now and then (a device fault stops the
 //! stream, so the word would never arrive). Otherwise each batch records a pooled event; one
 //! waiter per batch waits on it and finishes the batches up to it; the others wait for that.
+//! Waiters of pending batches also finish completed batches (by querying their events) while
+//! the device looks full, so batches whose tickets were all dropped never hold the queue.
 //! Errors of a batch (launch or device) go to every op in it; the next batch proceeds.
 //!
 //! Lifetimes: a pending op holds a reference to its buffer's storage, and a buffer has its
@@ -676,6 +678,11 @@ impl CoalescerShared {
     /// (A full front batch was launched by the submission that filled it; the clock is read
     /// every 64th poll only.)
     fn pending_due(&self, batch: &Batch, spins: u32) -> bool {
+        // Event mode: only reaping marks batches complete, and batches nobody waits for
+        // (dropped tickets) would otherwise count as in flight for ever.
+        if self.signal.is_none() && self.in_flight() >= self.depth {
+            self.reap(&mut self.lock_state());
+        }
         self.in_flight() < self.depth
             || (spins % 64 == 0 && self.front_due(0, batch.first_submit, usize::MAX))
     }

@@ -17,6 +17,7 @@
 
 #![warn(missing_docs)]
 
+pub(crate) mod atomic_file;
 pub mod backend;
 pub mod bench;
 pub mod error;

@@ -4,7 +4,6 @@
 //! "command", "runs": [{"workload": "queues", "preset", "scenario", "lock", "inflight", "data",
 //! "kernel_iters", "threads", "ops", "seconds", "ops_per_sec", "speedup", "verified"}]}`
 
-use std::io::Write;
 use std::path::Path;
 
 use serde::Serialize;
@@ -230,30 +229,7 @@ fn tempfile_in(dir: &Path) -> std::io::Result<(std::fs::File, std::path::PathBuf
 
 /// Writes `results` to `path` atomically: a complete file or none (temp file, then rename).
 pub fn write_json<T: Serialize>(path: &Path, results: &T) -> Result<()> {
-    let io = |source| Error::Io {
-        path: path.display().to_string(),
-        source,
-    };
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        path.file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or("results"),
-        std::process::id()
-    ));
-    let text = serde_json::to_string_pretty(results).expect("results serialize");
-    let mut f = std::fs::File::create(&tmp).map_err(io)?;
-    f.write_all(text.as_bytes())
-        .and_then(|()| f.write_all(b"\n"))
-        .map_err(io)?;
-    f.sync_all().map_err(io)?;
-    drop(f);
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        io(e)
-    })
+    let mut text = serde_json::to_string_pretty(results).expect("results serialize");
+    text.push('\n');
+    crate::atomic_file::write(path, text.as_bytes())
 }

@@ -278,27 +278,7 @@ pub fn serialize(weights: &HostWeights) -> Result<Vec<u8>> {
 
 /// Writes `weights` to `path` as safetensors, atomically (a temporary file, then a rename).
 pub fn write(path: &Path, weights: &HostWeights) -> Result<()> {
-    let data = serialize(weights)?;
-    let io = |source| Error::Io {
-        path: path.display().to_string(),
-        source,
-    };
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        path.file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or("weights"),
-        std::process::id()
-    ));
-    std::fs::write(&tmp, &data).map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        io(e)
-    })
+    crate::atomic_file::write(path, &serialize(weights)?)
 }
 
 #[cfg(test)]

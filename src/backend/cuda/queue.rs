@@ -402,28 +402,33 @@ impl BackendDeviceQueue for CudaDeviceQueue {
 
 impl Drop for CudaDeviceQueue {
     fn drop(&mut self) {
-        if self.published() == 0 {
-            return self.free();
+        // If the device failed, a kernel might still read the memory: it is leaked instead.
+        if self.published() == 0 || self.stop() {
+            self.free();
         }
-        let stop = match self.publish(0, 0, 0, [0, 0], FLAG_STOP) {
-            Ok(t) => t,
-            Err(_) => return self.leak(),
+    }
+}
+
+impl CudaDeviceQueue {
+    /// Publishes the stop op and waits until a kernel took it; true once the stream is idle
+    /// and no kernel of this queue will run again.
+    fn stop(&self) -> bool {
+        let Ok(stop) = self.publish(0, 0, 0, [0, 0], FLAG_STOP) else {
+            return false;
         };
         // A kernel must take the stop op; one that left idle before it is relaunched. Bounded:
         // each round either ends at the stop op or relaunches from a later op.
         for _ in 0..SLOTS + 2 {
             if self.ensure_running().is_err() || self.stream.synchronize().is_err() {
-                return self.leak();
+                return false;
             }
             if self.exit_record().0 == stop {
-                return self.free();
+                return true;
             }
         }
-        self.leak();
+        false
     }
-}
 
-impl CudaDeviceQueue {
     /// Frees the queue's memory; only once its stream is idle.
     fn free(&mut self) {
         if bind(&self.ctx).is_err() {
@@ -438,9 +443,6 @@ impl CudaDeviceQueue {
             }
         }
     }
-
-    /// Leaves the memory allocated: the device failed, and a kernel might still read it.
-    fn leak(&mut self) {}
 }
 
 impl std::fmt::Debug for CudaDeviceQueue {

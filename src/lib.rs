@@ -23,6 +23,7 @@ pub mod error;
 pub mod kernel;
 pub mod report;
 pub mod runtime;
+pub mod stress;
 pub(crate) mod sync;
 
 pub use backend::{BackendKind, DeviceInfo, DeviceOptions, WaitPolicy};

@@ -225,7 +225,7 @@ fn tempfile_in(dir: &Path) -> std::io::Result<(std::fs::File, std::path::PathBuf
 }
 
 /// Writes `results` to `path` atomically: a complete file or none (temp file, then rename).
-pub fn write_json(path: &Path, results: &ResultsFile) -> Result<()> {
+pub fn write_json<T: Serialize>(path: &Path, results: &T) -> Result<()> {
     let io = |source| Error::Io {
         path: path.display().to_string(),
         source,

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 
 use super::coalescer::{Batch, SharedRaw};
+use super::live::{Kind, LiveToken};
 use crate::backend::{self, Backend, BackendBuffer, BackendStream, DeviceInfo, DeviceOptions};
 use crate::error::{Error, Result};
 
@@ -26,6 +27,7 @@ struct DeviceInner {
     fallback: Option<String>,
     /// A stream for copies of buffers that no stream has touched yet; created on first use.
     copy_stream: Mutex<Option<Arc<dyn BackendStream>>>,
+    _live: LiveToken,
 }
 
 impl std::fmt::Debug for Device {
@@ -48,6 +50,7 @@ impl Device {
                 info,
                 fallback,
                 copy_stream: Mutex::new(None),
+                _live: LiveToken::new(Kind::Device),
             }),
         })
     }
@@ -98,6 +101,7 @@ impl Device {
             device: self.clone(),
             last: None,
             coalesced: None,
+            _live: LiveToken::new(Kind::Buffer),
         })
     }
 
@@ -140,6 +144,7 @@ pub struct Buffer {
     last: Option<Arc<dyn BackendStream>>,
     /// The coalesced batch of the last op on this buffer, which may not be launched yet.
     coalesced: Option<Arc<Batch>>,
+    _live: LiveToken,
 }
 
 impl std::fmt::Debug for Buffer {

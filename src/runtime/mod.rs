@@ -14,11 +14,13 @@ mod coalescer;
 mod device;
 mod event_pool;
 mod inflight;
+pub(crate) mod live;
 mod pool;
 mod stream;
 
 pub use coalescer::{CoalescePolicy, CoalesceStats, DEFAULT_DEPTH};
 pub use device::{Buffer, Device};
 pub use inflight::Inflight;
-pub use pool::{PoolConfig, StreamPool, DEFAULT_POOL_SIZE};
+pub use live::{live_counts, LiveCounts};
+pub use pool::{PoolConfig, StreamPool, DEFAULT_POOL_SIZE, MAX_POOL_SIZE};
 pub use stream::{Stream, StreamStats, Ticket};

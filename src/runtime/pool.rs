@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 
 use super::coalescer::{CoalescePolicy, CoalescerShared};
+use super::live::{Kind, LiveToken};
 use super::stream::StreamShared;
 use super::{Device, Stream};
 use crate::error::{Error, Result};
@@ -67,6 +68,7 @@ struct PoolShared {
     coalescer: Option<Arc<CoalescerShared>>,
     slots: Box<[parking_lot::Mutex<Option<Arc<StreamShared>>>]>,
     next: AtomicUsize,
+    _live: LiveToken,
 }
 
 impl std::fmt::Debug for StreamPool {
@@ -103,6 +105,7 @@ impl StreamPool {
                 coalescer,
                 slots,
                 next: AtomicUsize::new(0),
+                _live: LiveToken::new(Kind::Pool),
             }),
         })
     }
@@ -168,17 +171,27 @@ impl StreamPool {
         let s = self.slot(index)?;
         if let Some(claim) = s.lock.claim() {
             let me = thread_id::current();
+            let had = claim.is_owned_by(me);
             if !claim.try_claim(me) {
                 return Err(Error::ExclusiveStreamRequired(format!(
                     "stream {index} is owned by another thread"
                 )));
             }
-            self.with_entry(|e| {
+            let recorded = self.with_entry(|e| {
                 if !e.claimed.contains(&index) {
                     e.claimed.push(index);
                 }
                 Ok(())
-            })?;
+            });
+            if let Err(e) = recorded {
+                // The thread's stream table is gone (a thread-local destructor running after
+                // multiq's): nothing would give the claim back when the thread ends, so it
+                // must not be kept.
+                if !had {
+                    claim.release(me);
+                }
+                return Err(e);
+            }
         }
         Ok(Stream { shared: s })
     }

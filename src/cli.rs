@@ -103,6 +103,10 @@ pub struct StressArgs {
     /// Kinds of rounds to draw from, comma-separated [default: all].
     #[arg(long, value_enum, value_delimiter = ',')]
     pub kinds: Vec<multiq::stress::plan::RoundKind>,
+    /// Coalescing policies rounds draw from, comma-separated: off, fixed, adaptive
+    /// [default: all].
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub coalesce: Vec<multiq::stress::plan::CoalesceKind>,
     /// A round's deadline in seconds; past it the round is a hang and its stuck threads are
     /// named.
     #[arg(long, allow_hyphen_values = true, value_name = "S", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86_400))]
@@ -177,8 +181,17 @@ impl StressArgs {
                 RoundKind::ALL.to_vec()
             } else {
                 let mut k = self.kinds.clone();
+                k.sort_by_key(|k| *k as u8);
                 k.dedup();
                 k
+            },
+            coalesce: if self.coalesce.is_empty() {
+                multiq::stress::plan::CoalesceKind::ALL.to_vec()
+            } else {
+                let mut c = self.coalesce.clone();
+                c.sort_by_key(|k| *k as u8);
+                c.dedup();
+                c
             },
             round_timeout: std::time::Duration::from_secs(self.round_timeout),
             device_leak_tolerance: self.device_leak_mib << 20,

@@ -15,7 +15,7 @@
 //! device) alive.
 
 use std::cell::RefCell;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 
 use super::coalescer::{CoalescePolicy, CoalescerShared};
@@ -23,6 +23,7 @@ use super::live::{Kind, LiveToken};
 use super::stream::StreamShared;
 use super::{Device, Stream};
 use crate::error::{Error, Result};
+use crate::sync::assign::Slots;
 use crate::sync::submit_lock::{LockMode, SubmitLock};
 use crate::sync::{thread_id, Mutex};
 
@@ -66,8 +67,8 @@ struct PoolShared {
     lock: LockMode,
     global: Arc<Mutex<()>>,
     coalescer: Option<Arc<CoalescerShared>>,
-    slots: Box<[parking_lot::Mutex<Option<Arc<StreamShared>>>]>,
-    next: AtomicUsize,
+    /// The streams, made on first use, and the round-robin position (`sync::assign`).
+    slots: Slots<StreamShared>,
     _live: LiveToken,
 }
 
@@ -89,9 +90,6 @@ impl StreamPool {
                 config.streams
             )));
         }
-        let slots = (0..config.streams)
-            .map(|_| parking_lot::Mutex::new(None))
-            .collect();
         let coalescer = match config.coalesce {
             CoalescePolicy::Off => None,
             policy => Some(CoalescerShared::new(device, policy)?),
@@ -103,8 +101,7 @@ impl StreamPool {
                 lock: config.lock,
                 global: Arc::new(Mutex::new(())),
                 coalescer,
-                slots,
-                next: AtomicUsize::new(0),
+                slots: Slots::new(config.streams),
                 _live: LiveToken::new(Kind::Pool),
             }),
         })
@@ -142,11 +139,7 @@ impl StreamPool {
 
     /// Streams created so far (they are created lazily).
     pub fn streams_created(&self) -> usize {
-        self.shared
-            .slots
-            .iter()
-            .filter(|s| s.lock().is_some())
-            .count()
+        self.shared.slots.created()
     }
 
     /// The calling thread's stream: assigned round-robin on first call, then kept.
@@ -261,9 +254,8 @@ impl StreamPool {
             Some(c) => c.synchronize(),
             None => Ok(()),
         };
-        for slot in self.shared.slots.iter() {
-            let stream = slot.lock().clone();
-            if let Some(s) = stream {
+        for i in 0..self.size() {
+            if let Some(s) = self.shared.slots.get(i) {
                 let r = s.backend.synchronize();
                 if first.is_ok() {
                     first = r;
@@ -274,43 +266,34 @@ impl StreamPool {
     }
 
     fn slot(&self, index: usize) -> Result<Arc<StreamShared>> {
-        let slot = self.shared.slots.get(index).ok_or(Error::NoSuchStream {
-            index,
-            size: self.size(),
-        })?;
-        let mut slot = slot.lock();
-        if let Some(s) = &*slot {
-            return Ok(s.clone());
-        }
         let p = &self.shared;
-        let lock = SubmitLock::new(p.lock, &p.global);
-        let s = Arc::new(StreamShared::new(
-            p.id,
-            index,
-            p.device.clone(),
-            lock,
-            p.coalescer.clone(),
-        )?);
-        *slot = Some(s.clone());
-        Ok(s)
+        p.slots
+            .get_or_try_init(index, || {
+                let lock = SubmitLock::new(p.lock, &p.global);
+                StreamShared::new(p.id, index, p.device.clone(), lock, p.coalescer.clone())
+            })
+            .unwrap_or(Err(Error::NoSuchStream {
+                index,
+                size: self.size(),
+            }))
     }
 
     fn assign(&self, me: u64) -> Result<Arc<StreamShared>> {
         let size = self.size();
-        let start = self.shared.next.fetch_add(1, Ordering::Relaxed);
+        let start = self.shared.slots.next_index();
         if self.shared.lock != LockMode::None {
             return self.slot(start % size);
         }
-        for k in 0..size {
-            let s = self.slot((start + k) % size)?;
-            if s.lock.claim().is_some_and(|c| c.try_claim(me)) {
-                return Ok(s);
-            }
-        }
-        Err(Error::ExclusiveStreamRequired(format!(
-            "all {size} streams of the pool are owned by other threads; lock mode none never \
-             shares a stream (use a larger pool or lock mode per-stream)"
-        )))
+        let claimed =
+            self.shared
+                .slots
+                .claim_any(me, start, |i| self.slot(i), |s| s.lock.claim())?;
+        claimed.ok_or_else(|| {
+            Error::ExclusiveStreamRequired(format!(
+                "all {size} streams of the pool are owned by other threads; lock mode none never \
+                 shares a stream (use a larger pool or lock mode per-stream)"
+            ))
+        })
     }
 
     fn with_entry<R>(&self, f: impl FnOnce(&mut Entry) -> Result<R>) -> Result<R> {
@@ -360,7 +343,7 @@ impl Drop for ThreadStreams {
         for e in &self.entries {
             if let Some(pool) = e.pool.upgrade() {
                 for &i in &e.claimed {
-                    let stream = pool.slots[i].lock().clone();
+                    let stream = pool.slots.get(i);
                     if let Some(claim) = stream.as_ref().and_then(|s| s.lock.claim()) {
                         claim.release(self.thread);
                     }

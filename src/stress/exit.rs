@@ -146,6 +146,8 @@ fn child_args(seed: u64, s: &PlanSettings) -> Vec<String> {
             .map(|k| k.name())
             .collect::<Vec<_>>()
             .join(","),
+        "--coalesce".into(),
+        super::supervise::coalesce_arg(&s.coalesce),
         "--backend".into(),
         match s.backend {
             None => "auto".into(),

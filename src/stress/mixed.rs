@@ -482,12 +482,12 @@ impl<'r, 'a> Worker<'r, 'a> {
         let ending = self.round.plan.ending;
         let hooks = self.round.hooks;
         for (step, &op) in self.plan.ops.iter().enumerate() {
-            if self.round.stop.load(Ordering::Acquire) {
-                return;
-            }
             self.slot.set(Phase::Launch, step);
             if step == 0 && self.idx == 0 {
                 self.test_hooks(hooks);
+            }
+            if self.round.stop.load(Ordering::Acquire) {
+                return;
             }
             match ending {
                 Ending::Panic {
@@ -800,7 +800,11 @@ impl<'r, 'a> Worker<'r, 'a> {
         let iters = 1;
         let k = Kernel::SimpleCompute { iters };
         let on_shared = how == PanicHow::HoldingSharedBuffer && !self.round.shared.is_empty();
-        // This thread's own buffers go unchecked: it is about to die with them.
+        if !on_shared && self.room(0, iters, step).is_err() {
+            std::panic::panic_any(InjectedPanic(format!("{} (after an error)", self.name)));
+        }
+        // This thread's own buffers go unchecked: it is about to die with them (the op it
+        // launches on its own buffer included).
         let pending: u64 = self.own.iter().map(|t| t.unchecked_ops).sum();
         self.tally().unverified(pending + u64::from(!on_shared));
         // The pool gets the stream back when the thread's locals are destroyed.

@@ -308,6 +308,24 @@ pub fn run_round(plan: &RoundPlan, env: &Env<'_>) {
         Body::Churn(p) => churn::run(p, env),
         Body::Exit(p) => exit::run_parent(plan.seed, p, env),
     }
+    // None lost: every op submitted was proved applied by a check, or belongs to a buffer
+    // the round dropped unchecked by design. (After another finding the count means little.)
+    let t = env.tally;
+    let (ops, verified, unverified) = (
+        t.ops.load(Ordering::Relaxed),
+        t.verified_ops.load(Ordering::Relaxed),
+        t.unverified_ops.load(Ordering::Relaxed),
+    );
+    let clean = t.errors.lock().is_empty()
+        && t.mismatches.lock().is_empty()
+        && t.crashes.lock().is_empty()
+        && t.hangs.lock().is_empty();
+    if clean && verified + unverified != ops {
+        t.mismatch(format!(
+            "{ops} ops submitted, but {verified} were checked and {unverified} dropped \
+             unchecked by design"
+        ));
+    }
 }
 
 /// Runs `f`, catching a panic that escapes it as a crash of the round.

@@ -435,6 +435,36 @@ pub struct RoundPlan {
     pub body: Body,
 }
 
+/// Coalescing policies a round may draw.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum CoalesceKind {
+    /// One launch per op.
+    Off,
+    /// A fixed batch limit and delay.
+    Fixed,
+    /// The adaptive batch target.
+    Adaptive,
+}
+
+impl CoalesceKind {
+    /// All policies.
+    pub const ALL: [CoalesceKind; 3] = [
+        CoalesceKind::Off,
+        CoalesceKind::Fixed,
+        CoalesceKind::Adaptive,
+    ];
+
+    /// The name used on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            CoalesceKind::Off => "off",
+            CoalesceKind::Fixed => "fixed",
+            CoalesceKind::Adaptive => "adaptive",
+        }
+    }
+}
+
 /// What plans depend on besides the seed.
 #[derive(Clone, Debug)]
 pub struct PlanSettings {
@@ -448,6 +478,8 @@ pub struct PlanSettings {
     pub units: Option<usize>,
     /// Fixed wait policy, or `None` to draw one per round.
     pub wait: Option<WaitPolicy>,
+    /// Coalescing policies to draw from.
+    pub coalesce: Vec<CoalesceKind>,
 }
 
 const LENGTHS: &[(usize, u32)] = &[
@@ -598,27 +630,41 @@ fn device_plan(rng: &mut Rng, settings: &PlanSettings, threads: usize) -> Device
     DevicePlan { units, wait }
 }
 
-fn coalesce_plan(rng: &mut Rng) -> CoalescePolicy {
+fn coalesce_plan(rng: &mut Rng, allowed: &[CoalesceKind]) -> CoalescePolicy {
     let max_batch = rng.pick(&[1, 2, 4, 8, 16, 32]);
     let max_delay = Duration::from_micros(rng.pick(&[0, 5, 20, 100]));
     let depth = rng.pick(&[1, 2, 3]);
-    match rng.weighted(&[(0, 5), (1, 3), (2, 2)]) {
-        0 => CoalescePolicy::Off,
-        1 => CoalescePolicy::Fixed {
+    let latency_target = Duration::from_micros(rng.pick(&[20, 100, 1000]));
+    let weights: Vec<(CoalesceKind, u32)> = [
+        (CoalesceKind::Off, 5),
+        (CoalesceKind::Fixed, 3),
+        (CoalesceKind::Adaptive, 2),
+    ]
+    .into_iter()
+    .filter(|(k, _)| allowed.is_empty() || allowed.contains(k))
+    .collect();
+    match rng.weighted(&weights) {
+        CoalesceKind::Off => CoalescePolicy::Off,
+        CoalesceKind::Fixed => CoalescePolicy::Fixed {
             max_batch,
             max_delay,
             depth,
         },
-        _ => CoalescePolicy::Adaptive {
+        CoalesceKind::Adaptive => CoalescePolicy::Adaptive {
             max_batch,
             max_delay,
-            latency_target: Duration::from_micros(rng.pick(&[20, 100, 1000])),
+            latency_target,
             depth,
         },
     }
 }
 
-fn pool_plan(rng: &mut Rng, threads: usize, oversubscribe: bool) -> PoolPlan {
+fn pool_plan(
+    rng: &mut Rng,
+    settings: &PlanSettings,
+    threads: usize,
+    oversubscribe: bool,
+) -> PoolPlan {
     let lock = rng.pick(&[LockMode::Global, LockMode::PerStream, LockMode::None]);
     let streams = if oversubscribe {
         32
@@ -631,13 +677,13 @@ fn pool_plan(rng: &mut Rng, threads: usize, oversubscribe: bool) -> PoolPlan {
     PoolPlan {
         streams: streams.clamp(1, crate::runtime::MAX_POOL_SIZE),
         lock,
-        coalesce: coalesce_plan(rng),
+        coalesce: coalesce_plan(rng, &settings.coalesce),
     }
 }
 
 fn mixed(rng: &mut Rng, settings: &PlanSettings, threads: usize, oversubscribe: bool) -> MixedPlan {
     let device = device_plan(rng, settings, threads);
-    let pool = pool_plan(rng, threads, oversubscribe);
+    let pool = pool_plan(rng, settings, threads, oversubscribe);
     let ending = {
         let thread = rng.range_usize(0, threads - 1);
         let how = rng.pick(&[
@@ -779,7 +825,7 @@ fn churn(rng: &mut Rng, settings: &PlanSettings) -> ChurnPlan {
     ChurnPlan {
         device: device_plan(rng, settings, wave),
         pool: {
-            let mut p = pool_plan(rng, wave, false);
+            let mut p = pool_plan(rng, settings, wave, false);
             p.streams = rng.pick(&[1, 4, 8, 32, 64]);
             p
         },
@@ -792,7 +838,7 @@ fn churn(rng: &mut Rng, settings: &PlanSettings) -> ChurnPlan {
 fn exit(rng: &mut Rng, settings: &PlanSettings) -> ExitPlan {
     let threads = rng.range_usize(2, 16);
     let device = device_plan(rng, settings, threads);
-    let mut pool = pool_plan(rng, threads, false);
+    let mut pool = pool_plan(rng, settings, threads, false);
     if pool.lock == LockMode::None {
         pool.streams = pool.streams.max(threads);
     }
@@ -869,6 +915,7 @@ mod tests {
             kinds: RoundKind::ALL.to_vec(),
             units: None,
             wait: None,
+            coalesce: CoalesceKind::ALL.to_vec(),
         }
     }
 

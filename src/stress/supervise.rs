@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use super::leak::{LeakCheck, ResourceFigures};
-use super::plan::{PlanSettings, RoundKind, RoundPlan};
+use super::plan::{CoalesceKind, PlanSettings, RoundKind, RoundPlan};
 use super::rng::{self, show_seed};
 use super::watch::{Phase, RoundWatch, Watchdog, EXIT_HANG};
 use super::{
@@ -62,6 +62,8 @@ pub struct StressConfig {
     pub round_seed: Option<u64>,
     /// Kinds of rounds to draw from.
     pub kinds: Vec<RoundKind>,
+    /// Coalescing policies to draw from.
+    pub coalesce: Vec<CoalesceKind>,
     /// A round's deadline.
     pub round_timeout: Duration,
     /// Device memory that may stay missing after a round (bytes).
@@ -89,6 +91,7 @@ impl StressConfig {
             kinds: self.kinds.clone(),
             units: self.units,
             wait: self.wait,
+            coalesce: self.coalesce.clone(),
         }
     }
 
@@ -110,12 +113,20 @@ impl StressConfig {
         if let Some(w) = self.wait {
             s.push_str(&format!(" --wait {w}"));
         }
+        if self.coalesce.len() < CoalesceKind::ALL.len() {
+            s.push_str(&format!(" --coalesce {}", coalesce_arg(&self.coalesce)));
+        }
         s
     }
 }
 
 fn kinds_arg(kinds: &[RoundKind]) -> String {
     kinds.iter().map(|k| k.name()).collect::<Vec<_>>().join(",")
+}
+
+/// `--coalesce` as given on a command line.
+pub(crate) fn coalesce_arg(c: &[CoalesceKind]) -> String {
+    c.iter().map(|k| k.name()).collect::<Vec<_>>().join(",")
 }
 
 /// One protocol message of a worker.
@@ -219,7 +230,18 @@ fn rounds_loop(cfg: &StressConfig, sink: &mut dyn FnMut(Msg), protocol: bool) {
         let seed = cfg
             .round_seed
             .unwrap_or_else(|| rng::round_seed(master, round));
-        let plan = RoundPlan::draw(seed, &settings);
+        let mut plan = RoundPlan::draw(seed, &settings);
+        let hooks = if round == 0 {
+            cfg.hooks
+        } else {
+            Hooks::default()
+        };
+        if hooks != Hooks::default() {
+            // A hooked round ends in order, so the failure it causes is always looked for.
+            if let super::plan::Body::Mixed(p) = &mut plan.body {
+                p.ending = super::plan::Ending::Orderly;
+            }
+        }
         sink(Msg::Start {
             round,
             seed: show_seed(seed),
@@ -362,6 +384,9 @@ struct StressResults {
     round_seed: Option<String>,
     threads: usize,
     kinds: Vec<&'static str>,
+    coalesce: Vec<&'static str>,
+    wait: Option<String>,
+    units: Option<usize>,
     rounds_limit: u64,
     seconds_limit: Option<f64>,
     round_timeout_s: f64,
@@ -496,7 +521,7 @@ pub fn run(cfg: &StressConfig) -> Result<i32> {
         ),
         None => println!(
             "multiq stress: up to {} rounds{}, seed {}, backend {}, {} threads, kinds {}, \
-             round deadline {:.0} s{}",
+             coalescing {}, round deadline {:.0} s{}",
             cfg.rounds,
             cfg.seconds
                 .map_or(String::new(), |s| format!(" or {s:.0} s")),
@@ -504,6 +529,7 @@ pub fn run(cfg: &StressConfig) -> Result<i32> {
             cfg.backend_arg(),
             cfg.threads,
             kinds_arg(&cfg.kinds),
+            coalesce_arg(&cfg.coalesce),
             cfg.round_timeout.as_secs_f64(),
             if cfg.in_process {
                 ", in this process"
@@ -546,6 +572,9 @@ pub fn run(cfg: &StressConfig) -> Result<i32> {
             round_seed: cfg.round_seed.map(show_seed),
             threads: cfg.threads,
             kinds: cfg.kinds.iter().map(|k| k.name()).collect(),
+            coalesce: cfg.coalesce.iter().map(|k| k.name()).collect(),
+            wait: cfg.wait.map(|w| w.to_string()),
+            units: cfg.units,
             rounds_limit: cfg.rounds,
             seconds_limit: cfg.seconds,
             round_timeout_s: cfg.round_timeout.as_secs_f64(),
@@ -738,6 +767,8 @@ fn worker_args(cfg: &StressConfig, first: u64) -> Vec<String> {
         cfg.threads.to_string(),
         "--kinds".into(),
         kinds_arg(&cfg.kinds),
+        "--coalesce".into(),
+        coalesce_arg(&cfg.coalesce),
         "--backend".into(),
         cfg.backend_arg(),
         "--round-timeout".into(),

@@ -498,3 +498,139 @@ pub fn one_line(err: &clap::Error) -> String {
     }
     line
 }
+
+#[cfg(test)]
+mod fuzz {
+    //! Property tests over command-line parsing: whatever the arguments, parsing returns a
+    //! value or an error, the error renders as one line, and a parsed command's settings
+    //! convert without panicking. (`PROPTEST_CASES` sets how many argument lists are tried.)
+
+    use super::*;
+    use proptest::prelude::*;
+
+    const WORDS: &[&str] = &[
+        "bench",
+        "queues",
+        "info",
+        "report",
+        "stress",
+        "--backend",
+        "--units",
+        "--wait",
+        "--threads",
+        "--iters",
+        "--preset",
+        "--data",
+        "--kernel-iters",
+        "--inflight",
+        "--lock",
+        "--coalesce",
+        "--max-batch",
+        "--max-delay-us",
+        "--coalesce-depth",
+        "--scenario",
+        "--streams",
+        "--repeat",
+        "--json",
+        "--out",
+        "--anchor",
+        "--rounds",
+        "--seconds",
+        "--seed",
+        "--round-seed",
+        "--kinds",
+        "--round-timeout",
+        "--device-leak-mib",
+        "--verbose",
+        "--in-process",
+        "--async",
+        "--full",
+        "--quiet",
+        "--help",
+        "-h",
+        "--version",
+        "cpu",
+        "cuda",
+        "auto",
+        "spin",
+        "yield",
+        "block",
+        "none",
+        "global",
+        "per-stream",
+        "fixed",
+        "adaptive",
+        "off",
+        "mixed,churn",
+        "exit",
+        "minimal,light",
+        "0",
+        "1",
+        "-1",
+        "16",
+        "1,2,4",
+        "1,,2",
+        "0x10",
+        "0xffffffffffffffffff",
+        "18446744073709551616",
+        "4294967296",
+        "",
+        " ",
+        "=",
+        "--threads=",
+        "--seed=0x",
+        "\u{0}",
+        "é",
+    ];
+
+    fn arg() -> impl Strategy<Value = String> {
+        prop_oneof![
+            3 => proptest::sample::select(WORDS).prop_map(str::to_string),
+            1 => any::<String>(),
+            1 => any::<i64>().prop_map(|n| n.to_string()),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn any_argument_list_parses_or_fails_in_one_line(args in proptest::collection::vec(arg(), 0..8)) {
+            let argv = std::iter::once("multiq".to_string()).chain(args);
+            match Cli::try_parse_from(argv) {
+                Ok(cli) => {
+                    match &cli.command {
+                        Command::Stress(s) => {
+                            let cfg = s.config();
+                            prop_assert!(cfg.rounds >= 1 && cfg.threads >= 1);
+                            prop_assert!(!cfg.kinds.is_empty() && !cfg.coalesce.is_empty());
+                        }
+                        Command::Bench(b) => {
+                            if let Some(BenchCommand::Queues(q)) = &b.which {
+                                let _ = multiq::bench::parse_thread_list(&q.threads);
+                                prop_assert!(!q.coalesce_policies().is_empty());
+                            }
+                            let _ = b.study.device.options();
+                        }
+                        Command::Info(d) => {
+                            let _ = d.options();
+                        }
+                        Command::Report(_) => {}
+                    }
+                }
+                Err(e) => {
+                    let line = one_line(&e);
+                    prop_assert!(!line.contains('\n'), "{line:?}");
+                }
+            }
+        }
+
+        #[test]
+        fn thread_lists_and_seeds_never_panic(s in any::<String>()) {
+            if let Ok(list) = multiq::bench::parse_thread_list(&s) {
+                prop_assert!(!list.is_empty() && list.iter().all(|&n| n >= 1));
+            }
+            if let Ok(seed) = multiq::stress::rng::parse_seed(&s) {
+                prop_assert_eq!(multiq::stress::rng::parse_seed(&multiq::stress::rng::show_seed(seed)), Ok(seed));
+            }
+        }
+    }
+}

@@ -883,7 +883,8 @@ fn exit(rng: &mut Rng, settings: &PlanSettings) -> ExitPlan {
     let mut device = device_plan(rng, settings, threads);
     let mut pool = pool_plan(rng, settings, threads, false);
     if pool.lock == LockMode::None {
-        pool.streams = pool.streams.max(threads);
+        // A stream for each worker, and one for main (thread-locals mode takes one).
+        pool.streams = pool.streams.max(threads + 1);
     }
     settings.avoid(&mut device, &pool);
     ExitPlan {

@@ -36,64 +36,63 @@ for c in cmds:
     print(f"- command: `{c}`")
 print("- anchors from the same GPU run, verbatim: `anchor-mq.txt` (`mq 1000`), `anchor-launch.txt` (`SCHED=auto launch`)")
 print("- minimal and light rows are the median of 3 repeats; every run verified against the host reference\n")
-print("| preset | inflight | threads | off ops/s | fixed ops/s | adaptive ops/s | fixed ÷ off | ops/launch (fixed) | p50 / p99 µs (fixed) | anchor mq.cu |")
-print("|---|---|---|---|---|---|---|---|---|---|")
+print("`fixed` and `adaptive` batch on the host (one grouped launch per batch); `persistent` publishes each op to a kernel that stays on the device (no launch per op).\n")
+print("| preset | inflight | threads | off ops/s | fixed ops/s | adaptive ops/s | persistent ops/s | fixed ÷ off | persistent ÷ off | p50 / p99 µs (fixed) | p50 / p99 µs (persistent) | anchor mq.cu |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|")
 for preset in ["minimal", "light", "default", "heavy"]:
     for inflight in [1, 8]:
         for t in [1, 2, 4, 8, 16]:
-            off, fx, ad = (row(preset, inflight, c, t) for c in ("off", "fixed", "adaptive"))
-            if not (off and fx and ad):
+            off, fx, ad, pe = (row(preset, inflight, c, t) for c in ("off", "fixed", "adaptive", "persistent"))
+            if not (off and fx and ad and pe):
                 continue
             a = mq(inflight, preset, t)
-            print(f"| {preset} | {inflight} | {t} | {off['ops_per_sec']:,.0f} | {fx['ops_per_sec']:,.0f} | {ad['ops_per_sec']:,.0f} | "
-                  f"{fx['ops_per_sec']/off['ops_per_sec']:.2f} | {fx['ops_per_launch']:.1f} | "
-                  f"{fx['latency_us']['p50']:.0f} / {fx['latency_us']['p99']:.0f} | {a:,.0f} |" if a else "")
-print("\n## max-batch sweep (minimal, 16 threads, fixed)\n")
-print("| max batch | inflight | ops/s | ops/launch | p99 µs |")
-print("|---|---|---|---|---|")
-for r in sorted((r for r in runs if r["file"].startswith("maxbatch")), key=lambda r: (int(r["file"].split("-")[1]), r["inflight"])):
-    print(f"| {r['file'].split('-')[1]} | {r['inflight']} | {r['ops_per_sec']:,.0f} | {r['ops_per_launch']:.1f} | {r['latency_us']['p99']:.0f} |")
-
-print("\n## Depth and wait policy (16 threads, fixed, median of 3)\n")
+            print(f"| {preset} | {inflight} | {t} | {off['ops_per_sec']:,.0f} | {fx['ops_per_sec']:,.0f} | {ad['ops_per_sec']:,.0f} | {pe['ops_per_sec']:,.0f} | "
+                  f"{fx['ops_per_sec']/off['ops_per_sec']:.2f} | {pe['ops_per_sec']/off['ops_per_sec']:.2f} | "
+                  f"{fx['latency_us']['p50']:.0f} / {fx['latency_us']['p99']:.0f} | {pe['latency_us']['p50']:.0f} / {pe['latency_us']['p99']:.0f} | {a:,.0f} |" if a else "")
+print("\n## Depth and wait policy (16 threads, median of 3)\n")
 print("Depth: batches queued on the device before new ops wait for a fuller batch (default 2). "
       "The breakdown is per batch: first op's submission to launch, the launch call itself, and "
       "launch end to the first waiter seeing completion.\n")
-print("| run | preset | inflight | wait | depth | ops/s | ÷ off (same file or coalesce-*) | ops/launch | p50 / p99 µs | pending / launch call / to completion µs |")
+print("| run | preset | inflight | wait | policy, depth | ops/s | ÷ off (same file or coalesce-*) | ops/launch | p50 / p99 µs | pending / launch call / to completion µs |")
 print("|---|---|---|---|---|---|---|---|---|---|")
 def off_for(r):
     for o in runs:
         if (o["file"], o["preset"], o["inflight"], o["threads"], o["coalesce"]) == (r["file"], r["preset"], r["inflight"], r["threads"], "off"):
             return o
     return row(r["preset"], r["inflight"], "off", r["threads"])
-cands = [r for r in runs if r["threads"] == 16 and r["coalesce"] == "fixed" and (r["file"].startswith(("depth", "wait")) or (r["file"].startswith("coalesce")))]
+cands = [r for r in runs if r["threads"] == 16 and r["coalesce"] in ("fixed", "persistent") and (r["file"].startswith(("depth", "wait")) or (r["file"].startswith("coalesce")))]
 for r in sorted(cands, key=lambda r: (["minimal", "light", "default", "heavy"].index(r["preset"]), r["inflight"], r["file"])):
     o = off_for(r); c = r.get("coalesce_stats") or {}
-    print(f"| {r['file']} | {r['preset']} | {r['inflight']} | {r['wait']} | {r.get('coalesce_depth', '')} | {r['ops_per_sec']:,.0f} | "
+    print(f"| {r['file']} | {r['preset']} | {r['inflight']} | {r['wait']} | {r['coalesce']} {r.get('coalesce_depth', '')} | {r['ops_per_sec']:,.0f} | "
           f"{r['ops_per_sec']/o['ops_per_sec']:.2f} | {r['ops_per_launch']:.1f} | {r['latency_us']['p50']:.0f} / {r['latency_us']['p99']:.0f} | "
           f"{c.get('pending_us', 0):.1f} / {c.get('launch_us', 0):.1f} / {c.get('complete_us', 0):.1f} |")
 
-def best(preset, inflight, threads):
-    return max((row(preset, inflight, c, threads) for c in ("fixed", "adaptive")), key=lambda r: r["ops_per_sec"])
-t = []
-m1 = best("minimal", 1, 16); t.append(("minimal, 16 threads, wait per op ≥ 900,000 ops/s", m1["ops_per_sec"], 900000))
-m8 = best("minimal", 8, 16); t.append(("minimal, 16 threads, inflight 8 ≥ 2,000,000 ops/s", m8["ops_per_sec"], 2000000))
-l1 = best("light", 1, 16); t.append(("light, 16 threads ≥ 180,000 ops/s", l1["ops_per_sec"], 180000))
-print("\n## Targets (issue 4; best of fixed and adaptive)\n")
-for name, got, want in t:
-    print(f"- {name}: {got:,.0f} — {'holds' if got >= want else f'MISSED ({got/want:.2f} of the target)'}")
-for preset in ["heavy", "default"]:
-    for inflight in [1, 8]:
-        off = row(preset, inflight, "off", 16)["ops_per_sec"]; on = best(preset, inflight, 16)["ops_per_sec"]
-        print(f"- {preset}, inflight {inflight}, 16 threads ≥ 0.99 × off: {on/off:.4f} — {'holds' if on/off >= 0.99 else 'MISSED'}")
-off1 = row("minimal", 1, "off", 1)["ops_per_sec"]; on1 = row("minimal", 1, "fixed", 1)["ops_per_sec"]
-print(f"- 1 thread ≥ 0.95 × off (minimal, fixed): {on1/off1:.2f} — {'holds' if on1/off1 >= 0.95 else 'MISSED'}")
-print(f"- p99 ≤ 100 µs (minimal, 16 threads, wait per op): {m1['latency_us']['p99']:.0f} µs — {'holds' if m1['latency_us']['p99'] <= 100 else 'MISSED'}")
+def judge(policy):
+    print(f"\n### {policy}\n")
+    def at(preset, inflight, threads, c=policy):
+        return row(preset, inflight, c, threads)["ops_per_sec"]
+    for name, got, want in [
+        ("minimal, 16 threads, wait per op ≥ 900,000 ops/s", at("minimal", 1, 16), 900000),
+        ("minimal, 16 threads, inflight 8 ≥ 2,000,000 ops/s", at("minimal", 8, 16), 2000000),
+        ("light, 16 threads ≥ 180,000 ops/s", at("light", 1, 16), 180000)]:
+        print(f"- {name}: {got:,.0f} — {'holds' if got >= want else f'MISSED ({got/want:.2f} of the target)'}")
+    for preset in ["heavy", "default"]:
+        for inflight in [1, 8]:
+            ratio = at(preset, inflight, 16) / at(preset, inflight, 16, "off")
+            print(f"- {preset}, inflight {inflight}, 16 threads ≥ 0.99 × off: {ratio:.4f} — {'holds' if ratio >= 0.99 else 'MISSED'}")
+    r1 = at("minimal", 1, 1) / at("minimal", 1, 1, "off")
+    print(f"- 1 thread ≥ 0.95 × off (minimal): {r1:.2f} — {'holds' if r1 >= 0.95 else 'MISSED'}")
+    p99 = row("minimal", 1, policy, 16)["latency_us"]["p99"]
+    print(f"- p99 ≤ 100 µs (minimal, 16 threads, wait per op): {p99:.0f} µs — {'holds' if p99 <= 100 else 'MISSED'}")
+print("\n## Targets (issue 4), per policy\n")
+for policy in ("fixed", "adaptive", "persistent"):
+    judge(policy)
 def best_any(preset, inflight):
     rs = [r for r in runs if (r["preset"], r["inflight"], r["threads"]) == (preset, inflight, 16) and r["coalesce"] != "off"]
     return max(rs, key=lambda r: r["ops_per_sec"])
-print("\nBest of every coalescing configuration measured in this run (depth, max batch, wait policy):\n")
+print("\nBest of every coalescing configuration measured in this run (policy, depth, wait policy):\n")
 for preset, inflight, want in [("minimal", 1, 900000), ("minimal", 8, 2000000), ("light", 1, 180000)]:
     b = best_any(preset, inflight)
-    print(f"- {preset}, inflight {inflight}: {b['ops_per_sec']:,.0f} ({b['file']}, wait {b['wait']}, depth {b.get('coalesce_depth')}, "
+    print(f"- {preset}, inflight {inflight}: {b['ops_per_sec']:,.0f} ({b['file']}, {b['coalesce']}, wait {b['wait']}, depth {b.get('coalesce_depth')}, "
           f"{b['ops_per_sec']/want:.2f} of the target; p99 {b['latency_us']['p99']:.0f} µs)")
 print(f"- for reference, launch.cu in the same run: 16 minimal ops coalesced per launch from one thread: {ceiling16:,.0f} ops/s")

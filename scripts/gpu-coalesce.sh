@@ -3,9 +3,10 @@
 # side by side with the anchors, in one command. Results: $OUT/coalesce.tgz + summary.
 #   1. tests (GPU + CPU unit/pool/coalesce) from carry/tests;
 #   2. anchors: mq.cu (one launch per op) and launch.cu (the coalesced-launch ceiling);
-#   3. multiq, stream per thread, lock none: coalesce off / fixed / adaptive, inflight 1 and 8,
-#      1-16 threads: minimal and light as the median of 3; heavy and default at 1 and 16 threads;
-#   4. a max-batch sweep for the minimal op at 16 threads.
+#   3. multiq, stream per thread, lock none: coalesce off / fixed / adaptive / persistent,
+#      inflight 1 and 8, 1-16 threads: minimal and light as the median of 3; heavy and default
+#      at 1 and 16 threads;
+#   4. depth 1 (fixed) and wait yield (off, fixed, persistent) at 16 threads.
 set -u -o pipefail
 out=${1:-${OUT:-out}}
 mkdir -p "$out"
@@ -26,28 +27,22 @@ nvcc -O3 -use_fast_math -arch=sm_90 -o /tmp/launch carry/anchors/launch.cu -lpth
 SCHED=auto /tmp/launch > "$res/anchor-launch.txt" 2>&1
 cat "$res/anchor-launch.txt" >> "$res/summary.txt"
 
-common=(--backend cuda --scenario per-thread --lock none --coalesce off,fixed,adaptive --inflight 1,8)
+common=(--backend cuda --scenario per-thread --lock none --coalesce off,fixed,adaptive,persistent --inflight 1,8)
 step "multiq minimal, light (median of 3)"
 "$bin" bench queues "${common[@]}" --preset minimal,light --iters 1000 --repeat 3 \
   --json "$res/coalesce-small.json" > "$res/coalesce-small.txt" 2>&1; echo "exit $?" >> "$res/summary.txt"
 step "multiq heavy, default (1 and 16 threads)"
 "$bin" bench queues "${common[@]}" --preset heavy,default --threads 1,16 --iters 300 \
   --json "$res/coalesce-large.json" > "$res/coalesce-large.txt" 2>&1; echo "exit $?" >> "$res/summary.txt"
-step "depth 1 and 3, and wait yield (minimal, light, default; 16 threads; fixed)"
-for d in 1 3; do
+step "depth 1, and wait yield (minimal, light, default; 16 threads)"
+for d in 1; do
   "$bin" bench queues --backend cuda --scenario per-thread --lock none --coalesce fixed --coalesce-depth $d \
     --inflight 1,8 --preset minimal,light,default --threads 16 --iters 1000 --repeat 3 \
     --json "$res/depth-$d.json" > "$res/depth-$d.txt" 2>&1; echo "exit $?" >> "$res/summary.txt"
 done
-"$bin" bench queues --backend cuda --wait yield --scenario per-thread --lock none --coalesce off,fixed \
+"$bin" bench queues --backend cuda --wait yield --scenario per-thread --lock none --coalesce off,fixed,persistent \
   --inflight 1,8 --preset minimal,light --threads 16 --iters 1000 --repeat 3 \
   --json "$res/wait-yield.json" > "$res/wait-yield.txt" 2>&1; echo "exit $?" >> "$res/summary.txt"
-for mb in 4 8 32 64; do
-  step "max-batch $mb (minimal, 16 threads, fixed)"
-  "$bin" bench queues --backend cuda --scenario per-thread --lock none --coalesce fixed --max-batch $mb \
-    --inflight 1,8 --preset minimal --threads 16 --iters 1000 --repeat 3 \
-    --json "$res/maxbatch-$mb.json" > "$res/maxbatch-$mb.txt" 2>&1; echo "exit $?" >> "$res/summary.txt"
-done
 python3 - "$res" >> "$res/summary.txt" <<'PY'
 import json, sys, glob
 for f in sorted(glob.glob(sys.argv[1] + "/*.json")):

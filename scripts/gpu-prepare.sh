@@ -19,11 +19,14 @@ for line in sys.stdin:
     if m.get("reason") != "compiler-artifact" or not m.get("executable"):
         continue
     t = m["target"]
-    if t["name"] in ("multiq", "pool", "gpu", "coalesce") and t["kind"] != ["bin"]:
+    if t["name"] in ("multiq", "pool", "gpu", "coalesce", "gpu_mlp", "tensor", "mlp") and t["kind"] != ["bin"]:
         name = "unit" if t["kind"] == ["lib"] else t["name"]
         shutil.copy(m["executable"], "carry/tests/" + name)
 '
 strip carry/bin/* carry/tests/*  # debug info would push the carry past its 64 MiB limit
+# torch_mt.py (the PyTorch peer of bench matmul/mlp) travels with the anchors: ../shared does
+# not reach the GPU machine.
 cp "$shared"/anchors/*.cu "$shared"/anchors/*.py carry/anchors/
+test -f carry/anchors/torch_mt.py || { echo "torch_mt.py missing from $shared/anchors" >&2; exit 1; }
 { echo "commit $(git rev-parse HEAD)$(git diff --quiet HEAD || echo -dirty)"; echo "built $(date -u +%FT%TZ)"; } > carry/BUILD
 du -sh carry

@@ -3,6 +3,8 @@
 //! Usage errors print one line naming the flag (and the allowed values) and exit with 2.
 //! Failures while running (a device error, a verification mismatch) exit with 1.
 
+pub mod workloads;
+
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -52,6 +54,12 @@ pub enum Command {
     /// checked for crashes, hangs, wrong answers and leaks.
     #[command(long_about = STRESS_HELP)]
     Stress(Box<StressArgs>),
+    /// Write seeded random MLP weights (512→1024→1024→512) as safetensors, in the layout of
+    /// PyTorch's nn.Sequential state dict.
+    Weights(workloads::WeightsArgs),
+    /// Run the MLP on a seeded input and write input and output (the numerics check).
+    #[command(hide = true)]
+    MlpRun(Box<workloads::MlpRunArgs>),
 }
 
 const STRESS_HELP: &str = "Runs rounds until --rounds or --seconds, whichever comes first. \
@@ -259,6 +267,12 @@ pub enum BenchCommand {
     /// The multi-queue test: N threads, each launching `simple_compute` over its own buffer.
     #[command(long_about = QUEUES_HELP)]
     Queues(QueuesArgs),
+    /// fp32 matrix products from many threads: per-thread and shared streams, coalesced, and
+    /// the device's batched GEMM rate.
+    Matmul(workloads::MatmulArgs),
+    /// The MLP 512→1024→1024→512: batch sweep, and batch-1 requests from many threads with
+    /// dynamic batching off and on.
+    Mlp(workloads::MlpArgs),
 }
 
 const QUEUES_HELP: &str = "The multi-queue test. Each thread owns one buffer of --data f32 \
@@ -375,7 +389,9 @@ pub struct QueuesArgs {
     /// Cross-thread coalescing, comma-separated: off (one launch per op), fixed (merge up to
     /// --max-batch concurrent ops into one launch, waiting at most --max-delay-us; an idle
     /// device launches at once), adaptive (as fixed, growing the batch while throughput rises
-    /// and batch latency stays under --latency-target-us) [default: off].
+    /// and batch latency stays under --latency-target-us), persistent (ops published straight
+    /// to a kernel that stays on the GPU while work arrives: no launch per op; on the CPU
+    /// backend it falls back to fixed with its defaults) [default: off].
     #[arg(long, value_enum, value_delimiter = ',')]
     pub coalesce: Vec<CoalesceChoice>,
     /// Coalescing: most ops per launch.
@@ -422,6 +438,8 @@ pub enum CoalesceChoice {
     Fixed,
     /// AIMD batch target under a latency target.
     Adaptive,
+    /// A device queue: a kernel that stays on the device and takes published ops.
+    Persistent,
 }
 
 impl QueuesArgs {
@@ -450,6 +468,7 @@ impl QueuesArgs {
                     latency_target: std::time::Duration::from_micros(self.latency_target_us),
                     depth,
                 },
+                CoalesceChoice::Persistent => CoalescePolicy::Persistent,
             })
             .collect()
     }
@@ -625,7 +644,7 @@ mod fuzz {
                         Command::Info(d) => {
                             let _ = d.options();
                         }
-                        Command::Report(_) => {}
+                        Command::Report(_) | Command::Weights(_) | Command::MlpRun(_) => {}
                     }
                 }
                 Err(e) => {

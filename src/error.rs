@@ -65,6 +65,14 @@ pub enum Error {
         message: String,
     },
 
+    /// An operation or element type this build or backend does not implement.
+    #[error("not supported: {0}")]
+    Unsupported(String),
+
+    /// Tensor shapes that do not fit together (names the tensors and shapes).
+    #[error("shape mismatch: {0}")]
+    Shape(String),
+
     /// A kernel name that no backend knows.
     #[error("unknown kernel `{0}` (known: simple_compute)")]
     UnknownKernel(String),
@@ -107,6 +115,8 @@ impl Error {
                 | Error::ExclusiveStreamRequired(_)
                 | Error::NoSuchStream { .. }
                 | Error::UnknownKernel(_)
+                | Error::Unsupported(_)
+                | Error::Shape(_)
         )
     }
 }

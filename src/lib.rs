@@ -21,15 +21,20 @@ pub mod backend;
 pub mod bench;
 pub mod error;
 pub mod kernel;
+pub mod model;
 pub mod report;
 pub mod runtime;
 pub mod stress;
 pub(crate) mod sync;
+pub mod tensor;
 
-pub use backend::{BackendKind, DeviceInfo, DeviceOptions, WaitPolicy};
+pub use backend::{BackendKind, DType, DeviceInfo, DeviceOptions, Precision, WaitPolicy};
 pub use error::{Error, Result};
 pub use kernel::Kernel;
+pub use model::{Model, ModelOptions};
 pub use runtime::{
-    Buffer, CoalescePolicy, Device, Inflight, PoolConfig, Stream, StreamPool, Ticket,
+    Buffer, CoalescePolicy, Device, Inflight, MatmulCoalescer, MatmulCoalescerConfig, PoolConfig,
+    Stream, StreamPool, Ticket,
 };
 pub use sync::submit_lock::LockMode;
+pub use tensor::Tensor;

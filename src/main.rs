@@ -34,11 +34,15 @@ fn main() -> ExitCode {
     let outcome = match cli.command {
         Command::Bench(args) => match args.which {
             Some(BenchCommand::Queues(q)) => run_queues(q),
+            Some(BenchCommand::Matmul(m)) => cli::workloads::run_matmul(&m),
+            Some(BenchCommand::Mlp(m)) => cli::workloads::run_mlp(&m),
             None => study::run(&study_config(&args.study)).map(|o| o.exit_code()),
         },
         Command::Info(dev) => info(&dev),
         Command::Report(r) => report(&r),
         Command::Stress(a) => stress(&a),
+        Command::Weights(w) => cli::workloads::write_weights(&w),
+        Command::MlpRun(r) => cli::workloads::mlp_run(&r),
     };
     match outcome {
         Ok(code) => ExitCode::from(code as u8),

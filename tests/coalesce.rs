@@ -251,3 +251,42 @@ fn lock_none_still_refuses_non_owners_when_coalescing() {
         Err(multiq::Error::ExclusiveStreamRequired(_))
     ));
 }
+
+/// `persistent` on a backend without a device queue (the CPU) coalesces on the host as
+/// `PERSISTENT_FALLBACK`, and its results are still exact.
+#[test]
+fn persistent_falls_back_to_host_coalescing_on_the_cpu() {
+    let dev = cpu(WaitPolicy::Yield);
+    let pool = StreamPool::new(
+        &dev,
+        PoolConfig {
+            coalesce: CoalescePolicy::Persistent,
+            ..PoolConfig::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(pool.coalesce_completion(), Some("signal"));
+    assert_eq!(CoalescePolicy::Persistent.name(), "persistent");
+    let handles: Vec<_> = (0..8usize)
+        .map(|t| {
+            let pool = pool.clone();
+            std::thread::spawn(move || {
+                let init: Vec<f32> = (0..100).map(|i| initial_value(t, i)).collect();
+                let mut buf = pool.device().buffer_from(&init).unwrap();
+                let s = pool.current().unwrap();
+                for _ in 0..20 {
+                    s.launch(Kernel::SimpleCompute { iters: 3 }, &mut buf)
+                        .unwrap()
+                        .wait()
+                        .unwrap();
+                }
+                let want: Vec<f32> = init.iter().map(|&v| simple_compute(v, 60)).collect();
+                assert_eq!(buf.read().unwrap(), want, "thread {t}");
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    assert_eq!(pool.coalesce_stats().unwrap().ops, 8 * 20);
+}

@@ -13,7 +13,7 @@ use multiq::kernel::simple_compute;
 use multiq::stress::plan::{Body, CoalesceKind, PlanSettings, RoundKind, RoundPlan};
 use multiq::{
     BackendKind, CoalescePolicy, Device, DeviceOptions, Error, Inflight, Kernel, LockMode,
-    PoolConfig, StreamPool,
+    PoolConfig, StreamPool, WaitPolicy,
 };
 use proptest::prelude::*;
 
@@ -40,10 +40,11 @@ fn length() -> impl Strategy<Value = usize> {
 fn coalesce() -> impl Strategy<Value = CoalescePolicy> {
     let n = prop_oneof![0usize..70, 4000usize..5000, Just(usize::MAX)];
     let depth = prop_oneof![0usize..5, 60usize..70, Just(usize::MAX)];
-    (0u8..3, n, depth, 0u64..200).prop_map(|(k, max_batch, depth, us)| {
+    (0u8..4, n, depth, 0u64..200).prop_map(|(k, max_batch, depth, us)| {
         let max_delay = Duration::from_micros(us);
         match k {
             0 => CoalescePolicy::Off,
+            3 => CoalescePolicy::Persistent,
             1 => CoalescePolicy::Fixed {
                 max_batch,
                 max_delay,
@@ -100,7 +101,7 @@ proptest! {
     ) {
         let dev = device();
         let (batch_ok, depth_ok) = match coalesce {
-            CoalescePolicy::Off => (true, true),
+            CoalescePolicy::Off | CoalescePolicy::Persistent => (true, true),
             CoalescePolicy::Fixed { max_batch, depth, .. }
             | CoalescePolicy::Adaptive { max_batch, depth, .. } => {
                 ((1..=4096).contains(&max_batch), (1..=64).contains(&depth))
@@ -157,14 +158,23 @@ proptest! {
         steps in proptest::collection::vec((0usize..5, 0u32..3, 0usize..3, any::<bool>()), 1..12),
         lock in lock(),
         coalesce in coalesce().prop_filter("valid", |c| match *c {
-            CoalescePolicy::Off => true,
+            CoalescePolicy::Off | CoalescePolicy::Persistent => true,
             CoalescePolicy::Fixed { max_batch, depth, .. }
             | CoalescePolicy::Adaptive { max_batch, depth, .. } => {
                 (1..=4096).contains(&max_batch) && (1..=64).contains(&depth)
             }
         }),
     ) {
-        let dev = device();
+        // Coalescing with blocking waits hangs when nobody waits for a launched batch (the
+        // known coalescer bug, tests/stress.rs, ignored test): yielding waits there until fixed.
+        let wait = if coalesce == CoalescePolicy::Off { WaitPolicy::Block } else { WaitPolicy::Yield };
+        let dev = Device::open(&DeviceOptions {
+            backend: Some(BackendKind::Cpu),
+            cpu_units: Some(2),
+            wait: Some(wait),
+            ..Default::default()
+        })
+        .unwrap();
         let pool = StreamPool::new(&dev, PoolConfig { streams: 3, lock, coalesce }).unwrap();
         let init = |b: usize, i: usize| 0.01 + (b * 7 + i % 13) as f32 * 1e-3;
         let mut bufs: Vec<_> = lens

@@ -342,3 +342,167 @@ fn coalesced_ops_are_bit_identical_to_single_launches() {
         );
     }
 }
+
+/// The device queue (coalescing `persistent`): 16 threads on 4 shared streams, each a mix of
+/// kernels, inflight depths and dropped tickets over two buffers, with pauses long enough for
+/// the queue's kernel to leave the idle device and be relaunched. Every buffer equals the same
+/// ops launched one by one, bit for bit; the pool's stream order holds (each stream's ops form
+/// one chain), and buffers read back, dropped and reused across pools stay correct.
+#[test]
+fn device_queue_ops_are_bit_identical_to_single_launches() {
+    let test = "device_queue_ops_are_bit_identical_to_single_launches";
+    let Some(probe) = cuda(test) else {
+        return;
+    };
+    drop(probe);
+    for wait in [WaitPolicy::Spin, WaitPolicy::Yield] {
+        let dev = Device::open(&DeviceOptions {
+            backend: Some(BackendKind::Cuda),
+            wait: Some(wait),
+            ..Default::default()
+        })
+        .unwrap();
+        let pool = StreamPool::new(
+            &dev,
+            PoolConfig {
+                streams: 4,
+                lock: LockMode::PerStream,
+                coalesce: CoalescePolicy::Persistent,
+            },
+        )
+        .unwrap();
+        assert_eq!(pool.coalesce_completion(), Some("device-queue"));
+        let sizes = [1usize, 255, 1024, 1025, 65_536, 1 << 20];
+        let init = |t: usize, b: usize, n: usize| {
+            (0..n)
+                .map(|i| initial_value(t * 2 + b, i))
+                .collect::<Vec<f32>>()
+        };
+        let start = Arc::new(Barrier::new(16));
+        let handles: Vec<_> = (0..16usize)
+            .map(|t| {
+                let (pool, start) = (pool.clone(), start.clone());
+                std::thread::spawn(move || {
+                    let dev = pool.device().clone();
+                    let n = sizes[t % sizes.len()];
+                    let mut bufs = [
+                        dev.buffer_from(&init(t, 0, n)).unwrap(),
+                        dev.buffer_from(&init(t, 1, n)).unwrap(),
+                    ];
+                    let mut plan = Vec::new();
+                    let s = pool.current().unwrap();
+                    let mut w = Inflight::new(1 + t % 4).unwrap();
+                    start.wait();
+                    for i in 0..300 {
+                        let (k, b) = (1 + ((i * 7 + t) % 5) as u32, (i + t) % 2);
+                        plan.push((k, b));
+                        if i % 11 == 5 {
+                            // Fire and forget: the buffer still orders the next op after it.
+                            drop(s.launch(Kernel::SimpleCompute { iters: k }, &mut bufs[b]));
+                        } else {
+                            w.submit(|| s.launch(Kernel::SimpleCompute { iters: k }, &mut bufs[b]))
+                                .unwrap();
+                        }
+                        if i % 100 == 99 {
+                            w.drain().unwrap();
+                            // Longer than the queue's idle exit: the next op relaunches it.
+                            std::thread::sleep(std::time::Duration::from_millis(3));
+                        }
+                    }
+                    w.drain().unwrap();
+                    let out = [bufs[0].read().unwrap(), bufs[1].read().unwrap()];
+                    (plan, out)
+                })
+            })
+            .collect();
+        let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        pool.synchronize().unwrap();
+        let stats = pool.coalesce_stats().unwrap();
+        assert_eq!(stats.ops, 16 * 300, "{wait}: every op published once");
+        // An idle queue leaves the device; the next op brings its kernel back.
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        let mut extra = dev.buffer_from(&init(99, 0, 4096)).unwrap();
+        pool.current()
+            .unwrap()
+            .launch(Kernel::SimpleCompute { iters: 3 }, &mut extra)
+            .unwrap()
+            .wait()
+            .unwrap();
+        let v = verify_buffer(198, &extra.read().unwrap(), 3, tolerance());
+        assert_eq!(v.first_mismatch, None, "{wait}: op after a relaunch");
+        let after = pool.coalesce_stats().unwrap();
+        assert_eq!(
+            after.launches,
+            stats.launches + 1,
+            "{wait}: one relaunch after the idle exit"
+        );
+        drop(pool);
+        // The same ops, one launch each, on an ordinary pool.
+        let single = StreamPool::new(&dev, PoolConfig::default()).unwrap();
+        let s1 = single.current().unwrap();
+        for (t, (plan, out)) in results.into_iter().enumerate() {
+            let n = sizes[t % sizes.len()];
+            let mut alone = [
+                dev.buffer_from(&init(t, 0, n)).unwrap(),
+                dev.buffer_from(&init(t, 1, n)).unwrap(),
+            ];
+            for (k, b) in plan {
+                s1.launch(Kernel::SimpleCompute { iters: k }, &mut alone[b])
+                    .unwrap()
+                    .wait()
+                    .unwrap();
+            }
+            for b in 0..2 {
+                assert!(
+                    out[b] == alone[b].read().unwrap(),
+                    "thread {t} buffer {b} ({wait}, {n} elements)"
+                );
+            }
+        }
+    }
+}
+
+/// Dropping the pool, tickets and buffers with device-queue ops in flight neither hangs nor
+/// loses an op: buffers read afterwards hold every op's result.
+#[test]
+fn device_queue_drops_with_ops_in_flight() {
+    let Some(dev) = cuda("device_queue_drops_with_ops_in_flight") else {
+        return;
+    };
+    let n = 65_536;
+    let init: Vec<f32> = (0..n).map(|i| initial_value(3, i)).collect();
+    let mut kept = dev.buffer_from(&init).unwrap();
+    {
+        let pool = StreamPool::new(
+            &dev,
+            PoolConfig {
+                coalesce: CoalescePolicy::Persistent,
+                ..PoolConfig::default()
+            },
+        )
+        .unwrap();
+        let s = pool.current().unwrap();
+        for _ in 0..50 {
+            let mut gone = dev.buffer_from(&init).unwrap();
+            drop(s.launch(Kernel::SimpleCompute { iters: 10 }, &mut gone));
+            drop(s.launch(Kernel::SimpleCompute { iters: 10 }, &mut kept));
+            drop(gone);
+        }
+        drop(s);
+        drop(pool);
+    }
+    let out = kept.read().unwrap();
+    let v = verify_buffer(3, &out, 500, tolerance());
+    assert_eq!(v.first_mismatch, None);
+    // The buffer moves on to an ordinary pool and back.
+    let plain = StreamPool::new(&dev, PoolConfig::default()).unwrap();
+    plain
+        .current()
+        .unwrap()
+        .launch(Kernel::SimpleCompute { iters: 10 }, &mut kept)
+        .unwrap()
+        .wait()
+        .unwrap();
+    let v = verify_buffer(3, &kept.read().unwrap(), 510, tolerance());
+    assert_eq!(v.first_mismatch, None);
+}

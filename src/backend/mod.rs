@@ -117,6 +117,12 @@ pub trait Backend: Send + Sync + fmt::Debug {
     fn new_signal(&self) -> Result<Option<Arc<dyn BackendSignal>>> {
         Ok(None)
     }
+    /// Creates a device queue ([`BackendDeviceQueue`]): ops published by any thread, run by a
+    /// kernel that stays on the device while work arrives. `None` where the backend has none
+    /// (the runtime then coalesces on the host).
+    fn new_device_queue(&self) -> Result<Option<Arc<dyn BackendDeviceQueue>>> {
+        Ok(None)
+    }
     /// Waits until all work on all streams of this device has completed.
     fn synchronize(&self) -> Result<()>;
     /// Bytes that can still be allocated, where known.
@@ -126,6 +132,184 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// Largest absolute difference from [`Kernel::reference`] this backend may produce for
     /// one application of `kernel` to a value (0.0 = bit-identical).
     fn tolerance(&self, kernel: Kernel) -> f32;
+}
+
+/// Element type of a tensor. Only `F32` is implemented by the backends today; the others
+/// are named so that shapes, files and APIs carry a dtype from the start, and are refused
+/// with [`Error::Unsupported`] where an operation meets them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DType {
+    /// IEEE 754 binary32.
+    #[default]
+    F32,
+    /// IEEE 754 binary16 (not implemented yet).
+    F16,
+    /// bfloat16 (not implemented yet).
+    BF16,
+}
+
+impl DType {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F16 | DType::BF16 => 2,
+        }
+    }
+
+    /// The name safetensors files use (`F32`, `F16`, `BF16`).
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "F32",
+            DType::F16 => "F16",
+            DType::BF16 => "BF16",
+        }
+    }
+}
+
+/// Arithmetic of f32 matrix products.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// Strict fp32: products and sums in binary32 (cuBLAS default math, no TF32).
+    #[default]
+    Strict,
+    /// TF32 tensor cores where the device has them (inputs rounded to 10 mantissa bits);
+    /// only when asked for, and labelled in results. The CPU computes strict fp32 anyway.
+    Tf32,
+}
+
+impl fmt::Display for Precision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Precision::Strict => "fp32",
+            Precision::Tf32 => "tf32",
+        })
+    }
+}
+
+/// One matrix product in row-major terms: `C[m×n] = A[m×k] · B'` (then `+ bias[n]` per row,
+/// then ReLU), where `B'` is `B[k×n]`, or with `b_transposed` the transpose of `B[n×k]` (a
+/// linear layer's `[out, in]` weight). Matrices are dense (leading dimension = row length)
+/// and start at an element offset inside their buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct GemmSpec {
+    /// Rows of A and C.
+    pub m: usize,
+    /// Columns of C.
+    pub n: usize,
+    /// Columns of A = rows of B'.
+    pub k: usize,
+    /// B is stored `[n, k]` and used transposed.
+    pub b_transposed: bool,
+    /// Apply `max(0, x)` after the bias.
+    pub relu: bool,
+    /// Element type of A, B, C and the bias.
+    pub dtype: DType,
+    /// fp32 or TF32.
+    pub precision: Precision,
+    /// Fuse the bias and ReLU into the product's epilogue where the backend can (CUDA:
+    /// cuBLASLt); false: a separate pass (for comparison and as the fallback).
+    pub fuse: bool,
+}
+
+impl GemmSpec {
+    /// Elements of A, B and C.
+    pub fn sizes(&self) -> (usize, usize, usize) {
+        (self.m * self.k, self.k * self.n, self.m * self.n)
+    }
+}
+
+/// A matrix operand: a buffer and the element offset where the matrix starts.
+#[derive(Clone, Copy)]
+pub struct MatRef<'a> {
+    /// The buffer holding the matrix.
+    pub buf: &'a dyn BackendBuffer,
+    /// Offset of the first element, in elements.
+    pub offset: usize,
+}
+
+impl<'a> MatRef<'a> {
+    /// The matrix at the start of `buf`.
+    pub fn new(buf: &'a dyn BackendBuffer) -> Self {
+        MatRef { buf, offset: 0 }
+    }
+}
+
+/// The operands of one product of a [`GemmSpec`]. `c` must not share a buffer with `a`, `b`
+/// or `bias` (the caller checks).
+#[derive(Clone, Copy)]
+pub struct GemmOperands<'a> {
+    /// Left operand.
+    pub a: MatRef<'a>,
+    /// Right operand (stored as the spec says).
+    pub b: MatRef<'a>,
+    /// Output.
+    pub c: MatRef<'a>,
+    /// Bias of `n` elements added to every row of C, if any.
+    pub bias: Option<MatRef<'a>>,
+}
+
+/// Checks that every operand of `ops` lies inside its buffer and that no output shares a
+/// buffer with an input of the same product. Backends call this before touching memory.
+pub fn check_gemm(spec: &GemmSpec, ops: &[GemmOperands<'_>]) -> Result<()> {
+    if spec.dtype != DType::F32 {
+        return Err(Error::Unsupported(format!(
+            "matrix products in {} (only F32 is implemented)",
+            spec.dtype.name()
+        )));
+    }
+    if spec.m == 0 || spec.n == 0 || spec.k == 0 {
+        return Err(Error::invalid(format!(
+            "a matrix product needs non-zero sizes, got m={} n={} k={}",
+            spec.m, spec.n, spec.k
+        )));
+    }
+    let (sa, sb, sc) = spec.sizes();
+    let fits = |r: &MatRef<'_>, len: usize, what: &str| -> Result<()> {
+        match r.offset.checked_add(len) {
+            Some(end) if end <= r.buf.len() => Ok(()),
+            _ => Err(Error::invalid(format!(
+                "{what} of {len} elements at offset {} does not fit its buffer of {}",
+                r.offset,
+                r.buf.len()
+            ))),
+        }
+    };
+    let same = |x: &MatRef<'_>, y: &MatRef<'_>| std::ptr::addr_eq(x.buf, y.buf);
+    for o in ops {
+        fits(&o.a, sa, "A")?;
+        fits(&o.b, sb, "B")?;
+        fits(&o.c, sc, "C")?;
+        if let Some(bias) = &o.bias {
+            fits(bias, spec.n, "the bias")?;
+            if same(&o.c, bias) {
+                return Err(Error::invalid("the output of a product cannot be its bias"));
+            }
+        }
+        if same(&o.c, &o.a) || same(&o.c, &o.b) {
+            return Err(Error::invalid(
+                "the output of a matrix product must not share a buffer with its inputs",
+            ));
+        }
+    }
+    for (i, o) in ops.iter().enumerate() {
+        if ops[..i].iter().any(|p| same(&p.c, &o.c)) {
+            return Err(Error::invalid(
+                "two products of one batch write the same output buffer",
+            ));
+        }
+        let reads = |p: &GemmOperands<'_>| {
+            same(&p.a, &o.c) || same(&p.b, &o.c) || p.bias.as_ref().is_some_and(|b| same(b, &o.c))
+        };
+        if ops.iter().any(reads) {
+            return Err(Error::invalid(
+                "an output of a batch of products is an input of another product in it",
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// An in-order queue of device work.
@@ -174,6 +358,37 @@ pub trait BackendStream: Send + Sync {
         let _ = (signal, value);
         Err(Error::invalid("this backend has no host signals"))
     }
+    /// Enqueues one matrix product (see [`GemmSpec`]). Backends check the operands with
+    /// [`check_gemm`]. Default: not supported.
+    fn gemm(&self, spec: &GemmSpec, ops: &GemmOperands<'_>) -> Result<()> {
+        let _ = (spec, ops);
+        Err(Error::Unsupported("matrix products on this backend".into()))
+    }
+    /// Enqueues every product of `ops` (same spec, distinct outputs) in as few launches as
+    /// the backend can (CUDA: one batched GEMM over pointer arrays). Each output equals the
+    /// product computed alone. Default: one [`gemm`](Self::gemm) per product.
+    fn gemm_batched(&self, spec: &GemmSpec, ops: &[GemmOperands<'_>]) -> Result<()> {
+        check_gemm(spec, ops)?;
+        for o in ops {
+            self.gemm(spec, o)?;
+        }
+        Ok(())
+    }
+    /// Copies `src` into `buf` from element `offset` on, ordered after earlier work on this
+    /// stream. Unlike [`upload`](Self::upload) it may return before the copy ran (work
+    /// queued after it sees the data); `src` may be reused as soon as it returns.
+    fn upload_at(&self, buf: &dyn BackendBuffer, offset: usize, src: &[f32]) -> Result<()> {
+        let _ = (buf, offset, src);
+        Err(Error::Unsupported("partial uploads on this backend".into()))
+    }
+    /// Copies elements `offset..offset + dst.len()` of `buf` into `dst`, ordered after
+    /// earlier work on this stream; returns when done.
+    fn download_at(&self, buf: &dyn BackendBuffer, offset: usize, dst: &mut [f32]) -> Result<()> {
+        let _ = (buf, offset, dst);
+        Err(Error::Unsupported(
+            "partial downloads on this backend".into(),
+        ))
+    }
     /// Frees `buf` once all work submitted so far on this stream has completed, without
     /// blocking the caller.
     fn free_after(&self, buf: Box<dyn BackendBuffer>);
@@ -201,6 +416,32 @@ pub trait BackendSignal: Send + Sync {
     fn value(&self) -> u64;
     /// For downcasting inside the backend.
     fn as_any(&self) -> &dyn Any;
+}
+
+/// A queue of ops that threads publish straight to the device, with no launch per op: a
+/// kernel stays on the device while ops arrive, takes every published op, and runs
+/// concurrent ops side by side (cross-thread coalescing without a host batcher).
+///
+/// Ops are numbered 1, 2, … in publication order. An op starts only after the ops it names
+/// in `after` completed; ops that name none may run in any order and at the same time.
+pub trait BackendDeviceQueue: Send + Sync {
+    /// Whether `kernel` can run on this queue.
+    fn supports(&self, kernel: Kernel) -> bool;
+    /// Publishes `kernel` over `buf`, to start once ops `after` (0: none) completed. Returns
+    /// the op's number. The caller keeps `buf` alive, and runs no other work on it, until
+    /// [`is_done`](Self::is_done) reported the op complete.
+    fn submit(&self, kernel: Kernel, buf: &dyn BackendBuffer, after: [u64; 2]) -> Result<u64>;
+    /// True once op `op` completed (a memory load). With `check`, also asks the device
+    /// whether the queue failed (its error is returned) and restarts the queue's kernel if it
+    /// left the device while ops were outstanding: waiters pass it now and then.
+    fn is_done(&self, op: u64, check: bool) -> Result<bool>;
+    /// Ops published so far (the last op's number).
+    fn published(&self) -> u64;
+    /// Ops in flight at most: every op more than this many behind the last published one
+    /// has completed.
+    fn window(&self) -> u64;
+    /// Times the queue's kernel was launched (it leaves the device when idle).
+    fn launches(&self) -> u64;
 }
 
 /// Device memory holding f32 elements.

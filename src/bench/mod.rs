@@ -6,13 +6,19 @@
 //! - `study`: the whole matrix, scaled down on CPU, with tables and verdicts.
 //! - `results`: the JSON contract later tools read.
 //! - `progress`: the progress bar and time estimate on stderr for long runs.
+//! - `matmul`, `mlp`: the model workloads (`multiq bench matmul`, `multiq bench mlp`), with
+//!   their rows, file and thread harness in `workload`.
 
+pub mod matmul;
+pub mod mlp;
 pub mod progress;
 pub mod queues;
 pub mod results;
 pub mod study;
 pub mod table;
 pub mod verdict;
+pub mod workload;
+pub mod workload_study;
 
 use crate::error::{Error, Result};
 use crate::runtime::Device;

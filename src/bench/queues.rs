@@ -309,7 +309,7 @@ pub fn run_queues(device: &Device, spec: &QueuesSpec) -> Result<RunOutcome> {
         }
     }
     let (coalesce_max_batch, coalesce_max_delay_us) = match spec.coalesce {
-        CoalescePolicy::Off => (1, 0),
+        CoalescePolicy::Off | CoalescePolicy::Persistent => (1, 0),
         CoalescePolicy::Fixed {
             max_batch,
             max_delay,

@@ -45,6 +45,9 @@ pub struct ResultsFile {
     pub runs: Vec<RunRow>,
     /// Combinations that were not run, and why (e.g. lock `none` on a shared stream).
     pub skipped: Vec<Skipped>,
+    /// The study's model workloads (matmul, mlp), when it ran them.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub workloads: Vec<super::workload::WorkloadRow>,
 }
 
 impl ResultsFile {
@@ -69,6 +72,7 @@ impl ResultsFile {
             notes,
             runs,
             skipped,
+            workloads: Vec::new(),
         }
     }
 }

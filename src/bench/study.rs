@@ -358,7 +358,11 @@ pub fn run(cfg: &StudyConfig) -> Result<StudyOutcome> {
     } = c;
     println!();
     print!("{}", summary(&rows, &plans));
-    let file = ResultsFile::new(info, started_at, notes, rows.clone(), skipped);
+    let mut notes = notes;
+    let (workloads, bad) = super::workload_study::run(&device, cfg.full, &mut notes, &progress)?;
+    let mismatches = mismatches + bad;
+    let mut file = ResultsFile::new(info, started_at, notes, rows.clone(), skipped);
+    file.workloads = workloads;
     let json = cfg.json.clone().or_else(|| {
         cfg.report
             .as_ref()

@@ -82,7 +82,19 @@ pub enum CoalescePolicy {
         /// Batches queued on the device before new ops wait for a fuller batch (≥ 1).
         depth: usize,
     },
+    /// Coalescing on the device: ops are published to a kernel that stays on the device
+    /// while work arrives and runs concurrent ops side by side (no launch per op, no host
+    /// batching; see `runtime::device_queue`). Where the backend has no device queue (CPU),
+    /// the pool coalesces on the host as [`PERSISTENT_FALLBACK`] instead.
+    Persistent,
 }
+
+/// What [`CoalescePolicy::Persistent`] falls back to where the backend has no device queue.
+pub const PERSISTENT_FALLBACK: CoalescePolicy = CoalescePolicy::Fixed {
+    max_batch: 16,
+    max_delay: Duration::from_micros(20),
+    depth: DEFAULT_DEPTH,
+};
 
 impl CoalescePolicy {
     /// The name used on the command line and in results.
@@ -91,13 +103,14 @@ impl CoalescePolicy {
             CoalescePolicy::Off => "off",
             CoalescePolicy::Fixed { .. } => "fixed",
             CoalescePolicy::Adaptive { .. } => "adaptive",
+            CoalescePolicy::Persistent => "persistent",
         }
     }
 
     /// Batches queued on the device before new ops wait (0 for `Off`).
     pub fn depth(&self) -> usize {
         match *self {
-            CoalescePolicy::Off => 0,
+            CoalescePolicy::Off | CoalescePolicy::Persistent => 0,
             CoalescePolicy::Fixed { depth, .. } | CoalescePolicy::Adaptive { depth, .. } => depth,
         }
     }
@@ -106,6 +119,7 @@ impl CoalescePolicy {
     fn limits(&self) -> (usize, Duration, usize) {
         match *self {
             CoalescePolicy::Off => (1, Duration::ZERO, 1),
+            CoalescePolicy::Persistent => PERSISTENT_FALLBACK.limits(),
             CoalescePolicy::Fixed {
                 max_batch,
                 max_delay,

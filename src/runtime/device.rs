@@ -7,6 +7,7 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 
 use super::coalescer::{Batch, SharedRaw};
+use super::device_queue::DeviceQueue;
 use super::live::{Kind, LiveToken};
 use crate::backend::{self, Backend, BackendBuffer, BackendStream, DeviceInfo, DeviceOptions};
 use crate::error::{Error, Result};
@@ -102,6 +103,7 @@ impl Device {
             last: None,
             coalesced: None,
             _live: LiveToken::new(Kind::Buffer),
+            queued: None,
         })
     }
 
@@ -145,6 +147,9 @@ pub struct Buffer {
     /// The coalesced batch of the last op on this buffer, which may not be launched yet.
     coalesced: Option<Arc<Batch>>,
     _live: LiveToken,
+    /// The last op published on this buffer to a device queue, which may not have completed:
+    /// the buffer is used for nothing else until it has.
+    queued: Option<(Arc<DeviceQueue>, u64)>,
 }
 
 impl std::fmt::Debug for Buffer {
@@ -191,6 +196,42 @@ impl Buffer {
         self.coalesced = Some(batch);
     }
 
+    /// Records the device-queue op just published on this buffer.
+    pub(crate) fn set_queued(&mut self, queue: Arc<DeviceQueue>, op: u64) {
+        self.queued = Some((queue, op));
+    }
+
+    /// Waits for this buffer's device-queue op, if any, before any other use of it.
+    fn finish_queued(&mut self) -> Result<()> {
+        if let Some((queue, op)) = &self.queued {
+            queue.wait(*op)?;
+            self.queued = None;
+        }
+        Ok(())
+    }
+
+    /// Prepares the buffer for an op on device queue `queue`; returns the op it must run
+    /// after (0: none). Work queued on an ordinary stream is waited for first (the queue's
+    /// kernel is not ordered with streams), as is an op on another queue.
+    pub(crate) fn bind_queue(&mut self, queue: &Arc<DeviceQueue>) -> Result<u64> {
+        if queue.device_id() != self.device.id() {
+            return Err(Error::WrongDevice { what: "buffer" });
+        }
+        self.flush();
+        if let Some(last) = &self.last {
+            last.synchronize()?;
+            self.last = None;
+        }
+        match &self.queued {
+            Some((q, op)) if Arc::ptr_eq(q, queue) => Ok(*op),
+            Some(_) => {
+                self.finish_queued()?;
+                Ok(0)
+            }
+            None => Ok(0),
+        }
+    }
+
     /// Launches this buffer's pending coalesced op, if any, before any other use of it.
     fn flush(&mut self) {
         if let Some(b) = self.coalesced.take() {
@@ -204,6 +245,7 @@ impl Buffer {
         if device_id != self.device.id() {
             return Err(Error::WrongDevice { what: "buffer" });
         }
+        self.finish_queued()?;
         if self
             .last
             .as_ref()
@@ -222,7 +264,33 @@ impl Buffer {
         Ok(())
     }
 
+    /// Prepares the buffer for work on a stream the caller will pick later: launches its
+    /// pending coalesced op and, unless its last stream is one `known_idle` vouches for (all
+    /// work on the buffer there is known complete), waits for that stream (rule 2).
+    pub(crate) fn settle(
+        &mut self,
+        device_id: u64,
+        known_idle: impl Fn(&Arc<dyn BackendStream>) -> bool,
+    ) -> Result<()> {
+        if device_id != self.device.id() {
+            return Err(Error::WrongDevice { what: "buffer" });
+        }
+        self.finish_queued()?;
+        self.flush();
+        match &self.last {
+            Some(last) if !known_idle(last) => last.synchronize(),
+            _ => Ok(()),
+        }
+    }
+
+    /// Records `stream` as the buffer's last stream after work on it that the caller saw
+    /// complete (see [`Buffer::settle`]).
+    pub(crate) fn set_last(&mut self, stream: Arc<dyn BackendStream>) {
+        self.last = Some(stream);
+    }
+
     fn stream_for_copy(&mut self) -> Result<Arc<dyn BackendStream>> {
+        self.finish_queued()?;
         self.flush();
         match &self.last {
             Some(s) => Ok(s.clone()),
@@ -258,7 +326,10 @@ impl Buffer {
 
 impl Drop for Buffer {
     fn drop(&mut self) {
-        // A pending coalesced op must be queued before the storage is handed back.
+        // A pending coalesced op must be queued, and a device-queue op finished, before the
+        // storage is handed back. (If the device failed, its error is the owner's to see
+        // elsewhere; the storage is freed after the wait returned either way.)
+        let _ = self.finish_queued();
         self.flush();
         if let Some(raw) = self.raw.take() {
             match (Arc::try_unwrap(raw), &self.last) {

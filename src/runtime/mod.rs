@@ -12,9 +12,11 @@
 
 mod coalescer;
 mod device;
+mod device_queue;
 mod event_pool;
 mod inflight;
 pub(crate) mod live;
+mod matmul;
 mod pool;
 mod stream;
 
@@ -22,5 +24,6 @@ pub use coalescer::{CoalescePolicy, CoalesceStats, DEFAULT_DEPTH};
 pub use device::{Buffer, Device};
 pub use inflight::Inflight;
 pub use live::{live_counts, LiveCounts};
+pub use matmul::{MatmulCoalescer, MatmulCoalescerConfig, MatmulStats};
 pub use pool::{PoolConfig, StreamPool, DEFAULT_POOL_SIZE, MAX_POOL_SIZE};
 pub use stream::{Stream, StreamStats, Ticket};

@@ -18,7 +18,8 @@ use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 
-use super::coalescer::{CoalescePolicy, CoalescerShared};
+use super::coalescer::{CoalescePolicy, CoalescerShared, PERSISTENT_FALLBACK};
+use super::device_queue::DeviceQueue;
 use super::live::{Kind, LiveToken};
 use super::stream::StreamShared;
 use super::{Device, Stream};
@@ -67,6 +68,7 @@ struct PoolShared {
     lock: LockMode,
     global: Arc<Mutex<()>>,
     coalescer: Option<Arc<CoalescerShared>>,
+    device_queue: Option<Arc<DeviceQueue>>,
     /// The streams, made on first use, and the round-robin position (`sync::assign`).
     slots: Slots<StreamShared>,
     _live: LiveToken,
@@ -90,9 +92,16 @@ impl StreamPool {
                 config.streams
             )));
         }
-        let coalescer = match config.coalesce {
-            CoalescePolicy::Off => None,
-            policy => Some(CoalescerShared::new(device, policy)?),
+        let (coalescer, device_queue) = match config.coalesce {
+            CoalescePolicy::Off => (None, None),
+            CoalescePolicy::Persistent => match DeviceQueue::new(device)? {
+                Some(q) => (None, Some(q)),
+                None => (
+                    Some(CoalescerShared::new(device, PERSISTENT_FALLBACK)?),
+                    None,
+                ),
+            },
+            policy => (Some(CoalescerShared::new(device, policy)?), None),
         };
         Ok(StreamPool {
             shared: Arc::new(PoolShared {
@@ -101,6 +110,7 @@ impl StreamPool {
                 lock: config.lock,
                 global: Arc::new(Mutex::new(())),
                 coalescer,
+                device_queue,
                 slots: Slots::new(config.streams),
                 _live: LiveToken::new(Kind::Pool),
             }),
@@ -124,13 +134,26 @@ impl StreamPool {
 
     /// With coalescing on: grouped launches so far, ops in them, and where a batch's time
     /// went.
+    /// With the device queue, `launches` counts the queue kernel's launches.
     pub fn coalesce_stats(&self) -> Option<super::CoalesceStats> {
+        if let Some(q) = &self.shared.device_queue {
+            let (launches, ops) = q.counts();
+            return Some(super::CoalesceStats {
+                launches,
+                ops,
+                ..Default::default()
+            });
+        }
         self.shared.coalescer.as_ref().map(|c| c.stats())
     }
 
     /// With coalescing on: how waiters learn a batch completed, `"signal"` (a host word the
-    /// batch stream writes; no driver call to wait) or `"event"`.
+    /// batch stream writes; no driver call to wait), `"event"`, or `"device-queue"` (ops run
+    /// by a kernel on the device, which writes each op's own host word).
     pub fn coalesce_completion(&self) -> Option<&'static str> {
+        if self.shared.device_queue.is_some() {
+            return Some("device-queue");
+        }
         self.shared
             .coalescer
             .as_ref()
@@ -250,9 +273,10 @@ impl StreamPool {
     /// Waits until all work on every stream of the pool has completed. Returns the first
     /// error after waiting for all streams.
     pub fn synchronize(&self) -> Result<()> {
-        let mut first = match &self.shared.coalescer {
-            Some(c) => c.synchronize(),
-            None => Ok(()),
+        let mut first = match (&self.shared.coalescer, &self.shared.device_queue) {
+            (Some(c), _) => c.synchronize(),
+            (None, Some(q)) => q.synchronize(),
+            (None, None) => Ok(()),
         };
         for i in 0..self.size() {
             if let Some(s) = self.shared.slots.get(i) {
@@ -270,7 +294,14 @@ impl StreamPool {
         p.slots
             .get_or_try_init(index, || {
                 let lock = SubmitLock::new(p.lock, &p.global);
-                StreamShared::new(p.id, index, p.device.clone(), lock, p.coalescer.clone())
+                StreamShared::new(
+                    p.id,
+                    index,
+                    p.device.clone(),
+                    lock,
+                    p.coalescer.clone(),
+                    p.device_queue.clone(),
+                )
             })
             .unwrap_or(Err(Error::NoSuchStream {
                 index,

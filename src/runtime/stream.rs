@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use super::coalescer::{Batch, CoalescerShared};
+use super::device_queue::DeviceQueue;
 use super::event_pool::EventPool;
 use super::live::{Kind, LiveToken};
 use super::{Buffer, Device};
@@ -21,6 +22,11 @@ use crate::sync::submit_lock::SubmitLock;
 pub(crate) struct StreamShared {
     /// The pool's coalescer, when coalescing is on.
     pub(crate) coalescer: Option<Arc<CoalescerShared>>,
+    /// The pool's device queue, when coalescing is `persistent` on a backend that has one.
+    pub(crate) device_queue: Option<Arc<DeviceQueue>>,
+    /// The last op this stream published to the device queue (0: none); the next one runs
+    /// after it. Changed only under the stream's submission lock.
+    queued_last: AtomicU64,
     pub(crate) pool_id: u64,
     pub(crate) index: usize,
     pub(crate) device: Device,
@@ -38,10 +44,13 @@ impl StreamShared {
         device: Device,
         lock: SubmitLock,
         coalescer: Option<Arc<CoalescerShared>>,
+        device_queue: Option<Arc<DeviceQueue>>,
     ) -> Result<Self> {
         let backend = device.backend().new_stream()?;
         Ok(StreamShared {
             coalescer,
+            device_queue,
+            queued_last: AtomicU64::new(0),
             pool_id,
             index,
             device,
@@ -103,6 +112,20 @@ impl Stream {
                 kind: TicketKind::Coalesced(batch),
             });
         }
+        if let Some(q) = s.device_queue.as_ref().filter(|q| q.supports(kernel)) {
+            // Held across the publication, so `queued_last` is this stream's last op.
+            let _guard = s.lock.enter()?;
+            let after_buffer = buf.bind_queue(q)?;
+            let after_stream = s.queued_last.load(Ordering::Acquire);
+            let op = q.submit(kernel, buf.raw(), [after_stream, after_buffer])?;
+            s.queued_last.store(op, Ordering::Release);
+            buf.set_queued(q.clone(), op);
+            s.submitted.fetch_add(1, Ordering::Relaxed);
+            return Ok(Ticket {
+                stream: self.shared.clone(),
+                kind: TicketKind::Queued(q.clone(), op),
+            });
+        }
         buf.bind(s.device.id(), &s.backend)?;
         self.submit(1, |backend| backend.launch(kernel, buf.raw()))
     }
@@ -119,7 +142,7 @@ impl Stream {
 
     /// One submission: a pooled event, the lock mode's guard, `enqueue`, the event's record.
     /// The event goes back to the pool if anything fails.
-    fn submit(
+    pub(crate) fn submit(
         &self,
         ops: u64,
         enqueue: impl FnOnce(&dyn crate::backend::BackendStream) -> Result<()>,
@@ -180,6 +203,13 @@ impl Stream {
         if let Some(c) = &self.shared.coalescer {
             c.synchronize()?;
         }
+        if let Some(q) = &self.shared.device_queue {
+            // The stream's ops form a chain: the last one completes after all the others.
+            let last = self.shared.queued_last.load(Ordering::Acquire);
+            if last != 0 {
+                q.wait(last)?;
+            }
+        }
         self.shared.backend.synchronize()
     }
 
@@ -205,6 +235,8 @@ enum TicketKind {
     Event(Option<Box<dyn BackendEvent>>),
     /// The coalesced batch the op is part of.
     Coalesced(Arc<Batch>),
+    /// The op's number on the pool's device queue.
+    Queued(Arc<DeviceQueue>, u64),
 }
 
 impl Ticket {
@@ -226,6 +258,7 @@ impl Ticket {
                     .expect("coalesced tickets come from coalescing pools");
                 c.wait(batch)
             }
+            TicketKind::Queued(q, op) => q.wait(*op),
         }
     }
 
@@ -239,6 +272,7 @@ impl Ticket {
                 .as_ref()
                 .expect("coalesced tickets come from coalescing pools")
                 .poll(batch),
+            TicketKind::Queued(q, op) => q.poll(*op),
         }
     }
 }

@@ -445,6 +445,8 @@ pub enum CoalesceKind {
     Fixed,
     /// The adaptive batch target.
     Adaptive,
+    /// Coalescing on the device (CUDA's device queue; elsewhere a fixed host policy).
+    Persistent,
 }
 
 impl CoalesceKind {
@@ -461,6 +463,7 @@ impl CoalesceKind {
             CoalesceKind::Off => "off",
             CoalesceKind::Fixed => "fixed",
             CoalesceKind::Adaptive => "adaptive",
+            CoalesceKind::Persistent => "persistent",
         }
     }
 }
@@ -616,6 +619,7 @@ fn describe_common(d: &DevicePlan, p: &PoolPlan) -> String {
             depth,
             ..
         } => format!("adaptive({max_batch},{}us,d{depth})", max_delay.as_micros()),
+        CoalescePolicy::Persistent => "persistent".to_string(),
     };
     let wait = d.wait.map_or("default".to_string(), |w| w.to_string());
     format!(
@@ -681,6 +685,7 @@ fn coalesce_plan(rng: &mut Rng, allowed: &[CoalesceKind]) -> CoalescePolicy {
         (CoalesceKind::Off, 5),
         (CoalesceKind::Fixed, 3),
         (CoalesceKind::Adaptive, 2),
+        (CoalesceKind::Persistent, 2),
     ]
     .into_iter()
     .filter(|(k, _)| allowed.is_empty() || allowed.contains(k))
@@ -698,6 +703,7 @@ fn coalesce_plan(rng: &mut Rng, allowed: &[CoalesceKind]) -> CoalescePolicy {
             latency_target,
             depth,
         },
+        CoalesceKind::Persistent => CoalescePolicy::Persistent,
     }
 }
 

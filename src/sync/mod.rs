@@ -5,6 +5,7 @@
 //! every interleaving; otherwise they are std atomics and parking_lot mutexes.
 
 pub mod assign;
+pub mod batcher;
 pub mod claim;
 pub mod combiner;
 pub mod free_list;

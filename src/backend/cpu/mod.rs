@@ -9,12 +9,13 @@
 //! Results are bit-identical to [`Kernel::reference`]: each element goes through the same f32
 //! operations in the same order.
 
+mod matmul;
 mod stream;
 
 use std::any::Any;
 use std::sync::{Arc, Weak};
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 
 use super::{downcast, Backend, BackendBuffer, BackendEvent, BackendKind, BackendStream};
 use super::{BackendSignal, DeviceInfo, DeviceOptions, WaitPolicy};
@@ -114,9 +115,10 @@ impl Backend for CpuBackend {
         data.resize(len, 0.0f32);
         Ok(Box::new(CpuBuffer {
             data: Arc::new(Storage {
-                data: Mutex::new(data),
+                data: RwLock::new(data),
                 _live: StorageToken::new(bytes),
             }),
+            len,
         }))
     }
 
@@ -162,21 +164,25 @@ impl Backend for CpuBackend {
     }
 }
 
-/// A CPU buffer. Kernels lock it for their whole run; the runtime's stream ordering makes that
-/// lock uncontended in correct programs, and it keeps incorrect ones memory-safe.
+/// A CPU buffer. Kernels lock it for their whole run (writers exclusively, matrix-product
+/// inputs shared, so read-only weights serve many streams at once); the runtime's stream
+/// ordering makes that lock uncontended in correct programs, and it keeps incorrect ones
+/// memory-safe.
 pub struct CpuBuffer {
     data: Arc<Storage>,
+    /// Fixed at allocation (read without taking the lock).
+    len: usize,
 }
 
 /// A buffer's elements, shared by the buffer and the queued kernels that use it; freed with
 /// the last of them. Counted in [`crate::runtime::live_counts`] while it lives.
 pub(super) struct Storage {
-    data: Mutex<Vec<f32>>,
+    data: RwLock<Vec<f32>>,
     _live: StorageToken,
 }
 
 impl std::ops::Deref for Storage {
-    type Target = Mutex<Vec<f32>>;
+    type Target = RwLock<Vec<f32>>;
 
     fn deref(&self) -> &Self::Target {
         &self.data
@@ -185,7 +191,7 @@ impl std::ops::Deref for Storage {
 
 impl BackendBuffer for CpuBuffer {
     fn len(&self) -> usize {
-        self.data.lock().len()
+        self.len
     }
     fn as_any(&self) -> &dyn Any {
         self

@@ -97,7 +97,7 @@ impl BackendStream for CpuStream {
     fn launch(&self, kernel: Kernel, buf: &dyn BackendBuffer) -> Result<()> {
         let data = cpu_buffer(buf)?.data.clone();
         self.queue.push(Box::new(move || {
-            let mut data = data.lock();
+            let mut data = data.write();
             match kernel {
                 Kernel::SimpleCompute { .. } => data
                     .par_chunks_mut(BLOCK)
@@ -114,7 +114,7 @@ impl BackendStream for CpuStream {
             .collect::<Result<_>>()?;
         self.queue.push(Box::new(move || {
             data.par_iter().for_each(|d| {
-                let mut d = d.lock();
+                let mut d = d.write();
                 d.par_chunks_mut(BLOCK)
                     .for_each(|block| kernel.reference(block));
             });
@@ -125,7 +125,7 @@ impl BackendStream for CpuStream {
     fn upload(&self, buf: &dyn BackendBuffer, src: &[f32]) -> Result<()> {
         let buf = cpu_buffer(buf)?;
         self.synchronize()?;
-        let mut data = buf.data.lock();
+        let mut data = buf.data.write();
         if data.len() != src.len() {
             return Err(Error::invalid(format!(
                 "upload of {} elements into a buffer of {}",
@@ -140,7 +140,7 @@ impl BackendStream for CpuStream {
     fn download(&self, buf: &dyn BackendBuffer, dst: &mut [f32]) -> Result<()> {
         let buf = cpu_buffer(buf)?;
         self.synchronize()?;
-        let data = buf.data.lock();
+        let data = buf.data.read();
         if data.len() != dst.len() {
             return Err(Error::invalid(format!(
                 "download of a buffer of {} elements into {}",
@@ -184,6 +184,41 @@ impl BackendStream for CpuStream {
         Ok(())
     }
 
+    fn gemm(
+        &self,
+        spec: &crate::backend::GemmSpec,
+        ops: &crate::backend::GemmOperands<'_>,
+    ) -> Result<()> {
+        self.queue
+            .push(super::matmul::gemm_task(*spec, std::slice::from_ref(ops))?);
+        Ok(())
+    }
+
+    fn gemm_batched(
+        &self,
+        spec: &crate::backend::GemmSpec,
+        ops: &[crate::backend::GemmOperands<'_>],
+    ) -> Result<()> {
+        self.queue.push(super::matmul::gemm_task(*spec, ops)?);
+        Ok(())
+    }
+
+    fn upload_at(&self, buf: &dyn BackendBuffer, offset: usize, src: &[f32]) -> Result<()> {
+        let buf = cpu_buffer(buf)?;
+        let end = range_end(offset, src.len(), buf.len)?;
+        self.synchronize()?;
+        buf.data.write()[offset..end].copy_from_slice(src);
+        Ok(())
+    }
+
+    fn download_at(&self, buf: &dyn BackendBuffer, offset: usize, dst: &mut [f32]) -> Result<()> {
+        let buf = cpu_buffer(buf)?;
+        let end = range_end(offset, dst.len(), buf.len)?;
+        self.synchronize()?;
+        dst.copy_from_slice(&buf.data.read()[offset..end]);
+        Ok(())
+    }
+
     fn free_after(&self, buf: Box<dyn BackendBuffer>) {
         // Queued tasks hold their own reference to the storage: dropping ours is enough.
         drop(buf);
@@ -192,6 +227,18 @@ impl BackendStream for CpuStream {
     fn as_any(&self) -> &dyn Any {
         self
     }
+}
+
+/// The end of `len` elements from `offset` in a buffer of `size`, or an error.
+fn range_end(offset: usize, len: usize, size: usize) -> Result<usize> {
+    offset
+        .checked_add(len)
+        .filter(|&end| end <= size)
+        .ok_or_else(|| {
+            Error::invalid(format!(
+                "a copy of {len} elements at offset {offset} does not fit a buffer of {size}"
+            ))
+        })
 }
 
 /// A CPU signal: a shared atomic word, written by a task queued on a stream.

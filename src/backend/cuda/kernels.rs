@@ -88,6 +88,10 @@ extern "C" __global__ void simple_compute_grouped32(const Group<32> g, unsigned 
 extern "C" __global__ void simple_compute_grouped(const Group<128> g, unsigned int iters) { grouped(g, iters); }
 "#;
 
+/// The device queue's kernel, compiled with the kernels above (so its element code is
+/// theirs).
+const QUEUE_SOURCE: &str = include_str!("queue_kernel.cu");
+
 /// Buffers per grouped launch (the kernel's `MAX_SEGMENTS`).
 pub const MAX_SEGMENTS: usize = 128;
 
@@ -136,6 +140,8 @@ pub struct Kernels {
     pub simple_compute_grouped: [CudaFunction; 3],
     /// Grouped variants that write a completion signal when done (same sizes).
     pub simple_compute_grouped_signal: [CudaFunction; 3],
+    /// The device queue's kernel (`queue_kernel.cu`).
+    pub simple_compute_queue: CudaFunction,
     /// Multiprocessors of the device (sizes the signalled kernels' grid).
     pub multiprocessors: u32,
 }
@@ -162,7 +168,8 @@ pub fn for_device(ctx: &Arc<CudaContext>, ordinal: usize) -> Result<Arc<Kernels>
         ],
         ..Default::default()
     };
-    let ptx = cudarc::nvrtc::compile_ptx_with_opts(SOURCE, opts).map_err(|e| match e {
+    let source = format!("{SOURCE}{QUEUE_SOURCE}");
+    let ptx = cudarc::nvrtc::compile_ptx_with_opts(source, opts).map_err(|e| match e {
         cudarc::nvrtc::CompileError::CompileError { log, .. } => Error::Device {
             op: "compile",
             message: log.to_string_lossy().into_owned(),
@@ -192,6 +199,7 @@ pub fn for_device(ctx: &Arc<CudaContext>, ordinal: usize) -> Result<Arc<Kernels>
         load("simple_compute_grouped_signal32")?,
         load("simple_compute_grouped_signal")?,
     ];
+    let simple_compute_queue = load("simple_compute_queue")?;
     let multiprocessors = ctx
         .attribute(
             cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
@@ -202,6 +210,7 @@ pub fn for_device(ctx: &Arc<CudaContext>, ordinal: usize) -> Result<Arc<Kernels>
         simple_compute,
         simple_compute_grouped,
         simple_compute_grouped_signal,
+        simple_compute_queue,
         multiprocessors,
     });
     cache.insert(ordinal, k.clone());

@@ -15,7 +15,9 @@
 //!   `CU_EVENT_BLOCKING_SYNC` (the context's scheduling flags are left alone: they belong to
 //!   the whole process); `yield` polls `cuEventQuery` and yields between polls.
 
+mod blas;
 mod kernels;
+mod queue;
 mod stream;
 
 use std::sync::Arc;
@@ -23,7 +25,7 @@ use std::sync::Arc;
 use cudarc::driver::{sys, CudaContext, CudaStream, DriverError};
 
 use super::{Backend, BackendBuffer, BackendEvent, BackendKind, BackendStream};
-use super::{BackendSignal, DeviceInfo, DeviceOptions, WaitPolicy};
+use super::{BackendDeviceQueue, BackendSignal, DeviceInfo, DeviceOptions, WaitPolicy};
 use crate::error::{Error, Result};
 use crate::kernel::Kernel;
 use stream::{CudaBuffer, CudaEventBox, CudaQueue, CudaSignal};
@@ -212,6 +214,15 @@ impl Backend for CudaBackend {
             Ok(Ok(signal)) => Ok(Some(Arc::new(signal))),
             Ok(Err(_)) | Err(_) => Ok(None),
         }
+    }
+
+    fn new_device_queue(&self) -> Result<Option<Arc<dyn BackendDeviceQueue>>> {
+        let queue = queue::CudaDeviceQueue::new(
+            &self.ctx,
+            self.kernels.simple_compute_queue.clone(),
+            self.kernels.multiprocessors,
+        )?;
+        Ok(Some(Arc::new(queue)))
     }
 
     fn synchronize(&self) -> Result<()> {

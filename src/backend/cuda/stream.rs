@@ -22,7 +22,7 @@ use crate::error::{Error, Result};
 use crate::kernel::Kernel;
 
 /// Makes `ctx` current on the calling thread.
-fn bind(ctx: &CudaContext) -> Result<()> {
+pub(super) fn bind(ctx: &CudaContext) -> Result<()> {
     let want = ctx.cu_ctx();
     match result::ctx::get_current() {
         Ok(Some(current)) if current == want => Ok(()),
@@ -89,6 +89,13 @@ impl CudaBuffer {
     }
 }
 
+impl CudaBuffer {
+    /// The allocation's device address (live per the invariant).
+    pub(super) fn ptr(&self) -> sys::CUdeviceptr {
+        self.ptr
+    }
+}
+
 impl BackendBuffer for CudaBuffer {
     fn len(&self) -> usize {
         self.len
@@ -116,11 +123,18 @@ impl Drop for CudaBuffer {
 pub(super) struct CudaQueue {
     stream: Arc<CudaStream>,
     kernels: Arc<Kernels>,
+    /// cuBLAS/cuBLASLt state of this stream, made on its first matrix product.
+    math: super::blas::StreamMath,
 }
 
 impl CudaQueue {
     pub(super) fn new(stream: Arc<CudaStream>, kernels: Arc<Kernels>) -> Self {
-        CudaQueue { stream, kernels }
+        let math = super::blas::StreamMath::new(stream.clone());
+        CudaQueue {
+            stream,
+            kernels,
+            math,
+        }
     }
 
     fn ctx(&self) -> &CudaContext {
@@ -234,7 +248,7 @@ impl CudaQueue {
     }
 }
 
-fn cuda_buffer(buf: &dyn BackendBuffer) -> Result<&CudaBuffer> {
+pub(super) fn cuda_buffer(buf: &dyn BackendBuffer) -> Result<&CudaBuffer> {
     downcast::<CudaBuffer>(buf.as_any(), "buffer")
 }
 
@@ -376,6 +390,55 @@ impl BackendStream for CudaQueue {
             .map_err(|e| driver_error("signal", e))
     }
 
+    fn gemm(
+        &self,
+        spec: &crate::backend::GemmSpec,
+        ops: &crate::backend::GemmOperands<'_>,
+    ) -> Result<()> {
+        self.math.gemm(spec, ops)
+    }
+
+    fn gemm_batched(
+        &self,
+        spec: &crate::backend::GemmSpec,
+        ops: &[crate::backend::GemmOperands<'_>],
+    ) -> Result<()> {
+        self.math.gemm_batched(spec, ops)
+    }
+
+    fn upload_at(&self, buf: &dyn BackendBuffer, offset: usize, src: &[f32]) -> Result<()> {
+        let buf = cuda_buffer(buf)?;
+        check_range(offset, src.len(), buf.len)?;
+        if src.is_empty() {
+            return Ok(());
+        }
+        bind(self.ctx())?;
+        // SAFETY: the range lies inside the live allocation (checked above). `src` is pageable
+        // memory (multiq pins no memory it hands out), which the driver copies to a staging
+        // buffer before `cuMemcpyHtoDAsync` returns, so the caller may reuse it at once; the
+        // device copy is ordered on this stream before later work.
+        unsafe {
+            result::memcpy_htod_async(buf.ptr + offset as u64 * 4, src, self.stream.cu_stream())
+        }
+        .map_err(|e| driver_error("upload", e))
+    }
+
+    fn download_at(&self, buf: &dyn BackendBuffer, offset: usize, dst: &mut [f32]) -> Result<()> {
+        let buf = cuda_buffer(buf)?;
+        check_range(offset, dst.len(), buf.len)?;
+        if dst.is_empty() {
+            return Ok(());
+        }
+        bind(self.ctx())?;
+        // SAFETY: the range lies inside the live allocation; `dst` has room for it; the stream
+        // is synchronized before returning, so `dst` is written and outlives the copy.
+        unsafe {
+            result::memcpy_dtoh_async(dst, buf.ptr + offset as u64 * 4, self.stream.cu_stream())
+        }
+        .map_err(|e| driver_error("download", e))?;
+        self.synchronize()
+    }
+
     fn free_after(&self, buf: Box<dyn BackendBuffer>) {
         let Ok(buf) = buf.into_any().downcast::<CudaBuffer>() else {
             return; // not ours: its own Drop frees it
@@ -400,6 +463,16 @@ impl BackendStream for CudaQueue {
 
     fn as_any(&self) -> &dyn Any {
         self
+    }
+}
+
+/// Checks that `len` elements from `offset` lie inside a buffer of `size`.
+fn check_range(offset: usize, len: usize, size: usize) -> Result<()> {
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(Error::invalid(format!(
+            "a copy of {len} elements at offset {offset} does not fit a buffer of {size}"
+        ))),
     }
 }
 

@@ -1,0 +1,793 @@
+//! Matrix products on CUDA streams: cuBLAS (sgemm, batched sgemm over pointer arrays) and
+//! cuBLASLt (products with the bias and ReLU fused into the epilogue), one handle pair and
+//! one workspace per stream, created on the stream's first product.
+//!
+//! Layering, as cudarc's: raw calls (`cudarc::cublas::sys`, `cudarc::cublaslt::sys`) appear
+//! only inside the small `unsafe` blocks of [`Blas`]; [`StreamMath`] is the safe layer that
+//! owns the handles, workspace, pointer arrays and cuBLASLt plans of one stream and frees them
+//! after the stream has finished with them.
+//!
+//! Row-major to column-major: cuBLAS is column-major, multiq's tensors row-major. A row-major
+//! `C[m×n] = A[m×k]·B'` is the column-major `Cᵀ[n×m] = B'ᵀ·Aᵀ`, and a row-major matrix read
+//! column-major is its transpose, so the call is `gemm(m' = n, n' = m, k)` with cuBLAS's first
+//! operand = B (op N, ld n; or op T, ld k when B is stored `[n, k]`), second = A (op N, ld k),
+//! C with ld n. The row-major bias (one value per column of C) is cuBLASLt's bias (one value
+//! per row of the column-major result).
+//!
+//! Precision: strict fp32 is cuBLAS's default math mode (`CUBLAS_DEFAULT_MATH`, which never
+//! uses TF32 for fp32 data) and cuBLASLt's `CUBLAS_COMPUTE_32F`; TF32 only when asked
+//! (`CUBLAS_TF32_TENSOR_OP_MATH`, `CUBLAS_COMPUTE_32F_FAST_TF32`).
+//!
+//! Thread-safety: a stream's state sits behind a mutex; the runtime already serializes
+//! submissions to one stream, so the mutex is uncontended, and it makes the handles' use
+//! from several threads (one at a time) sound.
+
+use std::collections::HashMap;
+use std::ffi::{c_int, c_void};
+use std::sync::{Arc, OnceLock};
+
+use cudarc::cublas::sys as cb;
+use cudarc::cublaslt::sys as lt;
+use cudarc::driver::{result, sys, CudaContext, CudaFunction, CudaStream};
+use parking_lot::Mutex;
+
+use super::driver_error;
+use super::stream::{bind, cuda_buffer};
+use crate::backend::{check_gemm, GemmOperands, GemmSpec, MatRef, Precision};
+use crate::error::{Error, Result};
+
+/// Bytes of cuBLAS/cuBLASLt workspace per stream: NVIDIA's recommendation (32 MiB on Hopper
+/// and later, 4 MiB before).
+fn workspace_bytes(major: i32) -> usize {
+    if major >= 9 {
+        32 << 20
+    } else {
+        4 << 20
+    }
+}
+
+/// cuBLASLt plans kept per stream before the cache is emptied (a plan is a few hundred bytes
+/// of host state; shapes and weights of one model need a handful per batch size).
+const MAX_PLANS: usize = 1024;
+
+fn blas_error(op: &'static str, status: impl std::fmt::Debug) -> Error {
+    Error::Device {
+        op,
+        message: format!("{status:?}"),
+    }
+}
+
+fn unavailable(reason: impl Into<String>) -> Error {
+    Error::BackendUnavailable {
+        backend: crate::backend::BackendKind::Cuda,
+        reason: reason.into(),
+    }
+}
+
+/// Checks once per process that cuBLAS and cuBLASLt can be loaded.
+fn libraries_present() -> Result<()> {
+    static PRESENT: OnceLock<std::result::Result<(), String>> = OnceLock::new();
+    PRESENT
+        .get_or_init(|| {
+            // SAFETY: these only try to dlopen the candidate library names.
+            if !unsafe { cb::is_culib_present() } {
+                return Err("the cuBLAS library (libcublas.so) was not found".into());
+            }
+            // SAFETY: as above.
+            if !unsafe { lt::is_culib_present() } {
+                return Err("the cuBLASLt library (libcublasLt.so) was not found".into());
+            }
+            Ok(())
+        })
+        .clone()
+        .map_err(unavailable)
+}
+
+/// The device address of an operand.
+fn address(r: &MatRef<'_>) -> Result<sys::CUdeviceptr> {
+    let b = cuda_buffer(r.buf)?;
+    Ok(b.ptr() + (r.offset as u64) * 4)
+}
+
+fn int(v: usize, what: &str) -> Result<c_int> {
+    c_int::try_from(v).map_err(|_| Error::invalid(format!("{what} {v} exceeds cuBLAS's int")))
+}
+
+/// Largest power of two (at most 256) dividing `ptr`: the alignment cuBLASLt may assume.
+fn alignment(ptr: u64) -> u32 {
+    if ptr == 0 {
+        return 256;
+    }
+    1u32 << ptr.trailing_zeros().min(8)
+}
+
+/// The column-major call for a row-major spec (see the module doc).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct ColMajor {
+    m: c_int,
+    n: c_int,
+    k: c_int,
+    trans_a: bool,
+    lda: c_int,
+    ldb: c_int,
+    ldc: c_int,
+}
+
+impl ColMajor {
+    fn of(spec: &GemmSpec) -> Result<Self> {
+        let (m, n, k) = (int(spec.m, "m")?, int(spec.n, "n")?, int(spec.k, "k")?);
+        // Offsets are computed in u64 elsewhere; element counts must also fit cuBLAS's int.
+        int(spec.m.saturating_mul(spec.k), "A's size")?;
+        int(spec.k.saturating_mul(spec.n), "B's size")?;
+        int(spec.m.saturating_mul(spec.n), "C's size")?;
+        Ok(ColMajor {
+            m: n,
+            n: m,
+            k,
+            trans_a: spec.b_transposed,
+            lda: if spec.b_transposed { k } else { n },
+            ldb: k,
+            ldc: n,
+        })
+    }
+
+    fn op_a(&self) -> cb::cublasOperation_t {
+        if self.trans_a {
+            cb::cublasOperation_t::CUBLAS_OP_T
+        } else {
+            cb::cublasOperation_t::CUBLAS_OP_N
+        }
+    }
+}
+
+/// Identifies a cuBLASLt plan: the call, what the epilogue does, and the pointers' alignments.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct PlanKey {
+    call: ColMajor,
+    relu: bool,
+    bias: sys::CUdeviceptr,
+    precision: Precision,
+    align: [u32; 3],
+}
+
+/// The handles of a plan, copied out of the cache for one call.
+#[derive(Clone, Copy)]
+struct PlanHandles {
+    desc: lt::cublasLtMatmulDesc_t,
+    a: lt::cublasLtMatrixLayout_t,
+    b: lt::cublasLtMatrixLayout_t,
+    c: lt::cublasLtMatrixLayout_t,
+    algo: lt::cublasLtMatmulAlgo_t,
+}
+
+/// A cuBLASLt operation: descriptor, layouts and the heuristic's algorithm.
+///
+/// Invariant: every handle is live (created by cuBLASLt, destroyed only by `Drop`).
+struct Plan {
+    desc: lt::cublasLtMatmulDesc_t,
+    a: lt::cublasLtMatrixLayout_t,
+    b: lt::cublasLtMatrixLayout_t,
+    c: lt::cublasLtMatrixLayout_t,
+    algo: lt::cublasLtMatmulAlgo_t,
+}
+
+impl Drop for Plan {
+    fn drop(&mut self) {
+        for layout in [self.c, self.b, self.a] {
+            if !layout.is_null() {
+                // SAFETY: the handle is live (invariant) and used by no queued call: cuBLASLt
+                // reads descriptors when a call is made, not when it runs.
+                let _ = unsafe { lt::cublasLtMatrixLayoutDestroy(layout) };
+            }
+        }
+        if !self.desc.is_null() {
+            // SAFETY: as above.
+            let _ = unsafe { lt::cublasLtMatmulDescDestroy(self.desc) };
+        }
+    }
+}
+
+/// A separate bias-and-ReLU pass, for products whose epilogue is not fused (NVRTC, compiled
+/// once per context). `relu` keeps NaN as NaN, as PyTorch's.
+const BIAS_ACT_SOURCE: &str = r#"
+extern "C" __global__ void bias_act(float* y, const float* bias, unsigned int rows,
+                                    unsigned int cols, int has_bias, int relu) {
+    unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    float v = y[i];
+    if (has_bias) v += bias[i % cols];
+    if (relu && v < 0.0f) v = 0.0f;
+    y[i] = v;
+}
+"#;
+
+fn bias_act_kernel(ctx: &Arc<CudaContext>) -> Result<CudaFunction> {
+    static CACHE: OnceLock<Mutex<HashMap<usize, CudaFunction>>> = OnceLock::new();
+    let key = ctx.cu_ctx() as usize;
+    let mut cache = CACHE.get_or_init(|| Mutex::new(HashMap::new())).lock();
+    if let Some(f) = cache.get(&key) {
+        return Ok(f.clone());
+    }
+    let ptx = cudarc::nvrtc::compile_ptx(BIAS_ACT_SOURCE).map_err(|e| Error::Device {
+        op: "compile",
+        message: format!("{e:?}"),
+    })?;
+    let module = ctx
+        .load_module(ptx)
+        .map_err(|e| driver_error("load module", e))?;
+    let f = module
+        .load_function("bias_act")
+        .map_err(|e| driver_error("load function", e))?;
+    cache.insert(key, f.clone());
+    Ok(f)
+}
+
+/// The handles and memory of one stream.
+///
+/// Invariant: `handle` and `lt` are live handles bound to `stream`; `workspace` is a live
+/// allocation of `workspace_bytes`, and `pointers` one of `pointer_capacity` u64 (or 0 with
+/// capacity 0), all in `ctx`; all are released only by `Drop`, after the stream finished.
+struct Blas {
+    handle: cb::cublasHandle_t,
+    lt: lt::cublasLtHandle_t,
+    workspace: sys::CUdeviceptr,
+    workspace_bytes: usize,
+    math: Precision,
+    pointers: sys::CUdeviceptr,
+    pointer_capacity: usize,
+    /// Host copy of the last pointer arrays (pageable; see `gemm_batched`).
+    host_pointers: Vec<u64>,
+    plans: HashMap<PlanKey, Plan>,
+    /// Keys whose cuBLASLt plan failed: those products use sgemm and a separate pass.
+    unfusable: std::collections::HashSet<PlanKey>,
+    stream: Arc<CudaStream>,
+}
+
+impl Blas {
+    fn new(stream: &Arc<CudaStream>) -> Result<Blas> {
+        libraries_present()?;
+        let ctx = stream.context();
+        bind(ctx)?;
+        let major = ctx
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
+            .map_err(|e| driver_error("info", e))?;
+        let bytes = workspace_bytes(major);
+        // SAFETY: the context is current; the workspace is only handed to cuBLAS below.
+        let workspace = unsafe { result::malloc_sync(bytes) }.map_err(|e| Error::OutOfMemory {
+            elements: bytes / 4,
+            bytes: bytes as u64,
+            device: "cuda".into(),
+            reason: driver_error("alloc", e).to_string(),
+        })?;
+        let mut blas = Blas {
+            handle: std::ptr::null_mut(),
+            lt: std::ptr::null_mut(),
+            workspace,
+            workspace_bytes: bytes,
+            math: Precision::Strict,
+            pointers: 0,
+            pointer_capacity: 0,
+            host_pointers: Vec::new(),
+            plans: HashMap::new(),
+            unfusable: Default::default(),
+            stream: stream.clone(),
+        };
+        // cudarc panics when a symbol is missing from the loaded library: contain that.
+        let made = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| blas.init()));
+        match made {
+            Ok(r) => r.map(|()| blas),
+            Err(_) => Err(unavailable(
+                "the cuBLAS/cuBLASLt libraries found lack a function multiq needs",
+            )),
+        }
+    }
+
+    fn init(&mut self) -> Result<()> {
+        // SAFETY: out-pointers are valid; the context is current.
+        unsafe { cb::cublasCreate_v2(&mut self.handle) }
+            .result()
+            .map_err(|e| blas_error("cublas create", e))?;
+        // SAFETY: `handle` is live; the stream is live (held by `self.stream`).
+        unsafe { cb::cublasSetStream_v2(self.handle, self.stream.cu_stream() as _) }
+            .result()
+            .map_err(|e| blas_error("cublas stream", e))?;
+        // After the stream: cublasSetStream resets the workspace to the default pool.
+        // SAFETY: the workspace is a live allocation of `workspace_bytes` used only on this
+        // stream (by this handle and the cuBLASLt calls below, in stream order).
+        unsafe {
+            cb::cublasSetWorkspace_v2(
+                self.handle,
+                self.workspace as *mut c_void,
+                self.workspace_bytes,
+            )
+        }
+        .result()
+        .map_err(|e| blas_error("cublas workspace", e))?;
+        // SAFETY: `handle` is live.
+        unsafe { cb::cublasSetMathMode(self.handle, cb::cublasMath_t::CUBLAS_DEFAULT_MATH) }
+            .result()
+            .map_err(|e| blas_error("cublas math mode", e))?;
+        // SAFETY: out-pointer valid.
+        unsafe { lt::cublasLtCreate(&mut self.lt) }
+            .result()
+            .map_err(|e| blas_error("cublasLt create", e))?;
+        Ok(())
+    }
+
+    fn set_math(&mut self, precision: Precision) -> Result<()> {
+        if self.math == precision {
+            return Ok(());
+        }
+        let mode = match precision {
+            Precision::Strict => cb::cublasMath_t::CUBLAS_DEFAULT_MATH,
+            Precision::Tf32 => cb::cublasMath_t::CUBLAS_TF32_TENSOR_OP_MATH,
+        };
+        // SAFETY: `handle` is live (invariant).
+        unsafe { cb::cublasSetMathMode(self.handle, mode) }
+            .result()
+            .map_err(|e| blas_error("cublas math mode", e))?;
+        self.math = precision;
+        Ok(())
+    }
+
+    /// One product with cuBLAS's sgemm (no epilogue).
+    fn sgemm(&mut self, spec: &GemmSpec, cm: &ColMajor, a: u64, b: u64, c: u64) -> Result<()> {
+        self.set_math(spec.precision)?;
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        // SAFETY: `handle` is live and bound to this stream; A (= B's buffer), B (= A's) and C
+        // are live device allocations holding the matrices the leading dimensions describe
+        // (`check_gemm` checked every range); C does not overlap the inputs; alpha and beta
+        // are host scalars (pointer mode host) read before the call returns.
+        unsafe {
+            cb::cublasSgemm_v2(
+                self.handle,
+                cm.op_a(),
+                cb::cublasOperation_t::CUBLAS_OP_N,
+                cm.m,
+                cm.n,
+                cm.k,
+                &alpha,
+                b as *const f32,
+                cm.lda,
+                a as *const f32,
+                cm.ldb,
+                &beta,
+                c as *mut f32,
+                cm.ldc,
+            )
+        }
+        .result()
+        .map_err(|e| blas_error("cublasSgemm", e))
+    }
+
+    /// Every product of `ops` as one batched sgemm over pointer arrays.
+    fn gemm_batched(&mut self, spec: &GemmSpec, ops: &[GemmOperands<'_>]) -> Result<()> {
+        let cm = ColMajor::of(spec)?;
+        let count = ops.len();
+        let batch = int(count, "batch")?;
+        self.host_pointers.clear();
+        // Arrays in device memory: cuBLAS's A (our B), its B (our A), then C.
+        for o in ops {
+            self.host_pointers.push(address(&o.b)?);
+        }
+        for o in ops {
+            self.host_pointers.push(address(&o.a)?);
+        }
+        for o in ops {
+            self.host_pointers.push(address(&o.c)?);
+        }
+        self.reserve_pointers(3 * count)?;
+        let stream = self.stream.cu_stream();
+        // SAFETY: `pointers` holds `pointer_capacity >= 3·count` u64 (invariant, reserve);
+        // the copy is ordered on this stream before the batched call that reads it and after
+        // the previous batched call that read the old contents. `host_pointers` is ordinary
+        // (pageable) heap memory, which the driver copies to a staging buffer before
+        // `cuMemcpyHtoDAsync` returns (CUDA's documented behaviour for pageable sources), so
+        // overwriting it at the next call is safe; it also stays allocated meanwhile.
+        unsafe { result::memcpy_htod_async(self.pointers, &self.host_pointers, stream) }
+            .map_err(|e| driver_error("upload", e))?;
+        self.set_math(spec.precision)?;
+        let base = self.pointers;
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        // SAFETY: `handle` is live and bound to this stream; the three arrays of `count`
+        // device pointers are in device memory in stream order (above); every pointer is a
+        // live allocation holding its matrix (`check_gemm`), outputs distinct and not inputs
+        // of any product of the batch; alpha and beta are host scalars.
+        unsafe {
+            cb::cublasSgemmBatched(
+                self.handle,
+                cm.op_a(),
+                cb::cublasOperation_t::CUBLAS_OP_N,
+                cm.m,
+                cm.n,
+                cm.k,
+                &alpha,
+                base as *const *const f32,
+                cm.lda,
+                (base + 8 * count as u64) as *const *const f32,
+                cm.ldb,
+                &beta,
+                (base + 16 * count as u64) as *const *mut f32,
+                cm.ldc,
+                batch,
+            )
+        }
+        .result()
+        .map_err(|e| blas_error("cublasSgemmBatched", e))
+    }
+
+    fn reserve_pointers(&mut self, needed: usize) -> Result<()> {
+        if needed <= self.pointer_capacity {
+            return Ok(());
+        }
+        let capacity = needed.next_power_of_two().max(64);
+        let old = self.pointers;
+        if old != 0 {
+            let freed = if self.stream.context().has_async_alloc() {
+                // SAFETY: only queued work on this stream reads `old`; the stream-ordered
+                // free runs after it.
+                unsafe { result::free_async(old, self.stream.cu_stream()) }
+            } else {
+                self.stream.synchronize().and_then(|()| {
+                    // SAFETY: the stream finished every call that read `old`.
+                    unsafe { result::free_sync(old) }
+                })
+            };
+            freed.map_err(|e| driver_error("free", e))?;
+            self.pointers = 0;
+            self.pointer_capacity = 0;
+        }
+        // SAFETY: the context is current (the caller bound it); the memory is written by a
+        // stream-ordered copy before any read.
+        self.pointers =
+            unsafe { result::malloc_sync(capacity * 8) }.map_err(|e| Error::OutOfMemory {
+                elements: capacity * 2,
+                bytes: (capacity * 8) as u64,
+                device: "cuda".into(),
+                reason: driver_error("alloc", e).to_string(),
+            })?;
+        self.pointer_capacity = capacity;
+        Ok(())
+    }
+
+    /// The cuBLASLt plan for `key`, made on first use. `Ok(None)` when cuBLASLt has no
+    /// algorithm for it (the caller falls back to sgemm and a separate pass).
+    fn plan(&mut self, key: PlanKey) -> Result<Option<PlanHandles>> {
+        if self.unfusable.contains(&key) {
+            return Ok(None);
+        }
+        if !self.plans.contains_key(&key) {
+            if self.plans.len() >= MAX_PLANS {
+                self.plans.clear();
+            }
+            match self.make_plan(&key) {
+                Ok(p) => {
+                    self.plans.insert(key, p);
+                }
+                Err(_) => {
+                    self.unfusable.insert(key);
+                    return Ok(None);
+                }
+            }
+        }
+        Ok(self.plans.get(&key).map(|p| PlanHandles {
+            desc: p.desc,
+            a: p.a,
+            b: p.b,
+            c: p.c,
+            algo: p.algo,
+        }))
+    }
+
+    fn make_plan(&self, key: &PlanKey) -> std::result::Result<Plan, lt::cublasStatus_t> {
+        let cm = &key.call;
+        let f32t = lt::cudaDataType_t::CUDA_R_32F;
+        let compute = match key.precision {
+            Precision::Strict => lt::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            Precision::Tf32 => lt::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32,
+        };
+        let mut plan = Plan {
+            desc: std::ptr::null_mut(),
+            a: std::ptr::null_mut(),
+            b: std::ptr::null_mut(),
+            c: std::ptr::null_mut(),
+            // SAFETY: the algorithm is plain data (an array of u64), overwritten below.
+            algo: unsafe { std::mem::zeroed() },
+        };
+        let ok = |s: lt::cublasStatus_t| match s {
+            lt::cublasStatus_t::CUBLAS_STATUS_SUCCESS => Ok(()),
+            other => Err(other),
+        };
+        // A plan whose creation fails part-way is dropped: `Drop` destroys what was made.
+        // SAFETY: out-pointers are valid.
+        ok(unsafe { lt::cublasLtMatmulDescCreate(&mut plan.desc, compute, f32t) })?;
+        let trans_a: i32 = i32::from(cm.trans_a); // CUBLAS_OP_T = 1, CUBLAS_OP_N = 0
+        let epilogue = match (key.bias != 0, key.relu) {
+            (true, true) => lt::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_RELU_BIAS,
+            (true, false) => lt::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS,
+            (false, true) => lt::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_RELU,
+            (false, false) => lt::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_DEFAULT,
+        };
+        let epilogue_value: u32 = epilogue as u32;
+        let bias_ptr: u64 = key.bias;
+        type Attr = lt::cublasLtMatmulDescAttributes_t;
+        let set = |attr: Attr, value: *const c_void, size: usize| {
+            // SAFETY: `desc` is live; `value` points to `size` readable bytes of the type the
+            // attribute takes (int32 for TRANSA, uint32 for EPILOGUE, a pointer for BIAS).
+            ok(unsafe { lt::cublasLtMatmulDescSetAttribute(plan.desc, attr, value, size) })
+        };
+        set(
+            Attr::CUBLASLT_MATMUL_DESC_TRANSA,
+            (&trans_a as *const i32).cast(),
+            4,
+        )?;
+        set(
+            Attr::CUBLASLT_MATMUL_DESC_EPILOGUE,
+            (&epilogue_value as *const u32).cast(),
+            4,
+        )?;
+        if key.bias != 0 {
+            set(
+                Attr::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+                (&bias_ptr as *const u64).cast(),
+                8,
+            )?;
+        }
+        let (a_rows, a_cols) = if cm.trans_a {
+            (cm.k, cm.m)
+        } else {
+            (cm.m, cm.k)
+        };
+        let layout = |out: &mut lt::cublasLtMatrixLayout_t, rows: c_int, cols: c_int, ld: c_int| {
+            // SAFETY: out-pointer valid; sizes are positive ints.
+            ok(unsafe {
+                lt::cublasLtMatrixLayoutCreate(out, f32t, rows as u64, cols as u64, i64::from(ld))
+            })
+        };
+        layout(&mut plan.a, a_rows, a_cols, cm.lda)?;
+        layout(&mut plan.b, cm.k, cm.n, cm.ldb)?;
+        layout(&mut plan.c, cm.m, cm.n, cm.ldc)?;
+        let mut pref: lt::cublasLtMatmulPreference_t = std::ptr::null_mut();
+        // SAFETY: out-pointer valid.
+        ok(unsafe { lt::cublasLtMatmulPreferenceCreate(&mut pref) })?;
+        type Pref = lt::cublasLtMatmulPreferenceAttributes_t;
+        let ws: u64 = self.workspace_bytes as u64;
+        let mut prefs: Vec<(Pref, *const c_void, usize)> = vec![(
+            Pref::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+            (&ws as *const u64).cast(),
+            8,
+        )];
+        let aligns = key.align;
+        prefs.push((
+            Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
+            (&aligns[1] as *const u32).cast(),
+            4,
+        ));
+        prefs.push((
+            Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+            (&aligns[0] as *const u32).cast(),
+            4,
+        ));
+        prefs.push((
+            Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
+            (&aligns[2] as *const u32).cast(),
+            4,
+        ));
+        prefs.push((
+            Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
+            (&aligns[2] as *const u32).cast(),
+            4,
+        ));
+        let mut result = Ok(());
+        for (attr, value, size) in prefs {
+            // SAFETY: `pref` is live; `value` points to `size` bytes of the attribute's type
+            // (uint64 for the workspace size, uint32 for alignments), alive for the call.
+            result =
+                ok(unsafe { lt::cublasLtMatmulPreferenceSetAttribute(pref, attr, value, size) });
+            if result.is_err() {
+                break;
+            }
+        }
+        // SAFETY: zeroed plain data, overwritten by the heuristic.
+        let mut heuristic: lt::cublasLtMatmulHeuristicResult_t = unsafe { std::mem::zeroed() };
+        let mut found: c_int = 0;
+        if result.is_ok() {
+            // SAFETY: every handle is live; the result array has room for the one algorithm
+            // asked for; `found` is a valid out-pointer.
+            result = ok(unsafe {
+                lt::cublasLtMatmulAlgoGetHeuristic(
+                    self.lt,
+                    plan.desc,
+                    plan.a,
+                    plan.b,
+                    plan.c,
+                    plan.c,
+                    pref,
+                    1,
+                    &mut heuristic,
+                    &mut found,
+                )
+            });
+        }
+        // SAFETY: `pref` is live and not used after this.
+        unsafe {
+            let _ = lt::cublasLtMatmulPreferenceDestroy(pref);
+        }
+        result?;
+        if found < 1 {
+            return Err(lt::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED);
+        }
+        ok(heuristic.state)?;
+        plan.algo = heuristic.algo;
+        Ok(plan)
+    }
+
+    /// One product with the bias and ReLU: fused by cuBLASLt when it has a plan, else sgemm
+    /// then a separate pass.
+    fn gemm_epilogue(
+        &mut self,
+        spec: &GemmSpec,
+        cm: &ColMajor,
+        (a, b, c): (u64, u64, u64),
+        bias: u64,
+    ) -> Result<()> {
+        let key = PlanKey {
+            call: *cm,
+            relu: spec.relu,
+            bias,
+            precision: spec.precision,
+            align: [alignment(a), alignment(b), alignment(c)],
+        };
+        let fused = if spec.fuse { self.plan(key)? } else { None };
+        let Some(plan) = fused else {
+            self.sgemm(spec, cm, a, b, c)?;
+            return self.bias_act(spec, c, bias);
+        };
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        // SAFETY: the plan's handles are live and describe exactly these matrices (the key
+        // holds the call, the bias pointer and the alignments it was made for); the pointers
+        // are live allocations holding their matrices (`check_gemm`), the bias holds n
+        // floats; C (also D, written in place with beta 0) does not overlap the inputs; the
+        // workspace is this stream's, used in stream order; alpha/beta are host scalars.
+        unsafe {
+            lt::cublasLtMatmul(
+                self.lt,
+                plan.desc,
+                (&alpha as *const f32).cast(),
+                b as *const c_void,
+                plan.a,
+                a as *const c_void,
+                plan.b,
+                (&beta as *const f32).cast(),
+                c as *const c_void,
+                plan.c,
+                c as *mut c_void,
+                plan.c,
+                &plan.algo,
+                self.workspace as *mut c_void,
+                self.workspace_bytes,
+                self.stream.cu_stream() as _,
+            )
+        }
+        .result()
+        .map_err(|e| blas_error("cublasLtMatmul", e))
+    }
+
+    /// The separate bias-and-ReLU pass over C (`m × n`, row-major).
+    fn bias_act(&self, spec: &GemmSpec, c: u64, bias: u64) -> Result<()> {
+        let total = spec
+            .m
+            .checked_mul(spec.n)
+            .and_then(|t| u32::try_from(t).ok())
+            .ok_or_else(|| Error::invalid("bias pass over more than 2^32 elements"))?;
+        let f = bias_act_kernel(self.stream.context())?;
+        let (mut y, mut bp) = (c, bias);
+        let (mut rows, mut cols) = (spec.m as u32, spec.n as u32);
+        let (mut has_bias, mut relu) = (i32::from(bias != 0), i32::from(spec.relu));
+        let mut params: [*mut c_void; 6] = [
+            (&mut y as *mut u64).cast(),
+            (&mut bp as *mut u64).cast(),
+            (&mut rows as *mut u32).cast(),
+            (&mut cols as *mut u32).cast(),
+            (&mut has_bias as *mut i32).cast(),
+            (&mut relu as *mut i32).cast(),
+        ];
+        let grid = total.div_ceil(256).max(1);
+        // SAFETY: the kernel takes (float*, const float*, unsigned, unsigned, int, int),
+        // matching `params`, whose pointees outlive the call (the driver copies them); C holds
+        // rows·cols floats and the bias n (when has_bias); the kernel bounds-checks i.
+        unsafe {
+            result::launch_kernel(
+                f.cu_function(),
+                (grid, 1, 1),
+                (256, 1, 1),
+                0,
+                self.stream.cu_stream(),
+                &mut params,
+            )
+        }
+        .map_err(|e| driver_error("launch", e))
+    }
+}
+
+impl Drop for Blas {
+    fn drop(&mut self) {
+        self.plans.clear();
+        if bind(self.stream.context()).is_err() || self.stream.synchronize().is_err() {
+            return; // the context failed: leak rather than free under queued work
+        }
+        // SAFETY: the stream finished every call that used the handles and memory, which are
+        // live (invariant) and ours.
+        unsafe {
+            if !self.lt.is_null() {
+                let _ = lt::cublasLtDestroy(self.lt);
+            }
+            if !self.handle.is_null() {
+                let _ = cb::cublasDestroy_v2(self.handle);
+            }
+            let _ = result::free_sync(self.workspace);
+            if self.pointers != 0 {
+                let _ = result::free_sync(self.pointers);
+            }
+        }
+    }
+}
+
+// SAFETY: the handles and device memory may be used from any thread of the context; `Blas`
+// is only reached through `StreamMath`'s mutex, so one thread uses it at a time.
+unsafe impl Send for Blas {}
+
+/// The safe layer: one stream's cuBLAS state, created on its first product.
+pub(super) struct StreamMath {
+    stream: Arc<CudaStream>,
+    blas: Mutex<Option<Blas>>,
+}
+
+impl StreamMath {
+    pub(super) fn new(stream: Arc<CudaStream>) -> Self {
+        StreamMath {
+            stream,
+            blas: Mutex::new(None),
+        }
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut Blas) -> Result<T>) -> Result<T> {
+        bind(self.stream.context())?;
+        let mut guard = self.blas.lock();
+        if guard.is_none() {
+            *guard = Some(Blas::new(&self.stream)?);
+        }
+        f(guard.as_mut().expect("made above"))
+    }
+
+    pub(super) fn gemm(&self, spec: &GemmSpec, ops: &GemmOperands<'_>) -> Result<()> {
+        check_gemm(spec, std::slice::from_ref(ops))?;
+        let cm = ColMajor::of(spec)?;
+        let (a, b, c) = (address(&ops.a)?, address(&ops.b)?, address(&ops.c)?);
+        let bias = match &ops.bias {
+            Some(r) => address(r)?,
+            None => 0,
+        };
+        self.with(|blas| {
+            if bias == 0 && !spec.relu {
+                blas.sgemm(spec, &cm, a, b, c)
+            } else {
+                blas.gemm_epilogue(spec, &cm, (a, b, c), bias)
+            }
+        })
+    }
+
+    pub(super) fn gemm_batched(&self, spec: &GemmSpec, ops: &[GemmOperands<'_>]) -> Result<()> {
+        check_gemm(spec, ops)?;
+        if ops.is_empty() {
+            return Ok(());
+        }
+        if ops.len() == 1 || spec.relu || ops.iter().any(|o| o.bias.is_some()) {
+            for o in ops {
+                self.gemm(spec, o)?;
+            }
+            return Ok(());
+        }
+        self.with(|blas| blas.gemm_batched(spec, ops))
+    }
+}

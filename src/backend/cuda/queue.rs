@@ -1,0 +1,452 @@
+//! The CUDA device queue: host threads publish ops into page-locked memory that a running
+//! kernel reads, so an op costs a few stores instead of a launch (see `queue_kernel.cu` for
+//! the device side and its memory layout).
+//!
+//! Protocol:
+//! - **Publish.** A thread takes the next op number `t` (one atomic add), waits until slot
+//!   `t % SLOTS` is free (op `t - SLOTS` completed), writes the op's fields, then `seq = t`
+//!   (release). Between taking `t` and publishing, nothing can fail or panic without
+//!   publishing: every later op waits for `t`, so a failed submission publishes a no-op.
+//! - **Run.** The kernel's dispatcher warp reads up to 32 slots per round trip over the bus,
+//!   copies published ops to device memory in order, and splits each into chunks (at least
+//!   `MULTIQ_QUEUE_MIN_TILES`, default [`DEFAULT_MIN_TILES`], 1,024-element tiles each; at most
+//!   one chunk per compute block) on a device-side chunk queue. Each compute block claims the
+//!   next chunk (one atomic add), waits for the op's dependencies, runs it, and counts it; the
+//!   block finishing an op's last chunk writes `t` into the op's host-visible done word after
+//!   a system-wide fence.
+//! - **Idle exit and relaunch.** When nothing was published for `IDLE_EXIT`, the kernel
+//!   records `{t, epoch}` in host memory and leaves, so an idle queue never holds the device
+//!   (other streams' kernels need its multiprocessors). After publishing, a submitter checks
+//!   the exit record and relaunches from `t`; waiters check again now and then (an exit can
+//!   race a publication). Kernels of one queue run on one stream, so a relaunch starts only
+//!   after the previous kernel has left.
+//! - **Stop.** `Drop` publishes a stop op, makes sure a kernel runs to take it, waits for the
+//!   stream, and only then frees the memory the kernel reads.
+//!
+//! Faults: a device fault ends the kernel with an error on its stream; waiters query the
+//! stream now and then and return that error instead of waiting for a word that never comes.
+
+use std::ffi::c_void;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use cudarc::driver::{result, sys, CudaContext, CudaFunction, CudaStream};
+use parking_lot::Mutex;
+
+use super::driver_error;
+use super::stream::{bind, CudaBuffer};
+use crate::backend::{downcast, BackendBuffer, BackendDeviceQueue};
+use crate::error::{Error, Result};
+use crate::kernel::Kernel;
+
+/// Ops in flight at most (slots of the ring); a power of two.
+pub const SLOTS: usize = 1024;
+/// Elements per chunk: one per thread of a 1,024-thread block (the kernel's `QUEUE_CHUNK`).
+const CHUNK_THREADS: u32 = 1024;
+/// Fewest 1,024-element tiles per chunk unless `MULTIQ_QUEUE_MIN_TILES` says otherwise: a
+/// chunk's fixed cost is a few device memory round trips, so small ops are split into few
+/// chunks (measured on the H100: see bench/results/h100/coalesce.md).
+pub const DEFAULT_MIN_TILES: u32 = 4;
+
+fn min_tiles() -> u32 {
+    std::env::var("MULTIQ_QUEUE_MIN_TILES")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+        .filter(|&v| (1..=1024).contains(&v))
+        .unwrap_or(DEFAULT_MIN_TILES)
+}
+
+/// How long the kernel stays on an idle device before leaving.
+pub const IDLE_EXIT: Duration = Duration::from_micros(500);
+
+const FLAG_STOP: u32 = 1;
+const FLAG_NOP: u32 = 2;
+
+/// One op as the host publishes it; the layout of the kernel's `HostSlot`.
+#[repr(C)]
+struct HostSlot {
+    seq: AtomicU64,
+    ptr: AtomicU64,
+    n: AtomicU32,
+    iters: AtomicU32,
+    after_a: AtomicU64,
+    after_b: AtomicU64,
+    flags: AtomicU32,
+    pad: u32,
+}
+
+/// The host-mapped region: the ring, the done words, the exit record.
+#[repr(C)]
+struct HostRegion {
+    ring: [HostSlot; SLOTS],
+    done: [AtomicU64; SLOTS],
+    /// `{ticket, epoch}` of the last kernel exit.
+    exit: [AtomicU64; 2],
+}
+
+/// Bytes of the kernel's `DevSlot`.
+const DEV_SLOT_BYTES: usize = 64;
+/// Entries of the kernel's chunk queue (`CHUNK_RING`).
+const CHUNK_RING: usize = 65536;
+
+/// Layout of the device allocation: (dring, count, dev_done, chunks, ctr) offsets and size.
+const DEV_COUNT: usize = SLOTS * DEV_SLOT_BYTES;
+const DEV_DONE: usize = DEV_COUNT + SLOTS * 4;
+const DEV_CHUNKS: usize = DEV_DONE + SLOTS * 8;
+const DEV_CTR: usize = DEV_CHUNKS + CHUNK_RING * 8;
+/// The chunk queue's counters, zeroed before every launch.
+const CTR_BYTES: usize = 512;
+const DEV_BYTES: usize = DEV_CTR + CTR_BYTES;
+
+/// The kernel's parameter, laid out as its `QueueParams`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct QueueParams {
+    ring: u64,
+    host_done: u64,
+    host_exit: u64,
+    dring: u64,
+    count: u64,
+    dev_done: u64,
+    chunks: u64,
+    ctr: u64,
+    start: u64,
+    epoch: u64,
+    idle_ns: u64,
+    slots: u32,
+    min_tiles: u32,
+}
+
+/// Which kernel runs, from which op.
+struct Runner {
+    /// Launches so far; the running kernel's epoch when `running`.
+    epoch: u64,
+    running: bool,
+    /// The first op the next kernel starts from.
+    start: u64,
+}
+
+/// A device queue on one CUDA context.
+///
+/// Invariants: `host` is a live, zeroed-at-creation `cuMemHostAlloc` mapping of a
+/// `HostRegion` whose device alias is `host_dev`; `dev` is a live device allocation of
+/// `DEV_BYTES` bytes, zeroed at creation. Both are freed only by `Drop`, after the
+/// queue's stream is known idle, so no kernel can touch freed memory.
+pub(super) struct CudaDeviceQueue {
+    host: std::ptr::NonNull<HostRegion>,
+    host_dev: sys::CUdeviceptr,
+    dev: sys::CUdeviceptr,
+    stream: Arc<CudaStream>,
+    function: CudaFunction,
+    grid: u32,
+    /// Fewest 1,024-element tiles per chunk (see the kernel).
+    min_tiles: u32,
+    /// The next op number to hand out (ops are 1, 2, …).
+    next: AtomicU64,
+    /// Epoch of the kernel believed running (0: none): the submitters' lock-free check.
+    live_epoch: AtomicU64,
+    runner: Mutex<Runner>,
+    ctx: Arc<CudaContext>,
+}
+
+// SAFETY: the host region is plain page-locked memory accessed only through atomics (the
+// device writes `done` and `exit` by DMA); the device pointers are plain integers; the stream
+// and function handles may be used from any thread of their context.
+unsafe impl Send for CudaDeviceQueue {}
+// SAFETY: as above; all shared mutation goes through atomics or the `runner` mutex.
+unsafe impl Sync for CudaDeviceQueue {}
+
+impl CudaDeviceQueue {
+    pub(super) fn new(
+        ctx: &Arc<CudaContext>,
+        function: CudaFunction,
+        multiprocessors: u32,
+    ) -> Result<Self> {
+        bind(ctx)?;
+        let per_sm = function
+            .occupancy_max_active_blocks_per_multiprocessor(CHUNK_THREADS, 0, None)
+            .map_err(|e| driver_error("device queue", e))?;
+        let grid = per_sm * multiprocessors;
+        if grid < 2 {
+            return Err(Error::Device {
+                op: "device queue",
+                message: "the device cannot hold the queue kernel's blocks".into(),
+            });
+        }
+        let stream = ctx
+            .new_stream()
+            .map_err(|e| driver_error("device queue", e))?;
+        let bytes = std::mem::size_of::<HostRegion>();
+        let mut host: *mut c_void = std::ptr::null_mut();
+        let flags = sys::CU_MEMHOSTALLOC_DEVICEMAP | sys::CU_MEMHOSTALLOC_PORTABLE;
+        // SAFETY: `host` is a valid out-pointer; the context is current.
+        unsafe { sys::cuMemHostAlloc(&mut host, bytes, flags) }
+            .result()
+            .map_err(|e| driver_error("device queue", e))?;
+        let Some(host) = std::ptr::NonNull::new(host.cast::<HostRegion>()) else {
+            return Err(Error::Device {
+                op: "device queue",
+                message: "cuMemHostAlloc returned null".into(),
+            });
+        };
+        // SAFETY: the allocation is `bytes` long and nothing else uses it yet; all-zero bytes
+        // are a valid `HostRegion` (atomics and integers).
+        unsafe { std::ptr::write_bytes(host.as_ptr().cast::<u8>(), 0, bytes) };
+        let mut queue = CudaDeviceQueue {
+            host,
+            host_dev: 0,
+            dev: 0,
+            stream,
+            function,
+            grid,
+            min_tiles: min_tiles(),
+            next: AtomicU64::new(1),
+            live_epoch: AtomicU64::new(0),
+            runner: Mutex::new(Runner {
+                epoch: 0,
+                running: false,
+                start: 1,
+            }),
+            ctx: ctx.clone(),
+        };
+        // From here on, `Drop` frees what was made (the stream has run nothing yet).
+        // SAFETY: `host` is a mapped page-locked allocation of this context; out-pointer valid.
+        unsafe { sys::cuMemHostGetDevicePointer_v2(&mut queue.host_dev, host.as_ptr().cast(), 0) }
+            .result()
+            .map_err(|e| driver_error("device queue", e))?;
+        // SAFETY: the context is current.
+        queue.dev = unsafe { result::malloc_sync(DEV_BYTES) }
+            .map_err(|e| driver_error("device queue", e))?;
+        // SAFETY: `dev` is a live allocation of `DEV_BYTES` bytes; synchronous memset.
+        unsafe { result::memset_d8_sync(queue.dev, 0, DEV_BYTES) }
+            .map_err(|e| driver_error("device queue", e))?;
+        Ok(queue)
+    }
+
+    fn region(&self) -> &HostRegion {
+        // SAFETY: `host` is live until `Drop` (invariant) and only accessed through atomics.
+        unsafe { self.host.as_ref() }
+    }
+
+    /// The exit record: `(ticket, epoch)` of the last kernel that left.
+    fn exit_record(&self) -> (u64, u64) {
+        let r = self.region();
+        let epoch = r.exit[1].load(Ordering::Acquire);
+        (r.exit[0].load(Ordering::Acquire), epoch)
+    }
+
+    /// Makes sure a kernel will run every published op: relaunches from the exit point when
+    /// the last kernel left and ops were taken since.
+    fn ensure_running(&self) -> Result<()> {
+        let live = self.live_epoch.load(Ordering::Acquire);
+        if live != 0 && self.exit_record().1 != live {
+            return Ok(());
+        }
+        let mut r = self.runner.lock();
+        if r.running {
+            let (ticket, epoch) = self.exit_record();
+            if epoch != r.epoch {
+                return Ok(());
+            }
+            r.running = false;
+            r.start = ticket;
+            self.live_epoch.store(0, Ordering::Release);
+        }
+        let taken = self.next.load(Ordering::Acquire) - 1;
+        if taken < r.start {
+            return Ok(());
+        }
+        let epoch = r.epoch + 1;
+        self.launch(epoch, r.start)?;
+        r.epoch = epoch;
+        r.running = true;
+        self.live_epoch.store(epoch, Ordering::Release);
+        Ok(())
+    }
+
+    fn launch(&self, epoch: u64, start: u64) -> Result<()> {
+        let mut params = QueueParams {
+            ring: self.host_dev,
+            host_done: self.host_dev + std::mem::offset_of!(HostRegion, done) as u64,
+            host_exit: self.host_dev + std::mem::offset_of!(HostRegion, exit) as u64,
+            dring: self.dev,
+            count: self.dev + DEV_COUNT as u64,
+            dev_done: self.dev + DEV_DONE as u64,
+            chunks: self.dev + DEV_CHUNKS as u64,
+            ctr: self.dev + DEV_CTR as u64,
+            start,
+            epoch,
+            idle_ns: IDLE_EXIT.as_nanos() as u64,
+            slots: SLOTS as u32,
+            min_tiles: self.min_tiles,
+        };
+        bind(&self.ctx)?;
+        // SAFETY: the counters are within the live allocation (invariant); the memset is
+        // ordered on the queue's stream after the previous kernel and before this one.
+        unsafe {
+            result::memset_d8_async(
+                self.dev + DEV_CTR as u64,
+                0,
+                CTR_BYTES,
+                self.stream.cu_stream(),
+            )
+        }
+        .map_err(|e| driver_error("device queue launch", e))?;
+        let mut args: [*mut c_void; 1] = [(&mut params as *mut QueueParams).cast()];
+        // SAFETY: the function takes one `QueueParams` by value, laid out as `QueueParams`
+        // here (eleven u64 then two u32); `args` points to a live local for the duration of the
+        // call (the driver copies it). Every pointer in it is live until `Drop` has seen the
+        // stream idle (invariant); the kernel needs blockDim = 1,024 (its chunk size) and a
+        // grid no larger than what the occupancy calculator says fits at once.
+        unsafe {
+            result::launch_kernel(
+                self.function.cu_function(),
+                (self.grid, 1, 1),
+                (CHUNK_THREADS, 1, 1),
+                0,
+                self.stream.cu_stream(),
+                &mut args,
+            )
+        }
+        .map_err(|e| driver_error("device queue launch", e))
+    }
+
+    /// Publishes one op; see the module doc. Never returns between taking a number and
+    /// publishing it.
+    fn publish(&self, ptr: u64, n: u32, iters: u32, after: [u64; 2], flags: u32) -> Result<u64> {
+        let t = self.next.fetch_add(1, Ordering::AcqRel);
+        let index = (t as usize) % SLOTS;
+        let slot = &self.region().ring[index];
+        let mut freed = Ok(());
+        if t > SLOTS as u64 {
+            let previous = t - SLOTS as u64;
+            let mut spins = 0u32;
+            loop {
+                match self.is_done(previous, spins % 256 == 255) {
+                    Ok(true) => break,
+                    Ok(false) => {}
+                    Err(e) => {
+                        freed = Err(e);
+                        break;
+                    }
+                }
+                spins = spins.wrapping_add(1);
+                if spins > 64 {
+                    std::thread::yield_now();
+                }
+            }
+        }
+        let flags = if freed.is_ok() { flags } else { FLAG_NOP };
+        slot.ptr.store(ptr, Ordering::Relaxed);
+        slot.n.store(n, Ordering::Relaxed);
+        slot.iters.store(iters, Ordering::Relaxed);
+        slot.after_a.store(after[0], Ordering::Relaxed);
+        slot.after_b.store(after[1], Ordering::Relaxed);
+        slot.flags.store(flags, Ordering::Relaxed);
+        slot.seq.store(t, Ordering::Release);
+        freed?;
+        Ok(t)
+    }
+
+    fn stream_failed(&self) -> Result<()> {
+        bind(&self.ctx)?;
+        // SAFETY: the stream is live (held by `self`).
+        match unsafe { sys::cuStreamQuery(self.stream.cu_stream()) }.result() {
+            Ok(()) => Ok(()),
+            Err(e) if e.0 == sys::cudaError_enum::CUDA_ERROR_NOT_READY => Ok(()),
+            Err(e) => Err(driver_error("device queue", e)),
+        }
+    }
+}
+
+impl BackendDeviceQueue for CudaDeviceQueue {
+    fn supports(&self, kernel: Kernel) -> bool {
+        matches!(kernel, Kernel::SimpleCompute { .. })
+    }
+
+    fn submit(&self, kernel: Kernel, buf: &dyn BackendBuffer, after: [u64; 2]) -> Result<u64> {
+        let buf = downcast::<CudaBuffer>(buf.as_any(), "buffer")?;
+        let Kernel::SimpleCompute { iters } = kernel;
+        let n = u32::try_from(buf.len())
+            .map_err(|_| Error::invalid("buffer too large for a 32-bit kernel index"))?;
+        let t = self.publish(buf.ptr(), n, iters, after, 0)?;
+        self.ensure_running()?;
+        Ok(t)
+    }
+
+    fn is_done(&self, op: u64, check: bool) -> Result<bool> {
+        let index = (op as usize) % SLOTS;
+        if self.region().done[index].load(Ordering::Acquire) >= op {
+            return Ok(true);
+        }
+        if check {
+            self.stream_failed()?;
+            self.ensure_running()?;
+        }
+        Ok(false)
+    }
+
+    fn published(&self) -> u64 {
+        self.next.load(Ordering::Acquire) - 1
+    }
+
+    fn window(&self) -> u64 {
+        SLOTS as u64
+    }
+
+    fn launches(&self) -> u64 {
+        self.runner.lock().epoch
+    }
+}
+
+impl Drop for CudaDeviceQueue {
+    fn drop(&mut self) {
+        if self.published() == 0 {
+            return self.free();
+        }
+        let stop = match self.publish(0, 0, 0, [0, 0], FLAG_STOP) {
+            Ok(t) => t,
+            Err(_) => return self.leak(),
+        };
+        // A kernel must take the stop op; one that left idle before it is relaunched. Bounded:
+        // each round either ends at the stop op or relaunches from a later op.
+        for _ in 0..SLOTS + 2 {
+            if self.ensure_running().is_err() || self.stream.synchronize().is_err() {
+                return self.leak();
+            }
+            if self.exit_record().0 == stop {
+                return self.free();
+            }
+        }
+        self.leak();
+    }
+}
+
+impl CudaDeviceQueue {
+    /// Frees the queue's memory; only once its stream is idle.
+    fn free(&mut self) {
+        if bind(&self.ctx).is_err() {
+            return;
+        }
+        // SAFETY: the stream is idle and no kernel of this queue will run again, so nothing
+        // reads these allocations; we own them.
+        unsafe {
+            let _ = sys::cuMemFreeHost(self.host.as_ptr().cast());
+            if self.dev != 0 {
+                let _ = result::free_sync(self.dev);
+            }
+        }
+    }
+
+    /// Leaves the memory allocated: the device failed, and a kernel might still read it.
+    fn leak(&mut self) {}
+}
+
+impl std::fmt::Debug for CudaDeviceQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaDeviceQueue")
+            .field("grid", &self.grid)
+            .finish()
+    }
+}

@@ -111,7 +111,7 @@ pub struct StressArgs {
     /// Kinds of rounds to draw from, comma-separated [default: all].
     #[arg(long, value_enum, value_delimiter = ',')]
     pub kinds: Vec<multiq::stress::plan::RoundKind>,
-    /// Coalescing policies rounds draw from, comma-separated: off, fixed, adaptive
+    /// Coalescing policies rounds draw from, comma-separated: off, fixed, adaptive, persistent
     /// [default: all].
     #[arg(long, value_enum, value_delimiter = ',')]
     pub coalesce: Vec<multiq::stress::plan::CoalesceKind>,

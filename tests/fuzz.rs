@@ -2,14 +2,14 @@
 //! lengths, writes, pool sizes, stream indices, coalescing limits, window depths, kernel
 //! names, CPU units, and launch shapes. Whatever the values, every call returns a value or
 //! the documented typed error, never panics, and launches that are accepted give exactly
-//! the serial reference (CPU backend). Round plans drawn from any seed and settings keep
-//! their invariants. `PROPTEST_CASES` sets how many cases each property tries.
-//!
-//! (Weights files do not exist yet: their parser gets its property tests when it lands.)
+//! the serial reference (CPU backend). Weights files of any content parse into the right
+//! shapes or fail as bad input. Round plans drawn from any seed and settings keep their
+//! invariants. `PROPTEST_CASES` sets how many cases each property tries.
 
 use std::time::Duration;
 
 use multiq::kernel::simple_compute;
+use multiq::model::weights::{self, HostWeights, MlpSpec};
 use multiq::stress::plan::{Body, CoalesceKind, PlanSettings, RoundKind, RoundPlan};
 use multiq::{
     BackendKind, CoalescePolicy, Device, DeviceOptions, Error, Inflight, Kernel, LockMode,
@@ -227,5 +227,45 @@ proptest! {
             prop_assert!(p.trigger >= 1);
             prop_assert!((1..=1024).contains(&p.pool.streams));
         }
+    }
+
+    /// Arbitrary bytes, and real weights files cut short or with bytes changed: parsing gives
+    /// weights of exactly the expected shapes, or a bad-input error naming the file; a file
+    /// written by multiq reads back equal.
+    #[test]
+    fn weights_files_parse_or_fail_as_bad_input(
+        junk in proptest::collection::vec(any::<u8>(), 0..600),
+        widths in proptest::collection::vec(1usize..9, 2..5),
+        seed in any::<u64>(),
+        cut in any::<proptest::sample::Index>(),
+        flips in proptest::collection::vec((any::<proptest::sample::Index>(), any::<u8>()), 0..6),
+    ) {
+        let spec = MlpSpec { widths };
+        let path = std::path::Path::new("fuzz.safetensors");
+        let judge = |bytes: &[u8]| -> Result<(), TestCaseError> {
+            match weights::parse(path, bytes, &spec) {
+                Ok(w) => {
+                    prop_assert_eq!(&w.spec, &spec);
+                    for ((inp, out), (wt, b)) in spec.layers().into_iter().zip(&w.layers) {
+                        prop_assert_eq!(wt.len(), inp * out);
+                        prop_assert_eq!(b.len(), out);
+                    }
+                }
+                Err(Error::BadInput { path: p, .. }) => prop_assert_eq!(p, "fuzz.safetensors"),
+                Err(e) => prop_assert!(false, "unexpected error {e}"),
+            }
+            Ok(())
+        };
+        judge(&junk)?;
+        let w = HostWeights::random(&spec, seed).unwrap();
+        let good = weights::serialize(&w).unwrap();
+        prop_assert_eq!(weights::parse(path, &good, &spec).unwrap(), w);
+        judge(&good[..cut.index(good.len() + 1)])?;
+        let mut bent = good.clone();
+        for (at, v) in flips {
+            let i = at.index(bent.len());
+            bent[i] = v;
+        }
+        judge(&bent)?;
     }
 }

@@ -416,9 +416,16 @@ fn a_refused_launch_does_not_tie_the_buffer_to_the_other_threads_stream() {
     let foreign = rx.recv().unwrap();
     let refused = foreign.launch(k, &mut buf);
     assert!(matches!(refused, Err(Error::ExclusiveStreamRequired(_))));
+    // A product refused the same way leaves its tensors alone too.
+    let mut a = multiq::Tensor::zeros(&dev, &[2, 2]).unwrap();
+    let (mut b, mut c) = (a_like(&dev), a_like(&dev));
+    let refused = foreign.matmul(&mut a, &mut b, &mut c, multiq::Precision::Strict);
+    assert!(matches!(refused, Err(Error::ExclusiveStreamRequired(_))));
     let t0 = std::time::Instant::now();
     let out = buf.read().unwrap();
+    let products = c.to_vec().unwrap();
     let read = t0.elapsed();
+    assert_eq!(products, vec![0.0; 4]);
     let kernel = other.join().unwrap();
     assert_eq!(
         out[0],
@@ -429,4 +436,8 @@ fn a_refused_launch_does_not_tie_the_buffer_to_the_other_threads_stream() {
         read < kernel / 4,
         "reading the buffer waited for the other thread's kernel ({read:?} of {kernel:?})"
     );
+}
+
+fn a_like(dev: &Device) -> multiq::Tensor {
+    multiq::Tensor::zeros(dev, &[2, 2]).unwrap()
 }

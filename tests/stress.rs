@@ -252,7 +252,7 @@ fn wrong_arguments_are_usage_errors() {
         ),
         (
             &["--coalesce", "sometimes"],
-            "allowed: off, fixed, adaptive",
+            "allowed: off, fixed, adaptive, persistent",
         ),
         (&["--round-timeout", "0"], "--round-timeout"),
         (&["--units", "0"], "--units"),

@@ -133,7 +133,7 @@ impl Stream {
     /// Lock mode `none`: refuses a thread that does not own the stream before any buffer is
     /// bound to it, so a refused launch leaves its buffers as they were (bound to their own
     /// stream, not waiting on another thread's work later).
-    fn check_owner(&self) -> Result<()> {
+    pub(crate) fn check_owner(&self) -> Result<()> {
         if self.shared.lock.claim().is_some() {
             drop(self.shared.lock.enter()?);
         }

@@ -17,7 +17,10 @@ use super::plan::FaultKind;
 use crate::backend::BackendKind;
 use crate::error::{Error, Result};
 use crate::kernel::Kernel;
-use crate::{CoalescePolicy, Device, DeviceOptions, Inflight, PoolConfig, Stream, StreamPool};
+use crate::tensor::Tensor;
+use crate::{
+    CoalescePolicy, Device, DeviceOptions, Inflight, PoolConfig, Precision, Stream, StreamPool,
+};
 
 /// What a fault needs of the faulting thread.
 pub(super) struct Parts<'w, 'a> {
@@ -195,6 +198,37 @@ pub(super) fn inject(p: &mut Parts<'_, '_>, fault: FaultKind) {
                 "UnknownKernel",
                 |e| matches!(e, Error::UnknownKernel(_)),
             );
+        }
+        FaultKind::BadShape => {
+            let dev = p.device();
+            let shape = |e: &Error| matches!(e, Error::Shape(_));
+            let tensors = Tensor::zeros(&dev, &[2, 3]).and_then(|a| {
+                Ok((
+                    a,
+                    Tensor::zeros(&dev, &[4, 5])?,
+                    Tensor::zeros(&dev, &[2, 5])?,
+                ))
+            });
+            match tensors {
+                Ok((mut a, mut b, mut out)) => {
+                    let r = p.stream.matmul(&mut a, &mut b, &mut out, Precision::Strict);
+                    p.expect("matmul [2, 3]·[4, 5]", r, "Shape", shape);
+                }
+                Err(e) => {
+                    return p
+                        .round
+                        .tally
+                        .error(format!("{}: making tensors: {e}", p.name))
+                }
+            }
+            let r = Tensor::from_slice(&dev, &[2, 3], &[0.0; 5]);
+            p.expect("a [2, 3] tensor from 5 values", r, "Shape", shape);
+            if let Some((model, _)) = &p.round.model {
+                let width = model.spec().input();
+                let r = model.infer(&vec![0.5; width + 1]);
+                p.expect("MLP input of a row and one value", r, "Shape", shape);
+                p.expect("MLP input of no rows", model.infer(&[]), "Shape", shape);
+            }
         }
         FaultKind::BadPool => {
             let dev = p.device();

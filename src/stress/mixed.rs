@@ -15,8 +15,16 @@ use super::watch::{FinishOnDrop, Phase, Slot};
 use super::{panic_message, wait_until, Env, InjectedPanic, Tally};
 use crate::error::Error;
 use crate::kernel::Kernel;
+use crate::model::weights::{HostWeights, MlpSpec};
+use crate::model::{reference_forward, relative_error, Batching, Model, ModelOptions};
 use crate::sync::submit_lock::LockMode;
+use crate::tensor::{check_matmul, seeded_values, Tensor};
+use crate::Precision;
 use crate::{Buffer, Inflight, PoolConfig, Stream, StreamPool};
+
+/// Normwise relative error an fp32 MLP may show against the f64 reference (as in
+/// `tests/mlp.rs` and `tests/gpu_mlp.rs`).
+const MLP_TOLERANCE: f64 = 1e-5;
 
 /// What the threads of a round share.
 pub(crate) struct Round<'a> {
@@ -33,6 +41,8 @@ pub(crate) struct Round<'a> {
     gate: Mutex<Gate>,
     gate_cv: Condvar,
     shared: Vec<Mutex<Tracked>>,
+    /// The MLP every thread may call, and its weights (for the reference).
+    pub(crate) model: Option<(Model, HostWeights)>,
     /// Every thread's current stream, for the foreign-stream fault.
     pub(crate) streams: Mutex<Vec<Option<Stream>>>,
     /// Lock `none`: threads that believe they own each stream (must never exceed one).
@@ -123,6 +133,27 @@ pub fn run(plan: &MixedPlan, env: &Env<'_>) {
             Err(e) => return tally.error(format!("allocating shared buffer {i}: {e}")),
         }
     }
+    let model = match &plan.model {
+        None => None,
+        Some(m) => {
+            let spec = MlpSpec {
+                widths: m.widths.clone(),
+            };
+            let options = ModelOptions {
+                precision: Precision::Strict,
+                batching: m
+                    .batching
+                    .map(|(max_rows, depth)| Batching { max_rows, depth }),
+                fuse: m.fuse,
+            };
+            let made = HostWeights::random(&spec, m.seed)
+                .and_then(|w| Model::new(&device, &w, options).map(|model| (model, w)));
+            match made {
+                Ok(x) => Some(x),
+                Err(e) => return tally.error(format!("making the MLP: {e}")),
+            }
+        }
+    };
     let n = plan.threads.len();
     let round = Round {
         plan,
@@ -134,6 +165,7 @@ pub fn run(plan: &MixedPlan, env: &Env<'_>) {
         gate: Mutex::new(Gate::default()),
         gate_cv: Condvar::new(),
         shared,
+        model,
         streams: Mutex::new(vec![None; n]),
         owners: Owners::new(plan.pool.streams, plan.pool.lock),
         fault_done: AtomicBool::new(false),
@@ -681,6 +713,8 @@ impl<'r, 'a> Worker<'r, 'a> {
                 self.rewrite(buf, step)
             }
             Op::SwitchStream => self.switch(step),
+            Op::Matmul { m, n, k, wait } => self.matmul(step, (m, n, k), wait),
+            Op::Infer { rows } => self.infer(step, rows),
             Op::Synchronize => {
                 self.slot.phase(Phase::Synchronize);
                 self.stream
@@ -688,6 +722,77 @@ impl<'r, 'a> Worker<'r, 'a> {
                     .map_err(|e| self.fail(step, "synchronize", &e))
             }
         }
+    }
+
+    /// A product on fresh tensors, checked against the f64 reference within its bound.
+    fn matmul(
+        &mut self,
+        step: usize,
+        (m, n, k): (usize, usize, usize),
+        wait: bool,
+    ) -> Result<(), Stop> {
+        let dev = self.stream_device();
+        let a_data = seeded_values(self.rng.next_u64(), m * k);
+        let b_data = seeded_values(self.rng.next_u64(), k * n);
+        let made = Tensor::from_slice(&dev, &[m, k], &a_data).and_then(|a| {
+            let b = Tensor::from_slice(&dev, &[k, n], &b_data)?;
+            Ok((a, b, Tensor::zeros(&dev, &[m, n])?))
+        });
+        let (mut a, mut b, mut out) = made.map_err(|e| self.fail(step, "matmul tensors", &e))?;
+        let ticket = self
+            .stream
+            .matmul(&mut a, &mut b, &mut out, Precision::Strict)
+            .map_err(|e| self.fail(step, "matmul", &e))?;
+        self.submitted(1);
+        if wait {
+            self.slot.phase(Phase::Wait);
+            ticket
+                .wait()
+                .map_err(|e| self.fail(step, "wait (matmul)", &e))?;
+        } else {
+            drop(ticket);
+        }
+        self.slot.phase(Phase::Check);
+        // Ordered after the product, waited for or not (rule 4).
+        let c = out
+            .to_vec()
+            .map_err(|e| self.fail(step, "read back (matmul)", &e))?;
+        let check = check_matmul(&c, &a_data, &b_data, (m, n, k), false, Precision::Strict);
+        if check.within {
+            self.tally().verified(1, 0.0);
+        } else {
+            self.tally().mismatch(format!(
+                "{} op {step}: matmul [{m}, {k}]·[{k}, {n}] off the f64 reference by {:.3e} \
+                 of the scale (bound {:.3e})",
+                self.name, check.max_rel_to_scale, check.bound
+            ));
+        }
+        Ok(())
+    }
+
+    /// Rows through the round's shared MLP, checked against the f64 reference forward.
+    fn infer(&mut self, step: usize, rows: usize) -> Result<(), Stop> {
+        let Some((model, weights)) = &self.round.model else {
+            return Ok(());
+        };
+        let input = seeded_values(self.rng.next_u64(), rows * model.spec().input());
+        self.slot.phase(Phase::Wait);
+        let out = model
+            .infer(&input)
+            .map_err(|e| self.fail(step, "infer", &e))?;
+        self.submitted(1);
+        self.slot.phase(Phase::Check);
+        let err = relative_error(&out, &reference_forward(weights, &input));
+        if err < MLP_TOLERANCE {
+            self.tally().verified(1, 0.0);
+        } else {
+            self.tally().mismatch(format!(
+                "{} op {step}: the MLP on {rows} rows is off the f64 reference by {err:.3e} \
+                 (relative; tolerance {MLP_TOLERANCE:e})",
+                self.name
+            ));
+        }
+        Ok(())
     }
 
     fn launch(

@@ -131,6 +131,24 @@ pub enum Op {
     SwitchStream,
     /// Wait for everything queued on the current stream.
     Synchronize,
+    /// A matrix product `out = a · b` (`a [m, k]`, `b [k, n]`, fresh tensors) on the current
+    /// stream, its result checked against the f64 reference within the product's bound.
+    Matmul {
+        /// Rows of `a` and `out`.
+        m: usize,
+        /// Columns of `b` and `out`.
+        n: usize,
+        /// Inner dimension.
+        k: usize,
+        /// Wait for the ticket (else drop it; the read-back orders after the product).
+        wait: bool,
+    },
+    /// `rows` rows through the round's MLP (one model shared by every thread, with or without
+    /// dynamic batching), checked against the f64 reference forward.
+    Infer {
+        /// Input rows.
+        rows: usize,
+    },
 }
 
 impl Op {
@@ -141,7 +159,9 @@ impl Op {
             | Op::LaunchShared { .. }
             | Op::LaunchSharedBuffer { .. }
             | Op::DropTicket { .. }
-            | Op::Poll { .. } => 1,
+            | Op::Poll { .. }
+            | Op::Matmul { .. }
+            | Op::Infer { .. } => 1,
             Op::LaunchGrouped { .. } => own_buffers as u64,
             Op::Read { .. } | Op::Rewrite { .. } | Op::SwitchStream | Op::Synchronize => 0,
         }
@@ -160,11 +180,19 @@ enum OpKind {
     Rewrite,
     SwitchStream,
     Synchronize,
+    Matmul,
+    Infer,
 }
 
 /// The op mix: each kind with its weight, given what the round allows.
-fn op_weights(shared_stream: bool, shared_buffers: bool, switch: bool) -> Vec<(OpKind, u32)> {
+fn op_weights(
+    shared_stream: bool,
+    shared_buffers: bool,
+    switch: bool,
+    model: bool,
+) -> Vec<(OpKind, u32)> {
     let mut w = vec![
+        (OpKind::Matmul, 3),
         (OpKind::Launch, 30),
         (OpKind::LaunchGrouped, 8),
         (OpKind::DropTicket, 8),
@@ -181,6 +209,9 @@ fn op_weights(shared_stream: bool, shared_buffers: bool, switch: bool) -> Vec<(O
     }
     if switch {
         w.push((OpKind::SwitchStream, 4));
+    }
+    if model {
+        w.push((OpKind::Infer, 4));
     }
     w
 }
@@ -224,10 +255,13 @@ pub enum FaultKind {
     BadWindow,
     /// Pools of 0 and too many streams, coalescing with a batch of 0 (InvalidArgument).
     BadPool,
+    /// A product whose inner sizes differ, a tensor whose data does not fill its shape, an
+    /// MLP input that is not whole rows (Shape).
+    BadShape,
 }
 
 impl FaultKind {
-    const ALL: [FaultKind; 10] = [
+    const ALL: [FaultKind; 11] = [
         FaultKind::Oversize,
         FaultKind::Exhaust,
         FaultKind::WrongDevice,
@@ -238,6 +272,7 @@ impl FaultKind {
         FaultKind::ForeignPool,
         FaultKind::BadWindow,
         FaultKind::BadPool,
+        FaultKind::BadShape,
     ];
 }
 
@@ -309,6 +344,19 @@ pub struct ThreadPlan {
     pub seed: u64,
 }
 
+/// The MLP of a mixed round, shared by its threads.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModelPlan {
+    /// Layer widths (input, hidden…, output).
+    pub widths: Vec<usize>,
+    /// Seed of its weights.
+    pub seed: u64,
+    /// Dynamic batching: (most rows per forward, forwards in flight), or none.
+    pub batching: Option<(usize, usize)>,
+    /// Bias and ReLU fused into the products' epilogue.
+    pub fuse: bool,
+}
+
 /// A mixed (or oversubscribed) round.
 #[derive(Clone, Debug)]
 pub struct MixedPlan {
@@ -320,6 +368,8 @@ pub struct MixedPlan {
     pub threads: Vec<ThreadPlan>,
     /// Lengths of the buffers shared by all threads.
     pub shared_buffers: Vec<usize>,
+    /// The MLP its threads call, if any.
+    pub model: Option<ModelPlan>,
     /// How it ends.
     pub ending: Ending,
     /// Kernel ops submitted (by all threads) when the ending fires.
@@ -451,10 +501,11 @@ pub enum CoalesceKind {
 
 impl CoalesceKind {
     /// All policies.
-    pub const ALL: [CoalesceKind; 3] = [
+    pub const ALL: [CoalesceKind; 4] = [
         CoalesceKind::Off,
         CoalesceKind::Fixed,
         CoalesceKind::Adaptive,
+        CoalesceKind::Persistent,
     ];
 
     /// The name used on the command line.
@@ -576,7 +627,18 @@ impl RoundPlan {
                         String::new()
                     } else {
                         format!(", {} shared buffers", p.shared_buffers.len())
-                    },
+                    } + &p.model.as_ref().map_or(String::new(), |m| {
+                        format!(
+                            ", mlp {}{}",
+                            m.widths
+                                .iter()
+                                .map(|w| w.to_string())
+                                .collect::<Vec<_>>()
+                                .join("x"),
+                            m.batching
+                                .map_or(String::new(), |(r, d)| format!(" batching {r}/{d}"))
+                        )
+                    }),
                     describe_ending(&p.ending)
                 );
             }
@@ -762,11 +824,29 @@ fn mixed(rng: &mut Rng, settings: &PlanSettings, threads: usize, oversubscribe: 
     let shared_buffers: Vec<usize> = (0..rng.range_usize(0, 2))
         .map(|_| rng.weighted(SMALL_LENGTHS))
         .collect();
+    let model = rng.chance(0.3).then(|| ModelPlan {
+        widths: vec![
+            rng.pick(&[8, 16, 64]),
+            rng.pick(&[16, 32, 128]),
+            rng.pick(&[8, 48]),
+            rng.pick(&[4, 16]),
+        ],
+        seed: rng.next_u64(),
+        batching: rng
+            .chance(0.5)
+            .then(|| (rng.pick(&[1, 4, 16, 64]), rng.pick(&[1, 2, 4]))),
+        fuse: rng.chance(0.5),
+    });
     let shared_stream = pool.lock != LockMode::None;
     // Switching streams needs the pool, which a drop-device ending takes away; with lock
     // `none` and every stream owned, a switch could be refused (documented), so not there.
     let switch = ending != Ending::DropDevice && !(oversubscribe && pool.lock == LockMode::None);
-    let weights = op_weights(shared_stream, !shared_buffers.is_empty(), switch);
+    let weights = op_weights(
+        shared_stream,
+        !shared_buffers.is_empty(),
+        switch,
+        model.is_some(),
+    );
     let mut plans: Vec<ThreadPlan> = (0..threads)
         .map(|_| {
             let mut t = rng.fork();
@@ -822,7 +902,8 @@ fn mixed(rng: &mut Rng, settings: &PlanSettings, threads: usize, oversubscribe: 
         e => e,
     };
     // Exhaustion takes every byte of device memory for a moment: the other threads must
-    // not allocate meanwhile (rewrites and reads do not; stream switches may create streams).
+    // not allocate meanwhile (rewrites and reads do not; stream switches may create streams,
+    // products allocate their tensors, the MLP its execution contexts).
     if let Ending::Fault {
         fault: FaultKind::Exhaust,
         ..
@@ -830,7 +911,7 @@ fn mixed(rng: &mut Rng, settings: &PlanSettings, threads: usize, oversubscribe: 
     {
         for t in &mut plans {
             for op in &mut t.ops {
-                if *op == Op::SwitchStream {
+                if matches!(op, Op::SwitchStream | Op::Matmul { .. } | Op::Infer { .. }) {
                     *op = Op::Synchronize;
                 }
             }
@@ -841,6 +922,7 @@ fn mixed(rng: &mut Rng, settings: &PlanSettings, threads: usize, oversubscribe: 
         pool,
         threads: plans,
         shared_buffers,
+        model,
         ending,
         trigger: 0,
     };
@@ -866,6 +948,15 @@ fn draw_op(rng: &mut Rng, weights: &[(OpKind, u32)], own: usize, shared: usize) 
         OpKind::Rewrite => Op::Rewrite { buf },
         OpKind::SwitchStream => Op::SwitchStream,
         OpKind::Synchronize => Op::Synchronize,
+        OpKind::Matmul => Op::Matmul {
+            m: rng.pick(&[1, 3, 16, 33]),
+            n: rng.pick(&[1, 8, 31, 64]),
+            k: rng.pick(&[1, 7, 32, 65]),
+            wait: rng.chance(0.5),
+        },
+        OpKind::Infer => Op::Infer {
+            rows: rng.pick(&[1, 2, 5, 17]),
+        },
     }
 }
 

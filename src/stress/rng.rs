@@ -1,33 +1,29 @@
-//! A seeded, portable random number generator: SplitMix64 (Steele, Lea, Flood 2014), the
-//! generator Java's `SplittableRandom` and xoshiro's seeding use. Its output depends on the
-//! seed alone (no platform, no crate version), so a round printed with its seed is planned
-//! identically wherever it is replayed.
+//! Seeded draws for round plans, on the crate's SplitMix64 (`tensor::SplitMix64`; Steele,
+//! Lea, Flood 2014). Its output depends on the seed alone (no platform, no crate version), so
+//! a round printed with its seed is planned identically wherever it is replayed.
+
+use crate::tensor::SplitMix64;
 
 /// The golden-ratio increment of SplitMix64.
 const GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
 
-/// SplitMix64.
+/// SplitMix64 with the draws a plan needs.
 #[derive(Clone, Debug)]
 pub struct Rng {
-    state: u64,
-}
-
-fn mix(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
+    inner: SplitMix64,
 }
 
 impl Rng {
     /// A generator seeded with `seed`.
     pub fn new(seed: u64) -> Self {
-        Rng { state: seed }
+        Rng {
+            inner: SplitMix64(seed),
+        }
     }
 
     /// The next 64 random bits.
     pub fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(GAMMA);
-        mix(self.state)
+        self.inner.next_u64()
     }
 
     /// A value in `0..n` (`n` > 0). Lemire's multiply-shift; the bias (below 2^-40 for the
@@ -85,7 +81,7 @@ impl Rng {
 /// The seed of round `round` of a run with master seed `master`: the round-th output of
 /// SplitMix64 seeded with `master` (computable directly, so a worker can start at any round).
 pub fn round_seed(master: u64, round: u64) -> u64 {
-    mix(master.wrapping_add(GAMMA.wrapping_mul(round.wrapping_add(1))))
+    SplitMix64(master.wrapping_add(GAMMA.wrapping_mul(round))).next_u64()
 }
 
 /// A seed from the clock and the process id, for runs without `--seed`.
@@ -93,7 +89,7 @@ pub fn fresh_seed() -> u64 {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64);
-    mix(nanos ^ (u64::from(std::process::id()) << 32))
+    SplitMix64(nanos ^ (u64::from(std::process::id()) << 32)).next_u64()
 }
 
 /// Parses a seed given as decimal or `0x` hexadecimal.

@@ -66,23 +66,27 @@ const STRESS_HELP: &str = "Runs rounds until --rounds or --seconds, whichever co
     A round opens a device and a stream pool, then threads run a random mix of ops (simple_compute \
     launches through an in-flight window, grouped launches, launches on a shared stream and on \
     buffers shared by all threads, dropped and polled tickets, read-backs, rewrites, stream \
-    switches) with a random lock mode, pool size, coalescing policy, window depth and wait policy, \
+    switches, matrix products, calls into an MLP shared by the round's threads) with a random \
+    lock mode, pool size, coalescing policy, window depth and wait policy, \
     and at a random moment the round ends in one of these ways: orderly; shutdown with ops in \
     flight (tickets dropped, pool and device dropped, then every buffer read back); everything \
     dropped in flight; the device and pool dropped by another thread while the others submit; a \
     thread panicking mid-op; an injected fault (an allocation larger than free memory, or until \
     the device runs out, a buffer of another device, zero lengths, another thread's stream, a \
     stream index past the pool, a write of the wrong length, another pool's stream, bad windows \
-    and pools). Other kinds of rounds: oversubscribe (256 threads on 32 streams), churn \
+    and pools, wrong shapes). Other kinds of rounds: oversubscribe (256 threads on 32 streams), churn \
     (hundreds of short-lived threads taking and releasing streams), exit (a child process exits, \
     returns from main or tears down its thread-locals with work in flight).\n\n\
     Every op submitted is covered by a read-back compared with a serial reference (CPU: \
-    bit-identical; CUDA: within the backend's tolerance); a wrong call must get its typed error, \
+    bit-identical; CUDA: within the backend's tolerance; products and the MLP: their f64 \
+    references within their bounds); a wrong call must get its typed error, \
     in its own thread only; a round must finish before its deadline (else the stuck threads are \
     named); live devices, pools, streams, buffers, threads, device and process memory must come \
     back after each round. Rounds run in a worker process: a crash is counted with the round's \
     seed and the run goes on in a new worker.\n\n\
-    Each failure is printed with its round's seed and a command that replays it (--round-seed). \
+    --units and --wait fix the CPU units and the wait policy for every round; by default each \
+    round draws them. Each failure is printed with its round's seed and a command that replays \
+    it (--round-seed). \
     The last line is the summary: rounds=N ops=N crashes=N hangs=N mismatches=N leaks=N errors=N \
     seconds=S (each failure count is the number of rounds with such a finding).\n\n\
     Exit codes: 0 nothing failed; 1 any crash, hang, mismatch, leak or error; 2 usage errors.";

@@ -60,6 +60,28 @@ fn coalesce() -> impl Strategy<Value = CoalescePolicy> {
     })
 }
 
+/// Coalescing policies the pool accepts.
+fn valid_coalesce() -> impl Strategy<Value = CoalescePolicy> {
+    (0u8..4, 1usize..=64, 1usize..=8, 0u64..200).prop_map(|(k, max_batch, depth, us)| {
+        let max_delay = Duration::from_micros(us);
+        match k {
+            0 => CoalescePolicy::Off,
+            1 => CoalescePolicy::Fixed {
+                max_batch,
+                max_delay,
+                depth,
+            },
+            2 => CoalescePolicy::Adaptive {
+                max_batch,
+                max_delay,
+                latency_target: Duration::from_micros(100),
+                depth,
+            },
+            _ => CoalescePolicy::Persistent,
+        }
+    })
+}
+
 proptest! {
     #[test]
     fn allocations_succeed_or_fail_typed(len in length()) {
@@ -157,13 +179,7 @@ proptest! {
         lens in proptest::collection::vec(1usize..9000, 1..5),
         steps in proptest::collection::vec((0usize..5, 0u32..3, 0usize..3, any::<bool>()), 1..12),
         lock in lock(),
-        coalesce in coalesce().prop_filter("valid", |c| match *c {
-            CoalescePolicy::Off | CoalescePolicy::Persistent => true,
-            CoalescePolicy::Fixed { max_batch, depth, .. }
-            | CoalescePolicy::Adaptive { max_batch, depth, .. } => {
-                (1..=4096).contains(&max_batch) && (1..=64).contains(&depth)
-            }
-        }),
+        coalesce in valid_coalesce(),
     ) {
         // Coalescing with blocking waits hangs when nobody waits for a launched batch (the
         // known coalescer bug, tests/stress.rs, ignored test): yielding waits there until fixed.

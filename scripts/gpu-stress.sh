@@ -21,8 +21,11 @@ if [ ! -x "$bin" ]; then
 fi
 { cat carry/BUILD 2>/dev/null; date -u +%FT%TZ; nvidia-smi; uname -a; nproc; } > "$out/env.txt" 2>&1
 # A last guard only: multiq ends by itself well before this (and writes stress.json then).
+# --avoid-known: until the coalescer's event-mode hang is fixed (tests/stress.rs, the ignored
+# coalescer_event_mode_reaps_batches_nobody_waits_for), rounds with coalescing wait by
+# spinning or yielding, not blocking. Drop the flag once the fix lands.
 timeout -k 10 570 "$bin" stress --backend cuda --rounds 10000 --seconds 450 --round-timeout 45 \
-  --json "$out/stress.json" > "$out/stress.log" 2>&1
+  --avoid-known coalescer-event-hang --json "$out/stress.json" > "$out/stress.log" 2>&1
 status=$?
 echo "exit $status" >> "$out/stress.log"
 grep -E "^(FAILED|  replay)" "$out/stress.log" | head -n 20

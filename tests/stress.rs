@@ -265,6 +265,15 @@ fn wrong_arguments_are_usage_errors() {
         assert_eq!(err.lines().count(), 1, "{args:?}: one line: {err}");
         assert!(err.contains(needle), "{args:?}: {err}");
     }
+    // An absent backend is one usage error up front, not a run of failing rounds.
+    if !multiq(&["info", "--backend", "cuda"]).status.success() {
+        let o = multiq(&["stress", "--backend", "cuda", "--rounds", "3"]);
+        let (out, err) = text(&o);
+        assert_eq!(o.status.code(), Some(2), "{out}{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains("backend `cuda` is not available"), "{err}");
+        assert!(!out.contains("rounds="), "no round ran: {out}");
+    }
     let help = multiq(&["stress", "--help"]);
     let (out, _) = text(&help);
     assert_eq!(help.status.code(), Some(0));

@@ -516,6 +516,12 @@ pub fn run(cfg: &StressConfig) -> Result<i32> {
     if let Some(path) = &cfg.json {
         results::check_writable(path)?;
     }
+    // A backend that cannot be opened here is a usage error, said once, before any round.
+    let probe_plan = super::plan::DevicePlan {
+        units: cfg.units.unwrap_or(1),
+        wait: cfg.wait,
+    };
+    drop(Device::open(&device_options(cfg.backend, &probe_plan))?);
     let started_at = results::now_rfc3339();
     let master = cfg.seed.unwrap_or_else(rng::fresh_seed);
     let cfg = StressConfig {

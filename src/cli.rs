@@ -50,12 +50,187 @@ pub enum Command {
     /// Write a report (report.md and SVG charts) from stored results files.
     #[command(long_about = REPORT_HELP)]
     Report(ReportArgs),
+    /// Stress and crash-rate harness: rounds of threads, shutdowns, panics and faults,
+    /// checked for crashes, hangs, wrong answers and leaks.
+    #[command(long_about = STRESS_HELP)]
+    Stress(Box<StressArgs>),
     /// Write seeded random MLP weights (512→1024→1024→512) as safetensors, in the layout of
     /// PyTorch's nn.Sequential state dict.
     Weights(workloads::WeightsArgs),
     /// Run the MLP on a seeded input and write input and output (the numerics check).
     #[command(hide = true)]
     MlpRun(Box<workloads::MlpRunArgs>),
+}
+
+const STRESS_HELP: &str = "Runs rounds until --rounds or --seconds, whichever comes first. \
+    A round opens a device and a stream pool, then threads run a random mix of ops (simple_compute \
+    launches through an in-flight window, grouped launches, launches on a shared stream and on \
+    buffers shared by all threads, dropped and polled tickets, read-backs, rewrites, stream \
+    switches, matrix products, calls into an MLP shared by the round's threads) with a random \
+    lock mode, pool size, coalescing policy, window depth and wait policy, \
+    and at a random moment the round ends in one of these ways: orderly; shutdown with ops in \
+    flight (tickets dropped, pool and device dropped, then every buffer read back); everything \
+    dropped in flight; the device and pool dropped by another thread while the others submit; a \
+    thread panicking mid-op; an injected fault (an allocation larger than free memory, or until \
+    the device runs out, a buffer of another device, zero lengths, another thread's stream, a \
+    stream index past the pool, a write of the wrong length, another pool's stream, bad windows \
+    and pools, wrong shapes). Other kinds of rounds: oversubscribe (256 threads on 32 streams), churn \
+    (hundreds of short-lived threads taking and releasing streams), exit (a child process exits, \
+    returns from main or tears down its thread-locals with work in flight).\n\n\
+    Every op submitted is covered by a read-back compared with a serial reference (CPU: \
+    bit-identical; CUDA: within the backend's tolerance; products and the MLP: their f64 \
+    references within their bounds); a wrong call must get its typed error, \
+    in its own thread only; a round must finish before its deadline (else the stuck threads are \
+    named); live devices, pools, streams, buffers, threads, device and process memory must come \
+    back after each round. Rounds run in a worker process: a crash is counted with the round's \
+    seed and the run goes on in a new worker.\n\n\
+    --units and --wait fix the CPU units and the wait policy for every round; by default each \
+    round draws them. Each failure is printed with its round's seed and a command that replays \
+    it (--round-seed). \
+    The last line is the summary: rounds=N ops=N crashes=N hangs=N mismatches=N leaks=N errors=N \
+    seconds=S (each failure count is the number of rounds with such a finding).\n\n\
+    Exit codes: 0 nothing failed; 1 any crash, hang, mismatch, leak or error; 2 usage errors.";
+
+#[derive(Args, Debug, Clone)]
+pub struct StressArgs {
+    #[command(flatten)]
+    pub device: DeviceArgs,
+    /// Rounds to run at most.
+    #[arg(long, allow_hyphen_values = true, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=1_000_000_000))]
+    pub rounds: u64,
+    /// Time limit in seconds: no round starts after it (the run ends within a round's time).
+    #[arg(long, allow_hyphen_values = true, value_name = "S", value_parser = clap::value_parser!(u64).range(1..=31_536_000))]
+    pub seconds: Option<u64>,
+    /// Threads of a mixed round.
+    #[arg(long, allow_hyphen_values = true, value_name = "N", default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    pub threads: u64,
+    /// Master seed (decimal or 0x-hex); each round's seed is drawn from it [default: from the
+    /// clock, printed].
+    #[arg(long, value_name = "SEED", value_parser = parse_seed_arg)]
+    pub seed: Option<u64>,
+    /// Run only the round with this seed (as printed with a failure), with the same
+    /// --backend, --threads, --kinds, --units and --wait.
+    #[arg(long, value_name = "SEED", value_parser = parse_seed_arg)]
+    pub round_seed: Option<u64>,
+    /// Kinds of rounds to draw from, comma-separated [default: all].
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub kinds: Vec<multiq::stress::plan::RoundKind>,
+    /// Coalescing policies rounds draw from, comma-separated: off, fixed, adaptive, persistent
+    /// [default: all].
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub coalesce: Vec<multiq::stress::plan::CoalesceKind>,
+    /// Leave out the configurations that hit a known, reported bug (recorded in the results):
+    /// coalescer-event-hang (coalescing with blocking waits hangs when nobody waits for a
+    /// launched batch; such rounds then wait by yielding).
+    #[arg(long, value_enum, value_delimiter = ',', value_name = "BUG")]
+    pub avoid_known: Vec<multiq::stress::plan::KnownBug>,
+    /// A round's deadline in seconds; past it the round is a hang and its stuck threads are
+    /// named.
+    #[arg(long, allow_hyphen_values = true, value_name = "S", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub round_timeout: u64,
+    /// Device memory (MiB) that may stay missing after a round before it counts as a leak
+    /// (where the backend reports free device memory: CUDA).
+    #[arg(long, allow_hyphen_values = true, value_name = "MIB", default_value_t = 64, value_parser = clap::value_parser!(u64).range(0..=1_048_576))]
+    pub device_leak_mib: u64,
+    /// Write the results as JSON to FILE (written whole at the end).
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// Print a line for every round.
+    #[arg(long)]
+    pub verbose: bool,
+    /// Run the rounds in this process instead of a supervised worker process (for debugging:
+    /// a crash then ends the run, and a hang exits with status 3).
+    #[arg(long)]
+    pub in_process: bool,
+    /// Test hook: make the first round fail on purpose (hang, mismatch, leak, crash, panic),
+    /// to show that the failure is detected.
+    #[arg(long, hide = true, value_enum, value_delimiter = ',')]
+    pub inject: Vec<InjectChoice>,
+    /// Internal: run as the worker process of a supervisor.
+    #[arg(long, hide = true)]
+    pub worker: bool,
+    /// Internal: run as the child process of an exit round.
+    #[arg(long, hide = true)]
+    pub child: bool,
+    /// Internal (worker): the first round to run.
+    #[arg(long, hide = true, default_value_t = 0)]
+    pub first_round: u64,
+    /// Internal (worker): start no round after this many milliseconds.
+    #[arg(long, hide = true)]
+    pub stop_after_ms: Option<u64>,
+}
+
+/// Failures the test hook can cause.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum InjectChoice {
+    /// A worker thread blocks forever.
+    Hang,
+    /// A buffer is overwritten behind the model's back.
+    Mismatch,
+    /// A buffer is leaked.
+    Leak,
+    /// The worker process aborts.
+    Crash,
+    /// A worker thread panics unplanned.
+    Panic,
+}
+
+fn parse_seed_arg(s: &str) -> Result<u64, String> {
+    multiq::stress::rng::parse_seed(s)
+}
+
+impl StressArgs {
+    /// The run these arguments ask for.
+    pub fn config(&self) -> multiq::stress::StressConfig {
+        use multiq::stress::plan::RoundKind;
+        let opts = self.device.options();
+        let has = |c| self.inject.contains(&c);
+        multiq::stress::StressConfig {
+            backend: opts.backend,
+            units: opts.cpu_units,
+            wait: opts.wait,
+            rounds: self.rounds,
+            seconds: self.seconds.map(|s| s as f64),
+            threads: self.threads as usize,
+            seed: self.seed,
+            round_seed: self.round_seed,
+            kinds: if self.kinds.is_empty() {
+                RoundKind::ALL.to_vec()
+            } else {
+                let mut k = self.kinds.clone();
+                k.sort_by_key(|k| *k as u8);
+                k.dedup();
+                k
+            },
+            coalesce: if self.coalesce.is_empty() {
+                multiq::stress::plan::CoalesceKind::ALL.to_vec()
+            } else {
+                let mut c = self.coalesce.clone();
+                c.sort_by_key(|k| *k as u8);
+                c.dedup();
+                c
+            },
+            avoid: {
+                let mut a = self.avoid_known.clone();
+                a.dedup();
+                a
+            },
+            round_timeout: std::time::Duration::from_secs(self.round_timeout),
+            device_leak_tolerance: self.device_leak_mib << 20,
+            json: self.json.clone(),
+            in_process: self.in_process,
+            verbose: self.verbose,
+            hooks: multiq::stress::Hooks {
+                hang: has(InjectChoice::Hang),
+                mismatch: has(InjectChoice::Mismatch),
+                leak: has(InjectChoice::Leak),
+                crash: has(InjectChoice::Crash),
+                panic: has(InjectChoice::Panic),
+            },
+            first_round: self.first_round,
+            stop_after: self.stop_after_ms.map(std::time::Duration::from_millis),
+        }
+    }
 }
 
 const REPORT_HELP: &str = "Writes report.md and SVG charts into --out DIR from one or more \
@@ -355,4 +530,142 @@ pub fn one_line(err: &clap::Error) -> String {
         line.push_str(&format!(" (did you mean {s}?)"));
     }
     line
+}
+
+#[cfg(test)]
+mod fuzz {
+    //! Property tests over command-line parsing: whatever the arguments, parsing returns a
+    //! value or an error, the error renders as one line, and a parsed command's settings
+    //! convert without panicking. (`PROPTEST_CASES` sets how many argument lists are tried.)
+
+    use super::*;
+    use proptest::prelude::*;
+
+    const WORDS: &[&str] = &[
+        "bench",
+        "queues",
+        "info",
+        "report",
+        "stress",
+        "--backend",
+        "--units",
+        "--wait",
+        "--threads",
+        "--iters",
+        "--preset",
+        "--data",
+        "--kernel-iters",
+        "--inflight",
+        "--lock",
+        "--coalesce",
+        "--max-batch",
+        "--max-delay-us",
+        "--coalesce-depth",
+        "--scenario",
+        "--streams",
+        "--repeat",
+        "--json",
+        "--out",
+        "--anchor",
+        "--rounds",
+        "--seconds",
+        "--seed",
+        "--round-seed",
+        "--kinds",
+        "--avoid-known",
+        "coalescer-event-hang",
+        "--round-timeout",
+        "--device-leak-mib",
+        "--verbose",
+        "--in-process",
+        "--async",
+        "--full",
+        "--quiet",
+        "--help",
+        "-h",
+        "--version",
+        "cpu",
+        "cuda",
+        "auto",
+        "spin",
+        "yield",
+        "block",
+        "none",
+        "global",
+        "per-stream",
+        "fixed",
+        "adaptive",
+        "off",
+        "mixed,churn",
+        "exit",
+        "minimal,light",
+        "0",
+        "1",
+        "-1",
+        "16",
+        "1,2,4",
+        "1,,2",
+        "0x10",
+        "0xffffffffffffffffff",
+        "18446744073709551616",
+        "4294967296",
+        "",
+        " ",
+        "=",
+        "--threads=",
+        "--seed=0x",
+        "\u{0}",
+        "é",
+    ];
+
+    fn arg() -> impl Strategy<Value = String> {
+        prop_oneof![
+            3 => proptest::sample::select(WORDS).prop_map(str::to_string),
+            1 => any::<String>(),
+            1 => any::<i64>().prop_map(|n| n.to_string()),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn any_argument_list_parses_or_fails_in_one_line(args in proptest::collection::vec(arg(), 0..8)) {
+            let argv = std::iter::once("multiq".to_string()).chain(args);
+            match Cli::try_parse_from(argv) {
+                Ok(cli) => {
+                    match &cli.command {
+                        Command::Stress(s) => {
+                            let cfg = s.config();
+                            prop_assert!(cfg.rounds >= 1 && cfg.threads >= 1);
+                            prop_assert!(!cfg.kinds.is_empty() && !cfg.coalesce.is_empty());
+                        }
+                        Command::Bench(b) => {
+                            if let Some(BenchCommand::Queues(q)) = &b.which {
+                                let _ = multiq::bench::parse_thread_list(&q.threads);
+                                prop_assert!(!q.coalesce_policies().is_empty());
+                            }
+                            let _ = b.study.device.options();
+                        }
+                        Command::Info(d) => {
+                            let _ = d.options();
+                        }
+                        Command::Report(_) | Command::Weights(_) | Command::MlpRun(_) => {}
+                    }
+                }
+                Err(e) => {
+                    let line = one_line(&e);
+                    prop_assert!(!line.contains('\n'), "{line:?}");
+                }
+            }
+        }
+
+        #[test]
+        fn thread_lists_and_seeds_never_panic(s in any::<String>()) {
+            if let Ok(list) = multiq::bench::parse_thread_list(&s) {
+                prop_assert!(!list.is_empty() && list.iter().all(|&n| n >= 1));
+            }
+            if let Ok(seed) = multiq::stress::rng::parse_seed(&s) {
+                prop_assert_eq!(multiq::stress::rng::parse_seed(&multiq::stress::rng::show_seed(seed)), Ok(seed));
+            }
+        }
+    }
 }

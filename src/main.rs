@@ -40,6 +40,7 @@ fn main() -> ExitCode {
         },
         Command::Info(dev) => info(&dev),
         Command::Report(r) => report(&r),
+        Command::Stress(a) => stress(&a),
         Command::Weights(w) => cli::workloads::write_weights(&w),
         Command::MlpRun(r) => cli::workloads::mlp_run(&r),
     };
@@ -77,6 +78,20 @@ fn report(a: &cli::ReportArgs) -> Result<i32, Error> {
         w.figures.len()
     );
     Ok(0)
+}
+
+fn stress(a: &cli::StressArgs) -> Result<i32, Error> {
+    let cfg = a.config();
+    if a.child {
+        let seed = cfg
+            .round_seed
+            .ok_or_else(|| Error::invalid("--child needs --round-seed"))?;
+        return Ok(multiq::stress::exit::child_main(seed, &cfg.settings()));
+    }
+    if a.worker {
+        return Ok(multiq::stress::supervise::worker_main(&cfg));
+    }
+    multiq::stress::run(&cfg)
 }
 
 fn open_device(opts: &multiq::DeviceOptions) -> Result<Device, Error> {

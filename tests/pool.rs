@@ -340,3 +340,104 @@ fn a_grouped_launch_equals_each_launch_alone_bit_for_bit() {
         assert_eq!(g.read().unwrap(), s.read().unwrap());
     }
 }
+
+/// A thread-local registered before multiq's own is destroyed after them, so its destructor
+/// calls the pool from a thread whose stream table is gone. The call must fail cleanly and
+/// leave no claim behind (a leaked claim would make that stream unusable for good in lock
+/// mode `none`).
+#[test]
+fn a_late_thread_local_destructor_leaves_no_claim_behind() {
+    use std::cell::RefCell;
+    struct Late(
+        StreamPool,
+        Arc<std::sync::Mutex<Option<Result<usize, String>>>>,
+    );
+    impl Drop for Late {
+        fn drop(&mut self) {
+            let r = self
+                .0
+                .acquire(0)
+                .map(|s| s.index())
+                .map_err(|e| e.to_string());
+            *self.1.lock().unwrap() = Some(r);
+        }
+    }
+    thread_local! {
+        static LATE: RefCell<Option<Late>> = const { RefCell::new(None) };
+    }
+    let dev = device();
+    let p = pool(&dev, 2, LockMode::None);
+    let seen = Arc::new(std::sync::Mutex::new(None));
+    let (p2, seen2) = (p.clone(), seen.clone());
+    std::thread::spawn(move || {
+        LATE.with(|_| ()); // registered first, destroyed last
+        let _ = p2.current().unwrap(); // multiq's thread-locals exist from here
+        p2.release_current().unwrap();
+        LATE.with(|l| *l.borrow_mut() = Some(Late(p2, seen2)));
+    })
+    .join()
+    .unwrap();
+    let r = seen.lock().unwrap().take();
+    assert!(
+        matches!(r, Some(Err(_))),
+        "acquire from a destroyed thread must fail: {r:?}"
+    );
+    let p3 = p.clone();
+    let free = std::thread::spawn(move || (0..2).filter(|&i| p3.acquire(i).is_ok()).count())
+        .join()
+        .unwrap();
+    assert_eq!(free, 2, "a claim was left behind by the exiting thread");
+}
+
+/// A launch refused in lock mode `none` (the stream is another thread's) leaves the buffer as
+/// it was: its next use does not wait for the other thread's work on that stream.
+#[test]
+fn a_refused_launch_does_not_tie_the_buffer_to_the_other_threads_stream() {
+    let dev = device();
+    let p = pool(&dev, 2, LockMode::None);
+    let mine = p.current().unwrap();
+    let mut buf = dev.buffer_from(&[0.5; 16]).unwrap();
+    let k = Kernel::SimpleCompute { iters: 1 };
+    mine.launch(k, &mut buf).unwrap().wait().unwrap();
+    let p2 = p.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let other = std::thread::spawn(move || {
+        let s = p2.current().unwrap();
+        let mut big = p2.device().buffer_from(&vec![0.01; 1 << 16]).unwrap();
+        let t0 = std::time::Instant::now();
+        let ticket = s
+            .launch(Kernel::SimpleCompute { iters: 400 }, &mut big)
+            .unwrap();
+        tx.send(s.clone()).unwrap();
+        ticket.wait().unwrap();
+        t0.elapsed()
+    });
+    // The other thread's stream, busy with a long kernel.
+    let foreign = rx.recv().unwrap();
+    let refused = foreign.launch(k, &mut buf);
+    assert!(matches!(refused, Err(Error::ExclusiveStreamRequired(_))));
+    // A product refused the same way leaves its tensors alone too.
+    let mut a = multiq::Tensor::zeros(&dev, &[2, 2]).unwrap();
+    let (mut b, mut c) = (a_like(&dev), a_like(&dev));
+    let refused = foreign.matmul(&mut a, &mut b, &mut c, multiq::Precision::Strict);
+    assert!(matches!(refused, Err(Error::ExclusiveStreamRequired(_))));
+    let t0 = std::time::Instant::now();
+    let out = buf.read().unwrap();
+    let products = c.to_vec().unwrap();
+    let read = t0.elapsed();
+    assert_eq!(products, vec![0.0; 4]);
+    let kernel = other.join().unwrap();
+    assert_eq!(
+        out[0],
+        simple_compute(0.5, 1),
+        "the refused launch did not run"
+    );
+    assert!(
+        read < kernel / 4,
+        "reading the buffer waited for the other thread's kernel ({read:?} of {kernel:?})"
+    );
+}
+
+fn a_like(dev: &Device) -> multiq::Tensor {
+    multiq::Tensor::zeros(dev, &[2, 2]).unwrap()
+}

@@ -8,6 +8,7 @@ use parking_lot::Mutex;
 
 use super::coalescer::{Batch, SharedRaw};
 use super::device_queue::DeviceQueue;
+use super::live::{Kind, LiveToken};
 use crate::backend::{self, Backend, BackendBuffer, BackendStream, DeviceInfo, DeviceOptions};
 use crate::error::{Error, Result};
 
@@ -27,6 +28,7 @@ struct DeviceInner {
     fallback: Option<String>,
     /// A stream for copies of buffers that no stream has touched yet; created on first use.
     copy_stream: Mutex<Option<Arc<dyn BackendStream>>>,
+    _live: LiveToken,
 }
 
 impl std::fmt::Debug for Device {
@@ -49,6 +51,7 @@ impl Device {
                 info,
                 fallback,
                 copy_stream: Mutex::new(None),
+                _live: LiveToken::new(Kind::Device),
             }),
         })
     }
@@ -99,6 +102,7 @@ impl Device {
             device: self.clone(),
             last: None,
             coalesced: None,
+            _live: LiveToken::new(Kind::Buffer),
             queued: None,
         })
     }
@@ -142,6 +146,7 @@ pub struct Buffer {
     last: Option<Arc<dyn BackendStream>>,
     /// The coalesced batch of the last op on this buffer, which may not be launched yet.
     coalesced: Option<Arc<Batch>>,
+    _live: LiveToken,
     /// The last op published on this buffer to a device queue, which may not have completed:
     /// the buffer is used for nothing else until it has.
     queued: Option<(Arc<DeviceQueue>, u64)>,

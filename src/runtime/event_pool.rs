@@ -1,51 +1,39 @@
 //! A stream's pool of completion events.
 //!
 //! Events are taken at submission and given back when their ticket is waited on or dropped,
-//! so after warm-up no submission creates an event. The free list is crossbeam's lock-free
-//! bounded queue; an event returned to a full pool is destroyed.
-
-use std::sync::atomic::{AtomicU64, Ordering};
-
-use crossbeam::queue::ArrayQueue;
+//! so after warm-up no submission creates an event. The list is `sync::free_list` (crossbeam's
+//! lock-free bounded queue; loom-modelled); an event returned to a full pool is destroyed.
 
 use crate::backend::{Backend, BackendEvent};
 use crate::error::Result;
+use crate::sync::free_list::FreeList;
 
 /// Free events kept per stream.
 const CAPACITY: usize = 1024;
 
 pub(crate) struct EventPool {
-    free: ArrayQueue<Box<dyn BackendEvent>>,
-    created: AtomicU64,
+    list: FreeList<Box<dyn BackendEvent>>,
 }
 
 impl EventPool {
     pub(crate) fn new() -> Self {
         EventPool {
-            free: ArrayQueue::new(CAPACITY),
-            created: AtomicU64::new(0),
+            list: FreeList::new(CAPACITY),
         }
     }
 
     /// A free event, or a new one when none is free.
     pub(crate) fn take(&self, backend: &dyn Backend) -> Result<Box<dyn BackendEvent>> {
-        match self.free.pop() {
-            Some(ev) => Ok(ev),
-            None => {
-                let ev = backend.new_event()?;
-                self.created.fetch_add(1, Ordering::Relaxed);
-                Ok(ev)
-            }
-        }
+        self.list.take_or(|| backend.new_event())
     }
 
     /// Returns an event for reuse.
     pub(crate) fn give_back(&self, event: Box<dyn BackendEvent>) {
-        let _ = self.free.push(event);
+        self.list.give_back(event);
     }
 
     /// Events this pool has ever created.
     pub(crate) fn created(&self) -> u64 {
-        self.created.load(Ordering::Relaxed)
+        self.list.created()
     }
 }

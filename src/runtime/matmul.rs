@@ -41,6 +41,7 @@ impl Stream {
         precision: Precision,
     ) -> Result<Ticket> {
         let (m, n, k) = matmul_shapes(a.shape(), b.shape(), out.shape())?;
+        self.check_owner()?;
         let s = &*self.shared;
         for t in [&mut *a, &mut *b, &mut *out] {
             t.buffer_mut().bind(s.device.id(), &s.backend)?;

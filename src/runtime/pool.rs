@@ -15,14 +15,16 @@
 //! device) alive.
 
 use std::cell::RefCell;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 
 use super::coalescer::{CoalescePolicy, CoalescerShared, PERSISTENT_FALLBACK};
 use super::device_queue::DeviceQueue;
+use super::live::{Kind, LiveToken};
 use super::stream::StreamShared;
 use super::{Device, Stream};
 use crate::error::{Error, Result};
+use crate::sync::assign::Slots;
 use crate::sync::submit_lock::{LockMode, SubmitLock};
 use crate::sync::{thread_id, Mutex};
 
@@ -67,8 +69,9 @@ struct PoolShared {
     global: Arc<Mutex<()>>,
     coalescer: Option<Arc<CoalescerShared>>,
     device_queue: Option<Arc<DeviceQueue>>,
-    slots: Box<[parking_lot::Mutex<Option<Arc<StreamShared>>>]>,
-    next: AtomicUsize,
+    /// The streams, made on first use, and the round-robin position (`sync::assign`).
+    slots: Slots<StreamShared>,
+    _live: LiveToken,
 }
 
 impl std::fmt::Debug for StreamPool {
@@ -89,9 +92,6 @@ impl StreamPool {
                 config.streams
             )));
         }
-        let slots = (0..config.streams)
-            .map(|_| parking_lot::Mutex::new(None))
-            .collect();
         let (coalescer, device_queue) = match config.coalesce {
             CoalescePolicy::Off => (None, None),
             CoalescePolicy::Persistent => match DeviceQueue::new(device)? {
@@ -111,8 +111,8 @@ impl StreamPool {
                 global: Arc::new(Mutex::new(())),
                 coalescer,
                 device_queue,
-                slots,
-                next: AtomicUsize::new(0),
+                slots: Slots::new(config.streams),
+                _live: LiveToken::new(Kind::Pool),
             }),
         })
     }
@@ -162,11 +162,7 @@ impl StreamPool {
 
     /// Streams created so far (they are created lazily).
     pub fn streams_created(&self) -> usize {
-        self.shared
-            .slots
-            .iter()
-            .filter(|s| s.lock().is_some())
-            .count()
+        self.shared.slots.created()
     }
 
     /// The calling thread's stream: assigned round-robin on first call, then kept.
@@ -191,17 +187,27 @@ impl StreamPool {
         let s = self.slot(index)?;
         if let Some(claim) = s.lock.claim() {
             let me = thread_id::current();
+            let had = claim.is_owned_by(me);
             if !claim.try_claim(me) {
                 return Err(Error::ExclusiveStreamRequired(format!(
                     "stream {index} is owned by another thread"
                 )));
             }
-            self.with_entry(|e| {
+            let recorded = self.with_entry(|e| {
                 if !e.claimed.contains(&index) {
                     e.claimed.push(index);
                 }
                 Ok(())
-            })?;
+            });
+            if let Err(e) = recorded {
+                // The thread's stream table is gone (a thread-local destructor running after
+                // multiq's): nothing would give the claim back when the thread ends, so it
+                // must not be kept.
+                if !had {
+                    claim.release(me);
+                }
+                return Err(e);
+            }
         }
         Ok(Stream { shared: s })
     }
@@ -272,9 +278,8 @@ impl StreamPool {
             (None, Some(q)) => q.synchronize(),
             (None, None) => Ok(()),
         };
-        for slot in self.shared.slots.iter() {
-            let stream = slot.lock().clone();
-            if let Some(s) = stream {
+        for i in 0..self.size() {
+            if let Some(s) = self.shared.slots.get(i) {
                 let r = s.backend.synchronize();
                 if first.is_ok() {
                     first = r;
@@ -285,44 +290,41 @@ impl StreamPool {
     }
 
     fn slot(&self, index: usize) -> Result<Arc<StreamShared>> {
-        let slot = self.shared.slots.get(index).ok_or(Error::NoSuchStream {
-            index,
-            size: self.size(),
-        })?;
-        let mut slot = slot.lock();
-        if let Some(s) = &*slot {
-            return Ok(s.clone());
-        }
         let p = &self.shared;
-        let lock = SubmitLock::new(p.lock, &p.global);
-        let s = Arc::new(StreamShared::new(
-            p.id,
-            index,
-            p.device.clone(),
-            lock,
-            p.coalescer.clone(),
-            p.device_queue.clone(),
-        )?);
-        *slot = Some(s.clone());
-        Ok(s)
+        p.slots
+            .get_or_try_init(index, || {
+                let lock = SubmitLock::new(p.lock, &p.global);
+                StreamShared::new(
+                    p.id,
+                    index,
+                    p.device.clone(),
+                    lock,
+                    p.coalescer.clone(),
+                    p.device_queue.clone(),
+                )
+            })
+            .unwrap_or(Err(Error::NoSuchStream {
+                index,
+                size: self.size(),
+            }))
     }
 
     fn assign(&self, me: u64) -> Result<Arc<StreamShared>> {
         let size = self.size();
-        let start = self.shared.next.fetch_add(1, Ordering::Relaxed);
+        let start = self.shared.slots.next_index();
         if self.shared.lock != LockMode::None {
             return self.slot(start % size);
         }
-        for k in 0..size {
-            let s = self.slot((start + k) % size)?;
-            if s.lock.claim().is_some_and(|c| c.try_claim(me)) {
-                return Ok(s);
-            }
-        }
-        Err(Error::ExclusiveStreamRequired(format!(
-            "all {size} streams of the pool are owned by other threads; lock mode none never \
-             shares a stream (use a larger pool or lock mode per-stream)"
-        )))
+        let claimed =
+            self.shared
+                .slots
+                .claim_any(me, start, |i| self.slot(i), |s| s.lock.claim())?;
+        claimed.ok_or_else(|| {
+            Error::ExclusiveStreamRequired(format!(
+                "all {size} streams of the pool are owned by other threads; lock mode none never \
+                 shares a stream (use a larger pool or lock mode per-stream)"
+            ))
+        })
     }
 
     fn with_entry<R>(&self, f: impl FnOnce(&mut Entry) -> Result<R>) -> Result<R> {
@@ -372,7 +374,7 @@ impl Drop for ThreadStreams {
         for e in &self.entries {
             if let Some(pool) = e.pool.upgrade() {
                 for &i in &e.claimed {
-                    let stream = pool.slots[i].lock().clone();
+                    let stream = pool.slots.get(i);
                     if let Some(claim) = stream.as_ref().and_then(|s| s.lock.claim()) {
                         claim.release(self.thread);
                     }

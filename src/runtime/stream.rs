@@ -11,6 +11,7 @@ use std::sync::Arc;
 use super::coalescer::{Batch, CoalescerShared};
 use super::device_queue::DeviceQueue;
 use super::event_pool::EventPool;
+use super::live::{Kind, LiveToken};
 use super::{Buffer, Device};
 use crate::backend::{BackendEvent, BackendStream};
 use crate::error::Result;
@@ -33,6 +34,7 @@ pub(crate) struct StreamShared {
     pub(crate) lock: SubmitLock,
     events: EventPool,
     submitted: AtomicU64,
+    _live: LiveToken,
 }
 
 impl StreamShared {
@@ -56,6 +58,7 @@ impl StreamShared {
             lock,
             events: EventPool::new(),
             submitted: AtomicU64::new(0),
+            _live: LiveToken::new(Kind::Stream),
         })
     }
 }
@@ -96,6 +99,7 @@ impl Stream {
     /// Submits `kernel` over `buf`. Returns at once with a ticket for the op's completion.
     pub fn launch(&self, kernel: Kernel, buf: &mut Buffer) -> Result<Ticket> {
         let s = &*self.shared;
+        self.check_owner()?;
         if let Some(c) = &s.coalescer {
             // The lock mode still decides who may submit (lock `none`: the owner only).
             drop(s.lock.enter()?);
@@ -124,6 +128,16 @@ impl Stream {
         }
         buf.bind(s.device.id(), &s.backend)?;
         self.submit(1, |backend| backend.launch(kernel, buf.raw()))
+    }
+
+    /// Lock mode `none`: refuses a thread that does not own the stream before any buffer is
+    /// bound to it, so a refused launch leaves its buffers as they were (bound to their own
+    /// stream, not waiting on another thread's work later).
+    pub(crate) fn check_owner(&self) -> Result<()> {
+        if self.shared.lock.claim().is_some() {
+            drop(self.shared.lock.enter()?);
+        }
+        Ok(())
     }
 
     /// One submission: a pooled event, the lock mode's guard, `enqueue`, the event's record.
@@ -159,6 +173,7 @@ impl Stream {
     /// it alone. The buffers must be distinct.
     pub fn launch_many(&self, kernel: Kernel, bufs: &mut [&mut Buffer]) -> Result<Ticket> {
         let s = &*self.shared;
+        self.check_owner()?;
         for (i, b) in bufs.iter().enumerate() {
             if bufs[..i]
                 .iter()
@@ -168,6 +183,10 @@ impl Stream {
                     "the same buffer appears twice in one grouped launch",
                 ));
             }
+        }
+        // Refuse before binding any, so a refused launch leaves every buffer as it was.
+        if bufs.iter().any(|b| b.device().id() != s.device.id()) {
+            return Err(crate::Error::WrongDevice { what: "buffer" });
         }
         for b in bufs.iter_mut() {
             b.bind(s.device.id(), &s.backend)?;

@@ -31,9 +31,12 @@ impl OwnerClaim {
     }
 
     /// Takes the claim for `thread`. True if `thread` owns it afterwards (also when it already
-    /// did); false if another thread owns it.
+    /// did); false if another thread owns it, or if `thread` is [`FREE`] (the id of a thread
+    /// whose thread-locals are gone, which can own nothing).
     pub fn try_claim(&self, thread: u64) -> bool {
-        debug_assert_ne!(thread, FREE);
+        if thread == FREE {
+            return false;
+        }
         match self
             .owner
             .compare_exchange(FREE, thread, Ordering::Acquire, Ordering::Acquire)
@@ -136,5 +139,7 @@ mod tests {
         assert!(c.release(5));
         assert_eq!(c.owner(), FREE);
         assert!(c.try_claim(6));
+        assert!(!c.try_claim(FREE), "the exiting-thread id owns nothing");
+        assert_eq!(c.owner(), 6);
     }
 }

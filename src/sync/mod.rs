@@ -4,17 +4,19 @@
 //! Under `cfg(loom)` the atomics and mutexes used here are loom's, so the models explore
 //! every interleaving; otherwise they are std atomics and parking_lot mutexes.
 
+pub mod assign;
 pub mod batcher;
 pub mod claim;
 pub mod combiner;
+pub mod free_list;
 pub mod ordered_queue;
 pub mod submit_lock;
 pub mod thread_id;
 
 #[cfg(loom)]
-pub(crate) use loom::sync::atomic::{AtomicU64, Ordering};
+pub(crate) use loom::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 #[cfg(not(loom))]
-pub(crate) use std::sync::atomic::{AtomicU64, Ordering};
+pub(crate) use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 /// A mutex with parking_lot's poison-free API, backed by loom's mutex under `cfg(loom)`.
 #[derive(Debug, Default)]

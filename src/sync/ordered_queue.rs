@@ -209,6 +209,45 @@ mod loom_tests {
         });
     }
 
+    /// Shutdown with work in flight: the stream's owner queues two tasks and drops its handle
+    /// at once (the device closing under it); the drain jobs own the queue from then on. Every
+    /// task still runs, exactly once and in order, and the queue is freed after the last one
+    /// (loom reports a leaked `Arc`).
+    #[test]
+    fn dropping_the_last_handle_with_work_queued_runs_it_all() {
+        let mut model = loom::model::Builder::new();
+        model.preemption_bound = Some(3);
+        model.check(|| {
+            let q: Arc<OrderedQueue<Task>> = Arc::new(OrderedQueue::new());
+            let active = Arc::new(AtomicBool::new(false));
+            let log = Arc::new(Mutex::new(Vec::new()));
+            let owner = {
+                let (log, active) = (log.clone(), active.clone());
+                loom::thread::spawn(move || {
+                    let mut jobs = Vec::new();
+                    for i in 1..=2u32 {
+                        let l = log.clone();
+                        let (_, start) = q.push(Box::new(move || l.lock().push(i)));
+                        if start {
+                            let (q, active) = (q.clone(), active.clone());
+                            jobs.push(loom::thread::spawn(move || drain(q, active)));
+                        }
+                    }
+                    drop(q); // the owner's handle: gone with work still queued
+                    jobs
+                })
+            };
+            for job in owner.join().unwrap() {
+                job.join().unwrap();
+            }
+            assert_eq!(
+                *log.lock(),
+                vec![1, 2],
+                "a task lost, repeated or reordered"
+            );
+        });
+    }
+
     /// A failure is reported to the waiter of the failed task and to later waits.
     #[test]
     fn failures_are_sticky_from_their_task_on() {

@@ -9,14 +9,14 @@
 
 use std::sync::Arc;
 
-use parking_lot::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use parking_lot::{RwLockReadGuard, RwLockWriteGuard};
 use rayon::prelude::*;
 
 use super::cpu_buffer;
 use crate::backend::{check_gemm, GemmOperands, GemmSpec};
 use crate::error::Result;
 
-type Storage = Arc<RwLock<Vec<f32>>>;
+type Storage = Arc<super::Storage>;
 
 /// Products at least this large (m·n·k) use every execution unit; smaller ones run on one
 /// (splitting them costs more than it saves).

@@ -21,6 +21,7 @@ use super::{downcast, Backend, BackendBuffer, BackendEvent, BackendKind, Backend
 use super::{BackendSignal, DeviceInfo, DeviceOptions, WaitPolicy};
 use crate::error::{Error, Result};
 use crate::kernel::Kernel;
+use crate::runtime::live::StorageToken;
 use stream::{CpuStream, StreamQueue};
 
 /// Elements per block: the unit of work an execution unit takes at a time.
@@ -113,7 +114,10 @@ impl Backend for CpuBackend {
             .map_err(|e| oom(e.to_string()))?;
         data.resize(len, 0.0f32);
         Ok(Box::new(CpuBuffer {
-            data: Arc::new(RwLock::new(data)),
+            data: Arc::new(Storage {
+                data: RwLock::new(data),
+                _live: StorageToken::new(bytes),
+            }),
             len,
         }))
     }
@@ -165,9 +169,24 @@ impl Backend for CpuBackend {
 /// ordering makes that lock uncontended in correct programs, and it keeps incorrect ones
 /// memory-safe.
 pub struct CpuBuffer {
-    data: Arc<RwLock<Vec<f32>>>,
+    data: Arc<Storage>,
     /// Fixed at allocation (read without taking the lock).
     len: usize,
+}
+
+/// A buffer's elements, shared by the buffer and the queued kernels that use it; freed with
+/// the last of them. Counted in [`crate::runtime::live_counts`] while it lives.
+pub(super) struct Storage {
+    data: RwLock<Vec<f32>>,
+    _live: StorageToken,
+}
+
+impl std::ops::Deref for Storage {
+    type Target = RwLock<Vec<f32>>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.data
+    }
 }
 
 impl BackendBuffer for CpuBuffer {

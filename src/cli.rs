@@ -119,11 +119,6 @@ pub struct StressArgs {
     /// [default: all].
     #[arg(long, value_enum, value_delimiter = ',')]
     pub coalesce: Vec<multiq::stress::plan::CoalesceKind>,
-    /// Leave out the configurations that hit a known, reported bug (recorded in the results):
-    /// coalescer-event-hang (coalescing with blocking waits hangs when nobody waits for a
-    /// launched batch; such rounds then wait by yielding).
-    #[arg(long, value_enum, value_delimiter = ',', value_name = "BUG")]
-    pub avoid_known: Vec<multiq::stress::plan::KnownBug>,
     /// A round's deadline in seconds; past it the round is a hang and its stuck threads are
     /// named.
     #[arg(long, allow_hyphen_values = true, value_name = "S", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86_400))]
@@ -209,11 +204,6 @@ impl StressArgs {
                 c.sort_by_key(|k| *k as u8);
                 c.dedup();
                 c
-            },
-            avoid: {
-                let mut a = self.avoid_known.clone();
-                a.dedup();
-                a
             },
             round_timeout: std::time::Duration::from_secs(self.round_timeout),
             device_leak_tolerance: self.device_leak_mib << 20,
@@ -572,8 +562,6 @@ mod fuzz {
         "--seed",
         "--round-seed",
         "--kinds",
-        "--avoid-known",
-        "coalescer-event-hang",
         "--round-timeout",
         "--device-leak-mib",
         "--verbose",

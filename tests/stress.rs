@@ -1,9 +1,6 @@
 //! `multiq stress` on the CPU backend: a few rounds of every kind run clean, each kind of
 //! failure the harness looks for is found when caused on purpose (test hooks), a round
 //! replays from its seed, and wrong arguments are usage errors.
-//!
-//! Until the coalescer's event-mode hang is fixed (see `coalescer_event_mode_reaps_...`
-//! below), the clean runs leave out coalescing with blocking waits (`--avoid-known`).
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
@@ -69,8 +66,6 @@ fn rounds_of_every_kind_run_clean_and_write_their_results() {
         "11",
         "--threads",
         "8",
-        "--avoid-known",
-        "coalescer-event-hang",
         "--json",
         json.to_str().unwrap(),
     ]);
@@ -82,7 +77,6 @@ fn rounds_of_every_kind_run_clean_and_write_their_results() {
     assert_eq!(v["backend"], "cpu");
     assert_eq!(v["crashes"], 0);
     assert_eq!(v["failures"].as_array().unwrap().len(), 0);
-    assert_eq!(v["avoided_known_bugs"][0], "coalescer-event-hang");
     let ops = v["ops"].as_u64().unwrap();
     let checked = v["verified_ops"].as_u64().unwrap() + v["unverified_ops"].as_u64().unwrap();
     assert_eq!(checked, ops, "every op is checked or dropped by design");
@@ -286,57 +280,4 @@ fn wrong_arguments_are_usage_errors() {
     ] {
         assert!(out.contains(word), "--help lacks {word}");
     }
-}
-
-/// The coalescer's event mode (wait policy `block`, or a backend without host signals): a
-/// batch launched early by a flush (a read of its buffer) pushes the batches on the device
-/// above `depth`; when nobody waits for those batches (their tickets were dropped), nothing
-/// marks them complete, so every later batch stays pending and its waiter sleeps forever.
-/// Found by `multiq stress` (a mixed round with coalescing, wait block and dropped tickets).
-#[test]
-#[ignore = "coalescer bug, left to the coalescer's owner: run with --ignored once fixed"]
-fn coalescer_event_mode_reaps_batches_nobody_waits_for() {
-    use multiq::*;
-    let dev = Device::open(&DeviceOptions {
-        backend: Some(BackendKind::Cpu),
-        cpu_units: Some(1),
-        wait: Some(WaitPolicy::Block),
-        ..Default::default()
-    })
-    .unwrap();
-    let pool = StreamPool::new(
-        &dev,
-        PoolConfig {
-            streams: 2,
-            lock: LockMode::PerStream,
-            coalesce: CoalescePolicy::Fixed {
-                max_batch: 8,
-                max_delay: Duration::from_micros(20),
-                depth: 1,
-            },
-        },
-    )
-    .unwrap();
-    let s = pool.current().unwrap();
-    let (mut x, mut y, mut z) = (
-        dev.alloc(1 << 16).unwrap(),
-        dev.alloc(16).unwrap(),
-        dev.alloc(16).unwrap(),
-    );
-    drop(
-        s.launch(Kernel::SimpleCompute { iters: 300 }, &mut x)
-            .unwrap(),
-    ); // launched, long
-    drop(
-        s.launch(Kernel::SimpleCompute { iters: 1 }, &mut y)
-            .unwrap(),
-    ); // pending
-    y.read().unwrap(); // flush: a second batch on the device (depth 1)
-    let t = s
-        .launch(Kernel::SimpleCompute { iters: 1 }, &mut z)
-        .unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || tx.send(t.wait()).unwrap());
-    let r = rx.recv_timeout(Duration::from_secs(10));
-    assert!(r.is_ok(), "the wait on a coalesced op hung");
 }

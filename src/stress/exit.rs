@@ -157,12 +157,6 @@ fn child_args(seed: u64, s: &PlanSettings) -> Vec<String> {
     if let Some(u) = s.units {
         a.extend(["--units".into(), u.to_string()]);
     }
-    if !s.avoid.is_empty() {
-        a.extend([
-            "--avoid-known".into(),
-            super::supervise::avoid_arg(&s.avoid),
-        ]);
-    }
     if let Some(w) = s.wait {
         a.extend(["--wait".into(), w.to_string()]);
     }

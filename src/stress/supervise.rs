@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use super::leak::{LeakCheck, ResourceFigures};
-use super::plan::{CoalesceKind, KnownBug, PlanSettings, RoundKind, RoundPlan};
+use super::plan::{CoalesceKind, PlanSettings, RoundKind, RoundPlan};
 use super::rng::{self, show_seed};
 use super::watch::{Phase, RoundWatch, Watchdog, EXIT_HANG};
 use super::{
@@ -64,8 +64,6 @@ pub struct StressConfig {
     pub kinds: Vec<RoundKind>,
     /// Coalescing policies to draw from.
     pub coalesce: Vec<CoalesceKind>,
-    /// Known bugs whose configurations are left out.
-    pub avoid: Vec<KnownBug>,
     /// A round's deadline.
     pub round_timeout: Duration,
     /// Device memory that may stay missing after a round (bytes).
@@ -94,7 +92,6 @@ impl StressConfig {
             units: self.units,
             wait: self.wait,
             coalesce: self.coalesce.clone(),
-            avoid: self.avoid.clone(),
         }
     }
 
@@ -119,20 +116,12 @@ impl StressConfig {
         if self.coalesce.len() < CoalesceKind::ALL.len() {
             s.push_str(&format!(" --coalesce {}", coalesce_arg(&self.coalesce)));
         }
-        if !self.avoid.is_empty() {
-            s.push_str(&format!(" --avoid-known {}", avoid_arg(&self.avoid)));
-        }
         s
     }
 }
 
 fn kinds_arg(kinds: &[RoundKind]) -> String {
     kinds.iter().map(|k| k.name()).collect::<Vec<_>>().join(",")
-}
-
-/// `--avoid-known` as given on a command line.
-pub(crate) fn avoid_arg(a: &[KnownBug]) -> String {
-    a.iter().map(|k| k.name()).collect::<Vec<_>>().join(",")
 }
 
 /// `--coalesce` as given on a command line.
@@ -396,7 +385,6 @@ struct StressResults {
     threads: usize,
     kinds: Vec<&'static str>,
     coalesce: Vec<&'static str>,
-    avoided_known_bugs: Vec<&'static str>,
     wait: Option<String>,
     units: Option<usize>,
     rounds_limit: u64,
@@ -539,7 +527,7 @@ pub fn run(cfg: &StressConfig) -> Result<i32> {
         ),
         None => println!(
             "multiq stress: up to {} rounds{}, seed {}, backend {}, {} threads, kinds {}, \
-             coalescing {}, round deadline {:.0} s{}{}",
+             coalescing {}, round deadline {:.0} s{}",
             cfg.rounds,
             cfg.seconds
                 .map_or(String::new(), |s| format!(" or {s:.0} s")),
@@ -554,11 +542,6 @@ pub fn run(cfg: &StressConfig) -> Result<i32> {
             } else {
                 ""
             },
-            if cfg.avoid.is_empty() {
-                String::new()
-            } else {
-                format!(", avoiding known bugs: {}", avoid_arg(&cfg.avoid))
-            }
         ),
     }
     let mut agg = Aggregate::new(cfg);
@@ -596,7 +579,6 @@ pub fn run(cfg: &StressConfig) -> Result<i32> {
             threads: cfg.threads,
             kinds: cfg.kinds.iter().map(|k| k.name()).collect(),
             coalesce: cfg.coalesce.iter().map(|k| k.name()).collect(),
-            avoided_known_bugs: cfg.avoid.iter().map(|k| k.name()).collect(),
             wait: cfg.wait.map(|w| w.to_string()),
             units: cfg.units,
             rounds_limit: cfg.rounds,
@@ -802,9 +784,6 @@ fn worker_args(cfg: &StressConfig, first: u64) -> Vec<String> {
     ];
     if let Some(s) = cfg.round_seed {
         a.extend(["--round-seed".into(), show_seed(s)]);
-    }
-    if !cfg.avoid.is_empty() {
-        a.extend(["--avoid-known".into(), avoid_arg(&cfg.avoid)]);
     }
     if let Some(u) = cfg.units {
         a.extend(["--units".into(), u.to_string()]);

@@ -65,6 +65,15 @@ pub enum Error {
         message: String,
     },
 
+    /// The device's driver was shut down under this call: the process is exiting (its
+    /// exit handlers tore the driver down while this thread still used it). Nothing is
+    /// wrong with the call; no later call on this device can succeed.
+    #[error("device error in {op}: the driver is shut down (the process is exiting)")]
+    DeviceShutDown {
+        /// The operation that observed it.
+        op: &'static str,
+    },
+
     /// An operation or element type this build or backend does not implement.
     #[error("not supported: {0}")]
     Unsupported(String),

@@ -218,7 +218,7 @@ pub(crate) struct Batch {
     /// Event mode: recorded after the launch; given back to the pool when the batch is done.
     /// Held by the one syncing waiter while it waits (others only `try_lock` it).
     event: Mutex<Option<Box<dyn BackendEvent>>>,
-    error: OnceLock<String>,
+    error: OnceLock<Failure>,
     first_submit: Instant,
     launched_at: OnceLock<Instant>,
     /// Set by the waiter that watches the batch for device errors (signal mode) or syncs its
@@ -226,13 +226,42 @@ pub(crate) struct Batch {
     watched: AtomicBool,
 }
 
+/// Why a batch failed, kept so that every member gets its own copy of the error.
+#[derive(Clone, Debug)]
+enum Failure {
+    /// The driver was shut down under the batch (the process is exiting).
+    ShutDown,
+    /// Anything else, in words.
+    Other(String),
+}
+
+impl From<&Error> for Failure {
+    fn from(e: &Error) -> Self {
+        match e {
+            Error::DeviceShutDown { .. } => Failure::ShutDown,
+            e => Failure::Other(e.to_string()),
+        }
+    }
+}
+
+impl Failure {
+    fn to_error(&self) -> Error {
+        match self {
+            Failure::ShutDown => Error::DeviceShutDown {
+                op: "coalesced launch",
+            },
+            Failure::Other(message) => Error::Device {
+                op: "coalesced launch",
+                message: message.clone(),
+            },
+        }
+    }
+}
+
 impl Batch {
     fn result(&self) -> Result<()> {
         match self.error.get() {
-            Some(message) => Err(Error::Device {
-                op: "coalesced launch",
-                message: message.clone(),
-            }),
+            Some(failure) => Err(failure.to_error()),
             None => Ok(()),
         }
     }
@@ -321,7 +350,7 @@ pub(crate) struct CoalescerShared {
     /// `state.pending.len()`, readable without the lock.
     pending_batches: AtomicUsize,
     /// Signal mode: the batch stream's error, once one was seen (sticky, as the stream's).
-    fault: OnceLock<String>,
+    fault: OnceLock<Failure>,
     /// Statistics.
     totals: StatTotals,
     /// `block` waiters sleep on `done` under `sleep`; notified at every launch and
@@ -571,7 +600,7 @@ impl CoalescerShared {
                 self.launched_seq.store(seq, Ordering::Release);
             }
             Err(e) => {
-                let _ = batch.error.set(e.to_string());
+                let _ = batch.error.set(Failure::from(&e));
                 batch.state.store(DONE, Ordering::Release);
             }
         }
@@ -600,13 +629,13 @@ impl CoalescerShared {
             match complete {
                 Ok(false) => break,
                 Ok(true) => self.finish_front(st, None),
-                Err(e) => self.finish_front(st, Some(e.to_string())),
+                Err(e) => self.finish_front(st, Some(Failure::from(&e))),
             }
         }
     }
 
     /// Event mode: the front in-flight batch completed (with `error`, if it failed).
-    fn finish_front(&self, st: &mut State, error: Option<String>) {
+    fn finish_front(&self, st: &mut State, error: Option<Failure>) {
         let Some(b) = st.in_flight.pop_front() else {
             return;
         };
@@ -782,14 +811,14 @@ impl CoalescerShared {
                         Ok(true) => {
                             idle_polls += 1;
                             if idle_polls >= 50 {
-                                let _ = self.fault.set(format!(
+                                let _ = self.fault.set(Failure::Other(format!(
                                     "batch {seq}'s completion signal never arrived \
                                      (the stream is idle)"
-                                ));
+                                )));
                             }
                         }
                         Err(e) => {
-                            let _ = self.fault.set(e.to_string());
+                            let _ = self.fault.set(Failure::from(&e));
                         }
                     }
                 }
@@ -839,7 +868,7 @@ impl CoalescerShared {
         while let Some(front) = st.in_flight.front().cloned().filter(|_| queued) {
             let mine = Arc::ptr_eq(&front, batch);
             let error = if mine {
-                r.as_ref().err().map(|e| e.to_string())
+                r.as_ref().err().map(Failure::from)
             } else {
                 None
             };
@@ -869,7 +898,7 @@ impl CoalescerShared {
                         return batch.result().map(|()| true);
                     }
                     if let Err(e) = self.stream.query() {
-                        let _ = self.fault.set(e.to_string());
+                        let _ = self.fault.set(Failure::from(&e));
                     }
                     Ok(false)
                 }

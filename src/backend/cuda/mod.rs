@@ -59,18 +59,20 @@ impl std::fmt::Debug for CudaBackend {
 }
 
 pub(crate) fn driver_error(op: &'static str, e: DriverError) -> Error {
+    if e.0 == sys::CUresult::CUDA_ERROR_DEINITIALIZED {
+        return Error::DeviceShutDown { op };
+    }
+    // The driver's own name and text; where it cannot give them (an unknown code, or a
+    // driver on its way down), the code's name as cudarc spells it.
     let name = e
         .error_name()
         .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let text = e
-        .error_string()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    Error::Device {
-        op,
-        message: format!("{name}: {text}"),
-    }
+        .unwrap_or_else(|_| format!("{:?}", e.0));
+    let message = match e.error_string() {
+        Ok(text) => format!("{name}: {}", text.to_string_lossy()),
+        Err(_) => name,
+    };
+    Error::Device { op, message }
 }
 
 fn unavailable(reason: impl Into<String>) -> Error {
@@ -243,5 +245,19 @@ impl Backend for CudaBackend {
         match kernel {
             Kernel::SimpleCompute { .. } => SIMPLE_COMPUTE_TOLERANCE,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_driver_shut_down_by_process_exit_is_its_own_error() {
+        // Needs no driver: the code is recognised before anything asks libcuda for names.
+        let e = driver_error("bind", DriverError(sys::CUresult::CUDA_ERROR_DEINITIALIZED));
+        assert!(matches!(e, Error::DeviceShutDown { op: "bind" }), "{e:?}");
+        assert!(e.to_string().contains("process is exiting"), "{e}");
+        assert!(!e.is_usage());
     }
 }

@@ -506,3 +506,74 @@ fn device_queue_drops_with_ops_in_flight() {
     let v = verify_buffer(3, &kept.read().unwrap(), 510, tolerance());
     assert_eq!(v.first_mismatch, None);
 }
+
+/// While threads keep the device queue busy (its kernel never goes idle), an ordinary launch
+/// on another pool still runs: the queue's kernel leaves room on every multiprocessor. With
+/// the kernel at full occupancy (`MULTIQ_QUEUE_BLOCKS_PER_SM` = the occupancy limit) the
+/// ordinary launch waited until the busy threads stopped.
+#[test]
+fn ordinary_launches_run_while_the_device_queue_is_busy() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::time::Duration;
+    let Some(dev) = cuda("ordinary_launches_run_while_the_device_queue_is_busy") else {
+        return;
+    };
+    let queued = StreamPool::new(
+        &dev,
+        PoolConfig {
+            streams: 8,
+            lock: LockMode::PerStream,
+            coalesce: CoalescePolicy::Persistent,
+        },
+    )
+    .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let ops = Arc::new(AtomicU64::new(0));
+    let busy: Vec<_> = (0..8)
+        .map(|t| {
+            let (pool, stop, ops) = (queued.clone(), stop.clone(), ops.clone());
+            std::thread::spawn(move || {
+                let s = pool.current().unwrap();
+                let mut b = pool.device().buffer_from(&vec![0.25f32; 65_536]).unwrap();
+                while !stop.load(Ordering::Acquire) {
+                    s.launch(Kernel::SimpleCompute { iters: 10 }, &mut b)
+                        .unwrap()
+                        .wait()
+                        .unwrap();
+                    ops.fetch_add(1, Ordering::Relaxed);
+                }
+                t
+            })
+        })
+        .collect();
+    // The queue is busy once ops flow.
+    while ops.load(Ordering::Relaxed) < 2_000 {
+        std::thread::yield_now();
+    }
+    let plain = StreamPool::new(&dev, PoolConfig::default()).unwrap();
+    let init: Vec<f32> = (0..1 << 20).map(|i| initial_value(5, i)).collect();
+    let mut buf = dev.buffer_from(&init).unwrap();
+    let before = ops.load(Ordering::Relaxed);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let waiter = std::thread::spawn(move || {
+        let s = plain.current().unwrap();
+        let r = s
+            .launch(Kernel::SimpleCompute { iters: 20 }, &mut buf)
+            .and_then(|t| t.wait());
+        tx.send(()).unwrap();
+        r.map(|()| buf)
+    });
+    let finished = rx.recv_timeout(Duration::from_secs(5)).is_ok();
+    let during = ops.load(Ordering::Relaxed) - before;
+    stop.store(true, Ordering::Release);
+    for h in busy {
+        h.join().unwrap();
+    }
+    let mut buf = waiter.join().unwrap().unwrap();
+    assert!(
+        finished,
+        "the ordinary launch did not finish in 5 s while the queue was busy ({during} queued ops ran meanwhile)"
+    );
+    let v = verify_buffer(5, &buf.read().unwrap(), 20, tolerance());
+    assert_eq!(v.first_mismatch, None);
+}

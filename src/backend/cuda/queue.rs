@@ -57,6 +57,120 @@ fn min_tiles() -> u32 {
         .unwrap_or(DEFAULT_MIN_TILES)
 }
 
+/// A timeline trace of the queue (diagnostics): with `MULTIQ_QUEUE_TRACE=PREFIX`, each queue
+/// records, for `SLOTS` ops from op `MULTIQ_QUEUE_TRACE_FROM` (default 2,000: after warm-up),
+/// when each op was published and first seen complete on the host (`CLOCK_REALTIME`), and
+/// when the kernel saw it, forwarded it, started it and completed it (`%globaltimer`, which
+/// the driver keeps on the same clock to within a few microseconds), and writes them as CSV
+/// to `PREFIX-<n>.csv` when the queue is dropped. `scripts/queue-trace.py` reads them.
+struct Trace {
+    path: std::path::PathBuf,
+    from: u64,
+    /// Per traced op: host publish, host first-seen-done (ns since the epoch; 0: none).
+    host: Box<[[AtomicU64; 2]]>,
+    /// Device allocation of `SLOTS * 4` stamps.
+    dev: sys::CUdeviceptr,
+}
+
+const TRACE_STAMPS: usize = 4;
+
+fn realtime_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+impl Trace {
+    /// The trace asked for by the environment, if any (its device memory not yet made).
+    fn from_env() -> Option<Trace> {
+        static QUEUES: AtomicU64 = AtomicU64::new(0);
+        let prefix = std::env::var_os("MULTIQ_QUEUE_TRACE")?;
+        let from = std::env::var("MULTIQ_QUEUE_TRACE_FROM")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(2000)
+            .max(1);
+        let n = QUEUES.fetch_add(1, Ordering::Relaxed);
+        let mut path = std::path::PathBuf::from(prefix);
+        let name = format!(
+            "{}-{n}.csv",
+            path.file_name()
+                .map_or("trace".into(), |f| f.to_string_lossy())
+        );
+        path.set_file_name(name);
+        Some(Trace {
+            path,
+            from,
+            host: (0..SLOTS)
+                .map(|_| [AtomicU64::new(0), AtomicU64::new(0)])
+                .collect(),
+            dev: 0,
+        })
+    }
+
+    fn entry(&self, op: u64) -> Option<&[AtomicU64; 2]> {
+        op.checked_sub(self.from)
+            .and_then(|i| self.host.get(usize::try_from(i).ok()?))
+    }
+
+    fn published(&self, op: u64) {
+        if let Some(e) = self.entry(op) {
+            e[0].store(realtime_ns(), Ordering::Relaxed);
+        }
+    }
+
+    fn seen_done(&self, op: u64) {
+        if let Some(e) = self.entry(op) {
+            if e[1].load(Ordering::Relaxed) == 0 {
+                let _ =
+                    e[1].compare_exchange(0, realtime_ns(), Ordering::Relaxed, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Writes the CSV; the queue's stream must be idle (the kernel wrote its stamps).
+    fn write(&self) -> std::io::Result<()> {
+        let mut stamps = vec![0u64; SLOTS * TRACE_STAMPS];
+        // SAFETY: `dev` is a live allocation of `SLOTS * TRACE_STAMPS` u64 (made with the
+        // queue, freed after this), and the queue's stream is idle, so nothing writes it.
+        unsafe { result::memcpy_dtoh_sync(&mut stamps, self.dev) }
+            .map_err(|e| std::io::Error::other(format!("{e:?}")))?;
+        let mut out = String::from(
+            "op,host_published,device_seen,device_forwarded,device_started,device_completed,host_seen_done\n",
+        );
+        for (i, h) in self.host.iter().enumerate() {
+            let d = &stamps[i * TRACE_STAMPS..(i + 1) * TRACE_STAMPS];
+            let (p, o) = (h[0].load(Ordering::Relaxed), h[1].load(Ordering::Relaxed));
+            if p == 0 || o == 0 || d.contains(&0) {
+                continue;
+            }
+            out.push_str(&format!(
+                "{},{p},{},{},{},{},{o}\n",
+                self.from + i as u64,
+                d[0],
+                d[1],
+                d[2],
+                d[3]
+            ));
+        }
+        std::fs::write(&self.path, out)
+    }
+}
+
+/// Blocks of the queue's kernel per multiprocessor, given how many fit (`occupancy`): one
+/// fewer, so that while the queue runs (it stays while any thread keeps publishing) every
+/// multiprocessor keeps room for other streams' kernels, which would otherwise wait for the
+/// queue to go idle, possibly for ever. Where only one fits there is no room to leave.
+/// `MULTIQ_QUEUE_BLOCKS_PER_SM` overrides it (diagnostics; capped at `occupancy`).
+fn blocks_per_sm(occupancy: u32) -> u32 {
+    std::env::var("MULTIQ_QUEUE_BLOCKS_PER_SM")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+        .filter(|&v| v >= 1)
+        .unwrap_or(occupancy.saturating_sub(1))
+        .clamp(1, occupancy.max(1))
+}
+
 /// How long the kernel stays on an idle device before leaving.
 pub const IDLE_EXIT: Duration = Duration::from_micros(500);
 
@@ -116,6 +230,8 @@ struct QueueParams {
     idle_ns: u64,
     slots: u32,
     min_tiles: u32,
+    trace: u64,
+    trace_from: u64,
 }
 
 /// Which kernel runs, from which op.
@@ -147,6 +263,8 @@ pub(super) struct CudaDeviceQueue {
     /// Epoch of the kernel believed running (0: none): the submitters' lock-free check.
     live_epoch: AtomicU64,
     runner: Mutex<Runner>,
+    /// The timeline trace, when `MULTIQ_QUEUE_TRACE` asks for one.
+    trace: Option<Trace>,
     ctx: Arc<CudaContext>,
 }
 
@@ -167,7 +285,7 @@ impl CudaDeviceQueue {
         let per_sm = function
             .occupancy_max_active_blocks_per_multiprocessor(CHUNK_THREADS, 0, None)
             .map_err(|e| driver_error("device queue", e))?;
-        let grid = per_sm * multiprocessors;
+        let grid = blocks_per_sm(per_sm) * multiprocessors;
         if grid < 2 {
             return Err(Error::Device {
                 op: "device queue",
@@ -208,6 +326,7 @@ impl CudaDeviceQueue {
                 running: false,
                 start: 1,
             }),
+            trace: Trace::from_env(),
             ctx: ctx.clone(),
         };
         // From here on, `Drop` frees what was made (the stream has run nothing yet).
@@ -221,6 +340,15 @@ impl CudaDeviceQueue {
         // SAFETY: `dev` is a live allocation of `DEV_BYTES` bytes; synchronous memset.
         unsafe { result::memset_d8_sync(queue.dev, 0, DEV_BYTES) }
             .map_err(|e| driver_error("device queue", e))?;
+        if let Some(trace) = &mut queue.trace {
+            let bytes = SLOTS * TRACE_STAMPS * 8;
+            // SAFETY: the context is current.
+            trace.dev = unsafe { result::malloc_sync(bytes) }
+                .map_err(|e| driver_error("device queue trace", e))?;
+            // SAFETY: `trace.dev` is a live allocation of `bytes` bytes; synchronous memset.
+            unsafe { result::memset_d8_sync(trace.dev, 0, bytes) }
+                .map_err(|e| driver_error("device queue trace", e))?;
+        }
         Ok(queue)
     }
 
@@ -280,6 +408,8 @@ impl CudaDeviceQueue {
             idle_ns: IDLE_EXIT.as_nanos() as u64,
             slots: SLOTS as u32,
             min_tiles: self.min_tiles,
+            trace: self.trace.as_ref().map_or(0, |t| t.dev),
+            trace_from: self.trace.as_ref().map_or(0, |t| t.from),
         };
         bind(&self.ctx)?;
         // SAFETY: the counters are within the live allocation (invariant); the memset is
@@ -295,7 +425,7 @@ impl CudaDeviceQueue {
         .map_err(|e| driver_error("device queue launch", e))?;
         let mut args: [*mut c_void; 1] = [(&mut params as *mut QueueParams).cast()];
         // SAFETY: the function takes one `QueueParams` by value, laid out as `QueueParams`
-        // here (eleven u64 then two u32); `args` points to a live local for the duration of the
+        // here (eleven u64, two u32, two u64); `args` points to a live local for the duration of the
         // call (the driver copies it). Every pointer in it is live until `Drop` has seen the
         // stream idle (invariant); the kernel needs blockDim = 1,024 (its chunk size) and a
         // grid no larger than what the occupancy calculator says fits at once.
@@ -344,6 +474,9 @@ impl CudaDeviceQueue {
         slot.after_a.store(after[0], Ordering::Relaxed);
         slot.after_b.store(after[1], Ordering::Relaxed);
         slot.flags.store(flags, Ordering::Relaxed);
+        if let Some(trace) = &self.trace {
+            trace.published(t);
+        }
         slot.seq.store(t, Ordering::Release);
         freed?;
         Ok(t)
@@ -378,6 +511,9 @@ impl BackendDeviceQueue for CudaDeviceQueue {
     fn is_done(&self, op: u64, check: bool) -> Result<bool> {
         let index = (op as usize) % SLOTS;
         if self.region().done[index].load(Ordering::Acquire) >= op {
+            if let Some(trace) = &self.trace {
+                trace.seen_done(op);
+            }
             return Ok(true);
         }
         if check {
@@ -404,6 +540,12 @@ impl Drop for CudaDeviceQueue {
     fn drop(&mut self) {
         // If the device failed, a kernel might still read the memory: it is leaked instead.
         if self.published() == 0 || self.stop() {
+            if let Some(trace) = &self.trace {
+                match trace.write() {
+                    Ok(()) => eprintln!("multiq: queue trace written to {}", trace.path.display()),
+                    Err(e) => eprintln!("multiq: queue trace {}: {e}", trace.path.display()),
+                }
+            }
             self.free();
         }
     }
@@ -440,6 +582,9 @@ impl CudaDeviceQueue {
             let _ = sys::cuMemFreeHost(self.host.as_ptr().cast());
             if self.dev != 0 {
                 let _ = result::free_sync(self.dev);
+            }
+            if let Some(trace) = self.trace.as_ref().filter(|t| t.dev != 0) {
+                let _ = result::free_sync(trace.dev);
             }
         }
     }

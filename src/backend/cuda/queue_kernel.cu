@@ -36,6 +36,10 @@ struct QueueParams {
     unsigned long long* chunks; unsigned long long* ctr;
     unsigned long long start, epoch, idle_ns;
     unsigned int slots, min_tiles;
+    // Timeline trace (diagnostics; `trace` null when off): for ops trace_from ..
+    // trace_from + slots - 1, four %globaltimer stamps each: seen by the dispatcher,
+    // forwarded, first chunk started (its dependencies done), completed.
+    unsigned long long* trace; unsigned long long trace_from;
 };
 __device__ __forceinline__ unsigned long long ld_acquire_sys(const unsigned long long* p) {
     unsigned long long v; asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory"); return v;
@@ -52,9 +56,18 @@ __device__ __forceinline__ void st_release_gpu(unsigned long long* p, unsigned l
 __device__ __forceinline__ unsigned long long now_ns() {
     unsigned long long t; asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t)); return t;
 }
+#define TRACE_SEEN 0u
+#define TRACE_FORWARDED 1u
+#define TRACE_STARTED 2u
+#define TRACE_COMPLETED 3u
+__device__ __forceinline__ void trace_stamp(const QueueParams& q, unsigned long long op, unsigned int k) {
+    if (q.trace != 0 && op >= q.trace_from && op - q.trace_from < q.slots)
+        q.trace[(op - q.trace_from) * 4u + k] = now_ns();
+}
 // Marks op `t` complete: device-wide first (dependencies), then, after a system-wide fence
 // (the op's data is visible to the host and copy engines), for the host.
 __device__ __forceinline__ void complete(const QueueParams& q, unsigned int slot, unsigned long long t) {
+    trace_stamp(q, t, TRACE_COMPLETED);
     st_release_gpu(&q.dev_done[slot], t);
     __threadfence_system();
     *(volatile unsigned long long*)&q.host_done[slot] = t;
@@ -94,6 +107,7 @@ __device__ void queue_dispatch(const QueueParams& q) {
         if (mine) {
             const volatile HostSlot* v = hs;
             ptr = v->ptr; len = v->n; iters = v->iters; after_a = v->after_a; after_b = v->after_b; flags = v->flags;
+            trace_stamp(q, want, TRACE_SEEN);
         }
         const unsigned int stops = __ballot_sync(0xffffffffu, mine && (flags & FLAG_STOP));
         unsigned int stop_lane = 32u;
@@ -129,6 +143,7 @@ __device__ void queue_dispatch(const QueueParams& q) {
         forwarded += total;
         if (lane == 0) { __threadfence(); st_release_gpu(&q.ctr[CTR_FORWARDED], forwarded); }
         __syncwarp();
+        if (mine) trace_stamp(q, want, TRACE_FORWARDED);
         t += n;
         if (stops != 0u) {
             if (lane == 0) leave(q, t);
@@ -163,6 +178,7 @@ __device__ __forceinline__ void claim(const QueueParams& q, volatile Claimed* c)
     const unsigned long long after_a = d->after_a, after_b = d->after_b;
     wait_done(q, after_a);
     wait_done(q, after_b);
+    if (k == 0u) trace_stamp(q, c->op, TRACE_STARTED);
 }
 // A compute block: thread 0 claims a chunk, then all 1,024 threads run it, and thread 0
 // counts it. (A variant where warp 0 claims the next chunk while warps 1-31 compute was

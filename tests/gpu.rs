@@ -507,10 +507,9 @@ fn device_queue_drops_with_ops_in_flight() {
     assert_eq!(v.first_mismatch, None);
 }
 
-/// While threads keep the device queue busy (its kernel never goes idle), an ordinary launch
-/// on another pool still runs: the queue's kernel leaves room on every multiprocessor. With
-/// the kernel at full occupancy (`MULTIQ_QUEUE_BLOCKS_PER_SM` = the occupancy limit) the
-/// ordinary launch waited until the busy threads stopped.
+/// While threads keep the device queue busy (its kernel never goes idle, and holds every
+/// block slot the occupancy calculator allows), an ordinary launch on another pool still
+/// runs and gives the right result, instead of waiting until the busy threads stop.
 #[test]
 fn ordinary_launches_run_while_the_device_queue_is_busy() {
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -157,17 +157,18 @@ impl Trace {
     }
 }
 
-/// Blocks of the queue's kernel per multiprocessor, given how many fit (`occupancy`): one
-/// fewer, so that while the queue runs (it stays while any thread keeps publishing) every
-/// multiprocessor keeps room for other streams' kernels, which would otherwise wait for the
-/// queue to go idle, possibly for ever. Where only one fits there is no room to leave.
-/// `MULTIQ_QUEUE_BLOCKS_PER_SM` overrides it (diagnostics; capped at `occupancy`).
+/// Blocks of the queue's kernel per multiprocessor, given how many fit (`occupancy`): all of
+/// them, unless `MULTIQ_QUEUE_BLOCKS_PER_SM` (diagnostics) asks for fewer. Leaving one slot
+/// per multiprocessor to other kernels was measured on the H100 and lost (`default` ops at
+/// 0.93 × off instead of 0.99; bench/results/h100/coalesce/b7f359a/), and other streams'
+/// launches were not held back by a busy queue at full occupancy there (the GPU test
+/// `ordinary_launches_run_while_the_device_queue_is_busy` passes both ways).
 fn blocks_per_sm(occupancy: u32) -> u32 {
     std::env::var("MULTIQ_QUEUE_BLOCKS_PER_SM")
         .ok()
         .and_then(|v| v.parse::<u32>().ok())
         .filter(|&v| v >= 1)
-        .unwrap_or(occupancy.saturating_sub(1))
+        .unwrap_or(occupancy)
         .clamp(1, occupancy.max(1))
 }
 

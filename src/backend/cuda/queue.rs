@@ -8,9 +8,10 @@
 //!   (release). Between taking `t` and publishing, nothing can fail or panic without
 //!   publishing: every later op waits for `t`, so a failed submission publishes a no-op.
 //! - **Run.** The kernel's dispatcher warp reads up to 32 slots per round trip over the bus,
-//!   copies published ops to device memory in order, and splits each into chunks (at least
-//!   `MULTIQ_QUEUE_MIN_TILES`, default [`DEFAULT_MIN_TILES`], 1,024-element tiles each; at most
-//!   one chunk per compute block) on a device-side chunk queue. Each compute block claims the
+//!   copies published ops to device memory in order, and splits each into chunks of whole
+//!   1,024-element tiles (up to [`DEFAULT_CHUNK_TILES`] tiles each on a busy device, smaller
+//!   where idle blocks can take them; at most one chunk per compute block) on a device-side
+//!   chunk queue. Each compute block claims the
 //!   next chunk (one atomic add), waits for the op's dependencies, runs it, and counts it; the
 //!   block finishing an op's last chunk writes `t` into the op's host-visible done word after
 //!   a system-wide fence.
@@ -44,17 +45,19 @@ use crate::kernel::Kernel;
 pub const SLOTS: usize = 1024;
 /// Elements per chunk: one per thread of a 1,024-thread block (the kernel's `QUEUE_CHUNK`).
 const CHUNK_THREADS: u32 = 1024;
-/// Fewest 1,024-element tiles per chunk unless `MULTIQ_QUEUE_MIN_TILES` says otherwise: a
-/// chunk's fixed cost is a few device memory round trips, so small ops are split into few
-/// chunks (measured on the H100: see bench/results/h100/coalesce.md).
-pub const DEFAULT_MIN_TILES: u32 = 4;
+/// Most 1,024-element tiles per chunk unless the op needs more (at most one chunk per
+/// compute block), unless `MULTIQ_QUEUE_CHUNK_TILES` says otherwise (diagnostics). On a busy
+/// device small ops get chunks this large (a chunk's fixed cost is a few device memory round
+/// trips); on a quiet one the idle blocks are shared among the ops at hand, in smaller chunks
+/// (measured on the H100: bench/results/h100/queue-trace/).
+pub const DEFAULT_CHUNK_TILES: u32 = 4;
 
-fn min_tiles() -> u32 {
-    std::env::var("MULTIQ_QUEUE_MIN_TILES")
+fn chunk_tiles() -> u32 {
+    std::env::var("MULTIQ_QUEUE_CHUNK_TILES")
         .ok()
         .and_then(|v| v.parse::<u32>().ok())
         .filter(|&v| (1..=1024).contains(&v))
-        .unwrap_or(DEFAULT_MIN_TILES)
+        .unwrap_or(DEFAULT_CHUNK_TILES)
 }
 
 /// A timeline trace of the queue (diagnostics): with `MULTIQ_QUEUE_TRACE=PREFIX`, each queue
@@ -230,7 +233,7 @@ struct QueueParams {
     epoch: u64,
     idle_ns: u64,
     slots: u32,
-    min_tiles: u32,
+    chunk_tiles: u32,
     trace: u64,
     trace_from: u64,
 }
@@ -258,7 +261,7 @@ pub(super) struct CudaDeviceQueue {
     function: CudaFunction,
     grid: u32,
     /// Fewest 1,024-element tiles per chunk (see the kernel).
-    min_tiles: u32,
+    chunk_tiles: u32,
     /// The next op number to hand out (ops are 1, 2, …).
     next: AtomicU64,
     /// Epoch of the kernel believed running (0: none): the submitters' lock-free check.
@@ -319,7 +322,7 @@ impl CudaDeviceQueue {
             stream,
             function,
             grid,
-            min_tiles: min_tiles(),
+            chunk_tiles: chunk_tiles(),
             next: AtomicU64::new(1),
             live_epoch: AtomicU64::new(0),
             runner: Mutex::new(Runner {
@@ -408,7 +411,7 @@ impl CudaDeviceQueue {
             epoch,
             idle_ns: IDLE_EXIT.as_nanos() as u64,
             slots: SLOTS as u32,
-            min_tiles: self.min_tiles,
+            chunk_tiles: self.chunk_tiles,
             trace: self.trace.as_ref().map_or(0, |t| t.dev),
             trace_from: self.trace.as_ref().map_or(0, |t| t.from),
         };

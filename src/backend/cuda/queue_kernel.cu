@@ -35,7 +35,7 @@ struct QueueParams {
     DevSlot* dring; unsigned int* count; unsigned long long* dev_done;
     unsigned long long* chunks; unsigned long long* ctr;
     unsigned long long start, epoch, idle_ns;
-    unsigned int slots, min_tiles;
+    unsigned int slots, chunk_tiles;
     // Timeline trace (diagnostics; `trace` null when off): for ops trace_from ..
     // trace_from + slots - 1, four %globaltimer stamps each: seen by the dispatcher,
     // forwarded, first chunk started (its dependencies done), completed.
@@ -113,11 +113,22 @@ __device__ void queue_dispatch(const QueueParams& q) {
         unsigned int stop_lane = 32u;
         if (stops != 0u) { stop_lane = (unsigned int)(__ffs(stops) - 1); n = stop_lane; mine = lane < n; }
         const bool nop = (flags & FLAG_NOP) != 0u || len == 0u;
-        // Whole tiles per chunk: at least min_tiles (a chunk's fixed cost is a few memory
-        // round trips), and at most `blocks` chunks per op.
+        // Whole tiles per chunk, at most `blocks` chunks per op, and no more than chunk_tiles
+        // tiles per chunk (a chunk's fixed cost is a few memory round trips, so on a busy
+        // device small ops come in few chunks) unless the device has blocks to spare: the
+        // blocks not busy with earlier chunks are shared among this round's ops, so an op on
+        // a quiet device spreads over many multiprocessors (its latency is its work divided
+        // by the multiprocessors it gets). Chunks are never larger than chunk_tiles allows.
+        const unsigned long long finished = ld_relaxed_gpu(&q.ctr[CTR_FINISHED]);
         const unsigned long long tiles = ((unsigned long long)len + QUEUE_TILE - 1u) / QUEUE_TILE;
-        unsigned long long per = (tiles + blocks - 1u) / blocks;
-        if (per < q.min_tiles) per = q.min_tiles;
+        const unsigned long long backlog = forwarded - finished;
+        const unsigned long long idle = backlog >= blocks ? 1ull : blocks - backlog;
+        const unsigned long long share = n > 0u && idle / n > 1ull ? idle / n : 1ull;
+        unsigned long long per = (tiles + share - 1u) / share;
+        if (per > q.chunk_tiles) per = q.chunk_tiles;
+        const unsigned long long fewest = (tiles + blocks - 1u) / blocks;
+        if (per < fewest) per = fewest;
+        if (per == 0u) per = 1u;
         const unsigned int chunk_elems = (unsigned int)(per * QUEUE_TILE);
         const unsigned int chunks = (mine && !nop) ? (unsigned int)((tiles + per - 1u) / per) : 0u;
         unsigned int incl = chunks;

@@ -35,7 +35,7 @@ pub use kernel::Kernel;
 pub use model::{Model, ModelOptions};
 pub use runtime::{
     Buffer, CoalescePolicy, Device, Inflight, MatmulCoalescer, MatmulCoalescerConfig, PoolConfig,
-    Stream, StreamPool, Ticket,
+    Stream, StreamPool, Ticket, QUEUE_MIN_LOAD,
 };
 pub use sync::submit_lock::LockMode;
 pub use tensor::Tensor;

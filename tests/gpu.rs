@@ -418,24 +418,44 @@ fn device_queue_ops_are_bit_identical_to_single_launches() {
         let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
         pool.synchronize().unwrap();
         let stats = pool.coalesce_stats().unwrap();
-        assert_eq!(stats.ops, 16 * 300, "{wait}: every op published once");
-        // An idle queue leaves the device; the next op brings its kernel back.
+        assert_eq!(
+            stats.ops + stats.direct,
+            16 * 300,
+            "{wait}: every op published or launched alone, once"
+        );
+        // 1 << 20 elements fill the device: those ops are launched alone; the others went to
+        // the queue whenever enough ops were in flight.
+        assert!(
+            stats.ops > 0 && stats.direct >= 2 * 300,
+            "{wait}: {stats:?}"
+        );
+        // An idle queue leaves the device; the next queued op brings its kernel back. With
+        // fewer than QUEUE_MIN_LOAD others in flight ops are launched alone, so the first
+        // QUEUE_MIN_LOAD go to the stream and the next one to the queue (after the stream).
         std::thread::sleep(std::time::Duration::from_millis(5));
-        let mut extra = dev.buffer_from(&init(99, 0, 4096)).unwrap();
-        pool.current()
-            .unwrap()
-            .launch(Kernel::SimpleCompute { iters: 3 }, &mut extra)
-            .unwrap()
-            .wait()
-            .unwrap();
-        let v = verify_buffer(198, &extra.read().unwrap(), 3, tolerance());
-        assert_eq!(v.first_mismatch, None, "{wait}: op after a relaunch");
+        let s = pool.current().unwrap();
+        let mut extras: Vec<_> = (0..=multiq::QUEUE_MIN_LOAD)
+            .map(|e| dev.buffer_from(&init(99, e, 4096)).unwrap())
+            .collect();
+        let tickets: Vec<_> = extras
+            .iter_mut()
+            .map(|b| s.launch(Kernel::SimpleCompute { iters: 3 }, b).unwrap())
+            .collect();
+        for t in tickets {
+            t.wait().unwrap();
+        }
+        for (e, b) in extras.iter_mut().enumerate() {
+            let v = verify_buffer(198 + e, &b.read().unwrap(), 3, tolerance());
+            assert_eq!(v.first_mismatch, None, "{wait}: op {e} around a relaunch");
+        }
         let after = pool.coalesce_stats().unwrap();
         assert_eq!(
             after.launches,
             stats.launches + 1,
             "{wait}: one relaunch after the idle exit"
         );
+        assert_eq!(after.direct, stats.direct + multiq::QUEUE_MIN_LOAD as u64);
+        assert_eq!(after.ops, stats.ops + 1);
         drop(pool);
         // The same ops, one launch each, on an ordinary pool.
         let single = StreamPool::new(&dev, PoolConfig::default()).unwrap();

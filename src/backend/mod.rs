@@ -442,6 +442,9 @@ pub trait BackendDeviceQueue: Send + Sync {
     fn window(&self) -> u64;
     /// Times the queue's kernel was launched (it leaves the device when idle).
     fn launches(&self) -> u64;
+    /// Elements an op must have to fill the device by itself (its resident threads): such an
+    /// op gains nothing from sharing the queue and is better launched alone.
+    fn fills_device(&self) -> usize;
 }
 
 /// Device memory holding f32 elements.

@@ -144,6 +144,10 @@ pub struct CoalesceStats {
     pub launches: u64,
     /// Ops in them.
     pub ops: u64,
+    /// Device queue (`persistent`): ops launched alone instead, on their own stream (the
+    /// pool had fewer than [`QUEUE_MIN_LOAD`](super::device_queue::QUEUE_MIN_LOAD) other ops
+    /// in flight, or the op fills the device by itself).
+    pub direct: u64,
     /// Per launch, on average: µs from the batch's first op's submission to its launch.
     pub pending_us: f64,
     /// Per launch, on average: µs of host time spent queuing the grouped launch and its
@@ -175,6 +179,7 @@ impl StatTotals {
         CoalesceStats {
             launches,
             ops: get(&self.ops),
+            direct: 0,
             pending_us: per(get(&self.pending_ns), launches),
             launch_us: per(get(&self.launch_ns), launches),
             complete_us: per(get(&self.complete_ns), timed),

@@ -15,6 +15,7 @@
 //!   also asks the device whether the queue failed, so a device fault returns an error instead
 //!   of hanging, and restarts the queue's kernel if it left while ops were outstanding.
 
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -30,11 +31,39 @@ pub const CHECK_EVERY: Duration = Duration::from_micros(100);
 /// Polls a waiter spins before it starts yielding its CPU between polls.
 const SPIN_POLLS: u32 = 16;
 
+/// Ops of the pool in flight (tickets alive, this one's not counted) from which a small op
+/// goes to the queue rather than to a launch of its own (`MULTIQ_QUEUE_MIN_LOAD` overrides it;
+/// diagnostics). Below it, one launch per op is faster: an op's round trip through the queue
+/// is longer than a launch and a wait (measured on the H100: the queue passes one launch per
+/// op from about 8 threads waiting for their own op; bench/results/h100/coalesce.md).
+pub const QUEUE_MIN_LOAD: usize = 8;
+
+fn queue_min_load() -> usize {
+    std::env::var("MULTIQ_QUEUE_MIN_LOAD")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(QUEUE_MIN_LOAD)
+}
+
 /// A pool's device queue.
 pub(crate) struct DeviceQueue {
     backend: Arc<dyn BackendDeviceQueue>,
     wait: WaitPolicy,
     device_id: u64,
+    /// Ops of the pool in flight: tickets alive, queued or launched alone.
+    load: AtomicUsize,
+    min_load: usize,
+    /// Ops launched alone.
+    direct: AtomicU64,
+}
+
+/// One op of the pool in flight, counted in the queue's load until its ticket goes.
+pub(crate) struct LoadToken(Arc<DeviceQueue>);
+
+impl Drop for LoadToken {
+    fn drop(&mut self) {
+        self.0.load.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl DeviceQueue {
@@ -45,6 +74,9 @@ impl DeviceQueue {
                 backend,
                 wait: device.info().wait,
                 device_id: device.id(),
+                load: AtomicUsize::new(0),
+                min_load: queue_min_load(),
+                direct: AtomicU64::new(0),
             })
         }))
     }
@@ -55,6 +87,24 @@ impl DeviceQueue {
 
     pub(crate) fn supports(&self, kernel: Kernel) -> bool {
         self.backend.supports(kernel)
+    }
+
+    /// Counts an op of `elements` elements in flight and says whether it goes to the queue
+    /// (`true`) or to a launch of its own: the queue only pays when other ops keep the
+    /// device busy and the op leaves room for theirs.
+    pub(crate) fn admit(self: &Arc<Self>, elements: usize) -> (LoadToken, bool) {
+        let before = self.load.fetch_add(1, Ordering::Relaxed);
+        let token = LoadToken(self.clone());
+        let queued = before >= self.min_load && elements < self.backend.fills_device();
+        if !queued {
+            self.direct.fetch_add(1, Ordering::Relaxed);
+        }
+        (token, queued)
+    }
+
+    /// Ops launched alone so far.
+    pub(crate) fn direct_ops(&self) -> u64 {
+        self.direct.load(Ordering::Relaxed)
     }
 
     /// Publishes `kernel` over `raw` after ops `after`. See [`BackendDeviceQueue::submit`]

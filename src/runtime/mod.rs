@@ -22,6 +22,7 @@ mod stream;
 
 pub use coalescer::{CoalescePolicy, CoalesceStats, DEFAULT_DEPTH};
 pub use device::{Buffer, Device};
+pub use device_queue::QUEUE_MIN_LOAD;
 pub use inflight::Inflight;
 pub use live::{live_counts, LiveCounts};
 pub use matmul::{MatmulCoalescer, MatmulCoalescerConfig, MatmulStats};

@@ -141,6 +141,7 @@ impl StreamPool {
             return Some(super::CoalesceStats {
                 launches,
                 ops,
+                direct: q.direct_ops(),
                 ..Default::default()
             });
         }

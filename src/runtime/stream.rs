@@ -5,11 +5,11 @@
 //! mode), launches, records the event, and leaves the lock. Waiting happens outside any lock,
 //! on the ticket's own event, so a waiting thread never blocks another thread's submission.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use super::coalescer::{Batch, CoalescerShared};
-use super::device_queue::DeviceQueue;
+use super::device_queue::{DeviceQueue, LoadToken};
 use super::event_pool::EventPool;
 use super::live::{Kind, LiveToken};
 use super::{Buffer, Device};
@@ -27,6 +27,10 @@ pub(crate) struct StreamShared {
     /// The last op this stream published to the device queue (0: none); the next one runs
     /// after it. Changed only under the stream's submission lock.
     queued_last: AtomicU64,
+    /// With a device queue: an op was launched on this stream itself since the last queued
+    /// one, so the next queued op waits for the stream first (the queue's kernel is not
+    /// ordered with it). Changed only under the stream's submission lock.
+    launched_since_queued: AtomicBool,
     pub(crate) pool_id: u64,
     pub(crate) index: usize,
     pub(crate) device: Device,
@@ -51,6 +55,7 @@ impl StreamShared {
             coalescer,
             device_queue,
             queued_last: AtomicU64::new(0),
+            launched_since_queued: AtomicBool::new(false),
             pool_id,
             index,
             device,
@@ -110,11 +115,26 @@ impl Stream {
             return Ok(Ticket {
                 stream: self.shared.clone(),
                 kind: TicketKind::Coalesced(batch),
+                load: None,
             });
         }
         if let Some(q) = s.device_queue.as_ref().filter(|q| q.supports(kernel)) {
+            let (load, queued) = q.admit(buf.len());
+            if !queued {
+                // Launched alone, on this stream, after the stream's queued ops.
+                buf.bind(s.device.id(), &s.backend)?;
+                let mut ticket = self.submit(1, |backend| backend.launch(kernel, buf.raw()))?;
+                ticket.load = Some(load);
+                return Ok(ticket);
+            }
             // Held across the publication, so `queued_last` is this stream's last op.
             let _guard = s.lock.enter()?;
+            if s.launched_since_queued.swap(false, Ordering::Relaxed) {
+                if let Err(e) = s.backend.synchronize() {
+                    s.launched_since_queued.store(true, Ordering::Relaxed);
+                    return Err(e);
+                }
+            }
             let after_buffer = buf.bind_queue(q)?;
             let after_stream = s.queued_last.load(Ordering::Acquire);
             let op = q.submit(kernel, buf.raw(), [after_stream, after_buffer])?;
@@ -124,6 +144,7 @@ impl Stream {
             return Ok(Ticket {
                 stream: self.shared.clone(),
                 kind: TicketKind::Queued(q.clone(), op),
+                load: Some(load),
             });
         }
         buf.bind(s.device.id(), &s.backend)?;
@@ -141,7 +162,9 @@ impl Stream {
     }
 
     /// One submission: a pooled event, the lock mode's guard, `enqueue`, the event's record.
-    /// The event goes back to the pool if anything fails.
+    /// The event goes back to the pool if anything fails. With a device queue, the stream's
+    /// queued ops complete first (the queue's kernel is not ordered with the stream), and the
+    /// stream's next queued op will wait for this one.
     pub(crate) fn submit(
         &self,
         ops: u64,
@@ -150,7 +173,10 @@ impl Stream {
         let s = &*self.shared;
         let event = s.events.take(s.device.backend())?;
         let submitted = match s.lock.enter() {
-            Ok(_guard) => enqueue(&*s.backend).and_then(|()| s.backend.record(&*event)),
+            Ok(_guard) => self
+                .after_queued()
+                .and_then(|()| enqueue(&*s.backend))
+                .and_then(|()| s.backend.record(&*event)),
             Err(e) => Err(e),
         };
         match submitted {
@@ -159,6 +185,7 @@ impl Stream {
                 Ok(Ticket {
                     stream: self.shared.clone(),
                     kind: TicketKind::Event(Some(event)),
+                    load: None,
                 })
             }
             Err(e) => {
@@ -166,6 +193,20 @@ impl Stream {
                 Err(e)
             }
         }
+    }
+
+    /// With a device queue: waits for the stream's last queued op and marks the stream as
+    /// having work of its own. Called under the stream's submission lock.
+    fn after_queued(&self) -> Result<()> {
+        let s = &*self.shared;
+        if let Some(q) = &s.device_queue {
+            let last = s.queued_last.load(Ordering::Acquire);
+            if last != 0 {
+                q.wait(last)?;
+            }
+            s.launched_since_queued.store(true, Ordering::Relaxed);
+        }
+        Ok(())
     }
 
     /// Submits `kernel` over every buffer of `bufs` as one grouped launch (batching by hand):
@@ -228,6 +269,8 @@ impl Stream {
 pub struct Ticket {
     stream: Arc<StreamShared>,
     kind: TicketKind,
+    /// With a device queue: this op counted in the pool's load until the ticket goes.
+    load: Option<LoadToken>,
 }
 
 enum TicketKind {

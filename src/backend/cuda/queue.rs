@@ -538,6 +538,10 @@ impl BackendDeviceQueue for CudaDeviceQueue {
     fn launches(&self) -> u64 {
         self.runner.lock().epoch
     }
+
+    fn fills_device(&self) -> usize {
+        self.grid as usize * CHUNK_THREADS as usize
+    }
 }
 
 impl Drop for CudaDeviceQueue {

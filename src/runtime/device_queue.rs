@@ -69,16 +69,21 @@ impl Drop for LoadToken {
 impl DeviceQueue {
     /// The device's queue, or `None` where the backend has none.
     pub(crate) fn new(device: &Device) -> Result<Option<Arc<DeviceQueue>>> {
-        Ok(device.backend().new_device_queue()?.map(|backend| {
-            Arc::new(DeviceQueue {
-                backend,
-                wait: device.info().wait,
-                device_id: device.id(),
-                load: AtomicUsize::new(0),
-                min_load: queue_min_load(),
-                direct: AtomicU64::new(0),
-            })
-        }))
+        Ok(device
+            .backend()
+            .new_device_queue()?
+            .map(|backend| DeviceQueue::on(backend, device.info().wait, device.id())))
+    }
+
+    fn on(backend: Arc<dyn BackendDeviceQueue>, wait: WaitPolicy, device_id: u64) -> Arc<Self> {
+        Arc::new(DeviceQueue {
+            backend,
+            wait,
+            device_id,
+            load: AtomicUsize::new(0),
+            min_load: queue_min_load(),
+            direct: AtomicU64::new(0),
+        })
     }
 
     pub(crate) fn device_id(&self) -> u64 {
@@ -158,5 +163,63 @@ impl DeviceQueue {
     /// (kernel launches, ops published).
     pub(crate) fn counts(&self) -> (u64, u64) {
         (self.backend.launches(), self.backend.published())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A queue whose device holds 1,000 threads; only the routing is exercised.
+    struct Fake;
+
+    impl BackendDeviceQueue for Fake {
+        fn supports(&self, _: Kernel) -> bool {
+            true
+        }
+        fn submit(&self, _: Kernel, _: &dyn BackendBuffer, _: [u64; 2]) -> Result<u64> {
+            unreachable!("routing only")
+        }
+        fn is_done(&self, _: u64, _: bool) -> Result<bool> {
+            Ok(true)
+        }
+        fn published(&self) -> u64 {
+            0
+        }
+        fn window(&self) -> u64 {
+            1
+        }
+        fn launches(&self) -> u64 {
+            0
+        }
+        fn fills_device(&self) -> usize {
+            1000
+        }
+    }
+
+    #[test]
+    fn small_ops_go_to_the_queue_only_under_load_and_large_ones_never() {
+        let q = DeviceQueue::on(Arc::new(Fake), WaitPolicy::Spin, 1);
+        let min = q.min_load;
+        // A quiet pool: every op alone, until `min` others are in flight.
+        let mut held: Vec<LoadToken> = Vec::new();
+        for i in 0..min {
+            let (token, queued) = q.admit(10);
+            assert!(!queued, "op {i} with {i} others in flight");
+            held.push(token);
+        }
+        let (t, queued) = q.admit(10);
+        assert!(queued, "{min} others in flight");
+        held.push(t);
+        // An op that fills the device is launched alone whatever the load.
+        let (t, queued) = q.admit(1000);
+        assert!(!queued);
+        held.push(t);
+        assert_eq!(q.load.load(Ordering::Relaxed), min + 2);
+        assert_eq!(q.direct_ops(), min as u64 + 1);
+        // Tickets going (waited or dropped) take their ops out of the load.
+        held.clear();
+        assert_eq!(q.load.load(Ordering::Relaxed), 0);
+        assert!(!q.admit(10).1);
     }
 }

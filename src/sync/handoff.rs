@@ -14,10 +14,15 @@
 //! handed back to the caller ([`Waited::Launched`]), which polls the word and marks the batch
 //! done. *Event mode*: each launch records an event, and batches are finished here.
 //!
-//! Invariants:
+//! Invariants (checked by the loom models below, event mode):
 //! - A batch's state only moves forward: pending → launched → done, or pending → done when
 //!   its launch failed. Its launch number is stored before it is marked launched and its
-//!   error (if any) before it is marked done, so a waiter that sees the state sees them.
+//!   error (if any) before it is marked done, so a waiter that sees the state sees them. In
+//!   event mode a batch is marked launched in the same critical section that queues it in
+//!   `in_flight`, and finishers pop it under that lock, so "done" can never be overwritten by
+//!   "launched". (Marked after the unlock, as before, a reaper could finish the batch first:
+//!   it then stayed "launched" for ever, and its waiters other than the watcher, and every
+//!   poll, waited for ever. The model `every_waiter_gets_its_batch_done` found it.)
 //! - Batches leave `pending` front first, one at a time, only in the combiner's server (or
 //!   `Drop`), and are launched in that order with launch numbers 1, 2, …; `launched_seq` is
 //!   the last launch number. "In flight" is `launched_seq` minus the last launch number
@@ -34,7 +39,7 @@
 //!   round of a waiter of a pending batch. Without that last rule, batches launched beyond
 //!   `depth` (by a flush) whose tickets were all dropped were never finished, the device
 //!   looked full for ever, and the waiters of later pending batches slept for ever (the hang
-//!   fixed in 8a9e810).
+//!   fixed in 8a9e810; the model `dropped_batches_do_not_strand_waiters` fails without it).
 //! - No lost wake-up: `block` waiters check their condition while holding `sleep` and sleep
 //!   on `done`; every launch, failed launch and finish changes the state first, then takes
 //!   and releases `sleep`, then notifies. A waiter thus either saw the change before sleeping
@@ -401,10 +406,17 @@ impl<L: Launcher> Handoff<L> {
             Ok(event) => {
                 batch.seq.store(seq, Ordering::Release);
                 *batch.event.lock() = event;
-                if !self.signalled {
-                    self.lock().in_flight.push_back(batch.clone());
+                if self.signalled {
+                    batch.state.store(LAUNCHED, Ordering::Release);
+                } else {
+                    // Marked launched under the lock it is queued under: finishers pop it
+                    // under that lock, so "done" always comes after "launched" (marked after
+                    // the unlock, a reaper could finish it first and "launched" would then
+                    // overwrite "done": its other waiters would wait for ever).
+                    let mut q = self.lock();
+                    q.in_flight.push_back(batch.clone());
+                    batch.state.store(LAUNCHED, Ordering::Release);
                 }
-                batch.state.store(LAUNCHED, Ordering::Release);
                 self.launched_seq.store(seq, Ordering::Release);
             }
             Err(failure) => batch.fail(failure),
@@ -628,5 +640,283 @@ impl<L: Launcher> Drop for Handoff<L> {
             batch.event.lock().take();
             batch.state.store(DONE, Ordering::Release);
         }
+    }
+}
+
+#[cfg(all(test, loom))]
+mod loom_tests {
+    use super::*;
+    use loom::sync::Arc as LoomArc;
+
+    /// The model's device: batches launched so far, and the last one it completed (in
+    /// launch order, on its own thread: see [`run_device`]).
+    struct FakeDevice {
+        /// Most ops per batch (the batch target).
+        max_batch: usize,
+        /// The launch call (1, 2, …) that fails; 0: none.
+        failing_call: u64,
+        calls: AtomicU64,
+        /// Launch number of the last batch launched / completed by the device.
+        launched: AtomicU64,
+        completed: AtomicU64,
+        /// The device thread sleeps here while it has nothing to run, and so do threads
+        /// waiting for an event (no spinning: it would only add interleavings).
+        wake: Mutex<bool>,
+        woken: Condvar,
+        /// How many times each op (0, 1, …) was launched.
+        ran: Mutex<Vec<u32>>,
+        given_back: AtomicUsize,
+    }
+
+    /// A batch's ops (their ids).
+    struct Ops(Mutex<Vec<usize>>);
+
+    impl Launcher for FakeDevice {
+        type Payload = Ops;
+        type Event = u64;
+        type Failure = &'static str;
+        type State = ();
+
+        fn launch(&self, batch: &Ops, seq: u64) -> Result<Option<u64>, &'static str> {
+            if self.calls.fetch_add(1, Ordering::Relaxed) + 1 == self.failing_call {
+                return Err("launch failed");
+            }
+            let mut ran = self.ran.lock();
+            for &op in batch.0.lock().iter() {
+                ran[op] += 1;
+            }
+            let stop = self.wake.lock();
+            self.launched.store(seq, Ordering::Release);
+            drop(stop);
+            self.woken.notify_all();
+            Ok(Some(seq))
+        }
+
+        fn is_complete(&self, event: &u64) -> Result<bool, &'static str> {
+            Ok(self.completed.load(Ordering::Acquire) >= *event)
+        }
+
+        fn wait(&self, event: &u64) -> Result<(), &'static str> {
+            let mut stop = self.wake.lock();
+            while self.completed.load(Ordering::Acquire) < *event {
+                stop = self.woken.wait(stop);
+            }
+            Ok(())
+        }
+
+        fn give_back(&self, _event: u64) {
+            self.given_back.fetch_add(1, Ordering::Relaxed);
+        }
+
+        fn signal(&self) -> u64 {
+            unreachable!("the models run in event mode")
+        }
+
+        fn full(&self, batch: &Ops, _state: &()) -> bool {
+            batch.0.lock().len() >= self.max_batch
+        }
+
+        /// Deadlines never pass in the models: a batch launches only when full, when the
+        /// device has room, or when flushed, so no clock hides a missing wake-up or reap.
+        fn overdue(&self, _batch: &Ops) -> bool {
+            false
+        }
+
+        fn deadline(&self, _batch: &Ops) -> Instant {
+            Instant::now()
+        }
+
+        fn finished(&self, _batch: &Ops, _state: &mut ()) {}
+    }
+
+    type Model = Handoff<FakeDevice>;
+    /// A model thread's body; returns the batches it made.
+    type Body = fn(&Model) -> Vec<Arc<Batch<FakeDevice>>>;
+
+    fn handoff(
+        ops: usize,
+        max_batch: usize,
+        depth: u64,
+        wait: WaitPolicy,
+        failing_call: u64,
+    ) -> Model {
+        let device = FakeDevice {
+            max_batch,
+            failing_call,
+            calls: AtomicU64::new(0),
+            launched: AtomicU64::new(0),
+            completed: AtomicU64::new(0),
+            wake: Mutex::new(false),
+            woken: Condvar::new(),
+            ran: Mutex::new(vec![0; ops]),
+            given_back: AtomicUsize::new(0),
+        };
+        Handoff::new(device, depth, wait, false, ())
+    }
+
+    /// Submits op `op`: joins the first pending batch with room, else starts one.
+    fn submit(h: &Model, op: usize) -> Arc<Batch<FakeDevice>> {
+        let max_batch = h.launcher().max_batch;
+        h.submit(
+            |pending| pending.iter().position(|b| b.0.lock().len() < max_batch),
+            || Ops(Mutex::new(Vec::new())),
+            |ops| ops.0.lock().push(op),
+        )
+    }
+
+    fn wait(h: &Model, batch: &Batch<FakeDevice>) -> Result<(), &'static str> {
+        match h.wait(batch) {
+            Waited::Done(r) => r,
+            Waited::Launched => unreachable!("event mode"),
+        }
+    }
+
+    /// The device: completes launched batches one at a time, in launch order, until told to
+    /// stop with nothing left to run.
+    fn run_device(h: &Model) {
+        let d = h.launcher();
+        let mut stop = d.wake.lock();
+        loop {
+            let completed = d.completed.load(Ordering::Relaxed);
+            if completed < d.launched.load(Ordering::Acquire) {
+                d.completed.store(completed + 1, Ordering::Release);
+                d.woken.notify_all();
+            } else if *stop {
+                return;
+            } else {
+                stop = d.woken.wait(stop);
+            }
+        }
+    }
+
+    /// Runs `threads` against a hand-off and a device thread; afterwards every batch the
+    /// threads made is finished by one last reap, and every launched event was given back
+    /// exactly once.
+    fn check(
+        preemptions: usize,
+        make: impl Fn() -> Model + Sync + Send + 'static,
+        threads: Vec<Body>,
+    ) {
+        let mut model = loom::model::Builder::new();
+        model.preemption_bound = Some(preemptions);
+        model.check(move || {
+            let h = LoomArc::new(make());
+            let device = {
+                let h = h.clone();
+                loom::thread::spawn(move || run_device(&h))
+            };
+            let workers: Vec<_> = threads
+                .iter()
+                .map(|&body| {
+                    let h = h.clone();
+                    loom::thread::spawn(move || body(&h))
+                })
+                .collect();
+            let batches: Vec<_> = workers
+                .into_iter()
+                .flat_map(|w| w.join().unwrap())
+                .collect();
+            *h.launcher().wake.lock() = true;
+            h.launcher().woken.notify_all();
+            device.join().unwrap();
+            h.reap();
+            assert!(
+                h.lock().in_flight.is_empty(),
+                "a completed batch was never finished"
+            );
+            assert_eq!(h.in_flight(), 0);
+            let d = h.launcher();
+            assert_eq!(
+                d.given_back.load(Ordering::Relaxed) as u64,
+                d.launched.load(Ordering::Relaxed),
+                "every launched batch's event is given back once"
+            );
+            for b in &batches {
+                assert!(
+                    !b.is_pending() && !b.is_launched(),
+                    "a batch was left unfinished"
+                );
+            }
+        });
+    }
+
+    /// The hang fixed in 8a9e810. One thread (depth 1, batches of 2): op 0 launches at once;
+    /// op 1 waits in a new batch, is flushed (two batches on the device although depth is 1),
+    /// and both tickets are dropped; op 2 then waits in a pending batch while the device
+    /// looks full. Nobody waits for the first two batches, so only the waiter of the third
+    /// can find them complete: without reaping while the device looks full, it would wait
+    /// for ever (under loom, the model exceeds its branch limit).
+    #[test]
+    fn dropped_batches_do_not_strand_waiters() {
+        for policy in [WaitPolicy::Block, WaitPolicy::Yield] {
+            check(
+                3,
+                move || handoff(3, 2, 1, policy, 0),
+                vec![
+                    (|h: &Model| {
+                        let b0 = submit(h, 0);
+                        drop(b0);
+                        let b1 = submit(h, 1);
+                        h.flush(&b1);
+                        drop(b1);
+                        let b2 = submit(h, 2);
+                        assert_eq!(wait(h, &b2), Ok(()));
+                        assert!(h.launcher().ran.lock().iter().all(|&n| n == 1));
+                        vec![b2]
+                    }) as Body,
+                ],
+            );
+        }
+    }
+
+    /// Two threads each submit an op and wait for it (depth 1, batches of 2, `block`: the
+    /// non-watching waiter of a launched batch sleeps on the condvar). Whatever the
+    /// interleaving, both return `Ok`, each op was launched exactly once, and nobody sleeps
+    /// through the wake-up.
+    #[test]
+    fn every_waiter_gets_its_batch_done() {
+        check(
+            2,
+            || handoff(2, 2, 1, WaitPolicy::Block, 0),
+            vec![
+                (|h: &Model| {
+                    let b = submit(h, 0);
+                    assert_eq!(wait(h, &b), Ok(()));
+                    assert_eq!(h.launcher().ran.lock()[0], 1);
+                    vec![b]
+                }) as Body,
+                |h| {
+                    let b = submit(h, 1);
+                    assert_eq!(wait(h, &b), Ok(()));
+                    assert_eq!(h.launcher().ran.lock()[1], 1);
+                    vec![b]
+                },
+            ],
+        );
+    }
+
+    /// The first launch fails: every op of that batch (one or both, depending on the
+    /// interleaving) gets the failure, every other op runs once and gets `Ok`, and the
+    /// failed batch never counts as in flight.
+    #[test]
+    fn a_failed_launch_fails_each_of_its_ops_only() {
+        fn body(h: &Model, op: usize) -> Vec<Arc<Batch<FakeDevice>>> {
+            let b = submit(h, op);
+            let r = wait(h, &b);
+            let ran = h.launcher().ran.lock()[op];
+            match r {
+                Ok(()) => assert_eq!(ran, 1),
+                Err(e) => {
+                    assert_eq!(e, "launch failed");
+                    assert_eq!(ran, 0);
+                }
+            }
+            vec![b]
+        }
+        check(
+            2,
+            || handoff(2, 2, 1, WaitPolicy::Block, 1),
+            vec![(|h: &Model| body(h, 0)) as Body, |h| body(h, 1)],
+        );
     }
 }

@@ -9,14 +9,15 @@ pub mod batcher;
 pub mod claim;
 pub mod combiner;
 pub mod free_list;
+pub mod handoff;
 pub mod ordered_queue;
 pub mod submit_lock;
 pub mod thread_id;
 
 #[cfg(loom)]
-pub(crate) use loom::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+pub(crate) use loom::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 #[cfg(not(loom))]
-pub(crate) use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+pub(crate) use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 
 /// A mutex with parking_lot's poison-free API, backed by loom's mutex under `cfg(loom)`.
 #[derive(Debug, Default)]
@@ -49,6 +50,19 @@ impl<T> Mutex<T> {
         let guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         guard
     }
+
+    /// The lock if it is free now, without waiting.
+    pub(crate) fn try_lock(&self) -> Option<MutexGuard<'_, T>> {
+        #[cfg(not(loom))]
+        let guard = self.inner.try_lock();
+        #[cfg(loom)]
+        let guard = match self.inner.try_lock() {
+            Ok(guard) => Some(guard),
+            Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        };
+        guard
+    }
 }
 
 /// A condition variable over [`Mutex`], backed by loom's under `cfg(loom)`.
@@ -78,6 +92,24 @@ impl Condvar {
         #[cfg(loom)]
         {
             self.inner.wait(guard).unwrap_or_else(|p| p.into_inner())
+        }
+    }
+
+    /// Releases `guard` and sleeps until notified or until `deadline`. Under `cfg(loom)`,
+    /// which has no clock, the deadline counts as passed at once: the guard is released and
+    /// the thread yields, so a model checks that a sleeper with a deadline never needs a
+    /// notification to make progress.
+    pub(crate) fn wait_until<T>(&self, guard: MutexGuard<'_, T>, deadline: std::time::Instant) {
+        #[cfg(not(loom))]
+        {
+            let mut guard = guard;
+            let _ = self.inner.wait_until(&mut guard, deadline);
+        }
+        #[cfg(loom)]
+        {
+            let _ = deadline;
+            drop(guard);
+            loom::thread::yield_now();
         }
     }
 

@@ -10,6 +10,7 @@ pub mod claim;
 pub mod combiner;
 pub mod free_list;
 pub mod handoff;
+pub mod op_ring;
 pub mod ordered_queue;
 pub mod submit_lock;
 pub mod thread_id;

@@ -10,6 +10,9 @@ pub mod claim;
 pub mod combiner;
 pub mod free_list;
 pub mod handoff;
+// Used by the CUDA backend's device queue only; built (and its models run) without it too.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub mod op_ring;
 pub mod ordered_queue;
 pub mod submit_lock;
 pub mod thread_id;

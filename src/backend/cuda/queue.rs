@@ -2,7 +2,9 @@
 //! kernel reads, so an op costs a few stores instead of a launch (see `queue_kernel.cu` for
 //! the device side and its memory layout).
 //!
-//! Protocol:
+//! Protocol (the host side — tickets, slot reuse, publication, relaunch — is
+//! [`crate::sync::op_ring`], with its invariants and loom models; this file is its
+//! [`RingDevice`]: the memory layout, the kernel launch and the driver calls):
 //! - **Publish.** A thread takes the next op number `t` (one atomic add), waits until slot
 //!   `t % SLOTS` is free (op `t - SLOTS` completed), writes the op's fields, then `seq = t`
 //!   (release). Between taking `t` and publishing, nothing can fail or panic without
@@ -33,13 +35,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cudarc::driver::{result, sys, CudaContext, CudaFunction, CudaStream};
-use parking_lot::Mutex;
 
 use super::driver_error;
 use super::stream::{bind, CudaBuffer};
 use crate::backend::{downcast, BackendBuffer, BackendDeviceQueue};
 use crate::error::{Error, Result};
 use crate::kernel::Kernel;
+use crate::sync::op_ring::{OpRing, RingDevice};
 
 /// Ops in flight at most (slots of the ring); a power of two.
 pub const SLOTS: usize = 1024;
@@ -238,13 +240,13 @@ struct QueueParams {
     trace_from: u64,
 }
 
-/// Which kernel runs, from which op.
-struct Runner {
-    /// Launches so far; the running kernel's epoch when `running`.
-    epoch: u64,
-    running: bool,
-    /// The first op the next kernel starts from.
-    start: u64,
+/// One op's fields, as written into a `HostSlot`.
+pub(super) struct SlotOp {
+    ptr: u64,
+    n: u32,
+    iters: u32,
+    after: [u64; 2],
+    flags: u32,
 }
 
 /// A device queue on one CUDA context.
@@ -260,13 +262,10 @@ pub(super) struct CudaDeviceQueue {
     stream: Arc<CudaStream>,
     function: CudaFunction,
     grid: u32,
-    /// Fewest 1,024-element tiles per chunk (see the kernel).
+    /// Most 1,024-element tiles per chunk on a busy device (see the kernel).
     chunk_tiles: u32,
-    /// The next op number to hand out (ops are 1, 2, …).
-    next: AtomicU64,
-    /// Epoch of the kernel believed running (0: none): the submitters' lock-free check.
-    live_epoch: AtomicU64,
-    runner: Mutex<Runner>,
+    /// Tickets, slot reuse and kernel launches.
+    ring: OpRing,
     /// The timeline trace, when `MULTIQ_QUEUE_TRACE` asks for one.
     trace: Option<Trace>,
     ctx: Arc<CudaContext>,
@@ -323,13 +322,7 @@ impl CudaDeviceQueue {
             function,
             grid,
             chunk_tiles: chunk_tiles(),
-            next: AtomicU64::new(1),
-            live_epoch: AtomicU64::new(0),
-            runner: Mutex::new(Runner {
-                epoch: 0,
-                running: false,
-                start: 1,
-            }),
+            ring: OpRing::new(SLOTS as u64),
             trace: Trace::from_env(),
             ctx: ctx.clone(),
         };
@@ -361,43 +354,7 @@ impl CudaDeviceQueue {
         unsafe { self.host.as_ref() }
     }
 
-    /// The exit record: `(ticket, epoch)` of the last kernel that left.
-    fn exit_record(&self) -> (u64, u64) {
-        let r = self.region();
-        let epoch = r.exit[1].load(Ordering::Acquire);
-        (r.exit[0].load(Ordering::Acquire), epoch)
-    }
-
-    /// Makes sure a kernel will run every published op: relaunches from the exit point when
-    /// the last kernel left and ops were taken since.
-    fn ensure_running(&self) -> Result<()> {
-        let live = self.live_epoch.load(Ordering::Acquire);
-        if live != 0 && self.exit_record().1 != live {
-            return Ok(());
-        }
-        let mut r = self.runner.lock();
-        if r.running {
-            let (ticket, epoch) = self.exit_record();
-            if epoch != r.epoch {
-                return Ok(());
-            }
-            r.running = false;
-            r.start = ticket;
-            self.live_epoch.store(0, Ordering::Release);
-        }
-        let taken = self.next.load(Ordering::Acquire) - 1;
-        if taken < r.start {
-            return Ok(());
-        }
-        let epoch = r.epoch + 1;
-        self.launch(epoch, r.start)?;
-        r.epoch = epoch;
-        r.running = true;
-        self.live_epoch.store(epoch, Ordering::Release);
-        Ok(())
-    }
-
-    fn launch(&self, epoch: u64, start: u64) -> Result<()> {
+    fn launch_kernel(&self, epoch: u64, start: u64) -> Result<()> {
         let mut params = QueueParams {
             ring: self.host_dev,
             host_done: self.host_dev + std::mem::offset_of!(HostRegion, done) as u64,
@@ -445,48 +402,42 @@ impl CudaDeviceQueue {
         }
         .map_err(|e| driver_error("device queue launch", e))
     }
+}
 
-    /// Publishes one op; see the module doc. Never returns between taking a number and
-    /// publishing it.
-    fn publish(&self, ptr: u64, n: u32, iters: u32, after: [u64; 2], flags: u32) -> Result<u64> {
-        let t = self.next.fetch_add(1, Ordering::AcqRel);
-        let index = (t as usize) % SLOTS;
+impl RingDevice for CudaDeviceQueue {
+    type Op = SlotOp;
+    type Error = Error;
+
+    fn write(&self, index: usize, t: u64, op: &SlotOp, nop: bool) {
         let slot = &self.region().ring[index];
-        let mut freed = Ok(());
-        if t > SLOTS as u64 {
-            let previous = t - SLOTS as u64;
-            let mut spins = 0u32;
-            loop {
-                match self.is_done(previous, spins % 256 == 255) {
-                    Ok(true) => break,
-                    Ok(false) => {}
-                    Err(e) => {
-                        freed = Err(e);
-                        break;
-                    }
-                }
-                spins = spins.wrapping_add(1);
-                if spins > 64 {
-                    std::thread::yield_now();
-                }
-            }
-        }
-        let flags = if freed.is_ok() { flags } else { FLAG_NOP };
-        slot.ptr.store(ptr, Ordering::Relaxed);
-        slot.n.store(n, Ordering::Relaxed);
-        slot.iters.store(iters, Ordering::Relaxed);
-        slot.after_a.store(after[0], Ordering::Relaxed);
-        slot.after_b.store(after[1], Ordering::Relaxed);
+        let flags = if nop { FLAG_NOP } else { op.flags };
+        slot.ptr.store(op.ptr, Ordering::Relaxed);
+        slot.n.store(op.n, Ordering::Relaxed);
+        slot.iters.store(op.iters, Ordering::Relaxed);
+        slot.after_a.store(op.after[0], Ordering::Relaxed);
+        slot.after_b.store(op.after[1], Ordering::Relaxed);
         slot.flags.store(flags, Ordering::Relaxed);
         if let Some(trace) = &self.trace {
             trace.published(t);
         }
         slot.seq.store(t, Ordering::Release);
-        freed?;
-        Ok(t)
     }
 
-    fn stream_failed(&self) -> Result<()> {
+    fn done(&self, index: usize) -> u64 {
+        self.region().done[index].load(Ordering::Acquire)
+    }
+
+    fn exit_record(&self) -> (u64, u64) {
+        let r = self.region();
+        let epoch = r.exit[1].load(Ordering::Acquire);
+        (r.exit[0].load(Ordering::Acquire), epoch)
+    }
+
+    fn launch(&self, epoch: u64, start: u64) -> Result<()> {
+        self.launch_kernel(epoch, start)
+    }
+
+    fn failed(&self) -> Result<()> {
         bind(&self.ctx)?;
         // SAFETY: the stream is live (held by `self`).
         match unsafe { sys::cuStreamQuery(self.stream.cu_stream()) }.result() {
@@ -494,6 +445,12 @@ impl CudaDeviceQueue {
             Err(e) if e.0 == sys::cudaError_enum::CUDA_ERROR_NOT_READY => Ok(()),
             Err(e) => Err(driver_error("device queue", e)),
         }
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        self.stream
+            .synchronize()
+            .map_err(|e| driver_error("device queue", e))
     }
 }
 
@@ -507,28 +464,28 @@ impl BackendDeviceQueue for CudaDeviceQueue {
         let Kernel::SimpleCompute { iters } = kernel;
         let n = u32::try_from(buf.len())
             .map_err(|_| Error::invalid("buffer too large for a 32-bit kernel index"))?;
-        let t = self.publish(buf.ptr(), n, iters, after, 0)?;
-        self.ensure_running()?;
-        Ok(t)
+        let op = SlotOp {
+            ptr: buf.ptr(),
+            n,
+            iters,
+            after,
+            flags: 0,
+        };
+        self.ring.submit(self, &op)
     }
 
     fn is_done(&self, op: u64, check: bool) -> Result<bool> {
-        let index = (op as usize) % SLOTS;
-        if self.region().done[index].load(Ordering::Acquire) >= op {
+        let done = self.ring.is_done(self, op, check)?;
+        if done {
             if let Some(trace) = &self.trace {
                 trace.seen_done(op);
             }
-            return Ok(true);
         }
-        if check {
-            self.stream_failed()?;
-            self.ensure_running()?;
-        }
-        Ok(false)
+        Ok(done)
     }
 
     fn published(&self) -> u64 {
-        self.next.load(Ordering::Acquire) - 1
+        self.ring.published()
     }
 
     fn window(&self) -> u64 {
@@ -536,7 +493,7 @@ impl BackendDeviceQueue for CudaDeviceQueue {
     }
 
     fn launches(&self) -> u64 {
-        self.runner.lock().epoch
+        self.ring.launches()
     }
 
     fn fills_device(&self) -> usize {
@@ -563,20 +520,14 @@ impl CudaDeviceQueue {
     /// Publishes the stop op and waits until a kernel took it; true once the stream is idle
     /// and no kernel of this queue will run again.
     fn stop(&self) -> bool {
-        let Ok(stop) = self.publish(0, 0, 0, [0, 0], FLAG_STOP) else {
-            return false;
+        let stop = SlotOp {
+            ptr: 0,
+            n: 0,
+            iters: 0,
+            after: [0, 0],
+            flags: FLAG_STOP,
         };
-        // A kernel must take the stop op; one that left idle before it is relaunched. Bounded:
-        // each round either ends at the stop op or relaunches from a later op.
-        for _ in 0..SLOTS + 2 {
-            if self.ensure_running().is_err() || self.stream.synchronize().is_err() {
-                return false;
-            }
-            if self.exit_record().0 == stop {
-                return true;
-            }
-        }
-        false
+        self.ring.stop(self, &stop)
     }
 
     /// Frees the queue's memory; only once its stream is idle.

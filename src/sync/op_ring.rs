@@ -1,0 +1,493 @@
+//! `OpRing`: the host side of a device queue — threads publish ops into a ring of slots that
+//! a kernel on the device reads, runs, and marks done; the kernel leaves when idle and is
+//! relaunched when ops arrive (the CUDA device queue, `backend::cuda::queue`).
+//!
+//! Memory the device reads and writes (the slots, their done words, the exit record) is the
+//! [`RingDevice`]'s; this module decides which slot an op takes, when a slot may be written
+//! again, and when a kernel must be launched.
+//!
+//! Invariants (checked by the loom models below, with the device as a model thread):
+//! - **Claim.** Op numbers (tickets) 1, 2, … are taken with one atomic add, so each is taken
+//!   by exactly one thread; ticket `t` uses slot `t % slots`.
+//! - **Reuse only after done.** Ticket `t` writes its slot only after the slot's done word
+//!   reached `t - slots` (the op before it in that slot completed), so a slot is never
+//!   overwritten while the device may still read it. Done words only grow.
+//! - **Publish.** The op's fields are written first, then its ticket into the slot's sequence
+//!   word (release): a device that reads the ticket there (acquire) reads the op. Between
+//!   taking a ticket and publishing it nothing can fail or panic without publishing: every
+//!   later op of the ring waits for it, so a failed wait publishes a no-op instead.
+//! - **A kernel runs while ops are outstanding.** The kernel leaves only when it finds
+//!   nothing published, recording `{first ticket not taken, its epoch}`. Every submitter,
+//!   after publishing, and every waiter now and then ([`OpRing::is_done`] with `check`),
+//!   calls [`OpRing::ensure_running`]: under one lock, if the kernel believed running has
+//!   left (the exit record carries its epoch) it is forgotten, and if tickets were taken
+//!   from its exit point on, a new kernel (next epoch) is launched from there. A kernel can
+//!   leave just after a submitter saw it running: the waiters' checks then relaunch it, so no
+//!   waiter waits for ever on an op published to a kernel that had left.
+//! - **Stop.** [`OpRing::stop`] publishes a stop op and, relaunching as needed, waits until a
+//!   kernel left at that op with no kernel running after it.
+
+use super::{AtomicU64, Mutex, Ordering};
+
+/// Polls between checks of a thread waiting for a slot to be free (fewer under loom, so the
+/// models reach a check).
+#[cfg(not(loom))]
+const SLOT_CHECK_POLLS: u32 = 256;
+#[cfg(loom)]
+const SLOT_CHECK_POLLS: u32 = 2;
+
+/// The device side of an [`OpRing`]: the memory the device shares with the host, and the
+/// device's kernel launches.
+pub trait RingDevice {
+    /// One op's fields.
+    type Op;
+    /// Why the device failed.
+    type Error;
+
+    /// Writes `op` (or, if `nop`, a no-op with the same fields) into slot `index`, then
+    /// publishes ticket `t` in the slot's sequence word (release).
+    fn write(&self, index: usize, t: u64, op: &Self::Op, nop: bool);
+    /// Slot `index`'s done word (acquire): the ticket of the last op completed in it.
+    fn done(&self, index: usize) -> u64;
+    /// `(ticket, epoch)` of the last kernel that left: the first ticket it did not take.
+    fn exit_record(&self) -> (u64, u64);
+    /// Launches the kernel of epoch `epoch`, taking ops from ticket `start` on; it runs after
+    /// every kernel launched before it has left.
+    fn launch(&self, epoch: u64, start: u64) -> Result<(), Self::Error>;
+    /// The device's error, if it failed.
+    fn failed(&self) -> Result<(), Self::Error>;
+    /// Waits until every kernel launched so far has left.
+    fn synchronize(&self) -> Result<(), Self::Error>;
+}
+
+/// Which kernel runs, from which op.
+#[derive(Debug)]
+struct Runner {
+    /// Launches so far; the running kernel's epoch when `running`.
+    epoch: u64,
+    running: bool,
+    /// The first op the next kernel starts from.
+    start: u64,
+}
+
+/// Tickets, slots and kernel launches of one device queue (see the module doc).
+#[derive(Debug)]
+pub struct OpRing {
+    /// Slots of the ring (a power of two).
+    slots: u64,
+    /// The next ticket to hand out (tickets are 1, 2, …).
+    next: AtomicU64,
+    /// Epoch of the kernel believed running (0: none): the submitters' lock-free check.
+    live_epoch: AtomicU64,
+    runner: Mutex<Runner>,
+}
+
+impl OpRing {
+    /// A ring of `slots` slots (a power of two), nothing published, no kernel running.
+    pub fn new(slots: u64) -> Self {
+        debug_assert!(slots.is_power_of_two());
+        OpRing {
+            slots,
+            next: AtomicU64::new(1),
+            live_epoch: AtomicU64::new(0),
+            runner: Mutex::new(Runner {
+                epoch: 0,
+                running: false,
+                start: 1,
+            }),
+        }
+    }
+
+    fn index(&self, t: u64) -> usize {
+        (t % self.slots) as usize
+    }
+
+    /// Publishes `op` and makes sure a kernel will run it; returns its ticket.
+    pub fn submit<D: RingDevice>(&self, device: &D, op: &D::Op) -> Result<u64, D::Error> {
+        let t = self.publish(device, op)?;
+        self.ensure_running(device)?;
+        Ok(t)
+    }
+
+    /// Takes a ticket, waits until its slot is free, writes `op` and publishes it. Never
+    /// returns between taking the ticket and publishing it: if waiting fails (the device
+    /// failed), a no-op is published and the error returned.
+    fn publish<D: RingDevice>(&self, device: &D, op: &D::Op) -> Result<u64, D::Error> {
+        let t = self.next.fetch_add(1, Ordering::AcqRel);
+        let mut freed = Ok(());
+        if t > self.slots {
+            let previous = t - self.slots;
+            let mut spins = 0u32;
+            loop {
+                match self.is_done(
+                    device,
+                    previous,
+                    spins % SLOT_CHECK_POLLS == SLOT_CHECK_POLLS - 1,
+                ) {
+                    Ok(true) => break,
+                    Ok(false) => {}
+                    Err(e) => {
+                        freed = Err(e);
+                        break;
+                    }
+                }
+                spins = spins.wrapping_add(1);
+                if spins > 64 {
+                    super::yield_now();
+                } else {
+                    super::spin_hint();
+                }
+            }
+        }
+        device.write(self.index(t), t, op, freed.is_err());
+        freed?;
+        Ok(t)
+    }
+
+    /// True once op `op` completed. With `check`, also returns the device's error if it
+    /// failed, and relaunches the kernel if it left with ops outstanding.
+    pub fn is_done<D: RingDevice>(
+        &self,
+        device: &D,
+        op: u64,
+        check: bool,
+    ) -> Result<bool, D::Error> {
+        if device.done(self.index(op)) >= op {
+            return Ok(true);
+        }
+        if check {
+            device.failed()?;
+            self.ensure_running(device)?;
+        }
+        Ok(false)
+    }
+
+    /// Makes sure a kernel will run every published op: relaunches from the exit point when
+    /// the last kernel left and tickets were taken since.
+    fn ensure_running<D: RingDevice>(&self, device: &D) -> Result<(), D::Error> {
+        let live = self.live_epoch.load(Ordering::Acquire);
+        if live != 0 && device.exit_record().1 != live {
+            return Ok(());
+        }
+        let mut r = self.runner.lock();
+        if r.running {
+            let (ticket, epoch) = device.exit_record();
+            if epoch != r.epoch {
+                return Ok(());
+            }
+            r.running = false;
+            r.start = ticket;
+            self.live_epoch.store(0, Ordering::Release);
+        }
+        let taken = self.next.load(Ordering::Acquire) - 1;
+        if taken < r.start {
+            return Ok(());
+        }
+        let epoch = r.epoch + 1;
+        device.launch(epoch, r.start)?;
+        r.epoch = epoch;
+        r.running = true;
+        self.live_epoch.store(epoch, Ordering::Release);
+        Ok(())
+    }
+
+    /// Tickets taken so far (the last one).
+    pub fn published(&self) -> u64 {
+        self.next.load(Ordering::Acquire) - 1
+    }
+
+    /// Kernels launched so far.
+    pub fn launches(&self) -> u64 {
+        self.runner.lock().epoch
+    }
+
+    /// Publishes `stop` (an op the kernel leaves at without running it) and waits until a
+    /// kernel took it; true once no kernel of this ring runs or will run, false if the device
+    /// failed (a kernel might still read the ring). Bounded: each round either ends at the
+    /// stop op or relaunches from a later op.
+    pub fn stop<D: RingDevice>(&self, device: &D, stop: &D::Op) -> bool {
+        let Ok(stop) = self.publish(device, stop) else {
+            return false;
+        };
+        for _ in 0..self.slots + 2 {
+            if self.ensure_running(device).is_err() || device.synchronize().is_err() {
+                return false;
+            }
+            if device.exit_record().0 == stop {
+                return true;
+            }
+        }
+        false
+    }
+}
+
+#[cfg(all(test, loom))]
+mod loom_tests {
+    use super::*;
+    use crate::sync::Condvar;
+    use loom::sync::Arc;
+    use std::collections::VecDeque;
+
+    /// What a slot's op field holds for the stop op.
+    const STOP: u64 = u64::MAX;
+    /// What it holds for a no-op.
+    const NOP: u64 = u64::MAX - 1;
+    /// Idle exits the model's kernels make at most.
+    const IDLE_EXITS: u32 = 2;
+
+    /// Kernel launches not yet run, and the device thread's state.
+    #[derive(Default)]
+    struct Stream {
+        /// `(epoch, start)` of each launched kernel not started yet, in launch order.
+        queued: VecDeque<(u64, u64)>,
+        /// Kernels launched and kernels that left.
+        launched: u64,
+        left: u64,
+        /// The model is over: the device thread returns once the stream is empty.
+        shut: bool,
+        /// Idle exits the kernels may still make (see [`FakeDevice::run_kernel`]).
+        idle_exits: u32,
+        /// Changes of the device's state (publications, completions, launches, exits), for
+        /// the model's waiters (see [`wait`]).
+        changes: u64,
+    }
+
+    /// The model's device: a ring in "host memory" (loom atomics) and a stream of kernel
+    /// launches that one device thread runs in order, as kernels of one stream run.
+    struct FakeDevice {
+        /// Per slot: the published ticket, the op (its value), the done word.
+        seq: Vec<AtomicU64>,
+        op: Vec<AtomicU64>,
+        done: Vec<AtomicU64>,
+        /// `{ticket, epoch}` of the last kernel that left.
+        exit: [AtomicU64; 2],
+        stream: Mutex<Stream>,
+        changed: Condvar,
+        /// `(ticket, op value)` of every op the device ran, in order.
+        ran: Mutex<Vec<(u64, u64)>>,
+    }
+
+    impl FakeDevice {
+        fn new(slots: usize) -> Self {
+            let words = || (0..slots).map(|_| AtomicU64::new(0)).collect();
+            FakeDevice {
+                seq: words(),
+                op: words(),
+                done: words(),
+                exit: [AtomicU64::new(0), AtomicU64::new(0)],
+                stream: Mutex::new(Stream {
+                    idle_exits: IDLE_EXITS,
+                    ..Stream::default()
+                }),
+                changed: Condvar::new(),
+                ran: Mutex::new(Vec::new()),
+            }
+        }
+
+        /// One kernel, as `queue_kernel.cu`'s dispatcher: takes published ops in ticket order
+        /// from `start`, runs each and writes its done word; leaves, recording where, at the
+        /// stop op or when the next ticket is not published. The real kernel leaves after
+        /// `IDLE_EXIT` without a publication, which can fall at any moment; this one leaves
+        /// as soon as it finds the next ticket unpublished (before it sees a publication that
+        /// is already under way, or after a submitter saw it running), `IDLE_EXITS` times in
+        /// all, and then waits for publications: a bound on idle exits, as the preemption
+        /// bound is one on preemptions, without which loom could starve a submitter between
+        /// taking its ticket and publishing it while a waiter and the kernel relaunch and
+        /// leave for ever.
+        fn run_kernel(&self, epoch: u64, start: u64) {
+            let slots = self.seq.len() as u64;
+            let mut t = start;
+            loop {
+                let i = (t % slots) as usize;
+                if self.seq[i].load(Ordering::Acquire) != t {
+                    let mut s = self.stream.lock();
+                    if s.idle_exits > 0 {
+                        s.idle_exits -= 1;
+                        break;
+                    }
+                    while self.seq[i].load(Ordering::Acquire) != t {
+                        s = self.changed.wait(s);
+                    }
+                    continue;
+                }
+                let op = self.op[i].load(Ordering::Relaxed);
+                if op == STOP {
+                    break;
+                }
+                self.ran.lock().push((t, op));
+                self.done[i].store(t, Ordering::Release);
+                self.bump();
+                t += 1;
+            }
+            self.exit[0].store(t, Ordering::Relaxed);
+            self.exit[1].store(epoch, Ordering::Release);
+        }
+
+        /// Records a change of the device's state and wakes whoever waits for one.
+        fn bump(&self) {
+            self.stream.lock().changes += 1;
+            self.changed.notify_all();
+        }
+
+        /// The device thread: runs launched kernels one after another until shut down.
+        fn run(&self) {
+            let mut s = self.stream.lock();
+            loop {
+                if let Some((epoch, start)) = s.queued.pop_front() {
+                    drop(s);
+                    self.run_kernel(epoch, start);
+                    s = self.stream.lock();
+                    s.left += 1;
+                    s.changes += 1;
+                    self.changed.notify_all();
+                } else if s.shut {
+                    return;
+                } else {
+                    s = self.changed.wait(s);
+                }
+            }
+        }
+    }
+
+    impl RingDevice for FakeDevice {
+        type Op = u64;
+        type Error = ();
+
+        fn write(&self, index: usize, t: u64, op: &u64, nop: bool) {
+            self.op[index].store(if nop { NOP } else { *op }, Ordering::Relaxed);
+            self.seq[index].store(t, Ordering::Release);
+            // Wakes a kernel waiting for publications (after its idle exits).
+            self.bump();
+        }
+
+        fn done(&self, index: usize) -> u64 {
+            self.done[index].load(Ordering::Acquire)
+        }
+
+        fn exit_record(&self) -> (u64, u64) {
+            let epoch = self.exit[1].load(Ordering::Acquire);
+            (self.exit[0].load(Ordering::Acquire), epoch)
+        }
+
+        fn launch(&self, epoch: u64, start: u64) -> Result<(), ()> {
+            let mut s = self.stream.lock();
+            s.queued.push_back((epoch, start));
+            s.launched += 1;
+            s.changes += 1;
+            self.changed.notify_all();
+            Ok(())
+        }
+
+        fn failed(&self) -> Result<(), ()> {
+            Ok(())
+        }
+
+        fn synchronize(&self) -> Result<(), ()> {
+            let mut s = self.stream.lock();
+            while s.left < s.launched {
+                s = self.changed.wait(s);
+            }
+            Ok(())
+        }
+    }
+
+    /// A waiter of op `t`, checking the device on every poll (the real waiters check every
+    /// `CHECK_EVERY`; how often is timing, not protocol). It polls again after each change
+    /// of the device's state rather than spinning: the real waiters spin, yielding, but
+    /// under loom two spinning threads can starve the device thread for ever.
+    fn wait(ring: &OpRing, device: &FakeDevice, t: u64) {
+        loop {
+            let seen = device.stream.lock().changes;
+            if ring.is_done(device, t, true).unwrap() {
+                return;
+            }
+            let mut s = device.stream.lock();
+            while s.changes == seen {
+                s = device.changed.wait(s);
+            }
+        }
+    }
+
+    /// The model: the main thread submits the ops `main` (all, then waits for each), while
+    /// another thread, if `other` is not empty, does the same with its ops; then the ring is
+    /// stopped. Every op ran exactly once, with the value its submitter wrote, in ticket
+    /// order; every waiter returned; the stop op ended the last kernel.
+    fn check(slots: u64, main: &'static [u64], other: &'static [u64], preemptions: usize) {
+        fn submit_and_wait(ring: &OpRing, device: &FakeDevice, ops: &[u64]) -> Vec<(u64, u64)> {
+            let tickets: Vec<(u64, u64)> = ops
+                .iter()
+                .map(|op| (ring.submit(device, op).unwrap(), *op))
+                .collect();
+            for &(t, _) in &tickets {
+                wait(ring, device, t);
+            }
+            tickets
+        }
+        let mut model = loom::model::Builder::new();
+        model.preemption_bound = Some(preemptions);
+        model.check(move || {
+            let ring = Arc::new(OpRing::new(slots));
+            let device = Arc::new(FakeDevice::new(slots as usize));
+            let runner = {
+                let device = device.clone();
+                loom::thread::spawn(move || device.run())
+            };
+            let helper = (!other.is_empty()).then(|| {
+                let (ring, device) = (ring.clone(), device.clone());
+                loom::thread::spawn(move || submit_and_wait(&ring, &device, other))
+            });
+            let mut mine = submit_and_wait(&ring, &device, main);
+            if let Some(helper) = helper {
+                mine.extend(helper.join().unwrap());
+            }
+            mine.sort_unstable();
+            let ops = (main.len() + other.len()) as u64;
+            assert!(ring.stop(&*device, &STOP), "the stop op was not taken");
+            assert_eq!(device.exit_record().0, ops + 1);
+            assert_eq!(
+                *device.ran.lock(),
+                mine,
+                "an op was lost, run twice or overwritten"
+            );
+            {
+                let mut s = device.stream.lock();
+                assert!(s.queued.is_empty() && s.left == s.launched);
+                s.shut = true;
+            }
+            device.changed.notify_all();
+            runner.join().unwrap();
+        });
+    }
+
+    /// One thread submits two ops back to back, then waits for each. The kernel leaves
+    /// whenever it finds nothing published, so it can leave just after the submitter saw it
+    /// running, without the second op: only the waiter's checks relaunch it then (without
+    /// them, the waiter waits for ever).
+    #[test]
+    fn a_kernel_that_left_is_relaunched_for_its_waiter() {
+        check(4, &[100, 101], &[], 3);
+    }
+
+    /// Two threads submit one op each: tickets are taken in one order and may be published
+    /// in the other, and the kernel may leave at a ticket taken but not yet published.
+    #[test]
+    fn racing_submitters_each_get_their_op_run() {
+        check(4, &[100], &[200], 2);
+    }
+
+    /// Two ops and the stop op through a ring of one slot: each must wait until the op
+    /// before it in the slot is done before writing it (an early write would overwrite an
+    /// op the device has not read, or hide its ticket), relaunching the kernel while it
+    /// waits if need be.
+    #[test]
+    fn a_slot_is_reused_only_after_its_op_is_done() {
+        check(1, &[100, 101], &[], 3);
+    }
+
+    /// As above with the two ops from two threads: a submitter waits for a slot whose op
+    /// the other thread has not even published yet.
+    #[test]
+    fn racing_submitters_share_one_slot() {
+        check(1, &[100], &[200], 2);
+    }
+}

@@ -1,21 +1,9 @@
 //! The `multiq` command: usage errors (one line, exit 2, nothing written), results JSON, and
 //! verification failing loudly.
 
-use std::path::PathBuf;
-use std::process::{Command, Output};
-
-fn multiq(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_multiq"))
-        .args(args)
-        .output()
-        .expect("run multiq")
-}
-
-fn tmp(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("multiq-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join(name)
-}
+mod common;
+use common::{multiq, tmp};
+use std::process::Output;
 
 const SMALL: &[&str] = &["--data", "2048", "--kernel-iters", "2", "--iters", "3"];
 

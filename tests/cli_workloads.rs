@@ -1,25 +1,8 @@
 //! `multiq bench matmul`, `multiq bench mlp`, `multiq weights` and `multiq mlp-run` on the CPU:
 //! usage errors (one line, exit 2, nothing written), JSON rows, weights files.
 
-use std::path::PathBuf;
-use std::process::{Command, Output};
-
-fn multiq(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_multiq"))
-        .args(args)
-        .output()
-        .expect("run multiq")
-}
-
-fn tmp(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("multiq-cliw-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join(name)
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
+mod common;
+use common::{multiq, stderr, tmp};
 
 #[test]
 fn usage_errors_are_one_line_and_exit_2() {

@@ -1,22 +1,10 @@
 //! `multiq report` and `multiq bench --report`: a report from stored results, from a fresh
 //! run, and the error policy (usage errors one line and exit 2, bad files one line and exit 1).
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn multiq(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_multiq"))
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .expect("run multiq")
-}
-
-fn tmp(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("multiq-report-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join(name)
-}
+mod common;
+use common::{multiq, tmp};
+use std::path::Path;
+use std::process::Output;
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()

@@ -2,16 +2,11 @@
 //! failure the harness looks for is found when caused on purpose (test hooks), a round
 //! replays from its seed, and wrong arguments are usage errors.
 
-use std::path::PathBuf;
-use std::process::{Command, Output};
-use std::time::{Duration, Instant};
+mod common;
+use common::{multiq, tmp};
 
-fn multiq(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_multiq"))
-        .args(args)
-        .output()
-        .expect("run multiq")
-}
+use std::process::Output;
+use std::time::{Duration, Instant};
 
 fn stress(args: &[&str]) -> Output {
     let mut a = vec!["stress", "--backend", "cpu"];
@@ -24,12 +19,6 @@ fn text(o: &Output) -> (String, String) {
         String::from_utf8_lossy(&o.stdout).into_owned(),
         String::from_utf8_lossy(&o.stderr).into_owned(),
     )
-}
-
-fn tmp(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("multiq-stress-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join(name)
 }
 
 /// The summary line's counts.

@@ -16,30 +16,15 @@ use super::{panic_message, Env, InjectedPanic, Tally};
 use crate::error::{Error, Result};
 use crate::kernel::Kernel;
 use crate::sync::submit_lock::LockMode;
-use crate::{PoolConfig, Stream, StreamPool};
+use crate::{Stream, StreamPool};
 
 /// Runs a churn round.
 pub fn run(plan: &ChurnPlan, env: &Env<'_>) {
     let tally = env.tally;
     let c = env.watch.controller();
     c.set(Phase::Open, 0);
-    let device = match env.open(&plan.device) {
-        Ok(d) => d,
-        Err(e) => return tally.error(format!("opening the device: {e}")),
-    };
-    let tolerance = device
-        .backend()
-        .tolerance(Kernel::SimpleCompute { iters: 1 });
-    let pool = match StreamPool::new(
-        &device,
-        PoolConfig {
-            streams: plan.pool.streams,
-            lock: plan.pool.lock,
-            coalesce: plan.pool.coalesce,
-        },
-    ) {
-        Ok(p) => p,
-        Err(e) => return tally.error(format!("making the pool: {e}")),
+    let Some((_device, pool, tolerance)) = env.open_round(&plan.device, &plan.pool) else {
+        return;
     };
     let owners = Owners::new(plan.pool.streams, plan.pool.lock);
     let owners = &owners;

@@ -19,7 +19,7 @@ use super::plan::{Body, ExitMode, ExitPlan, PlanSettings, RoundPlan};
 use super::watch::Phase;
 use super::{device_options, rng, Env};
 use crate::kernel::Kernel;
-use crate::{Buffer, Device, Inflight, PoolConfig, Stream, StreamPool, Ticket};
+use crate::{Buffer, Device, Inflight, Stream, StreamPool, Ticket};
 
 /// The line a child prints once its trigger was reached, just before it ends.
 const READY: &str = "multiq-stress-child: submitted ";
@@ -224,11 +224,7 @@ pub fn child_main(seed: u64, settings: &PlanSettings) -> i32 {
     // Registered first, so destroyed after multiq's thread-locals of this thread.
     LATE.with(|_| ());
     let opts = device_options(settings.backend, &p.device);
-    let config = PoolConfig {
-        streams: p.pool.streams,
-        lock: p.pool.lock,
-        coalesce: p.pool.coalesce,
-    };
+    let config = p.pool.config();
     let opened = Device::open(&opts).and_then(|d| StreamPool::new(&d, config).map(|p| (d, p)));
     let (device, pool) = match opened {
         Ok(x) => x,

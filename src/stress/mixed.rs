@@ -20,7 +20,7 @@ use crate::model::{reference_forward, relative_error, Batching, Model, ModelOpti
 use crate::sync::submit_lock::LockMode;
 use crate::tensor::{check_matmul, seeded_values, Tensor};
 use crate::Precision;
-use crate::{Buffer, Inflight, PoolConfig, Stream, StreamPool};
+use crate::{Buffer, Inflight, Stream, StreamPool};
 
 /// Normwise relative error an fp32 MLP may show against the f64 reference (as in
 /// `tests/mlp.rs` and `tests/gpu_mlp.rs`).
@@ -109,21 +109,8 @@ pub fn run(plan: &MixedPlan, env: &Env<'_>) {
     let tally = env.tally;
     let c = env.watch.controller();
     c.set(Phase::Open, 0);
-    let device = match env.open(&plan.device) {
-        Ok(d) => d,
-        Err(e) => return tally.error(format!("opening the device: {e}")),
-    };
-    let tolerance = device
-        .backend()
-        .tolerance(Kernel::SimpleCompute { iters: 1 });
-    let config = PoolConfig {
-        streams: plan.pool.streams,
-        lock: plan.pool.lock,
-        coalesce: plan.pool.coalesce,
-    };
-    let pool = match StreamPool::new(&device, config) {
-        Ok(p) => p,
-        Err(e) => return tally.error(format!("making the pool: {e}")),
+    let Some((device, pool, tolerance)) = env.open_round(&plan.device, &plan.pool) else {
+        return;
     };
     let mut rng = Rng::new(plan.trigger ^ 0x5eed);
     let mut shared = Vec::new();

@@ -40,8 +40,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::backend::{BackendKind, DeviceOptions};
 use crate::error::Result;
-use crate::Device;
-use plan::{Body, DevicePlan, PlanSettings, RoundPlan};
+use crate::{Device, StreamPool};
+use plan::{Body, DevicePlan, PlanSettings, PoolPlan, RoundPlan};
 use watch::RoundWatch;
 
 pub use supervise::{run, StressConfig, Summary};
@@ -287,6 +287,28 @@ impl Env<'_> {
     /// Opens the round's device.
     pub fn open(&self, d: &DevicePlan) -> Result<Device> {
         Device::open(&device_options(self.backend, d))
+    }
+
+    /// Opens the round's device and pool, with the device's tolerance for the queues kernel;
+    /// a failure is tallied as an error of the round and gives `None`.
+    pub fn open_round(&self, d: &DevicePlan, p: &PoolPlan) -> Option<(Device, StreamPool, f32)> {
+        let device = match self.open(d) {
+            Ok(d) => d,
+            Err(e) => {
+                self.tally.error(format!("opening the device: {e}"));
+                return None;
+            }
+        };
+        let tolerance = device
+            .backend()
+            .tolerance(crate::kernel::Kernel::SimpleCompute { iters: 1 });
+        match StreamPool::new(&device, p.config()) {
+            Ok(pool) => Some((device, pool, tolerance)),
+            Err(e) => {
+                self.tally.error(format!("making the pool: {e}"));
+                None
+            }
+        }
     }
 }
 

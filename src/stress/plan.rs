@@ -331,6 +331,17 @@ pub struct PoolPlan {
     pub coalesce: CoalescePolicy,
 }
 
+impl PoolPlan {
+    /// The pool this plan asks for.
+    pub fn config(&self) -> crate::PoolConfig {
+        crate::PoolConfig {
+            streams: self.streams,
+            lock: self.lock,
+            coalesce: self.coalesce,
+        }
+    }
+}
+
 /// One thread of a mixed round.
 #[derive(Clone, Debug)]
 pub struct ThreadPlan {

@@ -3,8 +3,8 @@
 #   run(command="bash scripts/gpu-queue-trace.sh \"$OUT\"", carry=["carry"])
 # The device queue's (coalescing `persistent`) timeline: one cycle of an op, leg by leg
 # (scripts/queue-trace.py), for the minimal op with 1 and 16 threads waiting after every op,
-# then the same cells measured next to `off` with the queue's grid as built (one block per
-# multiprocessor fewer than fit: room for other kernels) and at full occupancy. Writes trace-*.csv, trace.txt,
+# then the same cells measured next to `off` with the queue's grid as built (full occupancy)
+# and with one block per multiprocessor (MULTIQ_QUEUE_BLOCKS_PER_SM=1: room for other kernels). Writes trace-*.csv, trace.txt,
 # bench-*.json/txt, summary.txt into OUTDIR, packed as results.tgz.
 set -u -o pipefail
 out=${1:-${OUT:-out}}
@@ -20,7 +20,7 @@ done
 python3 scripts/queue-trace.py "$out"/trace-*t-*.csv | tee "$out/trace.txt"
 run() { local name=$1; shift; timeout 150 "$bin" "${q[@]}" --repeat 3 "$@" --json "$out/$name.json" > "$out/$name.txt" 2>&1 || echo "$name: exit $?" | tee -a "$out/errors.txt"; }
 run bench-full --threads 1,4,16 --iters 2000 --inflight 1,8 --coalesce off,persistent
-MULTIQ_QUEUE_BLOCKS_PER_SM=64 run bench-occupancy --threads 1,4,16 --iters 2000 --inflight 1,8 --coalesce persistent
+MULTIQ_QUEUE_BLOCKS_PER_SM=1 run bench-one-block --threads 1,4,16 --iters 2000 --inflight 1,8 --coalesce persistent
 python3 - "$out" <<'PY' | tee "$out/summary.txt"
 import json, sys, glob
 for f in sorted(glob.glob(sys.argv[1] + "/bench-*.json")):

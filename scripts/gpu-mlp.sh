@@ -6,8 +6,8 @@
 #   2. numerics: seeded weights, multiq's MLP output (unbatched and dynamically batched) vs
 #      PyTorch's for the same file (scripts/mlp_check.py, 1e-4 relative), matmul vs float64 in
 #      the tests;
-#   3. multiq bench matmul and bench mlp (JSON), a TF32 matmul run (labelled), and a
-#      batching-depth variant of the request run;
+#   3. multiq bench matmul and bench mlp (JSON), a TF32 matmul run (labelled), batching-depth
+#      variants, and the same benches with recorded programs (CUDA graphs) off;
 #   4. the anchor torch_mt.py, its output kept verbatim as anchor-torch.txt;
 #   5. matmul.md and mlp.md: ratios and the targets, from the JSON and torch's output.
 # Everything lands in OUTDIR/results.tgz (plus summary.txt, matmul.md, mlp.md beside it).
@@ -63,10 +63,19 @@ timeout 60 "$bin" bench matmul --backend cuda --tf32 --sizes 1024,4096 --threads
 for d in 1 4; do
   timeout 60 "$bin" bench mlp --backend cuda --batches '' --threads 8,16 --batching on --depth $d \
     --json "$res/mlp-depth$d.json" > "$res/mlp-depth$d.txt" 2>&1
+done
+for d in 2 8; do
   timeout 60 "$bin" bench matmul --backend cuda --sizes 64,256 --threads 16 --coalesce on --depth $d \
     --limit-batch 0 --json "$res/matmul-depth$d.json" > "$res/matmul-depth$d.txt" 2>&1
 done
 grep -h -E "^  (threads|coalesced) " "$res"/mlp-depth*.txt "$res"/matmul-depth*.txt | tee -a "$res/summary.txt"
+
+step "variants: recorded programs (CUDA graphs) off, MULTIQ_GRAPHS=0"
+MULTIQ_GRAPHS=0 timeout 60 "$bin" bench mlp --backend cuda --batches 1,8,64 --threads 16 \
+  --json "$res/mlp-nographs.json" > "$res/mlp-nographs.txt" 2>&1
+MULTIQ_GRAPHS=0 timeout 60 "$bin" bench matmul --backend cuda --sizes 64,256 --threads 16 \
+  --coalesce on --limit-batch 0 --json "$res/matmul-nographs.json" > "$res/matmul-nographs.txt" 2>&1
+grep -h -E "^  (sweep|threads|coalesced) " "$res"/mlp-nographs.txt "$res"/matmul-nographs.txt | sort -u | tee -a "$res/summary.txt"
 
 step "tables"
 python3 scripts/mlp-table.py --matmul "$res/matmul.json" --mlp "$res/mlp.json" \

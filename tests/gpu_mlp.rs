@@ -228,3 +228,57 @@ fn bad_requests_fail_alone_and_nan_stays_in_its_row() {
     let ok = seeded_values(5, 512);
     assert!(relative_error(&m.infer(&ok).unwrap(), &reference_forward(&w, &ok)) < 1e-5);
 }
+
+/// Small batches go to multiq's own kernel for products with few rows: odd widths (scalar
+/// loads), widths that are multiples of 4 (16-byte loads), columns that do not fill a block,
+/// and row counts across its groups of 8 and past its threshold (cuBLAS from there).
+#[test]
+fn small_batches_match_the_reference_at_odd_widths() {
+    let Some(dev) = cuda("small_batches_match_the_reference_at_odd_widths") else {
+        return;
+    };
+    for (seed, widths) in [vec![7, 13, 5], vec![12, 9, 4], vec![512, 1024, 3]]
+        .into_iter()
+        .enumerate()
+    {
+        let spec = MlpSpec {
+            widths: widths.clone(),
+        };
+        let w = HostWeights::random(&spec, seed as u64 + 10).unwrap();
+        let m = model(&dev, &w, None, true);
+        for rows in [1usize, 2, 7, 8, 9, 16, 17, 31, 32, 33, 40] {
+            let input = seeded_values(rows as u64 + 100, rows * widths[0]);
+            let out = m.infer(&input).unwrap();
+            let err = relative_error(&out, &reference_forward(&w, &input));
+            assert!(
+                err < 1e-5,
+                "widths {widths:?} rows {rows}: relative error {err}"
+            );
+        }
+    }
+}
+
+/// With dynamic batching a request's rows share forwards with other requests: in small
+/// batches each row's result is bit-identical to the row run alone.
+#[test]
+fn a_small_batchs_rows_do_not_depend_on_each_other() {
+    let Some(dev) = cuda("a_small_batchs_rows_do_not_depend_on_each_other") else {
+        return;
+    };
+    if std::env::var("MULTIQ_SKINNY_ROWS").is_ok_and(|v| v.trim().parse().unwrap_or(0) < 8) {
+        eprintln!("SKIPPED: MULTIQ_SKINNY_ROWS below 8 sends small batches to cuBLAS");
+        return;
+    }
+    let w = HostWeights::random(&MlpSpec::default(), 7).unwrap();
+    let m = model(&dev, &w, None, true);
+    let input = seeded_values(8, 8 * 512);
+    let together = m.infer(&input).unwrap();
+    for (r, row) in input.chunks(512).enumerate() {
+        let alone = m.infer(row).unwrap();
+        let same = together[r * 512..(r + 1) * 512]
+            .iter()
+            .zip(&alone)
+            .all(|(x, y)| x.to_bits() == y.to_bits());
+        assert!(same, "row {r} differs when run with 7 others");
+    }
+}

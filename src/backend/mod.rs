@@ -389,9 +389,42 @@ pub trait BackendStream: Send + Sync {
             "partial downloads on this backend".into(),
         ))
     }
+    /// Records the work `body` queues on this stream, without running it, as a program that
+    /// [`replay`](Self::replay) queues again with one call (CUDA: a graph, captured for this
+    /// thread only). `None` where the backend cannot record, or when this work cannot be
+    /// recorded (the caller then queues it directly). The program refers to the buffers
+    /// `body` used, as they were: the caller keeps them alive and unchanged in place for as
+    /// long as it replays the program. Default: `None`, nothing queued.
+    fn record_program(
+        &self,
+        body: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<Option<Box<dyn BackendProgram>>> {
+        let _ = body;
+        Ok(None)
+    }
+    /// Queues `program` (recorded on this stream) once more.
+    fn replay(&self, program: &dyn BackendProgram) -> Result<()> {
+        let _ = program;
+        Err(Error::Unsupported(
+            "recorded programs on this backend".into(),
+        ))
+    }
     /// Frees `buf` once all work submitted so far on this stream has completed, without
     /// blocking the caller.
     fn free_after(&self, buf: Box<dyn BackendBuffer>);
+    /// For downcasting inside the backend.
+    fn as_any(&self) -> &dyn Any;
+}
+
+/// Whether recorded programs are used where they would be (`MULTIQ_GRAPHS=0` turns them
+/// off, to measure what they bring).
+pub(crate) fn recording_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("MULTIQ_GRAPHS").map_or(true, |v| v.trim() != "0"))
+}
+
+/// Work recorded on a stream, queued again as a whole ([`BackendStream::record_program`]).
+pub trait BackendProgram: Send + Sync {
     /// For downcasting inside the backend.
     fn as_any(&self) -> &dyn Any;
 }

@@ -55,7 +55,7 @@ pub struct MatmulArgs {
     #[arg(long, value_name = "N", default_value_t = 64)]
     pub max_batch: usize,
     /// Coalescer: batched launches in flight at once (each on its own stream).
-    #[arg(long, value_name = "N", default_value_t = 2)]
+    #[arg(long, value_name = "N", default_value_t = multiq::runtime::DEFAULT_MATMUL_DEPTH)]
     pub depth: usize,
     /// Products per launch of the device-limit run, at most (0: no limit run).
     #[arg(long, value_name = "N", default_value_t = 256)]

@@ -32,6 +32,7 @@
 
 pub mod weights;
 
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -39,8 +40,11 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 
 pub use crate::backend::Precision;
-use crate::backend::{BackendBuffer, BackendStream, DType, GemmOperands, GemmSpec, MatRef};
+use crate::backend::{
+    BackendBuffer, BackendProgram, BackendStream, DType, GemmOperands, GemmSpec, MatRef,
+};
 use crate::error::{Error, Result};
+use crate::runtime::phases::Phases;
 use crate::runtime::Device;
 use crate::sync::batcher::Batcher;
 pub use weights::{HostWeights, MlpSpec};
@@ -103,7 +107,18 @@ struct Context {
     /// Host staging for batched inputs and outputs (reused).
     host_in: Vec<f32>,
     host_out: Vec<f32>,
+    /// Recorded forwards by row count (see [`Inner::forward`]); they refer to `acts`, so
+    /// they are dropped whenever `acts` is reallocated.
+    programs: HashMap<usize, Box<dyn BackendProgram>>,
+    /// Row counts this context ran once unrecorded (the first run of a shape creates library
+    /// handles and plans, which cannot happen while recording).
+    warmed: HashSet<usize>,
+    /// Recording failed here once: forwards are queued directly from then on.
+    unrecordable: bool,
 }
+
+/// Recorded forwards kept per context (one per row count seen).
+const MAX_PROGRAMS: usize = 256;
 
 type Reply = std::result::Result<Vec<f32>, String>;
 
@@ -117,6 +132,8 @@ struct Inner {
     batcher: Option<Batcher<Vec<f32>, Reply>>,
     forwards: AtomicU64,
     rows: AtomicU64,
+    /// Diagnostic: where a batched forward's time goes (`MULTIQ_PHASES`).
+    phases: Phases,
 }
 
 /// The MLP, shared by all threads (see the module doc).
@@ -225,6 +242,16 @@ impl Model {
                 batcher,
                 forwards: AtomicU64::new(0),
                 rows: AtomicU64::new(0),
+                phases: Phases::new(
+                    "batched forward",
+                    &[
+                        "context+stage",
+                        "upload",
+                        "forward",
+                        "download+sync",
+                        "split+give back",
+                    ],
+                ),
             }),
         })
     }
@@ -335,6 +362,9 @@ impl Inner {
                     acts: Vec::new(),
                     host_in: Vec::new(),
                     host_out: Vec::new(),
+                    programs: HashMap::new(),
+                    warmed: HashSet::new(),
+                    unrecordable: false,
                 }
             }
         };
@@ -350,6 +380,8 @@ impl Inner {
                 .collect::<Result<Vec<_>>>();
             match acts {
                 Ok(a) => {
+                    ctx.programs.clear();
+                    ctx.warmed.clear();
                     ctx.acts = a;
                     ctx.rows = cap;
                 }
@@ -366,8 +398,39 @@ impl Inner {
         self.idle.lock().push(ctx);
     }
 
+    /// Queues one forward of `rows` rows on `ctx`'s stream. The second forward of a row
+    /// count on a context records its products as a program (CUDA: a graph), and later ones
+    /// replay it: one call queues the whole forward instead of one per layer.
+    fn forward(&self, ctx: &mut Context, rows: usize) -> Result<()> {
+        self.forwards.fetch_add(1, Ordering::Relaxed);
+        self.rows.fetch_add(rows as u64, Ordering::Relaxed);
+        if let Some(p) = ctx.programs.get(&rows) {
+            return ctx.stream.replay(&**p);
+        }
+        let record = crate::backend::recording_enabled()
+            && !ctx.unrecordable
+            && ctx.programs.len() < MAX_PROGRAMS
+            && ctx.warmed.contains(&rows);
+        if record {
+            let recorded = ctx
+                .stream
+                .record_program(&mut || self.queue_products(ctx, rows))?;
+            match recorded {
+                Some(p) => {
+                    ctx.stream.replay(&*p)?;
+                    ctx.programs.insert(rows, p);
+                    return Ok(());
+                }
+                None => ctx.unrecordable = true,
+            }
+        }
+        self.queue_products(ctx, rows)?;
+        ctx.warmed.insert(rows);
+        Ok(())
+    }
+
     /// Queues the products of one forward of `rows` rows on `ctx`'s stream.
-    fn forward(&self, ctx: &Context, rows: usize) -> Result<()> {
+    fn queue_products(&self, ctx: &Context, rows: usize) -> Result<()> {
         for (i, l) in self.layers.iter().enumerate() {
             let spec = GemmSpec {
                 m: rows,
@@ -389,8 +452,6 @@ impl Inner {
                 },
             )?;
         }
-        self.forwards.fetch_add(1, Ordering::Relaxed);
-        self.rows.fetch_add(rows as u64, Ordering::Relaxed);
         Ok(())
     }
 
@@ -399,13 +460,13 @@ impl Inner {
     fn run_direct(&self, input: &[f32], rows: usize) -> Result<Vec<f32>> {
         let (win, wout) = (self.spec.input(), self.spec.output());
         let chunk = rows.min(MAX_FORWARD_ROWS);
-        let ctx = self.take_context(chunk)?;
+        let mut ctx = self.take_context(chunk)?;
         let mut out = vec![0f32; rows * wout];
         let result = (|| {
             for (src, dst) in input.chunks(chunk * win).zip(out.chunks_mut(chunk * wout)) {
                 let r = src.len() / win;
                 ctx.stream.upload_at(&*ctx.acts[0], 0, src)?;
-                self.forward(&ctx, r)?;
+                self.forward(&mut ctx, r)?;
                 ctx.stream
                     .download_at(&*ctx.acts[self.layers.len()], 0, dst)?;
             }
@@ -428,6 +489,7 @@ impl Inner {
     fn run_batch(&self, batch: Vec<Vec<f32>>) -> Vec<Reply> {
         let (win, wout) = (self.spec.input(), self.spec.output());
         let rows: usize = batch.iter().map(|r| r.len() / win).sum();
+        let mut run = self.phases.start();
         let mut ctx = match self.take_context(rows) {
             Ok(c) => c,
             Err(e) => return batch.iter().map(|_| Err(e.to_string())).collect(),
@@ -439,15 +501,19 @@ impl Inner {
             host_in.extend_from_slice(r);
         }
         host_out.resize(rows * wout, 0.0);
+        self.phases.lap(&mut run, 0);
         let result = (|| {
             ctx.stream.upload_at(&*ctx.acts[0], 0, &host_in)?;
-            self.forward(&ctx, rows)?;
+            self.phases.lap(&mut run, 1);
+            self.forward(&mut ctx, rows)?;
+            self.phases.lap(&mut run, 2);
             ctx.stream.download_at(
                 &*ctx.acts[self.layers.len()],
                 0,
                 &mut host_out[..rows * wout],
             )
         })();
+        self.phases.lap(&mut run, 3);
         let replies = match &result {
             Ok(()) => {
                 let mut at = 0;
@@ -466,6 +532,7 @@ impl Inner {
         ctx.host_in = host_in;
         ctx.host_out = host_out;
         self.finish(ctx, &result);
+        self.phases.lap(&mut run, 4);
         replies
     }
 }
@@ -514,7 +581,7 @@ impl Session {
 
     /// One forward of the resident input, waited for.
     pub fn run(&mut self) -> Result<()> {
-        let ctx = self.ctx();
+        let ctx = self.ctx.as_mut().expect("a session holds its context");
         self.inner.forward(ctx, self.rows)?;
         ctx.stream.synchronize()
     }

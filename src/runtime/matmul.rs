@@ -23,6 +23,7 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 
 use super::coalescer::SharedRaw;
+use super::phases::Phases;
 use super::{Device, Stream, Ticket};
 use crate::backend::{BackendStream, DType, GemmOperands, GemmSpec, MatRef, Precision};
 use crate::error::{Error, Result};
@@ -66,6 +67,11 @@ impl Stream {
     }
 }
 
+/// Batched launches a [`MatmulCoalescer`] keeps in flight by default: on the H100, 16
+/// threads of 64² and 256² products reached 1.09 and 1.17 × the rate of depth 2 with
+/// depth 4 (same call, bench/results/h100/matmul.md).
+pub const DEFAULT_MATMUL_DEPTH: usize = 4;
+
 /// How a [`MatmulCoalescer`] batches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MatmulCoalescerConfig {
@@ -81,7 +87,7 @@ impl Default for MatmulCoalescerConfig {
     fn default() -> Self {
         MatmulCoalescerConfig {
             max_batch: 64,
-            depth: 2,
+            depth: DEFAULT_MATMUL_DEPTH,
             precision: Precision::Strict,
         }
     }
@@ -112,6 +118,8 @@ pub struct MatmulCoalescer {
     batcher: Batcher<Request, std::result::Result<usize, String>>,
     launches: AtomicU64,
     ops: AtomicU64,
+    /// Diagnostic: where a batch's time goes (`MULTIQ_PHASES`).
+    phases: Phases,
 }
 
 impl std::fmt::Debug for MatmulCoalescer {
@@ -142,6 +150,7 @@ impl MatmulCoalescer {
             batcher: Batcher::new(config.max_batch, config.depth, device.info().wait),
             launches: AtomicU64::new(0),
             ops: AtomicU64::new(0),
+            phases: Phases::new("coalesced matmul", &["executor+group", "launch", "sync"]),
         })
     }
 
@@ -198,6 +207,7 @@ impl MatmulCoalescer {
 
     /// Runs one batch on a free executor: one batched launch per shape, then a wait.
     fn run(&self, batch: Vec<Request>) -> Vec<std::result::Result<usize, String>> {
+        let mut run = self.phases.start();
         let Some(index) = self.free.lock().pop() else {
             let msg = "no free executor stream (more leaders than depth)".to_string();
             return batch.iter().map(|_| Err(msg.clone())).collect();
@@ -233,6 +243,7 @@ impl MatmulCoalescer {
                 precision: self.config.precision,
                 fuse: true,
             };
+            self.phases.lap(&mut run, 0);
             self.launches.fetch_add(1, Ordering::Relaxed);
             self.ops.fetch_add(ops.len() as u64, Ordering::Relaxed);
             if let Err(e) = stream.gemm_batched(&spec, &ops) {
@@ -241,6 +252,7 @@ impl MatmulCoalescer {
                 }
             }
         }
+        self.phases.lap(&mut run, 1);
         if let Err(e) = stream.synchronize() {
             for r in results.iter_mut().filter(|r| r.is_ok()) {
                 *r = Err(e.to_string());
@@ -248,6 +260,7 @@ impl MatmulCoalescer {
         }
         drop(batch);
         self.free.lock().push(index);
+        self.phases.lap(&mut run, 2);
         results
     }
 }

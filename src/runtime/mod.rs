@@ -17,6 +17,7 @@ mod event_pool;
 mod inflight;
 pub(crate) mod live;
 mod matmul;
+pub(crate) mod phases;
 mod pool;
 mod stream;
 
@@ -25,6 +26,6 @@ pub use device::{Buffer, Device};
 pub use device_queue::QUEUE_MIN_LOAD;
 pub use inflight::Inflight;
 pub use live::{live_counts, LiveCounts};
-pub use matmul::{MatmulCoalescer, MatmulCoalescerConfig, MatmulStats};
+pub use matmul::{MatmulCoalescer, MatmulCoalescerConfig, MatmulStats, DEFAULT_MATMUL_DEPTH};
 pub use pool::{PoolConfig, StreamPool, DEFAULT_POOL_SIZE, MAX_POOL_SIZE};
 pub use stream::{Stream, StreamStats, Ticket};

@@ -28,10 +28,11 @@ use std::sync::{Arc, OnceLock};
 
 use cudarc::cublas::sys as cb;
 use cudarc::cublaslt::sys as lt;
-use cudarc::driver::{result, sys, CudaContext, CudaFunction, CudaStream};
+use cudarc::driver::{result, sys, CudaContext, CudaFunction, CudaGraph, CudaStream};
 use parking_lot::Mutex;
 
 use super::driver_error;
+use super::skinny;
 use super::stream::{bind, cuda_buffer};
 use crate::backend::{check_gemm, GemmOperands, GemmSpec, MatRef, Precision};
 use crate::error::{Error, Result};
@@ -235,8 +236,19 @@ struct Blas {
     math: Precision,
     pointers: sys::CUdeviceptr,
     pointer_capacity: usize,
-    /// Host copy of the last pointer arrays (pageable; see `gemm_batched`).
-    host_pointers: Vec<u64>,
+    /// Host copy of the last pointer arrays: page-locked, `pinned_capacity` u64 (null with
+    /// capacity 0), copied to `pointers` by the stream; written only once `pinned_event`
+    /// (recorded after every copy out of it) completed.
+    pinned: *mut u64,
+    pinned_capacity: usize,
+    pinned_event: sys::CUevent,
+    pinned_pending: bool,
+    /// Batched products recorded as graphs (pointer copy + batched sgemm), by call; `None`
+    /// once recording failed for that call. Dropped whenever `pointers` or `pinned` move.
+    batched_graphs: HashMap<(ColMajor, Precision, usize), Option<CudaGraph>>,
+    /// Calls run once unrecorded (cuBLAS sets itself up on a first call, which cannot be
+    /// recorded).
+    batched_warm: std::collections::HashSet<(ColMajor, Precision, usize)>,
     plans: HashMap<PlanKey, Plan>,
     /// Keys whose cuBLASLt plan failed: those products use sgemm and a separate pass.
     unfusable: std::collections::HashSet<PlanKey>,
@@ -267,7 +279,12 @@ impl Blas {
             math: Precision::Strict,
             pointers: 0,
             pointer_capacity: 0,
-            host_pointers: Vec::new(),
+            pinned: std::ptr::null_mut(),
+            pinned_capacity: 0,
+            pinned_event: std::ptr::null_mut(),
+            pinned_pending: false,
+            batched_graphs: HashMap::new(),
+            batched_warm: Default::default(),
             plans: HashMap::new(),
             unfusable: Default::default(),
             stream: stream.clone(),
@@ -360,39 +377,86 @@ impl Blas {
         .map_err(|e| blas_error("cublasSgemm", e))
     }
 
-    /// Every product of `ops` as one batched sgemm over pointer arrays.
+    /// Every product of `ops` as one batched sgemm over pointer arrays. The arrays go through
+    /// page-locked memory, so the copy and the sgemm can be recorded as a graph: from the
+    /// second batch of a shape and size on, one graph launch queues both (a third of the
+    /// host time of the two calls on the H100).
     fn gemm_batched(&mut self, spec: &GemmSpec, ops: &[GemmOperands<'_>]) -> Result<()> {
         let cm = ColMajor::of(spec)?;
         let count = ops.len();
-        let batch = int(count, "batch")?;
-        self.host_pointers.clear();
-        // Arrays in device memory: cuBLAS's A (our B), its B (our A), then C.
-        for o in ops {
-            self.host_pointers.push(address(&o.b)?);
-        }
-        for o in ops {
-            self.host_pointers.push(address(&o.a)?);
-        }
-        for o in ops {
-            self.host_pointers.push(address(&o.c)?);
-        }
+        int(count, "batch")?;
         self.reserve_pointers(3 * count)?;
-        let stream = self.stream.cu_stream();
-        // SAFETY: `pointers` holds `pointer_capacity >= 3·count` u64 (invariant, reserve);
-        // the copy is ordered on this stream before the batched call that reads it and after
-        // the previous batched call that read the old contents. `host_pointers` is ordinary
-        // (pageable) heap memory, which the driver copies to a staging buffer before
-        // `cuMemcpyHtoDAsync` returns (CUDA's documented behaviour for pageable sources), so
-        // overwriting it at the next call is safe; it also stays allocated meanwhile.
-        unsafe { result::memcpy_htod_async(self.pointers, &self.host_pointers, stream) }
-            .map_err(|e| driver_error("upload", e))?;
+        self.reserve_pinned(3 * count)?;
+        self.settle_pinned()?;
+        // SAFETY: `pinned` holds `pinned_capacity >= 3·count` u64 (reserve_pinned); no copy
+        // reads it (settled), and `&mut self` makes this the only reference.
+        let host = unsafe { std::slice::from_raw_parts_mut(self.pinned, 3 * count) };
+        // Arrays in device memory: cuBLAS's A (our B), its B (our A), then C.
+        for (i, o) in ops.iter().enumerate() {
+            host[i] = address(&o.b)?;
+            host[count + i] = address(&o.a)?;
+            host[2 * count + i] = address(&o.c)?;
+        }
         self.set_math(spec.precision)?;
+        let key = (cm, spec.precision, count);
+        let queued = match self.batched_graphs.get(&key) {
+            Some(Some(graph)) => graph.launch().map_err(|e| driver_error("launch graph", e)),
+            Some(None) => self.queue_batched(&cm, count),
+            None if self.batched_warm.contains(&key) && crate::backend::recording_enabled() => {
+                let graph = self.record_batched(&cm, count);
+                let launched = match &graph {
+                    Some(g) => g.launch().map_err(|e| driver_error("launch graph", e)),
+                    None => self.queue_batched(&cm, count),
+                };
+                self.batched_graphs.insert(key, graph);
+                launched
+            }
+            None => {
+                self.batched_warm.insert(key);
+                self.queue_batched(&cm, count)
+            }
+        };
+        // The copy (if queued) reads `pinned` later: the next write waits for this event.
+        // SAFETY: `pinned_event` is a live event of this context (reserve_pinned); the
+        // stream is live.
+        unsafe { result::event::record(self.pinned_event, self.stream.cu_stream()) }
+            .map_err(|e| driver_error("record", e))?;
+        self.pinned_pending = true;
+        queued
+    }
+
+    /// Records the pointer copy and batched sgemm of `count` products as a graph (this
+    /// thread's calls only); `None` where the driver or cuBLAS refuse.
+    fn record_batched(&mut self, cm: &ColMajor, count: usize) -> Option<CudaGraph> {
+        let mode = sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL;
+        self.stream.begin_capture(mode).ok()?;
+        let queued = self.queue_batched(cm, count);
+        let graph = self.stream.end_capture(sys::CUgraphInstantiate_flags(0));
+        match (queued, graph) {
+            (Ok(()), Ok(Some(g))) => Some(g),
+            _ => None,
+        }
+    }
+
+    /// Queues the copy of the pointer arrays (from `pinned`) and the batched sgemm.
+    fn queue_batched(&mut self, cm: &ColMajor, count: usize) -> Result<()> {
+        let stream = self.stream.cu_stream();
         let base = self.pointers;
+        // SAFETY: `pointers` holds `pointer_capacity >= 3·count` u64 and `pinned`
+        // `pinned_capacity >= 3·count` (reserved by the caller); the copy is ordered on this
+        // stream before the batched call that reads the arrays and after the previous one;
+        // `pinned` is not written again before the copy ran (its event is recorded after this
+        // call and waited for before the next write), nor freed (reserve_pinned and Drop wait
+        // for the event first).
+        unsafe { sys::cuMemcpyHtoDAsync_v2(base, self.pinned.cast(), 3 * count * 8, stream) }
+            .result()
+            .map_err(|e| driver_error("upload", e))?;
         let (alpha, beta) = (1.0f32, 0.0f32);
         // SAFETY: `handle` is live and bound to this stream; the three arrays of `count`
         // device pointers are in device memory in stream order (above); every pointer is a
         // live allocation holding its matrix (`check_gemm`), outputs distinct and not inputs
-        // of any product of the batch; alpha and beta are host scalars.
+        // of any product of the batch; alpha and beta are host scalars (read at the call, and
+        // by value when recorded: cuBLAS's default host pointer mode).
         unsafe {
             cb::cublasSgemmBatched(
                 self.handle,
@@ -409,11 +473,57 @@ impl Blas {
                 &beta,
                 (base + 16 * count as u64) as *const *mut f32,
                 cm.ldc,
-                batch,
+                count as c_int,
             )
         }
         .result()
         .map_err(|e| blas_error("cublasSgemmBatched", e))
+    }
+
+    /// Waits until the last copy out of `pinned` ran.
+    fn settle_pinned(&mut self) -> Result<()> {
+        if self.pinned_pending {
+            // SAFETY: `pinned_event` is a live event of this context, recorded on this stream.
+            unsafe { result::event::synchronize(self.pinned_event) }
+                .map_err(|e| driver_error("synchronize", e))?;
+            self.pinned_pending = false;
+        }
+        Ok(())
+    }
+
+    /// Page-locked room for `needed` pointers (and the event guarding it).
+    fn reserve_pinned(&mut self, needed: usize) -> Result<()> {
+        if self.pinned_event.is_null() {
+            self.pinned_event = result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)
+                .map_err(|e| driver_error("event", e))?;
+        }
+        if needed <= self.pinned_capacity {
+            return Ok(());
+        }
+        self.settle_pinned()?;
+        self.batched_graphs.clear();
+        if !self.pinned.is_null() {
+            // SAFETY: no copy reads the old buffer any more (settled); graphs that referred
+            // to it are gone (cleared above).
+            unsafe { result::free_host(self.pinned.cast()) }
+                .map_err(|e| driver_error("free", e))?;
+            self.pinned = std::ptr::null_mut();
+            self.pinned_capacity = 0;
+        }
+        let capacity = needed.next_power_of_two().max(64);
+        // SAFETY: the context is current (the caller bound it); the memory is written before
+        // any copy reads it.
+        let raw = unsafe { result::malloc_host(capacity * 8, sys::CU_MEMHOSTALLOC_PORTABLE) }
+            .map_err(|e| driver_error("alloc", e))?;
+        if raw.is_null() {
+            return Err(driver_error(
+                "alloc",
+                cudarc::driver::DriverError(sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY),
+            ));
+        }
+        self.pinned = raw.cast();
+        self.pinned_capacity = capacity;
+        Ok(())
     }
 
     fn reserve_pointers(&mut self, needed: usize) -> Result<()> {
@@ -421,6 +531,7 @@ impl Blas {
             return Ok(());
         }
         let capacity = needed.next_power_of_two().max(64);
+        self.batched_graphs.clear();
         let old = self.pointers;
         if old != 0 {
             let freed = if self.stream.context().has_async_alloc() {
@@ -729,6 +840,12 @@ impl Drop for Blas {
             if self.pointers != 0 {
                 let _ = result::free_sync(self.pointers);
             }
+            if !self.pinned.is_null() {
+                let _ = result::free_host(self.pinned.cast());
+            }
+            if !self.pinned_event.is_null() {
+                let _ = result::event::destroy(self.pinned_event);
+            }
         }
     }
 }
@@ -768,6 +885,10 @@ impl StreamMath {
             Some(r) => address(r)?,
             None => 0,
         };
+        if skinny::applies(spec) {
+            bind(self.stream.context())?;
+            return skinny::launch(&self.stream, spec, (a, b, c), bias);
+        }
         self.with(|blas| {
             if bias == 0 && !spec.relu {
                 blas.sgemm(spec, &cm, a, b, c)

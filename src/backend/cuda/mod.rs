@@ -18,6 +18,7 @@
 mod blas;
 mod kernels;
 mod queue;
+mod skinny;
 mod stream;
 
 use std::sync::Arc;

@@ -16,7 +16,7 @@ use super::kernels::{
 };
 use super::{driver_error, MAX_ELEMENTS};
 use crate::backend::{
-    downcast, BackendBuffer, BackendEvent, BackendSignal, BackendStream, WaitPolicy,
+    downcast, BackendBuffer, BackendEvent, BackendProgram, BackendSignal, BackendStream, WaitPolicy,
 };
 use crate::error::{Error, Result};
 use crate::kernel::Kernel;
@@ -413,14 +413,13 @@ impl BackendStream for CudaQueue {
             return Ok(());
         }
         bind(self.ctx())?;
+        let dst = buf.ptr + offset as u64 * 4;
         // SAFETY: the range lies inside the live allocation (checked above). `src` is pageable
         // memory (multiq pins no memory it hands out), which the driver copies to a staging
         // buffer before `cuMemcpyHtoDAsync` returns, so the caller may reuse it at once; the
         // device copy is ordered on this stream before later work.
-        unsafe {
-            result::memcpy_htod_async(buf.ptr + offset as u64 * 4, src, self.stream.cu_stream())
-        }
-        .map_err(|e| driver_error("upload", e))
+        unsafe { result::memcpy_htod_async(dst, src, self.stream.cu_stream()) }
+            .map_err(|e| driver_error("upload", e))
     }
 
     fn download_at(&self, buf: &dyn BackendBuffer, offset: usize, dst: &mut [f32]) -> Result<()> {
@@ -437,6 +436,43 @@ impl BackendStream for CudaQueue {
         }
         .map_err(|e| driver_error("download", e))?;
         self.synchronize()
+    }
+
+    fn record_program(
+        &self,
+        body: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<Option<Box<dyn BackendProgram>>> {
+        bind(self.ctx())?;
+        // Thread-local capture: other threads' driver calls go on as usual meanwhile.
+        let mode = sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL;
+        self.stream
+            .begin_capture(mode)
+            .map_err(|e| driver_error("begin capture", e))?;
+        let queued = body();
+        // Capture always ends, so the stream is usable again whatever `body` did.
+        let graph = self.stream.end_capture(sys::CUgraphInstantiate_flags(0));
+        match (queued, graph) {
+            (Ok(()), Ok(Some(graph))) => Ok(Some(Box::new(CudaProgram {
+                graph: parking_lot::Mutex::new(graph),
+                stream: self.stream.cu_stream() as usize,
+            }))),
+            // Something in `body` cannot be captured (or failed): nothing was queued, and
+            // the caller runs the work directly (where a real error shows again).
+            _ => Ok(None),
+        }
+    }
+
+    fn replay(&self, program: &dyn BackendProgram) -> Result<()> {
+        let p = downcast::<CudaProgram>(program.as_any(), "program")?;
+        if p.stream != self.stream.cu_stream() as usize {
+            return Err(Error::invalid(
+                "a program replayed on a stream it was not recorded on",
+            ));
+        }
+        p.graph
+            .lock()
+            .launch()
+            .map_err(|e| driver_error("launch graph", e))
     }
 
     fn free_after(&self, buf: Box<dyn BackendBuffer>) {
@@ -646,5 +682,26 @@ impl Drop for CudaEventBox {
             // pending work is allowed (the driver releases it when the work completes).
             let _ = unsafe { result::event::destroy(self.event) };
         }
+    }
+}
+
+/// A CUDA graph recorded on one stream (launched there: cudarc keeps the stream).
+pub(super) struct CudaProgram {
+    /// Graph calls must be serialized (CUDA's graph thread-safety rules).
+    graph: parking_lot::Mutex<cudarc::driver::CudaGraph>,
+    /// The stream it was recorded on (its handle, compared only).
+    stream: usize,
+}
+
+// SAFETY: a graph and its executable may be used from any thread of the context as long as
+// calls on them are serialized, which the mutex does; destroying an executable graph that is
+// still running is allowed (it is freed once it completes).
+unsafe impl Send for CudaProgram {}
+// SAFETY: as above: every use goes through the mutex.
+unsafe impl Sync for CudaProgram {}
+
+impl BackendProgram for CudaProgram {
+    fn as_any(&self) -> &dyn Any {
+        self
     }
 }

@@ -1,0 +1,139 @@
+//! Products with few rows against a weight stored `[n, k]` (a Linear layer on a small batch):
+//! `C = act(A·Wᵀ + bias)` by multiq's own kernel (`skinny_kernel.cu`), which streams W once
+//! across the whole device where cuBLAS tiles the product into a handful of blocks.
+//!
+//! Used by [`super::blas`] for `b_transposed` fp32 products with `m ≤` [`max_rows`] (bias and
+//! ReLU always fused). Arithmetic is fp32 multiply-adds with fp32 accumulation in both
+//! precisions (never TF32), and each element's summation order depends only on `k`, so a row's
+//! result does not depend on the rows batched with it.
+
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::sync::{Arc, OnceLock};
+
+use cudarc::driver::{result, CudaContext, CudaFunction, CudaStream};
+use cudarc::nvrtc::CompileOptions;
+use parking_lot::Mutex;
+
+use super::driver_error;
+use crate::backend::GemmSpec;
+use crate::error::{Error, Result};
+
+const SOURCE: &str = include_str!("skinny_kernel.cu");
+
+/// Threads per block (`THREADS` in the kernel source).
+const THREADS: u32 = 128;
+
+/// Columns of C per block (`COLS` of the kernel's entry points).
+const COLS: u32 = 4;
+
+/// Rows up to which products go to the skinny kernel unless `MULTIQ_SKINNY_ROWS` says
+/// otherwise (0 turns it off). Chosen by measurement (bench/results/h100/mlp.md).
+pub const DEFAULT_MAX_ROWS: usize = 32;
+
+/// Rows up to which [`super::blas`] uses the skinny kernel (read once per process).
+pub fn max_rows() -> usize {
+    static ROWS: OnceLock<usize> = OnceLock::new();
+    *ROWS.get_or_init(|| {
+        std::env::var("MULTIQ_SKINNY_ROWS")
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(DEFAULT_MAX_ROWS)
+    })
+}
+
+/// The two entry points: `v4` (16-byte loads) and `v1` (any alignment).
+#[derive(Clone)]
+struct Functions {
+    v4: CudaFunction,
+    v1: CudaFunction,
+}
+
+fn functions(ctx: &Arc<CudaContext>) -> Result<Functions> {
+    static CACHE: OnceLock<Mutex<HashMap<usize, Functions>>> = OnceLock::new();
+    let key = ctx.cu_ctx() as usize;
+    let mut cache = CACHE.get_or_init(|| Mutex::new(HashMap::new())).lock();
+    if let Some(f) = cache.get(&key) {
+        return Ok(f.clone());
+    }
+    let (major, minor) = ctx
+        .compute_capability()
+        .map_err(|e| driver_error("info", e))?;
+    let opts = CompileOptions {
+        // No fast math: the sums are plain fp32 multiply-adds.
+        options: vec![format!("--gpu-architecture=compute_{major}{minor}")],
+        ..Default::default()
+    };
+    let ptx = cudarc::nvrtc::compile_ptx_with_opts(SOURCE, opts).map_err(|e| Error::Device {
+        op: "compile",
+        message: format!("{e:?}"),
+    })?;
+    let module = ctx
+        .load_module(ptx)
+        .map_err(|e| driver_error("load module", e))?;
+    let load = |name: &str| {
+        module
+            .load_function(name)
+            .map_err(|e| driver_error("load function", e))
+    };
+    let f = Functions {
+        v4: load("skinny_v4")?,
+        v1: load("skinny_v1")?,
+    };
+    cache.insert(key, f.clone());
+    Ok(f)
+}
+
+/// True when `spec` goes to the skinny kernel.
+pub fn applies(spec: &GemmSpec) -> bool {
+    spec.b_transposed && spec.m >= 1 && spec.m <= max_rows() && spec.n >= 1 && spec.k >= 1
+}
+
+/// Queues `c = act(a·wᵀ + bias)` on `stream`: `a [m, k]`, `w [n, k]`, `c [m, n]` (device
+/// addresses of live allocations holding those matrices, checked by the caller), `bias` n
+/// floats or 0.
+pub fn launch(
+    stream: &Arc<CudaStream>,
+    spec: &GemmSpec,
+    (a, w, c): (u64, u64, u64),
+    bias: u64,
+) -> Result<()> {
+    let dim = |v: usize, what: &str| {
+        u32::try_from(v).map_err(|_| Error::invalid(format!("{what} = {v} exceeds 2^32")))
+    };
+    let (mut m, mut n, mut k) = (dim(spec.m, "m")?, dim(spec.n, "n")?, dim(spec.k, "k")?);
+    let f = functions(stream.context())?;
+    let vector = k % 4 == 0 && a % 16 == 0 && w % 16 == 0;
+    let func = if vector { &f.v4 } else { &f.v1 };
+    let (mut pa, mut pw, mut pb, mut pc) = (a, w, bias, c);
+    let (mut has_bias, mut relu) = (i32::from(bias != 0), i32::from(spec.relu));
+    let mut params: [*mut c_void; 9] = [
+        (&mut pa as *mut u64).cast(),
+        (&mut pw as *mut u64).cast(),
+        (&mut pb as *mut u64).cast(),
+        (&mut pc as *mut u64).cast(),
+        (&mut m as *mut u32).cast(),
+        (&mut n as *mut u32).cast(),
+        (&mut k as *mut u32).cast(),
+        (&mut has_bias as *mut i32).cast(),
+        (&mut relu as *mut i32).cast(),
+    ];
+    let grid = n.div_ceil(COLS);
+    // SAFETY: the kernel takes (const float*, const float*, const float*, float*, unsigned,
+    // unsigned, unsigned, int, int), matching `params`, whose pointees outlive the call (the
+    // driver copies them at launch). A holds m·k floats, W n·k, C m·n and the bias n when
+    // has_bias (the caller's check); C does not overlap the inputs. The kernel reads W rows
+    // j < n and A rows r < m only, writes C[r, j] for r < m, j < n only, and `v4` is chosen only
+    // when its 16-byte loads are aligned (A, W 16-byte aligned, k a multiple of 4).
+    unsafe {
+        result::launch_kernel(
+            func.cu_function(),
+            (grid, 1, 1),
+            (THREADS, 1, 1),
+            0,
+            stream.cu_stream(),
+            &mut params,
+        )
+    }
+    .map_err(|e| driver_error("launch", e))
+}

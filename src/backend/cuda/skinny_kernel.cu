@@ -1,0 +1,122 @@
+// Products with few rows: C[m, n] = act(A[m, k] · W[n, k]ᵀ + bias[n]), row-major, fp32
+// multiply-adds with fp32 accumulation (no TF32), for m small (a batch of requests through a
+// Linear layer, whose weight is stored [out, in]). cuBLAS tiles such products into a handful of
+// blocks that each walk all of k; here the product is what it is at small m, a stream over W:
+//
+// - a block of KSPLIT warps owns COLS consecutive columns of C; its warps split k, each lane
+//   reading 16 bytes of each of the COLS rows of W per step (a warp reads 512 contiguous bytes
+//   of a row, the block 2 KiB), and the matching 16 bytes of each of ROWS rows of A (small,
+//   cache-resident);
+// - every thread keeps ROWS × COLS partial sums; a warp reduces them 32 at a time with a
+//   transposing butterfly (31 shuffles for 32 sums, each lane ending with one), the block adds
+//   its warps' sums in warp order through shared memory, then adds the bias and applies ReLU
+//   (NaN stays NaN, as PyTorch's);
+// - rows are taken ROWS at a time (W is re-read from cache for each group).
+//
+// Every element's summation order depends only on k and this layout, never on m or on the other
+// rows, so a row's result is the same whichever rows it is batched with.
+//
+// `v4` needs A and W 16-byte aligned and k a multiple of 4; `v1` takes anything.
+
+#define KSPLIT 4
+#define THREADS (32 * KSPLIT)
+
+template <int V>
+__device__ __forceinline__ float4 load(const float* __restrict__ p, unsigned int i) {
+    if (V == 4) {
+        return __ldg(reinterpret_cast<const float4*>(p) + i);
+    }
+    return make_float4(__ldg(p + i), 0.0f, 0.0f, 0.0f);
+}
+
+__device__ __forceinline__ float dot4(float4 a, float4 b, float acc) {
+    acc = fmaf(a.x, b.x, acc);
+    acc = fmaf(a.y, b.y, acc);
+    acc = fmaf(a.z, b.z, acc);
+    acc = fmaf(a.w, b.w, acc);
+    return acc;
+}
+
+// Sums 32 values across a warp with 31 shuffles: afterwards lane l holds the warp's sum of
+// value l (each step halves the values a lane keeps and exchanges the other half).
+__device__ __forceinline__ float transpose_sum(float (&v)[32], unsigned int lane) {
+#pragma unroll
+    for (int off = 16; off >= 1; off >>= 1) {
+        const bool upper = (lane & off) != 0;
+#pragma unroll
+        for (int i = 0; i < off; i++) {
+            const float send = upper ? v[i] : v[i + off];
+            const float keep = upper ? v[i + off] : v[i];
+            v[i] = keep + __shfl_xor_sync(0xffffffffu, send, off);
+        }
+    }
+    return v[0];
+}
+
+template <int V, int ROWS, int COLS>
+__device__ void skinny(const float* __restrict__ a, const float* __restrict__ w,
+                       const float* __restrict__ bias, float* __restrict__ c, unsigned int m,
+                       unsigned int n, unsigned int k, int has_bias, int relu) {
+    constexpr int GROUPS = ROWS * COLS / 32;  // values of 32 per lane to reduce
+    __shared__ float partial[KSPLIT][ROWS * COLS];
+    const unsigned int lane = threadIdx.x & 31;
+    const unsigned int warp = threadIdx.x >> 5;
+    const unsigned int j0 = blockIdx.x * COLS;
+    const unsigned int steps = k / V;  // vectors per row
+    for (unsigned int r0 = 0; r0 < m; r0 += ROWS) {
+        float acc[GROUPS][32];
+#pragma unroll
+        for (int g = 0; g < GROUPS; g++)
+#pragma unroll
+            for (int i = 0; i < 32; i++) acc[g][i] = 0.0f;
+#pragma unroll 2
+        for (unsigned int s = threadIdx.x; s < steps; s += THREADS) {
+            float4 wv[COLS];
+#pragma unroll
+            for (int cc = 0; cc < COLS; cc++) {
+                wv[cc] = (j0 + cc < n) ? load<V>(w + (size_t)(j0 + cc) * k, s)
+                                       : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            }
+#pragma unroll
+            for (int r = 0; r < ROWS; r++) {
+                if (r0 + r < m) {
+                    float4 av = load<V>(a + (size_t)(r0 + r) * k, s);
+#pragma unroll
+                    for (int cc = 0; cc < COLS; cc++) {
+                        const int e = r * COLS + cc;
+                        acc[e / 32][e % 32] = dot4(av, wv[cc], acc[e / 32][e % 32]);
+                    }
+                }
+            }
+        }
+        // Lane l of each group now holds the warp's sum of element g*32 + l.
+#pragma unroll
+        for (int g = 0; g < GROUPS; g++) partial[warp][g * 32 + lane] = transpose_sum(acc[g], lane);
+        __syncthreads();
+        for (unsigned int e = threadIdx.x; e < ROWS * COLS; e += THREADS) {
+            const unsigned int r = r0 + e / COLS, j = j0 + e % COLS;
+            float v = partial[0][e];
+#pragma unroll
+            for (int q = 1; q < KSPLIT; q++) v += partial[q][e];
+            if (r < m && j < n) {
+                if (has_bias) v += __ldg(bias + j);
+                if (relu && v < 0.0f) v = 0.0f;
+                c[(size_t)r * n + j] = v;
+            }
+        }
+        __syncthreads();
+    }
+}
+
+#define ENTRY(name, V, R, C)                                                                  \
+    extern "C" __global__ void __launch_bounds__(THREADS)                                    \
+        name(const float* a, const float* w, const float* bias, float* c, unsigned int m,    \
+             unsigned int n, unsigned int k, int has_bias, int relu) {                       \
+        skinny<V, R, C>(a, w, bias, c, m, n, k, has_bias, relu);                             \
+    }
+
+// Rows per pass × columns per block: 8 × 4. Measured on the H100 against 8 × 8, 16 × 4 and
+// 4 × 8 (forwards of 1 to 32 rows, bench/results/h100/mlp.md): 8 × 4 was fastest from 4 rows
+// up and within 10% at 1 row.
+ENTRY(skinny_v4, 4, 8, 4)
+ENTRY(skinny_v1, 1, 8, 4)

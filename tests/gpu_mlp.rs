@@ -282,3 +282,32 @@ fn a_small_batchs_rows_do_not_depend_on_each_other() {
         assert!(same, "row {r} differs when run with 7 others");
     }
 }
+
+/// Sessions record their forward as a graph on the second run and replay it from the third:
+/// every run gives the same bits as the forward queued directly (`infer`).
+#[test]
+fn replayed_session_forwards_equal_direct_ones() {
+    let Some(dev) = cuda("replayed_session_forwards_equal_direct_ones") else {
+        return;
+    };
+    let w = HostWeights::random(&MlpSpec::default(), 9).unwrap();
+    let m = model(&dev, &w, None, true);
+    for rows in [3usize, 64] {
+        let input = seeded_values(rows as u64 + 7, rows * 512);
+        let direct = m.infer(&input).unwrap();
+        let mut s = m.session(rows).unwrap();
+        s.load_input(&input).unwrap();
+        for run in 0..4 {
+            s.run().unwrap();
+            let out = s.read_output().unwrap();
+            let same = out
+                .iter()
+                .zip(&direct)
+                .all(|(x, y)| x.to_bits() == y.to_bits());
+            assert!(
+                same,
+                "rows {rows}, run {run}: differs from the direct forward"
+            );
+        }
+    }
+}

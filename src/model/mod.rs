@@ -398,16 +398,21 @@ impl Inner {
         self.idle.lock().push(ctx);
     }
 
-    /// Queues one forward of `rows` rows on `ctx`'s stream. The second forward of a row
-    /// count on a context records its products as a program (CUDA: a graph), and later ones
-    /// replay it: one call queues the whole forward instead of one per layer.
-    fn forward(&self, ctx: &mut Context, rows: usize) -> Result<()> {
+    /// Queues one forward of `rows` rows on `ctx`'s stream. With `replay` (sessions: one
+    /// holder running the same forward again and again), the second forward of a row count
+    /// on a context records its products as a program (CUDA: a graph), and later ones replay
+    /// it: one call queues the whole forward instead of one per layer (on the H100, 1.17 ×
+    /// the forwards per second at 1 row, 1.6 × at 64). `infer` queues its products directly:
+    /// with 16 threads replaying graphs on their own contexts at once, unbatched requests ran
+    /// at half the rate, and batched ones gained nothing (bench/results/h100/mlp.md).
+    fn forward(&self, ctx: &mut Context, rows: usize, replay: bool) -> Result<()> {
         self.forwards.fetch_add(1, Ordering::Relaxed);
         self.rows.fetch_add(rows as u64, Ordering::Relaxed);
         if let Some(p) = ctx.programs.get(&rows) {
             return ctx.stream.replay(&**p);
         }
-        let record = crate::backend::recording_enabled()
+        let record = replay
+            && crate::backend::recording_enabled()
             && !ctx.unrecordable
             && ctx.programs.len() < MAX_PROGRAMS
             && ctx.warmed.contains(&rows);
@@ -466,7 +471,7 @@ impl Inner {
             for (src, dst) in input.chunks(chunk * win).zip(out.chunks_mut(chunk * wout)) {
                 let r = src.len() / win;
                 ctx.stream.upload_at(&*ctx.acts[0], 0, src)?;
-                self.forward(&mut ctx, r)?;
+                self.forward(&mut ctx, r, false)?;
                 ctx.stream
                     .download_at(&*ctx.acts[self.layers.len()], 0, dst)?;
             }
@@ -505,7 +510,7 @@ impl Inner {
         let result = (|| {
             ctx.stream.upload_at(&*ctx.acts[0], 0, &host_in)?;
             self.phases.lap(&mut run, 1);
-            self.forward(&mut ctx, rows)?;
+            self.forward(&mut ctx, rows, false)?;
             self.phases.lap(&mut run, 2);
             ctx.stream.download_at(
                 &*ctx.acts[self.layers.len()],
@@ -582,7 +587,7 @@ impl Session {
     /// One forward of the resident input, waited for.
     pub fn run(&mut self) -> Result<()> {
         let ctx = self.ctx.as_mut().expect("a session holds its context");
-        self.inner.forward(ctx, self.rows)?;
+        self.inner.forward(ctx, self.rows, true)?;
         ctx.stream.synchronize()
     }
 

@@ -67,10 +67,10 @@ impl Stream {
     }
 }
 
-/// Batched launches a [`MatmulCoalescer`] keeps in flight by default: on the H100, 16
-/// threads of 64² and 256² products reached 1.09 and 1.17 × the rate of depth 2 with
-/// depth 4 (same call, bench/results/h100/matmul.md).
-pub const DEFAULT_MATMUL_DEPTH: usize = 4;
+/// Batched launches a [`MatmulCoalescer`] keeps in flight by default. On the H100 with 16
+/// threads (one call, batches recorded as graphs): depth 2, 4, 8 gave 355k, 448k, 419k
+/// products/s at 64² and 280k, 319k, 329k at 256² (bench/results/h100/matmul/).
+pub const DEFAULT_MATMUL_DEPTH: usize = 8;
 
 /// How a [`MatmulCoalescer`] batches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -394,7 +394,9 @@ pub trait BackendStream: Send + Sync {
     /// thread only). `None` where the backend cannot record, or when this work cannot be
     /// recorded (the caller then queues it directly). The program refers to the buffers
     /// `body` used, as they were: the caller keeps them alive and unchanged in place for as
-    /// long as it replays the program. Default: `None`, nothing queued.
+    /// long as it replays the program. While recording, no other thread may synchronize or
+    /// use this stream (a CUDA capture fails then): record only on a stream the caller holds
+    /// alone. Default: `None`, nothing queued.
     fn record_program(
         &self,
         body: &mut dyn FnMut() -> Result<()>,

@@ -249,6 +249,8 @@ struct Blas {
     /// Calls run once unrecorded (cuBLAS sets itself up on a first call, which cannot be
     /// recorded).
     batched_warm: std::collections::HashSet<(ColMajor, Precision, usize)>,
+    /// A stream only ever used to record graphs on (made on the first recording).
+    recording: Option<Arc<CudaStream>>,
     plans: HashMap<PlanKey, Plan>,
     /// Keys whose cuBLASLt plan failed: those products use sgemm and a separate pass.
     unfusable: std::collections::HashSet<PlanKey>,
@@ -285,6 +287,7 @@ impl Blas {
             pinned_pending: false,
             batched_graphs: HashMap::new(),
             batched_warm: Default::default(),
+            recording: None,
             plans: HashMap::new(),
             unfusable: Default::default(),
             stream: stream.clone(),
@@ -304,22 +307,7 @@ impl Blas {
         unsafe { cb::cublasCreate_v2(&mut self.handle) }
             .result()
             .map_err(|e| blas_error("cublas create", e))?;
-        // SAFETY: `handle` is live; the stream is live (held by `self.stream`).
-        unsafe { cb::cublasSetStream_v2(self.handle, self.stream.cu_stream() as _) }
-            .result()
-            .map_err(|e| blas_error("cublas stream", e))?;
-        // After the stream: cublasSetStream resets the workspace to the default pool.
-        // SAFETY: the workspace is a live allocation of `workspace_bytes` used only on this
-        // stream (by this handle and the cuBLASLt calls below, in stream order).
-        unsafe {
-            cb::cublasSetWorkspace_v2(
-                self.handle,
-                self.workspace as *mut c_void,
-                self.workspace_bytes,
-            )
-        }
-        .result()
-        .map_err(|e| blas_error("cublas workspace", e))?;
+        self.bind_handle(self.stream.cu_stream())?;
         // SAFETY: `handle` is live.
         unsafe { cb::cublasSetMathMode(self.handle, cb::cublasMath_t::CUBLAS_DEFAULT_MATH) }
             .result()
@@ -329,6 +317,29 @@ impl Blas {
             .result()
             .map_err(|e| blas_error("cublasLt create", e))?;
         Ok(())
+    }
+
+    /// Points the cuBLAS handle at `stream` (this stream, or the private recording stream
+    /// while a graph is recorded), with this stream's workspace.
+    fn bind_handle(&mut self, stream: sys::CUstream) -> Result<()> {
+        // SAFETY: `handle` is live; `stream` is this stream or the recording stream, both
+        // live (held by `self`).
+        unsafe { cb::cublasSetStream_v2(self.handle, stream as _) }
+            .result()
+            .map_err(|e| blas_error("cublas stream", e))?;
+        // After the stream: cublasSetStream resets the workspace to the default pool.
+        // SAFETY: the workspace is a live allocation of `workspace_bytes`, used by this handle
+        // and the cuBLASLt calls of this stream in stream order (work recorded on the
+        // recording stream runs only when replayed on this stream).
+        unsafe {
+            cb::cublasSetWorkspace_v2(
+                self.handle,
+                self.workspace as *mut c_void,
+                self.workspace_bytes,
+            )
+        }
+        .result()
+        .map_err(|e| blas_error("cublas workspace", e))
     }
 
     fn set_math(&mut self, precision: Precision) -> Result<()> {
@@ -399,21 +410,22 @@ impl Blas {
         }
         self.set_math(spec.precision)?;
         let key = (cm, spec.precision, count);
+        let own = self.stream.cu_stream();
         let queued = match self.batched_graphs.get(&key) {
-            Some(Some(graph)) => graph.launch().map_err(|e| driver_error("launch graph", e)),
-            Some(None) => self.queue_batched(&cm, count),
+            Some(Some(graph)) => self.launch_graph(graph),
+            Some(None) => self.queue_batched(&cm, count, own),
             None if self.batched_warm.contains(&key) && crate::backend::recording_enabled() => {
                 let graph = self.record_batched(&cm, count);
                 let launched = match &graph {
-                    Some(g) => g.launch().map_err(|e| driver_error("launch graph", e)),
-                    None => self.queue_batched(&cm, count),
+                    Some(g) => self.launch_graph(g),
+                    None => self.queue_batched(&cm, count, own),
                 };
                 self.batched_graphs.insert(key, graph);
                 launched
             }
             None => {
                 self.batched_warm.insert(key);
-                self.queue_batched(&cm, count)
+                self.queue_batched(&cm, count, own)
             }
         };
         // The copy (if queued) reads `pinned` later: the next write waits for this event.
@@ -425,22 +437,45 @@ impl Blas {
         queued
     }
 
-    /// Records the pointer copy and batched sgemm of `count` products as a graph (this
-    /// thread's calls only); `None` where the driver or cuBLAS refuse.
+    /// Records the pointer copy and batched sgemm of `count` products as a graph; `None`
+    /// where the driver or cuBLAS refuse. Recorded on a private stream that nobody else ever
+    /// synchronizes (a synchronization breaks a capture, and other threads do synchronize
+    /// this stream, e.g. to read a buffer it wrote), and replayed on this one.
     fn record_batched(&mut self, cm: &ColMajor, count: usize) -> Option<CudaGraph> {
-        let mode = sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL;
-        self.stream.begin_capture(mode).ok()?;
-        let queued = self.queue_batched(cm, count);
-        let graph = self.stream.end_capture(sys::CUgraphInstantiate_flags(0));
-        match (queued, graph) {
-            (Ok(()), Ok(Some(g))) => Some(g),
-            _ => None,
+        if self.recording.is_none() {
+            self.recording = self.stream.context().new_stream().ok();
         }
+        let rec = self.recording.clone()?;
+        self.bind_handle(rec.cu_stream()).ok()?;
+        let mode = sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL;
+        let graph = match rec.begin_capture(mode) {
+            Ok(()) => {
+                let queued = self.queue_batched(cm, count, rec.cu_stream());
+                let graph = rec.end_capture(sys::CUgraphInstantiate_flags(0));
+                match (queued, graph) {
+                    (Ok(()), Ok(Some(g))) => Some(g),
+                    _ => None,
+                }
+            }
+            Err(_) => None,
+        };
+        // Back to this stream; if even that fails, no graph is used and the next direct call
+        // reports the handle's error.
+        self.bind_handle(self.stream.cu_stream()).ok()?;
+        graph
+    }
+
+    /// Queues `graph` (recorded on the private stream) on this stream.
+    fn launch_graph(&self, graph: &CudaGraph) -> Result<()> {
+        // SAFETY: the executable graph is live (owned by `graph`, held by the caller); it
+        // reads the pointer arrays and matrices that `gemm_batched`'s contract keeps alive,
+        // in this stream's order.
+        unsafe { result::graph::launch(graph.cu_graph_exec(), self.stream.cu_stream()) }
+            .map_err(|e| driver_error("launch graph", e))
     }
 
     /// Queues the copy of the pointer arrays (from `pinned`) and the batched sgemm.
-    fn queue_batched(&mut self, cm: &ColMajor, count: usize) -> Result<()> {
-        let stream = self.stream.cu_stream();
+    fn queue_batched(&mut self, cm: &ColMajor, count: usize, stream: sys::CUstream) -> Result<()> {
         let base = self.pointers;
         // SAFETY: `pointers` holds `pointer_capacity >= 3·count` u64 and `pinned`
         // `pinned_capacity >= 3·count` (reserved by the caller); the copy is ordered on this

@@ -67,9 +67,11 @@ impl Stream {
     }
 }
 
-/// Batched launches a [`MatmulCoalescer`] keeps in flight by default. On the H100 with 16
-/// threads (one call, batches recorded as graphs): depth 2, 4, 8 gave 355k, 448k, 419k
-/// products/s at 64² and 280k, 319k, 329k at 256² (bench/results/h100/matmul/).
+/// Batched launches a [`MatmulCoalescer`] keeps in flight by default. On the H100, 16
+/// threads, batches replayed as graphs (products/s at 64² / 256²): at 7db3fbe depth 2, 4, 8
+/// gave 355k/280k, 448k/319k, 419k/329k; at da15383 they gave 446k/320k, 482k/352k,
+/// 429k/342k (bench/results/h100/mlp/matmul-depth*.txt and matmul.md). Depth 2 is clearly
+/// behind; 4 and 8 differ by about the calls' noise, and both meet the targets.
 pub const DEFAULT_MATMUL_DEPTH: usize = 8;
 
 /// How a [`MatmulCoalescer`] batches.

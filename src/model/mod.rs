@@ -9,8 +9,10 @@
 //! made per call after warm-up.
 //!
 //! A forward is one upload of the input rows, one product per layer with the bias and ReLU in
-//! the product's epilogue (CUDA: cuBLASLt `RELU_BIAS`/`BIAS`; CPU: in the same task), and one
-//! download of the output, all queued on the context's stream and waited for once.
+//! the product's epilogue (CUDA: multiq's small-batch kernel up to 32 rows, cuBLASLt
+//! `RELU_BIAS`/`BIAS` above; CPU: in the same task), and one download of the output, all
+//! queued on the context's stream and waited for once. Sessions replay a recorded forward
+//! (see `Inner::forward`).
 //!
 //! Dynamic batching ([`ModelOptions::batching`]): concurrent `infer` calls are queued in a
 //! [`Batcher`]; whichever caller leads concatenates the queued inputs (up to `max_rows` rows)
@@ -401,10 +403,10 @@ impl Inner {
     /// Queues one forward of `rows` rows on `ctx`'s stream. With `replay` (sessions: one
     /// holder running the same forward again and again), the second forward of a row count
     /// on a context records its products as a program (CUDA: a graph), and later ones replay
-    /// it: one call queues the whole forward instead of one per layer (on the H100, 1.17 ×
-    /// the forwards per second at 1 row, 1.6 × at 64). `infer` queues its products directly:
-    /// with 16 threads replaying graphs on their own contexts at once, unbatched requests ran
-    /// at half the rate, and batched ones gained nothing (bench/results/h100/mlp.md).
+    /// it: one call queues the whole forward instead of one per layer (H100 sweep, same call
+    /// as graphs off: 1.26 × the forwards per second at 1 row, 1.46 × at 64). `infer` queues
+    /// its products directly: with 16 threads replaying graphs on their own contexts at once,
+    /// unbatched requests ran at half the rate (bench/results/h100/mlp/README.md, 7db3fbe).
     fn forward(&self, ctx: &mut Context, rows: usize, replay: bool) -> Result<()> {
         self.forwards.fetch_add(1, Ordering::Relaxed);
         self.rows.fetch_add(rows as u64, Ordering::Relaxed);

@@ -33,7 +33,7 @@ use parking_lot::Mutex;
 
 use super::driver_error;
 use super::skinny;
-use super::stream::{bind, cuda_buffer};
+use super::stream::{bind, capture, cuda_buffer};
 use crate::backend::{check_gemm, GemmOperands, GemmSpec, MatRef, Precision};
 use crate::error::{Error, Result};
 
@@ -203,24 +203,8 @@ extern "C" __global__ void bias_act(float* y, const float* bias, unsigned int ro
 "#;
 
 fn bias_act_kernel(ctx: &Arc<CudaContext>) -> Result<CudaFunction> {
-    static CACHE: OnceLock<Mutex<HashMap<usize, CudaFunction>>> = OnceLock::new();
-    let key = ctx.cu_ctx() as usize;
-    let mut cache = CACHE.get_or_init(|| Mutex::new(HashMap::new())).lock();
-    if let Some(f) = cache.get(&key) {
-        return Ok(f.clone());
-    }
-    let ptx = cudarc::nvrtc::compile_ptx(BIAS_ACT_SOURCE).map_err(|e| Error::Device {
-        op: "compile",
-        message: format!("{e:?}"),
-    })?;
-    let module = ctx
-        .load_module(ptx)
-        .map_err(|e| driver_error("load module", e))?;
-    let f = module
-        .load_function("bias_act")
-        .map_err(|e| driver_error("load function", e))?;
-    cache.insert(key, f.clone());
-    Ok(f)
+    let mut f = super::kernels::compiled(ctx, "bias_act", BIAS_ACT_SOURCE, &["bias_act"])?;
+    Ok(f.remove(0))
 }
 
 /// The handles and memory of one stream.
@@ -447,18 +431,7 @@ impl Blas {
         }
         let rec = self.recording.clone()?;
         self.bind_handle(rec.cu_stream()).ok()?;
-        let mode = sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL;
-        let graph = match rec.begin_capture(mode) {
-            Ok(()) => {
-                let queued = self.queue_batched(cm, count, rec.cu_stream());
-                let graph = rec.end_capture(sys::CUgraphInstantiate_flags(0));
-                match (queued, graph) {
-                    (Ok(()), Ok(Some(g))) => Some(g),
-                    _ => None,
-                }
-            }
-            Err(_) => None,
-        };
+        let graph = capture(&rec, || self.queue_batched(cm, count, rec.cu_stream()));
         // Back to this stream; if even that fails, no graph is used and the next direct call
         // reports the handle's error.
         self.bind_handle(self.stream.cu_stream()).ok()?;

@@ -216,3 +216,44 @@ pub fn for_device(ctx: &Arc<CudaContext>, ordinal: usize) -> Result<Arc<Kernels>
     cache.insert(ordinal, k.clone());
     Ok(k)
 }
+
+/// Plain-fp32 kernels (no fast math) other than `simple_compute`: `source` compiled by NVRTC
+/// for this device once per context, its functions `names` loaded, cached by `key`.
+pub fn compiled(
+    ctx: &Arc<CudaContext>,
+    key: &'static str,
+    source: &str,
+    names: &[&str],
+) -> Result<Vec<CudaFunction>> {
+    type Cache = HashMap<(usize, &'static str), Vec<CudaFunction>>;
+    static CACHE: OnceLock<Mutex<Cache>> = OnceLock::new();
+    let id = (ctx.cu_ctx() as usize, key);
+    let mut cache = CACHE.get_or_init(|| Mutex::new(HashMap::new())).lock();
+    if let Some(f) = cache.get(&id) {
+        return Ok(f.clone());
+    }
+    let (major, minor) = ctx
+        .compute_capability()
+        .map_err(|e| driver_error("info", e))?;
+    let opts = CompileOptions {
+        options: vec![format!("--gpu-architecture=compute_{major}{minor}")],
+        ..Default::default()
+    };
+    let ptx = cudarc::nvrtc::compile_ptx_with_opts(source, opts).map_err(|e| Error::Device {
+        op: "compile",
+        message: format!("{e:?}"),
+    })?;
+    let module = ctx
+        .load_module(ptx)
+        .map_err(|e| driver_error("load module", e))?;
+    let functions = names
+        .iter()
+        .map(|n| {
+            module
+                .load_function(n)
+                .map_err(|e| driver_error("load function", e))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    cache.insert(id, functions.clone());
+    Ok(functions)
+}

@@ -7,13 +7,10 @@
 //! precisions (never TF32), and each element's summation order depends only on `k`, so a row's
 //! result does not depend on the rows batched with it.
 
-use std::collections::HashMap;
 use std::ffi::c_void;
 use std::sync::{Arc, OnceLock};
 
-use cudarc::driver::{result, CudaContext, CudaFunction, CudaStream};
-use cudarc::nvrtc::CompileOptions;
-use parking_lot::Mutex;
+use cudarc::driver::{result, CudaStream};
 
 use super::driver_error;
 use crate::backend::GemmSpec;
@@ -28,7 +25,8 @@ const THREADS: u32 = 128;
 const COLS: u32 = 4;
 
 /// Rows up to which products go to the skinny kernel unless `MULTIQ_SKINNY_ROWS` says
-/// otherwise (0 turns it off). Chosen by measurement (bench/results/h100/mlp.md).
+/// otherwise (0 turns it off). At 32 rows it and cuBLASLt tied on the H100
+/// (bench/results/h100/mlp/probes.md).
 pub const DEFAULT_MAX_ROWS: usize = 32;
 
 /// Rows up to which [`super::blas`] uses the skinny kernel (read once per process).
@@ -40,48 +38,6 @@ pub fn max_rows() -> usize {
             .and_then(|v| v.trim().parse().ok())
             .unwrap_or(DEFAULT_MAX_ROWS)
     })
-}
-
-/// The two entry points: `v4` (16-byte loads) and `v1` (any alignment).
-#[derive(Clone)]
-struct Functions {
-    v4: CudaFunction,
-    v1: CudaFunction,
-}
-
-fn functions(ctx: &Arc<CudaContext>) -> Result<Functions> {
-    static CACHE: OnceLock<Mutex<HashMap<usize, Functions>>> = OnceLock::new();
-    let key = ctx.cu_ctx() as usize;
-    let mut cache = CACHE.get_or_init(|| Mutex::new(HashMap::new())).lock();
-    if let Some(f) = cache.get(&key) {
-        return Ok(f.clone());
-    }
-    let (major, minor) = ctx
-        .compute_capability()
-        .map_err(|e| driver_error("info", e))?;
-    let opts = CompileOptions {
-        // No fast math: the sums are plain fp32 multiply-adds.
-        options: vec![format!("--gpu-architecture=compute_{major}{minor}")],
-        ..Default::default()
-    };
-    let ptx = cudarc::nvrtc::compile_ptx_with_opts(SOURCE, opts).map_err(|e| Error::Device {
-        op: "compile",
-        message: format!("{e:?}"),
-    })?;
-    let module = ctx
-        .load_module(ptx)
-        .map_err(|e| driver_error("load module", e))?;
-    let load = |name: &str| {
-        module
-            .load_function(name)
-            .map_err(|e| driver_error("load function", e))
-    };
-    let f = Functions {
-        v4: load("skinny_v4")?,
-        v1: load("skinny_v1")?,
-    };
-    cache.insert(key, f.clone());
-    Ok(f)
 }
 
 /// True when `spec` goes to the skinny kernel.
@@ -102,9 +58,15 @@ pub fn launch(
         u32::try_from(v).map_err(|_| Error::invalid(format!("{what} = {v} exceeds 2^32")))
     };
     let (mut m, mut n, mut k) = (dim(spec.m, "m")?, dim(spec.n, "n")?, dim(spec.k, "k")?);
-    let f = functions(stream.context())?;
+    // The two entry points: 16-byte loads, and any alignment.
+    let f = super::kernels::compiled(
+        stream.context(),
+        "skinny",
+        SOURCE,
+        &["skinny_v4", "skinny_v1"],
+    )?;
     let vector = k % 4 == 0 && a % 16 == 0 && w % 16 == 0;
-    let func = if vector { &f.v4 } else { &f.v1 };
+    let func = &f[usize::from(!vector)];
     let (mut pa, mut pw, mut pb, mut pc) = (a, w, bias, c);
     let (mut has_bias, mut relu) = (i32::from(bias != 0), i32::from(spec.relu));
     let mut params: [*mut c_void; 9] = [

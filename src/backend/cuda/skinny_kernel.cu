@@ -116,7 +116,7 @@ __device__ void skinny(const float* __restrict__ a, const float* __restrict__ w,
     }
 
 // Rows per pass × columns per block: 8 × 4. Measured on the H100 against 8 × 8, 16 × 4 and
-// 4 × 8 (forwards of 1 to 32 rows, bench/results/h100/mlp.md): 8 × 4 was fastest from 4 rows
+// 4 × 8 (forwards of 1 to 32 rows, bench/results/h100/mlp/probes.md): 8 × 4 was fastest from 4 rows
 // up and within 10% at 1 row.
 ENTRY(skinny_v4, 4, 8, 4)
 ENTRY(skinny_v1, 1, 8, 4)

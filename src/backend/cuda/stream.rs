@@ -413,13 +413,14 @@ impl BackendStream for CudaQueue {
             return Ok(());
         }
         bind(self.ctx())?;
-        let dst = buf.ptr + offset as u64 * 4;
         // SAFETY: the range lies inside the live allocation (checked above). `src` is pageable
         // memory (multiq pins no memory it hands out), which the driver copies to a staging
         // buffer before `cuMemcpyHtoDAsync` returns, so the caller may reuse it at once; the
         // device copy is ordered on this stream before later work.
-        unsafe { result::memcpy_htod_async(dst, src, self.stream.cu_stream()) }
-            .map_err(|e| driver_error("upload", e))
+        unsafe {
+            result::memcpy_htod_async(buf.ptr + offset as u64 * 4, src, self.stream.cu_stream())
+        }
+        .map_err(|e| driver_error("upload", e))
     }
 
     fn download_at(&self, buf: &dyn BackendBuffer, offset: usize, dst: &mut [f32]) -> Result<()> {
@@ -443,23 +444,12 @@ impl BackendStream for CudaQueue {
         body: &mut dyn FnMut() -> Result<()>,
     ) -> Result<Option<Box<dyn BackendProgram>>> {
         bind(self.ctx())?;
-        // Thread-local capture: other threads' driver calls go on as usual meanwhile.
-        let mode = sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL;
-        self.stream
-            .begin_capture(mode)
-            .map_err(|e| driver_error("begin capture", e))?;
-        let queued = body();
-        // Capture always ends, so the stream is usable again whatever `body` did.
-        let graph = self.stream.end_capture(sys::CUgraphInstantiate_flags(0));
-        match (queued, graph) {
-            (Ok(()), Ok(Some(graph))) => Ok(Some(Box::new(CudaProgram {
+        Ok(capture(&self.stream, body).map(|graph| {
+            Box::new(CudaProgram {
                 graph: parking_lot::Mutex::new(graph),
                 stream: self.stream.cu_stream() as usize,
-            }))),
-            // Something in `body` cannot be captured (or failed): nothing was queued, and
-            // the caller runs the work directly (where a real error shows again).
-            _ => Ok(None),
-        }
+            }) as Box<dyn BackendProgram>
+        }))
     }
 
     fn replay(&self, program: &dyn BackendProgram) -> Result<()> {
@@ -682,6 +672,24 @@ impl Drop for CudaEventBox {
             // pending work is allowed (the driver releases it when the work completes).
             let _ = unsafe { result::event::destroy(self.event) };
         }
+    }
+}
+
+/// Records the work `body` queues on `stream` as a graph, capturing for this thread only
+/// (other threads' driver calls go on meanwhile; none may use `stream`). `None` when the
+/// capture cannot start, `body` fails, or something it queued cannot be captured: nothing
+/// was queued then, and capture has ended, so the stream is usable again either way.
+pub(super) fn capture(
+    stream: &Arc<CudaStream>,
+    body: impl FnOnce() -> Result<()>,
+) -> Option<cudarc::driver::CudaGraph> {
+    let mode = sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL;
+    stream.begin_capture(mode).ok()?;
+    let queued = body();
+    let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0));
+    match (queued, graph) {
+        (Ok(()), Ok(Some(graph))) => Some(graph),
+        _ => None,
     }
 }
 

@@ -107,6 +107,14 @@ pub trait Backend: Send + Sync + fmt::Debug {
     fn info(&self) -> DeviceInfo;
     /// Allocates `len` f32 elements (contents unspecified until written).
     fn alloc(&self, len: usize) -> Result<Box<dyn BackendBuffer>>;
+    /// A buffer in host memory that the device reads and writes in place, for staging small
+    /// transfers: [`BackendStream::copy`] moves data between it and device buffers inside
+    /// queued (and recorded) work, and `upload_at`/`download_at` on it are plain host copies
+    /// after the stream finished its queued work (CUDA: page-locked memory mapped into the
+    /// device; no copy engine). Default: [`alloc`](Self::alloc).
+    fn alloc_host(&self, len: usize) -> Result<Box<dyn BackendBuffer>> {
+        self.alloc(len)
+    }
     /// Creates a new in-order stream.
     fn new_stream(&self) -> Result<Arc<dyn BackendStream>>;
     /// Creates a new event (not yet recorded; waiting on it returns at once).
@@ -389,6 +397,20 @@ pub trait BackendStream: Send + Sync {
             "partial downloads on this backend".into(),
         ))
     }
+    /// Queues a copy of `len` elements from `src` (from `src_offset`) to `dst` (from
+    /// `dst_offset`), ordered with this stream's work; `src` and `dst` are distinct buffers.
+    /// Default: not supported.
+    fn copy(
+        &self,
+        src: &dyn BackendBuffer,
+        src_offset: usize,
+        dst: &dyn BackendBuffer,
+        dst_offset: usize,
+        len: usize,
+    ) -> Result<()> {
+        let _ = (src, src_offset, dst, dst_offset, len);
+        Err(Error::Unsupported("device copies on this backend".into()))
+    }
     /// Records the work `body` queues on this stream, without running it, as a program that
     /// [`replay`](Self::replay) queues again with one call (CUDA: a graph, captured for this
     /// thread only). `None` where the backend cannot record, or when this work cannot be
@@ -531,4 +553,45 @@ fn open_cuda(_opts: &DeviceOptions) -> Result<Arc<dyn Backend>> {
         backend: BackendKind::Cuda,
         reason: "this build of multiq was compiled without the `cuda` feature".into(),
     })
+}
+
+/// Checks [`Backend::alloc_host`] and [`BackendStream::copy`] on `backend`: data staged in
+/// host buffers goes through device buffers and back unchanged, at offsets, in stream order;
+/// bad copies are refused.
+#[cfg(test)]
+pub(crate) fn check_staged_copies(backend: &dyn Backend) {
+    let n = 3000;
+    let stage_in = backend.alloc_host(n).unwrap();
+    let stage_out = backend.alloc_host(n).unwrap();
+    let dev = backend.alloc(n + 100).unwrap();
+    let s = backend.new_stream().unwrap();
+    for round in 0..3 {
+        let src: Vec<f32> = (0..n).map(|i| (i * 7 + round) as f32 * 0.5).collect();
+        s.upload_at(&*stage_in, 0, &src).unwrap();
+        s.copy(&*stage_in, 0, &*dev, 100, n).unwrap();
+        s.copy(&*dev, 100, &*stage_out, 0, n).unwrap();
+        let mut back = vec![0f32; n];
+        s.download_at(&*stage_out, 0, &mut back).unwrap();
+        assert_eq!(back, src, "round {round}");
+        // A partial copy at offsets.
+        s.copy(&*dev, 110, &*stage_out, 5, 10).unwrap();
+        let mut part = vec![0f32; 10];
+        s.download_at(&*stage_out, 5, &mut part).unwrap();
+        assert_eq!(part, src[10..20]);
+    }
+    assert!(s.copy(&*dev, 0, &*dev, 10, 5).is_err(), "same buffer");
+    assert!(s.copy(&*stage_in, 1, &*dev, 0, n).is_err(), "source range");
+    assert!(
+        s.copy(&*stage_in, 0, &*dev, 101, n).is_err(),
+        "destination range"
+    );
+    assert!(
+        s.copy(&*stage_in, usize::MAX, &*dev, 0, 2).is_err(),
+        "offset overflow"
+    );
+    s.synchronize().unwrap();
+    s.free_after(stage_in);
+    s.free_after(dev);
+    s.free_after(stage_out);
+    s.synchronize().unwrap();
 }

@@ -16,7 +16,10 @@
 //!
 //! Dynamic batching ([`ModelOptions::batching`]): concurrent `infer` calls are queued in a
 //! [`Batcher`]; whichever caller leads concatenates the queued inputs (up to `max_rows` rows)
-//! into one forward on its context, splits the output by rows and hands each caller exactly
+//! into its context's host staging buffer (host memory the device reads in place), queues the
+//! forward as one recorded program (copy in, the products, copy out into the host staging
+//! output), passes leadership on (`Batcher::submit_staged`: the next batch gathers and starts
+//! while this one runs), then waits, splits the output by rows and hands each caller exactly
 //! its rows. Up to `depth` batched forwards run at once, each on its own context. A request
 //! with more rows than `max_rows` runs alone, unbatched.
 //!
@@ -109,12 +112,16 @@ struct Context {
     /// Host staging for batched inputs and outputs (reused).
     host_in: Vec<f32>,
     host_out: Vec<f32>,
-    /// Recorded forwards by row count (see [`Inner::forward`]); they refer to `acts`, so
-    /// they are dropped whenever `acts` is reallocated.
-    programs: HashMap<usize, Box<dyn BackendProgram>>,
-    /// Row counts this context ran once unrecorded (the first run of a shape creates library
+    /// Batched forwards' input and output in host memory the device reads and writes in
+    /// place ([`crate::backend::Backend::alloc_host`]), as many rows as `acts`; made on the
+    /// context's first batched forward.
+    staged: Option<[Box<dyn BackendBuffer>; 2]>,
+    /// Recorded forwards by (row count, staged) (see [`Inner::forward`]); they refer to
+    /// `acts` and `staged`, so they are dropped whenever those are reallocated.
+    programs: HashMap<(usize, bool), Box<dyn BackendProgram>>,
+    /// Forwards this context ran once unrecorded (the first run of a shape creates library
     /// handles and plans, which cannot happen while recording).
-    warmed: HashSet<usize>,
+    warmed: HashSet<(usize, bool)>,
     /// Recording failed here once: forwards are queued directly from then on.
     unrecordable: bool,
 }
@@ -303,7 +310,18 @@ impl Model {
         let rows = input.len() / width;
         let mut out = match &inner.batcher {
             Some(b) if rows <= b_max(inner) => {
-                let reply = b.submit(input.to_vec(), rows, |batch| inner.run_batch(batch), |_| {});
+                let reply = if pipelined() {
+                    b.submit_staged(
+                        input.to_vec(),
+                        rows,
+                        |batch| inner.launch_batch(batch),
+                        |pending| inner.complete_batch(pending),
+                        |_| {},
+                    )
+                } else {
+                    let run = |batch| inner.complete_batch(inner.launch_batch(batch));
+                    b.submit(input.to_vec(), rows, run, |_| {})
+                };
                 match reply {
                     Ok(Ok(v)) => v,
                     Ok(Err(message)) | Err(message) => {
@@ -337,6 +355,13 @@ impl Model {
     }
 }
 
+/// Whether a batch leader passes leadership on as soon as its forward is queued (default),
+/// or only once it completed (`MULTIQ_PIPELINE=0`, a diagnostic for comparing the two).
+fn pipelined() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("MULTIQ_PIPELINE").map_or(true, |v| v != "0"))
+}
+
 fn b_max(inner: &Inner) -> usize {
     inner.options.batching.map_or(0, |b| b.max_rows)
 }
@@ -364,6 +389,7 @@ impl Inner {
                     acts: Vec::new(),
                     host_in: Vec::new(),
                     host_out: Vec::new(),
+                    staged: None,
                     programs: HashMap::new(),
                     warmed: HashSet::new(),
                     unrecordable: false,
@@ -385,6 +411,7 @@ impl Inner {
                     ctx.programs.clear();
                     ctx.warmed.clear();
                     ctx.acts = a;
+                    ctx.staged = None;
                     ctx.rows = cap;
                 }
                 Err(e) => {
@@ -400,39 +427,63 @@ impl Inner {
         self.idle.lock().push(ctx);
     }
 
-    /// Queues one forward of `rows` rows on `ctx`'s stream. With `replay` (sessions: one
-    /// holder running the same forward again and again), the second forward of a row count
-    /// on a context records its products as a program (CUDA: a graph), and later ones replay
-    /// it: one call queues the whole forward instead of one per layer (H100 sweep, same call
-    /// as graphs off: 1.26 × the forwards per second at 1 row, 1.46 × at 64). `infer` queues
-    /// its products directly: with 16 threads replaying graphs on their own contexts at once,
-    /// unbatched requests ran at half the rate (bench/results/h100/mlp/README.md, 7db3fbe).
-    fn forward(&self, ctx: &mut Context, rows: usize, replay: bool) -> Result<()> {
+    /// Queues one forward of `rows` rows on `ctx`'s stream. With `replay`, the second
+    /// forward of a shape on a context records it as a program (CUDA: a graph), and later
+    /// ones replay it: one call queues the whole forward instead of one per layer (H100
+    /// sweep, same call as graphs off: 1.26 × the forwards per second at 1 row, 1.46 × at 64).
+    /// Sessions and batched forwards replay (each on a context its leader holds alone);
+    /// unbatched `infer` queues its products directly: with 16 threads replaying graphs on
+    /// their own contexts at once, unbatched requests ran at half the rate
+    /// (bench/results/h100/mlp/README.md, 7db3fbe). With `staged`, the forward also copies
+    /// its input from `ctx.staged[0]` and its output into `ctx.staged[1]` on the device.
+    fn forward(&self, ctx: &mut Context, rows: usize, replay: bool, staged: bool) -> Result<()> {
         self.forwards.fetch_add(1, Ordering::Relaxed);
         self.rows.fetch_add(rows as u64, Ordering::Relaxed);
-        if let Some(p) = ctx.programs.get(&rows) {
+        let key = (rows, staged);
+        if let Some(p) = ctx.programs.get(&key) {
             return ctx.stream.replay(&**p);
         }
         let record = replay
             && crate::backend::recording_enabled()
             && !ctx.unrecordable
             && ctx.programs.len() < MAX_PROGRAMS
-            && ctx.warmed.contains(&rows);
+            && ctx.warmed.contains(&key);
         if record {
             let recorded = ctx
                 .stream
-                .record_program(&mut || self.queue_products(ctx, rows))?;
+                .record_program(&mut || self.queue_forward(ctx, rows, staged))?;
             match recorded {
                 Some(p) => {
                     ctx.stream.replay(&*p)?;
-                    ctx.programs.insert(rows, p);
+                    ctx.programs.insert(key, p);
                     return Ok(());
                 }
                 None => ctx.unrecordable = true,
             }
         }
+        self.queue_forward(ctx, rows, staged)?;
+        ctx.warmed.insert(key);
+        Ok(())
+    }
+
+    /// Queues one forward's device work on `ctx`'s stream: the staged input copy (with
+    /// `staged`), the products, the staged output copy.
+    fn queue_forward(&self, ctx: &Context, rows: usize, staged: bool) -> Result<()> {
+        let stage = match (&ctx.staged, staged) {
+            (Some(s), true) => Some(s),
+            (None, true) => return Err(Error::invalid("a staged forward without staging")),
+            _ => None,
+        };
+        let last = self.layers.len();
+        if let Some([stage_in, _]) = stage {
+            let n = rows * self.spec.input();
+            ctx.stream.copy(&**stage_in, 0, &*ctx.acts[0], 0, n)?;
+        }
         self.queue_products(ctx, rows)?;
-        ctx.warmed.insert(rows);
+        if let Some([_, stage_out]) = stage {
+            let n = rows * self.spec.output();
+            ctx.stream.copy(&*ctx.acts[last], 0, &**stage_out, 0, n)?;
+        }
         Ok(())
     }
 
@@ -473,7 +524,7 @@ impl Inner {
             for (src, dst) in input.chunks(chunk * win).zip(out.chunks_mut(chunk * wout)) {
                 let r = src.len() / win;
                 ctx.stream.upload_at(&*ctx.acts[0], 0, src)?;
-                self.forward(&mut ctx, r, false)?;
+                self.forward(&mut ctx, r, false, false)?;
                 ctx.stream
                     .download_at(&*ctx.acts[self.layers.len()], 0, dst)?;
             }
@@ -492,56 +543,125 @@ impl Inner {
         self.give_back(ctx);
     }
 
-    /// One batched forward over the queued requests (the batcher's executor).
-    fn run_batch(&self, batch: Vec<Vec<f32>>) -> Vec<Reply> {
-        let (win, wout) = (self.spec.input(), self.spec.output());
-        let rows: usize = batch.iter().map(|r| r.len() / win).sum();
+    /// Starts one batched forward over the queued requests (the batcher's `launch`): stages
+    /// their rows in the context's host-visible input and queues the forward, which leaves
+    /// its output in the host-visible output; [`complete_batch`](Self::complete_batch) waits
+    /// for it.
+    fn launch_batch(&self, batch: Vec<Vec<f32>>) -> PendingBatch {
+        let win = self.spec.input();
+        let sizes: Vec<usize> = batch.iter().map(|r| r.len() / win).collect();
+        let rows: usize = sizes.iter().sum();
         let mut run = self.phases.start();
-        let mut ctx = match self.take_context(rows) {
+        let ctx = self.take_context(rows).and_then(|mut ctx| {
+            if let Err(e) = self.stage(&mut ctx) {
+                self.give_back(ctx);
+                return Err(e);
+            }
+            Ok(ctx)
+        });
+        let mut ctx = match ctx {
             Ok(c) => c,
-            Err(e) => return batch.iter().map(|_| Err(e.to_string())).collect(),
+            Err(e) => {
+                return PendingBatch {
+                    ctx: None,
+                    sizes,
+                    result: Err(e),
+                    run,
+                }
+            }
         };
         let mut host_in = std::mem::take(&mut ctx.host_in);
-        let mut host_out = std::mem::take(&mut ctx.host_out);
         host_in.clear();
         for r in &batch {
             host_in.extend_from_slice(r);
         }
-        host_out.resize(rows * wout, 0.0);
         self.phases.lap(&mut run, 0);
         let result = (|| {
-            ctx.stream.upload_at(&*ctx.acts[0], 0, &host_in)?;
+            let [stage_in, _] = ctx.staged.as_ref().expect("staged above");
+            ctx.stream.upload_at(&**stage_in, 0, &host_in)?;
             self.phases.lap(&mut run, 1);
-            self.forward(&mut ctx, rows, false)?;
-            self.phases.lap(&mut run, 2);
-            ctx.stream.download_at(
-                &*ctx.acts[self.layers.len()],
-                0,
-                &mut host_out[..rows * wout],
-            )
+            self.forward(&mut ctx, rows, true, true)
         })();
+        self.phases.lap(&mut run, 2);
+        ctx.host_in = host_in;
+        PendingBatch {
+            ctx: Some(ctx),
+            sizes,
+            result,
+            run,
+        }
+    }
+
+    /// Makes `ctx`'s host-visible staging buffers if it has none (as many rows as `acts`).
+    fn stage(&self, ctx: &mut Context) -> Result<()> {
+        if ctx.staged.is_none() {
+            let backend = self.device.backend();
+            let stage_in = backend.alloc_host(ctx.rows * self.spec.input())?;
+            let stage_out = backend.alloc_host(ctx.rows * self.spec.output())?;
+            // Recorded staged forwards referred to the old buffers (none exist: `staged` is
+            // only dropped with `acts`, which clears them), so nothing else changes.
+            ctx.staged = Some([stage_in, stage_out]);
+        }
+        Ok(())
+    }
+
+    /// Waits for a batched forward and splits its output by request (the batcher's
+    /// `complete`).
+    fn complete_batch(&self, pending: PendingBatch) -> Vec<Reply> {
+        let PendingBatch {
+            ctx,
+            sizes,
+            result,
+            mut run,
+        } = pending;
+        let fail = |e: &Error| sizes.iter().map(|_| Err(e.to_string())).collect();
+        let Some(mut ctx) = ctx else {
+            return match &result {
+                Err(e) => fail(e),
+                Ok(()) => fail(&Error::invalid("a batch without a context")),
+            };
+        };
+        let wout = self.spec.output();
+        let rows: usize = sizes.iter().sum();
+        let mut host_out = std::mem::take(&mut ctx.host_out);
+        host_out.resize(rows * wout, 0.0);
+        let result = result.and_then(|()| {
+            let [_, stage_out] = ctx.staged.as_ref().expect("a launched batch is staged");
+            ctx.stream
+                .download_at(&**stage_out, 0, &mut host_out[..rows * wout])
+        });
         self.phases.lap(&mut run, 3);
         let replies = match &result {
             Ok(()) => {
                 let mut at = 0;
-                batch
+                sizes
                     .iter()
                     .map(|r| {
-                        let n = r.len() / win * wout;
+                        let n = r * wout;
                         let v = host_out[at..at + n].to_vec();
                         at += n;
                         Ok(v)
                     })
                     .collect()
             }
-            Err(e) => batch.iter().map(|_| Err(e.to_string())).collect(),
+            Err(e) => fail(e),
         };
-        ctx.host_in = host_in;
         ctx.host_out = host_out;
         self.finish(ctx, &result);
         self.phases.lap(&mut run, 4);
         replies
     }
+}
+
+/// A batched forward between [`Inner::launch_batch`] and [`Inner::complete_batch`].
+struct PendingBatch {
+    /// The context it runs on (`None` when none could be had: `result` says why).
+    ctx: Option<Context>,
+    /// Rows of each request, in batch order.
+    sizes: Vec<usize>,
+    /// Whether everything was queued.
+    result: Result<()>,
+    run: crate::runtime::phases::Run,
 }
 
 impl Drop for Inner {
@@ -589,7 +709,7 @@ impl Session {
     /// One forward of the resident input, waited for.
     pub fn run(&mut self) -> Result<()> {
         let ctx = self.ctx.as_mut().expect("a session holds its context");
-        self.inner.forward(ctx, self.rows, true)?;
+        self.inner.forward(ctx, self.rows, true, false)?;
         ctx.stream.synchronize()
     }
 

@@ -245,6 +245,11 @@ mod tests {
     }
 
     #[test]
+    fn staged_copies_round_trip() {
+        crate::backend::check_staged_copies(&device(2));
+    }
+
+    #[test]
     fn launches_run_in_order_and_match_the_reference() {
         let dev = device(2);
         let s = dev.new_stream().unwrap();

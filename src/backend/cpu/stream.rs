@@ -219,6 +219,27 @@ impl BackendStream for CpuStream {
         Ok(())
     }
 
+    fn copy(
+        &self,
+        src: &dyn BackendBuffer,
+        src_offset: usize,
+        dst: &dyn BackendBuffer,
+        dst_offset: usize,
+        len: usize,
+    ) -> Result<()> {
+        let (src, dst) = (cpu_buffer(src)?, cpu_buffer(dst)?);
+        let src_end = range_end(src_offset, len, src.len)?;
+        let dst_end = range_end(dst_offset, len, dst.len)?;
+        if Arc::ptr_eq(&src.data, &dst.data) {
+            return Err(Error::invalid("a copy needs two distinct buffers"));
+        }
+        let (from, to) = (src.data.clone(), dst.data.clone());
+        self.queue.push(Box::new(move || {
+            to.write()[dst_offset..dst_end].copy_from_slice(&from.read()[src_offset..src_end]);
+        }));
+        Ok(())
+    }
+
     fn free_after(&self, buf: Box<dyn BackendBuffer>) {
         // Queued tasks hold their own reference to the storage: dropping ours is enough.
         drop(buf);

@@ -24,6 +24,13 @@ extern "C" __global__ void simple_compute(float* data, unsigned int n, unsigned 
     data[i] = v;
 }
 
+// A plain copy (BackendStream::copy; either side may be page-locked host memory mapped into
+// the device).
+extern "C" __global__ void copy_f32(const float* src, float* dst, unsigned int n) {
+    for (unsigned int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
+        dst[i] = src[i];
+}
+
 // A grouped launch: one grid over up to MAX_SEGMENTS buffers, passed by value as a kernel
 // parameter (no copy of a table before the launch). Block b works on the segment whose
 // first_block is the largest <= b. Each element goes through exactly the code above, so a
@@ -142,6 +149,8 @@ pub struct Kernels {
     pub simple_compute_grouped_signal: [CudaFunction; 3],
     /// The device queue's kernel (`queue_kernel.cu`).
     pub simple_compute_queue: CudaFunction,
+    /// `copy_f32(src, dst, n)`: [`crate::backend::BackendStream::copy`].
+    pub copy_f32: CudaFunction,
     /// Multiprocessors of the device (sizes the signalled kernels' grid).
     pub multiprocessors: u32,
 }
@@ -200,6 +209,7 @@ pub fn for_device(ctx: &Arc<CudaContext>, ordinal: usize) -> Result<Arc<Kernels>
         load("simple_compute_grouped_signal")?,
     ];
     let simple_compute_queue = load("simple_compute_queue")?;
+    let copy_f32 = load("copy_f32")?;
     let multiprocessors = ctx
         .attribute(
             cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
@@ -211,6 +221,7 @@ pub fn for_device(ctx: &Arc<CudaContext>, ordinal: usize) -> Result<Arc<Kernels>
         simple_compute_grouped,
         simple_compute_grouped_signal,
         simple_compute_queue,
+        copy_f32,
         multiprocessors,
     });
     cache.insert(ordinal, k.clone());

@@ -192,6 +192,14 @@ impl Backend for CudaBackend {
         )?))
     }
 
+    fn alloc_host(&self, len: usize) -> Result<Box<dyn BackendBuffer>> {
+        Ok(Box::new(CudaBuffer::alloc_host(
+            &self.ctx,
+            len,
+            &self.info.name,
+        )?))
+    }
+
     fn new_stream(&self) -> Result<Arc<dyn BackendStream>> {
         let stream = self
             .ctx
@@ -260,5 +268,14 @@ mod tests {
         assert!(matches!(e, Error::DeviceShutDown { op: "bind" }), "{e:?}");
         assert!(e.to_string().contains("process is exiting"), "{e}");
         assert!(!e.is_usage());
+    }
+
+    /// Page-locked host buffers and copy kernels (skips without a CUDA device).
+    #[test]
+    fn staged_copies_round_trip() {
+        match CudaBackend::new(&DeviceOptions::default()) {
+            Ok(b) => crate::backend::check_staged_copies(&b),
+            Err(e) => eprintln!("SKIPPED staged_copies_round_trip: no CUDA device ({e})"),
+        }
     }
 }

@@ -24,6 +24,9 @@ const THREADS: u32 = 128;
 /// Columns of C per block (`COLS` of the kernel's entry points).
 const COLS: u32 = 4;
 
+/// Rows of C per pass of a block (`ROWS` of the kernel's entry points).
+const ROWS: u32 = 8;
+
 /// Rows up to which products go to the skinny kernel unless `MULTIQ_SKINNY_ROWS` says
 /// otherwise (0 turns it off). At 32 rows it and cuBLASLt tied on the H100
 /// (bench/results/h100/mlp/probes.md).
@@ -31,8 +34,8 @@ pub const DEFAULT_MAX_ROWS: usize = 32;
 
 /// Rows up to which [`super::blas`] uses the skinny kernel (read once per process).
 pub fn max_rows() -> usize {
-    static ROWS: OnceLock<usize> = OnceLock::new();
-    *ROWS.get_or_init(|| {
+    static MAX: OnceLock<usize> = OnceLock::new();
+    *MAX.get_or_init(|| {
         std::env::var("MULTIQ_SKINNY_ROWS")
             .ok()
             .and_then(|v| v.trim().parse().ok())
@@ -80,6 +83,11 @@ pub fn launch(
         (&mut has_bias as *mut i32).cast(),
         (&mut relu as *mut i32).cast(),
     ];
+    // A row of blocks per group of ROWS rows, side by side (the kernel loops when m needs
+    // more than the grid's 65,535 rows of blocks). Against one row of blocks taking the
+    // groups in turn, forwards of 16 rows went 41.2 → 34.3 µs and of 32 rows 69.3 → 55.8 µs
+    // on the H100 (bench/results/h100/mlp/probes.md).
+    let groups = m.div_ceil(ROWS).min(65_535);
     let grid = n.div_ceil(COLS);
     // SAFETY: the kernel takes (const float*, const float*, const float*, float*, unsigned,
     // unsigned, unsigned, int, int), matching `params`, whose pointees outlive the call (the
@@ -90,7 +98,7 @@ pub fn launch(
     unsafe {
         result::launch_kernel(
             func.cu_function(),
-            (grid, 1, 1),
+            (grid, groups, 1),
             (THREADS, 1, 1),
             0,
             stream.cu_stream(),

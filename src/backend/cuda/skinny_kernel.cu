@@ -11,15 +11,14 @@
 //   transposing butterfly (31 shuffles for 32 sums, each lane ending with one), the block adds
 //   its warps' sums in warp order through shared memory, then adds the bias and applies ReLU
 //   (NaN stays NaN, as PyTorch's);
-// - rows are taken ROWS at a time (W is re-read from cache for each group).
+// - rows are taken ROWS at a time, each group of ROWS rows by its own row of blocks
+//   (blockIdx.y), so 32 rows take about as long as 8 (each group re-reads W, from L2).
 //
 // Every element's summation order depends only on k and this layout, never on m or on the other
 // rows, so a row's result is the same whichever rows it is batched with.
 //
 // `v4` needs A and W 16-byte aligned and k a multiple of 4; `v1` takes anything.
 
-#define KSPLIT 4
-#define THREADS (32 * KSPLIT)
 
 template <int V>
 __device__ __forceinline__ float4 load(const float* __restrict__ p, unsigned int i) {
@@ -53,17 +52,18 @@ __device__ __forceinline__ float transpose_sum(float (&v)[32], unsigned int lane
     return v[0];
 }
 
-template <int V, int ROWS, int COLS>
+template <int V, int ROWS, int COLS, int KSPLIT>
 __device__ void skinny(const float* __restrict__ a, const float* __restrict__ w,
                        const float* __restrict__ bias, float* __restrict__ c, unsigned int m,
                        unsigned int n, unsigned int k, int has_bias, int relu) {
+    constexpr int THREADS = 32 * KSPLIT;
     constexpr int GROUPS = ROWS * COLS / 32;  // values of 32 per lane to reduce
     __shared__ float partial[KSPLIT][ROWS * COLS];
     const unsigned int lane = threadIdx.x & 31;
     const unsigned int warp = threadIdx.x >> 5;
     const unsigned int j0 = blockIdx.x * COLS;
     const unsigned int steps = k / V;  // vectors per row
-    for (unsigned int r0 = 0; r0 < m; r0 += ROWS) {
+    for (unsigned int r0 = blockIdx.y * ROWS; r0 < m; r0 += gridDim.y * ROWS) {
         float acc[GROUPS][32];
 #pragma unroll
         for (int g = 0; g < GROUPS; g++)
@@ -108,15 +108,17 @@ __device__ void skinny(const float* __restrict__ a, const float* __restrict__ w,
     }
 }
 
-#define ENTRY(name, V, R, C)                                                                  \
-    extern "C" __global__ void __launch_bounds__(THREADS)                                    \
+#define ENTRY(name, V, R, C, K)                                                               \
+    extern "C" __global__ void __launch_bounds__(32 * K)                                     \
         name(const float* a, const float* w, const float* bias, float* c, unsigned int m,    \
              unsigned int n, unsigned int k, int has_bias, int relu) {                       \
-        skinny<V, R, C>(a, w, bias, c, m, n, k, has_bias, relu);                             \
+        skinny<V, R, C, K>(a, w, bias, c, m, n, k, has_bias, relu);                          \
     }
 
-// Rows per pass × columns per block: 8 × 4. Measured on the H100 against 8 × 8, 16 × 4 and
-// 4 × 8 (forwards of 1 to 32 rows, bench/results/h100/mlp/probes.md): 8 × 4 was fastest from 4 rows
-// up and within 10% at 1 row.
-ENTRY(skinny_v4, 4, 8, 4)
-ENTRY(skinny_v1, 1, 8, 4)
+// Rows per pass × columns per block × warps splitting k: 8 × 4 × 4. Measured on the H100
+// (forwards of 1 to 32 rows, bench/results/h100/mlp/probes.md): against 8 × 8, 16 × 4 and
+// 4 × 8 with 4 warps, 8 × 4 was fastest from 4 rows up and within 10% at 1 row; against
+// 8 × 4 × 8, 8 × 8 × 4 and 4 × 8 × 8 with row groups side by side, it was fastest at 8 and
+// 16 rows and in 16-thread batched requests.
+ENTRY(skinny_v4, 4, 8, 4, 4)
+ENTRY(skinny_v1, 1, 8, 4, 4)

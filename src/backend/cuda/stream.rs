@@ -31,15 +31,25 @@ pub(super) fn bind(ctx: &CudaContext) -> Result<()> {
     }
 }
 
-/// A raw device allocation of f32 elements.
+/// A raw allocation of f32 elements: device memory, or page-locked host memory mapped into
+/// the device's address space ([`CudaBuffer::alloc_host`]).
 ///
 /// Invariant: `ptr` is a live allocation of `len * 4` bytes in `ctx` until it is handed to
-/// [`BackendStream::free_after`] (which zeroes `ptr`) or freed by `Drop`.
+/// [`BackendStream::free_after`] (which zeroes `ptr`) or freed by `Drop`. With `host`, it is
+/// the device alias of the `cuMemHostAlloc` allocation at `host` (same length).
 pub(super) struct CudaBuffer {
     ptr: sys::CUdeviceptr,
     len: usize,
     ctx: Arc<CudaContext>,
+    host: Option<std::ptr::NonNull<f32>>,
 }
+
+// SAFETY: the buffer is an allocation handle; device memory is only touched through the
+// driver, and host memory (`host`) only by `upload_at`/`download_at` after the stream that
+// uses it synchronized (the runtime gives a buffer to one stream at a time).
+unsafe impl Send for CudaBuffer {}
+// SAFETY: as above: `&CudaBuffer` exposes only its address and length.
+unsafe impl Sync for CudaBuffer {}
 
 impl CudaBuffer {
     pub(super) fn alloc(
@@ -73,6 +83,7 @@ impl CudaBuffer {
                 ptr: p,
                 len,
                 ctx: ctx.clone(),
+                host: None,
             };
             stream.synchronize().map_err(|e| driver_error("alloc", e))?;
             return Ok(buf);
@@ -85,6 +96,48 @@ impl CudaBuffer {
             ptr,
             len,
             ctx: ctx.clone(),
+            host: None,
+        })
+    }
+
+    /// `len` f32 of page-locked host memory that kernels read and write in place (mapped
+    /// into the device's address space): staging for small transfers without copy engines.
+    pub(super) fn alloc_host(ctx: &Arc<CudaContext>, len: usize, device: &str) -> Result<Self> {
+        let bytes = len.checked_mul(4).filter(|_| len <= MAX_ELEMENTS);
+        let oom = |reason: String| Error::OutOfMemory {
+            elements: len,
+            bytes: (len as u64).saturating_mul(4),
+            device: format!("{device} (page-locked host memory)"),
+            reason,
+        };
+        let Some(bytes) = bytes else {
+            return Err(oom(format!(
+                "a CUDA buffer holds at most {MAX_ELEMENTS} elements"
+            )));
+        };
+        bind(ctx)?;
+        let mut host: *mut c_void = std::ptr::null_mut();
+        let flags = sys::CU_MEMHOSTALLOC_DEVICEMAP | sys::CU_MEMHOSTALLOC_PORTABLE;
+        // SAFETY: `host` is a valid out-pointer; the context is current.
+        unsafe { sys::cuMemHostAlloc(&mut host, bytes.max(4), flags) }
+            .result()
+            .map_err(|e| oom(driver_error("alloc", e).to_string()))?;
+        let Some(nn) = std::ptr::NonNull::new(host.cast::<f32>()) else {
+            return Err(oom("cuMemHostAlloc returned null".into()));
+        };
+        let mut ptr: sys::CUdeviceptr = 0;
+        // SAFETY: `host` is a mapped page-locked allocation of this context; out-pointer valid.
+        let mapped = unsafe { sys::cuMemHostGetDevicePointer_v2(&mut ptr, host, 0) }.result();
+        if let Err(e) = mapped {
+            // SAFETY: just allocated, never used by the device.
+            let _ = unsafe { result::free_host(host) };
+            return Err(driver_error("alloc", e));
+        }
+        Ok(CudaBuffer {
+            ptr,
+            len,
+            ctx: ctx.clone(),
+            host: Some(nn),
         })
     }
 }
@@ -112,9 +165,13 @@ impl Drop for CudaBuffer {
     fn drop(&mut self) {
         if self.ptr != 0 && bind(&self.ctx).is_ok() {
             // Reached only for buffers no stream ever used (the runtime hands used buffers to
-            // `free_after`): no work can reference them.
-            // SAFETY: `ptr` is live (invariant) and unused by any queued work.
-            let _ = unsafe { result::free_sync(self.ptr) };
+            // `free_after`) or whose streams were synchronized: no work can reference them.
+            match self.host {
+                // SAFETY: `host` is the live page-locked allocation (invariant), unused.
+                Some(h) => drop(unsafe { result::free_host(h.as_ptr().cast()) }),
+                // SAFETY: `ptr` is live (invariant) and unused by any queued work.
+                None => drop(unsafe { result::free_sync(self.ptr) }),
+            }
         }
     }
 }
@@ -413,6 +470,17 @@ impl BackendStream for CudaQueue {
             return Ok(());
         }
         bind(self.ctx())?;
+        if let Some(host) = buf.host {
+            // Work queued earlier on this stream may still read the range: let it finish.
+            self.synchronize()?;
+            // SAFETY: the range lies inside the live page-locked allocation (checked above)
+            // and no device work uses it now (the stream completed; the runtime gives a
+            // buffer to one stream at a time); `src` is a distinct host slice.
+            unsafe {
+                std::ptr::copy_nonoverlapping(src.as_ptr(), host.as_ptr().add(offset), src.len())
+            };
+            return Ok(());
+        }
         // SAFETY: the range lies inside the live allocation (checked above). `src` is pageable
         // memory (multiq pins no memory it hands out), which the driver copies to a staging
         // buffer before `cuMemcpyHtoDAsync` returns, so the caller may reuse it at once; the
@@ -430,6 +498,20 @@ impl BackendStream for CudaQueue {
             return Ok(());
         }
         bind(self.ctx())?;
+        if let Some(host) = buf.host {
+            self.synchronize()?;
+            // SAFETY: the stream completed, so the device's writes to the mapped range are
+            // visible to the host, and no device work uses it now; the range lies inside the
+            // live allocation (checked above); `dst` is a distinct host slice of that length.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    host.as_ptr().add(offset),
+                    dst.as_mut_ptr(),
+                    dst.len(),
+                )
+            };
+            return Ok(());
+        }
         // SAFETY: the range lies inside the live allocation; `dst` has room for it; the stream
         // is synchronized before returning, so `dst` is written and outlives the copy.
         unsafe {
@@ -437,6 +519,50 @@ impl BackendStream for CudaQueue {
         }
         .map_err(|e| driver_error("download", e))?;
         self.synchronize()
+    }
+
+    fn copy(
+        &self,
+        src: &dyn BackendBuffer,
+        src_offset: usize,
+        dst: &dyn BackendBuffer,
+        dst_offset: usize,
+        len: usize,
+    ) -> Result<()> {
+        let (src, dst) = (cuda_buffer(src)?, cuda_buffer(dst)?);
+        check_range(src_offset, len, src.len)?;
+        check_range(dst_offset, len, dst.len)?;
+        if std::ptr::eq(src, dst) {
+            return Err(Error::invalid("a copy needs two distinct buffers"));
+        }
+        if len == 0 {
+            return Ok(());
+        }
+        let mut n = u32::try_from(len).map_err(|_| Error::invalid("copy exceeds 2^32 elements"))?;
+        let mut from = src.ptr + src_offset as u64 * 4;
+        let mut to = dst.ptr + dst_offset as u64 * 4;
+        let mut params: [*mut c_void; 3] = [
+            (&mut from as *mut u64).cast(),
+            (&mut to as *mut u64).cast(),
+            (&mut n as *mut u32).cast(),
+        ];
+        let grid = n.div_ceil(BLOCK_THREADS).clamp(1, 1024);
+        bind(self.ctx())?;
+        // SAFETY: `copy_f32` takes (const float*, float*, unsigned int), matching `params`,
+        // which point to live locals for the call (the driver copies them). Both ranges lie
+        // inside live allocations of this context (checked above; device memory or mapped
+        // page-locked memory), in distinct buffers, and the kernel touches i < n only.
+        unsafe {
+            result::launch_kernel(
+                self.kernels.copy_f32.cu_function(),
+                (grid, 1, 1),
+                (BLOCK_THREADS, 1, 1),
+                0,
+                self.stream.cu_stream(),
+                &mut params,
+            )
+        }
+        .map_err(|e| driver_error("copy", e))
     }
 
     fn record_program(
@@ -472,6 +598,15 @@ impl BackendStream for CudaQueue {
         let mut buf = buf;
         let ptr = std::mem::replace(&mut buf.ptr, 0);
         if bind(self.ctx()).is_err() {
+            return;
+        }
+        if let Some(host) = buf.host.take() {
+            // A failed wait leaks the memory rather than free it under a queued copy.
+            if self.stream.synchronize().is_ok() {
+                // SAFETY: after the stream synchronized no queued work uses the memory
+                // (rule 3: all of it was on this stream), and we own the allocation.
+                let _ = unsafe { result::free_host(host.as_ptr().cast()) };
+            }
             return;
         }
         let freed = if buf.ctx.has_async_alloc() {

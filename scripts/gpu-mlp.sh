@@ -8,7 +8,7 @@
 #      the tests;
 #   3. multiq bench matmul and bench mlp (JSON), a TF32 matmul run (labelled), batching-depth
 #      variants, the same benches with recorded programs (CUDA graphs) off, and batched
-#      requests with leadership kept until a forward completed (MULTIQ_PIPELINE=0);
+#      requests with leadership passed on at launch (MULTIQ_PIPELINE=1);
 #   4. the anchor torch_mt.py, its output kept verbatim as anchor-torch.txt;
 #   5. matmul.md and mlp.md: ratios and the targets, from the JSON and torch's output.
 # Everything lands in OUTDIR/results.tgz (plus summary.txt, matmul.md, mlp.md beside it).
@@ -65,7 +65,7 @@ for d in 1 4; do
   timeout 60 "$bin" bench mlp --backend cuda --batches '' --threads 8,16 --batching on --depth $d \
     --json "$res/mlp-depth$d.json" > "$res/mlp-depth$d.txt" 2>&1
 done
-for d in 2 4; do
+for d in 2 8; do
   timeout 60 "$bin" bench matmul --backend cuda --sizes 64,256 --threads 16 --coalesce on --depth $d \
     --limit-batch 0 --json "$res/matmul-depth$d.json" > "$res/matmul-depth$d.txt" 2>&1
 done
@@ -78,10 +78,10 @@ MULTIQ_GRAPHS=0 timeout 60 "$bin" bench matmul --backend cuda --sizes 64,256 --t
   --coalesce on --limit-batch 0 --json "$res/matmul-nographs.json" > "$res/matmul-nographs.txt" 2>&1
 grep -h -E "^  (sweep|threads|coalesced) " "$res"/mlp-nographs.txt "$res"/matmul-nographs.txt | sort -u | tee -a "$res/summary.txt"
 
-step "variant: batch leaders keep leadership until their forward completed, MULTIQ_PIPELINE=0"
-MULTIQ_PIPELINE=0 timeout 60 "$bin" bench mlp --backend cuda --batches '' --threads 4,8,16 \
-  --batching on --json "$res/mlp-nopipeline.json" > "$res/mlp-nopipeline.txt" 2>&1
-grep -h -E "^  threads " "$res"/mlp-nopipeline.txt | sort -u | tee -a "$res/summary.txt"
+step "variant: batch leaders pass leadership on as soon as their forward is queued, MULTIQ_PIPELINE=1"
+MULTIQ_PIPELINE=1 timeout 60 "$bin" bench mlp --backend cuda --batches '' --threads 4,8,16 \
+  --batching on --json "$res/mlp-pipeline.json" > "$res/mlp-pipeline.txt" 2>&1
+grep -h -E "^  threads " "$res"/mlp-pipeline.txt | sort -u | tee -a "$res/summary.txt"
 
 step "tables"
 python3 scripts/mlp-table.py --matmul "$res/matmul.json" --mlp "$res/mlp.json" \

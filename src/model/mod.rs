@@ -18,9 +18,9 @@
 //! [`Batcher`]; whichever caller leads concatenates the queued inputs (up to `max_rows` rows)
 //! into its context's host staging buffer (host memory the device reads in place), queues the
 //! forward as one recorded program (copy in, the products, copy out into the host staging
-//! output), passes leadership on (`Batcher::submit_staged`: the next batch gathers and starts
-//! while this one runs), then waits, splits the output by rows and hands each caller exactly
-//! its rows. Up to `depth` batched forwards run at once, each on its own context. A request
+//! output), waits, splits the output by rows and hands each caller exactly its rows, then
+//! passes leadership on. (`MULTIQ_PIPELINE=1` passes it on right after queueing the forward,
+//! `Batcher::submit_staged`; measured slightly behind, see `pipelined`.) Up to `depth` batched forwards run at once, each on its own context. A request
 //! with more rows than `max_rows` runs alone, unbatched.
 //!
 //! Bad input never reaches the device: the input's length is checked on the calling thread
@@ -355,11 +355,14 @@ impl Model {
     }
 }
 
-/// Whether a batch leader passes leadership on as soon as its forward is queued (default),
-/// or only once it completed (`MULTIQ_PIPELINE=0`, a diagnostic for comparing the two).
+/// Whether a batch leader passes leadership on as soon as its forward is queued
+/// (`MULTIQ_PIPELINE=1`) or only once it completed (default). On the H100, 16 threads of
+/// batch-1 requests ran 181k/183k/184k samples/s passing it on early against 186k/196k/187k
+/// keeping it, in three calls (bench/results/h100/mlp/abedfbf/, mlp-nopipeline*), and 4 and
+/// 8 threads likewise, so leaders keep it by default.
 fn pipelined() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("MULTIQ_PIPELINE").map_or(true, |v| v != "0"))
+    *ON.get_or_init(|| std::env::var("MULTIQ_PIPELINE").is_ok_and(|v| v == "1"))
 }
 
 fn b_max(inner: &Inner) -> usize {

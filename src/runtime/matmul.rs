@@ -69,10 +69,10 @@ impl Stream {
 
 /// Batched launches a [`MatmulCoalescer`] keeps in flight by default. On the H100, 16
 /// threads, batches replayed as graphs (products/s at 64² / 256²): at 7db3fbe depth 2, 4, 8
-/// gave 355k/280k, 448k/319k, 419k/329k; at da15383 they gave 446k/320k, 482k/352k,
-/// 429k/342k (bench/results/h100/mlp/matmul-depth*.txt and matmul.md). Depth 2 is clearly
-/// behind; 4 and 8 differ by about the calls' noise, and both meet the targets.
-pub const DEFAULT_MATMUL_DEPTH: usize = 8;
+/// gave 355k/280k, 448k/319k, 419k/329k; at da15383 446k/320k, 482k/352k, 429k/342k; at
+/// abedfbf 420k/306k, 445k/334k, 321k/224k (bench/results/h100/mlp/ and its abedfbf/). Depth
+/// 4 was ahead of 8 in five of these six comparisons, and of 2 in all.
+pub const DEFAULT_MATMUL_DEPTH: usize = 4;
 
 /// How a [`MatmulCoalescer`] batches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

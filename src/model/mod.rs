@@ -357,9 +357,10 @@ impl Model {
 
 /// Whether a batch leader passes leadership on as soon as its forward is queued
 /// (`MULTIQ_PIPELINE=1`) or only once it completed (default). On the H100, 16 threads of
-/// batch-1 requests ran 181k/183k/184k samples/s passing it on early against 186k/196k/187k
-/// keeping it, in three calls (bench/results/h100/mlp/abedfbf/, mlp-nopipeline*), and 4 and
-/// 8 threads likewise, so leaders keep it by default.
+/// batch-1 requests ran 184k/181k/183k/190k samples/s passing it on early against
+/// 187k/186k/196k/198k keeping it, in four calls (bench/results/h100/mlp/probes.md,
+/// abedfbf/*/mlp-nopipeline*, mlp-pipeline*), so leaders keep it by default (at 4 and 8
+/// threads the two were within 7% of each other, either way round).
 fn pipelined() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var("MULTIQ_PIPELINE").is_ok_and(|v| v == "1"))

@@ -70,8 +70,9 @@ impl Stream {
 /// Batched launches a [`MatmulCoalescer`] keeps in flight by default. On the H100, 16
 /// threads, batches replayed as graphs (products/s at 64² / 256²): at 7db3fbe depth 2, 4, 8
 /// gave 355k/280k, 448k/319k, 419k/329k; at da15383 446k/320k, 482k/352k, 429k/342k; at
-/// abedfbf 420k/306k, 445k/334k, 321k/224k (bench/results/h100/mlp/ and its abedfbf/). Depth
-/// 4 was ahead of 8 in five of these six comparisons, and of 2 in all.
+/// abedfbf 420k/306k, 445k/334k, 321k/224k (bench/results/h100/mlp/{7db3fbe, da15383,
+/// abedfbf/call2}/matmul-*). Depth 4 was ahead of 8 in five of these six comparisons, and
+/// of 2 in all; the recorded call at 217b890 (depth 4) ran 449k/361k.
 pub const DEFAULT_MATMUL_DEPTH: usize = 4;
 
 /// How a [`MatmulCoalescer`] batches.

@@ -434,7 +434,8 @@ pub trait BackendStream: Send + Sync {
         ))
     }
     /// Frees `buf` once all work submitted so far on this stream has completed, without
-    /// blocking the caller.
+    /// blocking the caller where the backend can (CUDA waits for the stream for host buffers
+    /// and on drivers without stream-ordered allocation).
     fn free_after(&self, buf: Box<dyn BackendBuffer>);
     /// For downcasting inside the backend.
     fn as_any(&self) -> &dyn Any;

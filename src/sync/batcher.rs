@@ -133,7 +133,6 @@ pub struct Batcher<Q, R> {
     room: Condvar,
     max_weight: usize,
     max_leaders: usize,
-    max_inflight: usize,
     policy: WaitPolicy,
 }
 
@@ -159,7 +158,6 @@ impl<Q, R> Batcher<Q, R> {
             room: Condvar::new(),
             max_weight: max_weight.max(1),
             max_leaders: max_leaders.max(1),
-            max_inflight: max_leaders.max(1),
             policy,
         }
     }
@@ -278,7 +276,7 @@ impl<Q, R> Batcher<Q, R> {
     }
 
     /// The oldest queued requests (up to `max_weight`, at least one) once fewer than
-    /// `max_inflight` batches are running, counted as running; empty, with this leader
+    /// `max_leaders` batches are running, counted as running; empty, with this leader
     /// stepped down, when nothing is queued.
     fn take_batch(&self) -> Vec<Entry<Q, R>> {
         let mut polls = 0u32;
@@ -288,7 +286,7 @@ impl<Q, R> Batcher<Q, R> {
                 st.leaders -= 1;
                 return Vec::new();
             }
-            if st.inflight < self.max_inflight {
+            if st.inflight < self.max_leaders {
                 break;
             }
             // Every batch slot is taken: requests gather meanwhile.

@@ -601,7 +601,9 @@ impl BackendStream for CudaQueue {
             return;
         }
         if let Some(host) = buf.host.take() {
-            // A failed wait leaks the memory rather than free it under a queued copy.
+            // Page-locked memory has no stream-ordered free, so this waits for the stream
+            // (as the path without async allocation below). A failed wait leaks the memory
+            // rather than free it under a queued copy.
             if self.stream.synchronize().is_ok() {
                 // SAFETY: after the stream synchronized no queued work uses the memory
                 // (rule 3: all of it was on this stream), and we own the allocation.

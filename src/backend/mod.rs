@@ -220,6 +220,11 @@ pub struct GemmSpec {
     /// Fuse the bias and ReLU into the product's epilogue where the backend can (CUDA:
     /// cuBLASLt); false: a separate pass (for comparison and as the fallback).
     pub fuse: bool,
+    /// B and the bias are constant while the product is queued: no work queued before it on
+    /// any stream writes them (a model's weights, written once before any forward). A backend
+    /// may then read them before the work ahead of the product completes (CUDA: while the
+    /// kernel ahead still runs). False is always correct.
+    pub b_static: bool,
 }
 
 impl GemmSpec {
@@ -554,6 +559,102 @@ fn open_cuda(_opts: &DeviceOptions) -> Result<Arc<dyn Backend>> {
         backend: BackendKind::Cuda,
         reason: "this build of multiq was compiled without the `cuda` feature".into(),
     })
+}
+
+/// Checks chains of transposed products on one stream, each reading what the work just ahead
+/// of it wrote (its A, and for the second product its B, with [`GemmSpec::b_static`] false),
+/// against a host reference, for small and odd shapes: k a multiple of 4 up to 1,024 and past
+/// it, odd k, row counts across groups of 8. (On CUDA this covers both small-batch kernels and
+/// their programmatic launches.)
+#[cfg(test)]
+pub(crate) fn check_chained_products(backend: &dyn Backend) {
+    let s = backend.new_stream().unwrap();
+    let value = |seed: usize, i: usize| (((i * 37 + seed * 11) % 97) as f32 - 48.0) / 64.0;
+    for (round, (m, k, n)) in [
+        (3, 64, 40),
+        (9, 1024, 24),
+        (17, 1028, 8),
+        (5, 13, 7),
+        (1, 4, 1),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        // C0 = relu(A0·W0ᵀ + b0) [m, n]; then C1 = C0·C0ᵀ [m, m] (B = C0, just written).
+        let a0: Vec<f32> = (0..m * k).map(|i| value(round, i)).collect();
+        let w0: Vec<f32> = (0..n * k).map(|i| value(round + 1, i)).collect();
+        let b0: Vec<f32> = (0..n).map(|i| value(round + 2, i)).collect();
+        let buf = |v: &[f32]| {
+            let b = backend.alloc(v.len()).unwrap();
+            s.upload(&*b, v).unwrap();
+            b
+        };
+        let (a0b, w0b, b0b) = (buf(&a0), buf(&w0), buf(&b0));
+        let (c0b, c1b) = (buf(&vec![f32::NAN; m * n]), buf(&vec![f32::NAN; m * m]));
+        let spec = |m, n, k, relu, b_static| GemmSpec {
+            m,
+            n,
+            k,
+            b_transposed: true,
+            relu,
+            dtype: DType::F32,
+            precision: Precision::Strict,
+            fuse: true,
+            b_static,
+        };
+        fn ops<'a>(
+            a: &'a dyn BackendBuffer,
+            b: &'a dyn BackendBuffer,
+            c: &'a dyn BackendBuffer,
+            bias: Option<&'a dyn BackendBuffer>,
+        ) -> GemmOperands<'a> {
+            GemmOperands {
+                a: MatRef::new(a),
+                b: MatRef::new(b),
+                c: MatRef::new(c),
+                bias: bias.map(MatRef::new),
+            }
+        }
+        s.gemm(
+            &spec(m, n, k, true, true),
+            &ops(&*a0b, &*w0b, &*c0b, Some(&*b0b)),
+        )
+        .unwrap();
+        s.gemm(
+            &spec(m, m, n, false, false),
+            &ops(&*c0b, &*c0b, &*c1b, None),
+        )
+        .unwrap();
+        let mut c1 = vec![0f32; m * m];
+        s.download(&*c1b, &mut c1).unwrap();
+        let c0: Vec<f64> = (0..m * n)
+            .map(|e| {
+                let (r, j) = (e / n, e % n);
+                let dot: f64 = (0..k)
+                    .map(|i| a0[r * k + i] as f64 * w0[j * k + i] as f64)
+                    .sum();
+                (dot + b0[j] as f64).max(0.0)
+            })
+            .collect();
+        for r in 0..m {
+            for j in 0..m {
+                let want: f64 = (0..n).map(|i| c0[r * n + i] * c0[j * n + i]).sum();
+                let scale: f64 = (0..n)
+                    .map(|i| c0[r * n + i].abs() * c0[j * n + i].abs())
+                    .sum();
+                let got = c1[r * m + j] as f64;
+                assert!(
+                    (got - want).abs() <= 1e-4 * scale.max(1.0),
+                    "(m, k, n) = {:?}: C1[{r}, {j}] = {got}, want {want}",
+                    (m, k, n)
+                );
+            }
+        }
+        for b in [a0b, w0b, b0b, c0b, c1b] {
+            s.free_after(b);
+        }
+    }
+    s.synchronize().unwrap();
 }
 
 /// Checks [`Backend::alloc_host`] and [`BackendStream::copy`] on `backend`: data staged in

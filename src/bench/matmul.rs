@@ -245,6 +245,7 @@ fn limit(device: &Device, n: usize, batch: usize, cfg: &MatmulBenchConfig) -> Re
         dtype: DType::F32,
         precision: cfg.precision,
         fuse: true,
+        b_static: false,
     };
     let ops: Vec<GemmOperands<'_>> = bufs
         .iter()

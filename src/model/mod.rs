@@ -503,6 +503,7 @@ impl Inner {
                 dtype: DType::F32,
                 precision: self.options.precision,
                 fuse: self.options.fuse,
+                b_static: true,
             };
             ctx.stream.gemm(
                 &spec,

@@ -56,6 +56,7 @@ impl Stream {
             dtype: DType::F32,
             precision,
             fuse: true,
+            b_static: false,
         };
         let ops = GemmOperands {
             a: MatRef::new(a.raw()),
@@ -245,6 +246,7 @@ impl MatmulCoalescer {
                 dtype: DType::F32,
                 precision: self.config.precision,
                 fuse: true,
+                b_static: false,
             };
             self.phases.lap(&mut run, 0);
             self.launches.fetch_add(1, Ordering::Relaxed);

@@ -245,6 +245,11 @@ mod tests {
     }
 
     #[test]
+    fn chained_products_read_what_was_just_written() {
+        crate::backend::check_chained_products(&device(2));
+    }
+
+    #[test]
     fn staged_copies_round_trip() {
         crate::backend::check_staged_copies(&device(2));
     }

@@ -278,4 +278,13 @@ mod tests {
             Err(e) => eprintln!("SKIPPED staged_copies_round_trip: no CUDA device ({e})"),
         }
     }
+
+    /// Chained small products, programmatic launches included (skips without a CUDA device).
+    #[test]
+    fn chained_products_read_what_was_just_written() {
+        match CudaBackend::new(&DeviceOptions::default()) {
+            Ok(b) => crate::backend::check_chained_products(&b),
+            Err(e) => eprintln!("SKIPPED chained_products: no CUDA device ({e})"),
+        }
+    }
 }

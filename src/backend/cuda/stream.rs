@@ -548,21 +548,19 @@ impl BackendStream for CudaQueue {
         ];
         let grid = n.div_ceil(BLOCK_THREADS).clamp(1, 1024);
         bind(self.ctx())?;
+        let shape = super::kernels::LaunchShape {
+            grid: (grid, 1, 1),
+            block: (BLOCK_THREADS, 1, 1),
+            shared: 0,
+            programmatic: self.kernels.programmatic,
+        };
         // SAFETY: `copy_f32` takes (const float*, float*, unsigned int), matching `params`,
         // which point to live locals for the call (the driver copies them). Both ranges lie
         // inside live allocations of this context (checked above; device memory or mapped
-        // page-locked memory), in distinct buffers, and the kernel touches i < n only.
-        unsafe {
-            result::launch_kernel(
-                self.kernels.copy_f32.cu_function(),
-                (grid, 1, 1),
-                (BLOCK_THREADS, 1, 1),
-                0,
-                self.stream.cu_stream(),
-                &mut params,
-            )
-        }
-        .map_err(|e| driver_error("copy", e))
+        // page-locked memory), in distinct buffers, and the kernel touches i < n only, after
+        // `wait_for_prerequisites()` (so a programmatic launch is sound).
+        unsafe { super::kernels::launch(&self.kernels.copy_f32, &self.stream, shape, &mut params) }
+            .map_err(|e| driver_error("copy", e))
     }
 
     fn record_program(

@@ -30,7 +30,8 @@ def mq(inflight, preset, threads):
 launch = open(d + "/anchor-launch.txt").read()
 ceiling16 = float(re.search(r"B16=(\d+)", launch)[1])
 
-print("# Cross-thread coalescing on the H100 (stream per thread, lock none)\n")
+gpu = re.sub(r"^NVIDIA ", "", meta["device"]).split(" ")[0]
+print(f"# Cross-thread coalescing on the {gpu} (stream per thread, lock none)\n")
 print(f"- device: {meta['device']}; multiq commit {meta['git_commit']}; started {meta['started_at']}")
 for c in cmds:
     print(f"- command: `{c}`")

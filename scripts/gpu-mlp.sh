@@ -15,7 +15,10 @@
 set -u -o pipefail
 out=${1:-${OUT:-out}}
 mkdir -p "$out"
-res=$(mktemp -d)/h100 && mkdir -p "$res"
+# Results are named after the GPU (bench/results/<device>/): "NVIDIA H200" -> h200.
+dev=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 |
+  sed -E 's/^NVIDIA //; s/ .*//' | tr 'A-Z' 'a-z')
+res=$(mktemp -d)/${dev:-gpu} && mkdir -p "$res"
 bin=carry/bin/multiq
 step() { echo "== $* ($(date -u +%T))" | tee -a "$res/summary.txt"; }
 # cuBLAS/cuBLASLt are loaded at run time; make the toolkit's copies findable.
@@ -29,10 +32,11 @@ step environment
   ls /usr/local/cuda/lib64/libcublas* 2>/dev/null; } > "$res/env.txt" 2>&1
 
 step tests
+{ echo "--- unit backend::"; timeout 150 carry/tests/unit backend:: --nocapture 2>&1; echo "exit $?"
 for t in gpu_mlp tensor mlp; do
   [ -x "carry/tests/$t" ] || { echo "missing carry/tests/$t"; continue; }
   echo "--- $t"; timeout 150 "carry/tests/$t" --nocapture 2>&1; echo "exit $?"
-done > "$res/tests.txt" 2>&1
+done; } > "$res/tests.txt" 2>&1
 grep -E "^test result|SKIPPED|FAILED|panicked|^gpu_mlp:" "$res/tests.txt" | tee -a "$res/summary.txt"
 
 step "numerics: multiq vs PyTorch on the same weights file"
@@ -58,18 +62,18 @@ step "anchor torch_mt.py (PyTorch, same GPU)"
 timeout 240 python3 carry/anchors/torch_mt.py > "$res/anchor-torch.txt" 2>&1
 echo "exit $?" | tee -a "$res/summary.txt"
 
-step "variants: TF32 matmul (labelled tf32), request runs with batching depth 1 and 4"
+step "variants: TF32 matmul (labelled tf32), request runs with batching depth 1, 2, 3, 6, 8 (default 4)"
 timeout 60 "$bin" bench matmul --backend cuda --tf32 --sizes 1024,4096 --threads 1,16 --coalesce off \
   --scenario per-thread --json "$res/matmul-tf32.json" > "$res/matmul-tf32.txt" 2>&1
-for d in 1 4; do
-  timeout 60 "$bin" bench mlp --backend cuda --batches '' --threads 8,16 --batching on --depth $d \
+for d in 1 2 3 6 8; do
+  timeout 60 "$bin" bench mlp --backend cuda --batches '' --threads 4,8,16 --batching on --depth $d \
     --json "$res/mlp-depth$d.json" > "$res/mlp-depth$d.txt" 2>&1
 done
 for d in 2 8; do
   timeout 60 "$bin" bench matmul --backend cuda --sizes 64,256 --threads 16 --coalesce on --depth $d \
     --limit-batch 0 --json "$res/matmul-depth$d.json" > "$res/matmul-depth$d.txt" 2>&1
 done
-grep -h -E "^  (threads|coalesced) " "$res"/mlp-depth*.txt "$res"/matmul-depth*.txt | tee -a "$res/summary.txt"
+grep -E "^  (threads|coalesced) " "$res"/mlp-depth*.txt "$res"/matmul-depth*.txt | sed "s|^$res/||" | tee -a "$res/summary.txt"
 
 step "variants: recorded programs (CUDA graphs) off, MULTIQ_GRAPHS=0"
 MULTIQ_GRAPHS=0 timeout 60 "$bin" bench mlp --backend cuda --batches 1,8,64 --threads 16 \
@@ -83,11 +87,16 @@ MULTIQ_PIPELINE=1 timeout 60 "$bin" bench mlp --backend cuda --batches '' --thre
   --batching on --json "$res/mlp-pipeline.json" > "$res/mlp-pipeline.txt" 2>&1
 grep -h -E "^  threads " "$res"/mlp-pipeline.txt | sort -u | tee -a "$res/summary.txt"
 
+step "variant: small-batch products launched in stream order, not as programmatic dependents, MULTIQ_PDL=0"
+MULTIQ_PDL=0 timeout 60 "$bin" bench mlp --backend cuda --batches 1,8,16,32 --threads 16 \
+  --json "$res/mlp-nopdl.json" > "$res/mlp-nopdl.txt" 2>&1
+grep -h -E "^  (sweep|threads) " "$res"/mlp-nopdl.txt | sort -u | tee -a "$res/summary.txt"
+
 step "tables"
 python3 scripts/mlp-table.py --matmul "$res/matmul.json" --mlp "$res/mlp.json" \
   --anchor "$res/anchor-torch.txt" --numerics "$res/numerics.txt" --out-dir "$res" >> "$res/summary.txt" 2>&1
 cp "$res/matmul.md" "$res/mlp.md" "$out/" 2>/dev/null
 
 step done
-tar czf "$out/results.tgz" -C "$(dirname "$res")" h100
+tar czf "$out/results.tgz" -C "$(dirname "$res")" "$(basename "$res")"
 cp "$res/summary.txt" "$out/summary.txt"

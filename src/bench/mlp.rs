@@ -66,10 +66,7 @@ impl MlpBenchConfig {
             threads: vec![1, 2, 4, 8, 16],
             batching: vec![false, true],
             length: Length::Seconds(1.0),
-            batching_opts: Batching {
-                max_rows: 256,
-                depth: 2,
-            },
+            batching_opts: Batching::default(),
             precision: Precision::Strict,
             fuse: true,
             weights: None,

@@ -92,7 +92,7 @@ pub struct MlpArgs {
     #[arg(long, value_name = "N", default_value_t = 256)]
     pub max_rows: usize,
     /// Dynamic batching: batched forwards in flight at once.
-    #[arg(long, value_name = "N", default_value_t = 2)]
+    #[arg(long, value_name = "N", default_value_t = multiq::model::DEFAULT_BATCHING_DEPTH)]
     pub depth: usize,
     /// TF32 tensor cores instead of strict fp32.
     #[arg(long)]

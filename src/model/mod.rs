@@ -57,6 +57,13 @@ pub use weights::{HostWeights, MlpSpec};
 /// Rows per forward when a call runs unbatched and its input is larger.
 pub const MAX_FORWARD_ROWS: usize = 4096;
 
+/// Batched forwards in flight at once by default ([`Batching::depth`]). On the H200, 16
+/// threads of batch-1 requests ran 194,804 / 260,650 / 338,257 samples/s at depth 1 / 2 / 4
+/// and 8 threads 141,870 / 182,066 / 232,243 (one call, bench/results/h200/mlp/): with
+/// multiq's small-batch kernel a forward leaves most of the device idle, so forwards of
+/// different batches overlap. (With the earlier kernel on the H100, depth 4 was behind 2.)
+pub const DEFAULT_BATCHING_DEPTH: usize = 4;
+
 /// Dynamic batching of concurrent [`Model::infer`] calls.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Batching {
@@ -70,7 +77,7 @@ impl Default for Batching {
     fn default() -> Self {
         Batching {
             max_rows: 256,
-            depth: 2,
+            depth: DEFAULT_BATCHING_DEPTH,
         }
     }
 }

@@ -205,7 +205,8 @@ fn dynamic_batching_gives_each_of_16_threads_its_rows() {
         "gpu_mlp: {} rows in {} forwards ({} contexts)",
         s.rows, s.forwards, s.contexts
     );
-    assert!(s.contexts <= 2);
+    // One context per batch in flight, at most `depth` at once.
+    assert!(s.contexts <= Batching::default().depth as u64);
 }
 
 #[test]

@@ -86,9 +86,15 @@ fn threads_get_their_own_rows(batching: Option<Batching>) {
             .map(|t| (0..25).map(|i| 1 + (t + i) % 3).sum::<usize>())
             .sum::<usize>() as u64
     );
-    if batching.is_some() {
+    if let Some(b) = batching {
         assert!(s.forwards <= threads as u64 * 25);
-        assert!(s.contexts <= 2, "batching used {} contexts", s.contexts);
+        // One context per batch in flight, at most `depth` at once.
+        assert!(
+            s.contexts <= b.depth as u64,
+            "batching used {} contexts, depth {}",
+            s.contexts,
+            b.depth
+        );
     } else {
         assert_eq!(s.forwards, threads as u64 * 25);
     }

@@ -150,8 +150,9 @@ pub struct CoalesceStats {
     /// Ops in them.
     pub ops: u64,
     /// Device queue (`persistent`): ops launched alone instead, on their own stream (the
-    /// pool had fewer than [`QUEUE_MIN_LOAD`](super::device_queue::QUEUE_MIN_LOAD) other ops
-    /// in flight, or the op fills the device by itself).
+    /// pool's other streams had fewer than
+    /// [`QUEUE_MIN_LOAD`](super::device_queue::QUEUE_MIN_LOAD) ops in flight, or the op fills
+    /// the device by itself).
     pub direct: u64,
     /// Per launch, on average: µs from the batch's first op's submission to its launch.
     pub pending_us: f64,

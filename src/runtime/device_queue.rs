@@ -31,11 +31,15 @@ pub const CHECK_EVERY: Duration = Duration::from_micros(100);
 /// Polls a waiter spins before it starts yielding its CPU between polls.
 const SPIN_POLLS: u32 = 16;
 
-/// Ops of the pool in flight (tickets alive, this one's not counted) from which a small op
-/// goes to the queue rather than to a launch of its own (`MULTIQ_QUEUE_MIN_LOAD` overrides it;
+/// Ops of the pool's *other* streams in flight (tickets alive) from which a small op goes to
+/// the queue rather than to a launch of its own (`MULTIQ_QUEUE_MIN_LOAD` overrides it;
 /// diagnostics). Below it, one launch per op is faster: an op's round trip through the queue
 /// is longer than a launch and a wait (measured on the H100: the queue passes one launch per
-/// op from about 8 threads waiting for their own op; bench/results/h100/coalesce.md).
+/// op from about 8 threads waiting for their own op; bench/results/h100/coalesce.md). The
+/// stream's own ops do not count: they run one after another wherever they go, so only other
+/// streams' work makes the queue's concurrency pay. (Counting them sent one thread with 8 ops
+/// in flight through the queue, at 0.78 × one launch per op on the H200,
+/// bench/results/h200/coalesce/26dd781/.)
 pub const QUEUE_MIN_LOAD: usize = 8;
 
 fn queue_min_load() -> usize {
@@ -57,11 +61,13 @@ pub(crate) struct DeviceQueue {
     direct: AtomicU64,
 }
 
-/// One op of the pool in flight, counted in the queue's load until its ticket goes.
-pub(crate) struct LoadToken(Arc<DeviceQueue>);
+/// One op of the pool in flight, counted in the queue's load and its stream's until its
+/// ticket goes.
+pub(crate) struct LoadToken(Arc<DeviceQueue>, Arc<AtomicUsize>);
 
 impl Drop for LoadToken {
     fn drop(&mut self) {
+        self.1.fetch_sub(1, Ordering::Relaxed);
         self.0.load.fetch_sub(1, Ordering::Relaxed);
     }
 }
@@ -94,13 +100,22 @@ impl DeviceQueue {
         self.backend.supports(kernel)
     }
 
-    /// Counts an op of `elements` elements in flight and says whether it goes to the queue
-    /// (`true`) or to a launch of its own: the queue only pays when other ops keep the
-    /// device busy and the op leaves room for theirs.
-    pub(crate) fn admit(self: &Arc<Self>, elements: usize) -> (LoadToken, bool) {
+    /// Counts an op of `elements` elements in flight, on the stream whose ops in flight
+    /// `stream_load` counts, and says whether it goes to the queue (`true`) or to a launch of
+    /// its own: the queue only pays when other streams' ops keep the device busy and the op
+    /// leaves room for theirs.
+    pub(crate) fn admit(
+        self: &Arc<Self>,
+        elements: usize,
+        stream_load: &Arc<AtomicUsize>,
+    ) -> (LoadToken, bool) {
         let before = self.load.fetch_add(1, Ordering::Relaxed);
-        let token = LoadToken(self.clone());
-        let queued = before >= self.min_load && elements < self.backend.fills_device();
+        let own = stream_load.fetch_add(1, Ordering::Relaxed);
+        let token = LoadToken(self.clone(), stream_load.clone());
+        // Counters of concurrent submitters move meanwhile: a routing hint, never a
+        // correctness matter (both paths keep every ordering promise).
+        let others = before.saturating_sub(own);
+        let queued = others >= self.min_load && elements < self.backend.fills_device();
         if !queued {
             self.direct.fetch_add(1, Ordering::Relaxed);
         }
@@ -198,28 +213,46 @@ mod tests {
     }
 
     #[test]
-    fn small_ops_go_to_the_queue_only_under_load_and_large_ones_never() {
+    fn small_ops_go_to_the_queue_only_under_other_streams_load_and_large_ones_never() {
         let q = DeviceQueue::on(Arc::new(Fake), WaitPolicy::Spin, 1);
         let min = q.min_load;
-        // A quiet pool: every op alone, until `min` others are in flight.
+        let streams: Vec<Arc<AtomicUsize>> = (0..=min).map(|_| Arc::default()).collect();
+        // A quiet pool: every op alone, until `min` ops of other streams are in flight.
         let mut held: Vec<LoadToken> = Vec::new();
-        for i in 0..min {
-            let (token, queued) = q.admit(10);
+        for (i, stream) in streams.iter().take(min).enumerate() {
+            let (token, queued) = q.admit(10, stream);
             assert!(!queued, "op {i} with {i} others in flight");
             held.push(token);
         }
-        let (t, queued) = q.admit(10);
+        let (t, queued) = q.admit(10, &streams[min]);
         assert!(queued, "{min} others in flight");
         held.push(t);
         // An op that fills the device is launched alone whatever the load.
-        let (t, queued) = q.admit(1000);
+        let (t, queued) = q.admit(1000, &streams[min]);
         assert!(!queued);
         held.push(t);
         assert_eq!(q.load.load(Ordering::Relaxed), min + 2);
+        assert_eq!(streams[min].load(Ordering::Relaxed), 2);
         assert_eq!(q.direct_ops(), min as u64 + 1);
-        // Tickets going (waited or dropped) take their ops out of the load.
+        // Tickets going (waited or dropped) take their ops out of both loads.
         held.clear();
         assert_eq!(q.load.load(Ordering::Relaxed), 0);
-        assert!(!q.admit(10).1);
+        assert!(streams.iter().all(|s| s.load(Ordering::Relaxed) == 0));
+        assert!(!q.admit(10, &streams[0]).1);
+    }
+
+    #[test]
+    fn a_streams_own_ops_never_send_it_to_the_queue() {
+        let q = DeviceQueue::on(Arc::new(Fake), WaitPolicy::Spin, 1);
+        let (one, other) = (Arc::default(), Arc::default());
+        // One stream with many ops in flight (a thread with a deep window) launches alone...
+        let mut held: Vec<LoadToken> = Vec::new();
+        for i in 0..3 * q.min_load {
+            let (token, queued) = q.admit(10, &one);
+            assert!(!queued, "own op {i} in flight");
+            held.push(token);
+        }
+        // ... while they make the queue pay for another stream.
+        assert!(q.admit(10, &other).1);
     }
 }

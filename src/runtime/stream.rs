@@ -5,7 +5,7 @@
 //! mode), launches, records the event, and leaves the lock. Waiting happens outside any lock,
 //! on the ticket's own event, so a waiting thread never blocks another thread's submission.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use super::coalescer::{Batch, CoalescerShared};
@@ -31,6 +31,9 @@ pub(crate) struct StreamShared {
     /// one, so the next queued op waits for the stream first (the queue's kernel is not
     /// ordered with it). Changed only under the stream's submission lock.
     launched_since_queued: AtomicBool,
+    /// With a device queue: this stream's ops in flight (their tickets alive), so that the
+    /// queue's routing counts only other streams' ops ([`DeviceQueue::admit`]).
+    queue_load: Arc<AtomicUsize>,
     pub(crate) pool_id: u64,
     pub(crate) index: usize,
     pub(crate) device: Device,
@@ -56,6 +59,7 @@ impl StreamShared {
             device_queue,
             queued_last: AtomicU64::new(0),
             launched_since_queued: AtomicBool::new(false),
+            queue_load: Arc::new(AtomicUsize::new(0)),
             pool_id,
             index,
             device,
@@ -119,7 +123,7 @@ impl Stream {
             });
         }
         if let Some(q) = s.device_queue.as_ref().filter(|q| q.supports(kernel)) {
-            let (load, queued) = q.admit(buf.len());
+            let (load, queued) = q.admit(buf.len(), &s.queue_load);
             if !queued {
                 // Launched alone, on this stream, after the stream's queued ops.
                 buf.bind(s.device.id(), &s.backend)?;

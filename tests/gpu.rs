@@ -430,16 +430,21 @@ fn device_queue_ops_are_bit_identical_to_single_launches() {
             "{wait}: {stats:?}"
         );
         // An idle queue leaves the device; the next queued op brings its kernel back. With
-        // fewer than QUEUE_MIN_LOAD others in flight ops are launched alone, so the first
-        // QUEUE_MIN_LOAD go to the stream and the next one to the queue (after the stream).
+        // fewer than QUEUE_MIN_LOAD ops of other streams in flight ops are launched alone
+        // (a stream's own ops never count), so QUEUE_MIN_LOAD ops on stream 1 go to that
+        // stream, however many are in flight, and the next one, on stream 0, to the queue.
         std::thread::sleep(std::time::Duration::from_millis(5));
-        let s = pool.current().unwrap();
+        let (s0, s1) = (pool.acquire(0).unwrap(), pool.acquire(1).unwrap());
         let mut extras: Vec<_> = (0..=multiq::QUEUE_MIN_LOAD)
             .map(|e| dev.buffer_from(&init(99, e, 4096)).unwrap())
             .collect();
         let tickets: Vec<_> = extras
             .iter_mut()
-            .map(|b| s.launch(Kernel::SimpleCompute { iters: 3 }, b).unwrap())
+            .enumerate()
+            .map(|(e, b)| {
+                let s = if e < multiq::QUEUE_MIN_LOAD { &s1 } else { &s0 };
+                s.launch(Kernel::SimpleCompute { iters: 3 }, b).unwrap()
+            })
             .collect();
         for t in tickets {
             t.wait().unwrap();

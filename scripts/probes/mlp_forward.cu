@@ -1,6 +1,8 @@
 // Probe: where a small batched MLP forward (512→1024→1024→512, fp32) spends its device time on
 // this GPU, and what shortens it. Not part of the product; the product's kernel source is
-// included as is, so variant "product" is the graph multiq replays for a batched forward.
+// included as is. Variant "wpc: copy, wpc×3, copy (PDL)" is the graph multiq replays for a
+// batched forward (skinny_warp as a programmatic dependent); "product" is skinny_v4, which
+// multiq used before and still uses for k past 1,024 or unaligned operands.
 //
 // Build and run on the GPU machine (scripts/probes/mlp-forward.sh does both):
 //   nvcc -O3 -std=c++17 -arch=sm_90 -o mlp_forward scripts/probes/mlp_forward.cu

@@ -564,8 +564,9 @@ fn open_cuda(_opts: &DeviceOptions) -> Result<Arc<dyn Backend>> {
 /// Checks chains of transposed products on one stream, each reading what the work just ahead
 /// of it wrote (its A, and for the second product its B, with [`GemmSpec::b_static`] false),
 /// against a host reference, for small and odd shapes: k a multiple of 4 up to 1,024 and past
-/// it, odd k, row counts across groups of 8. (On CUDA this covers both small-batch kernels and
-/// their programmatic launches.)
+/// it, odd k, row counts across groups of 8 and past the small-batch kernels' 32. (On CUDA this
+/// covers both small-batch kernels and their programmatic launches, and the tile kernel with B
+/// transposed: the second product of the last two shapes.)
 #[cfg(test)]
 pub(crate) fn check_chained_products(backend: &dyn Backend) {
     let s = backend.new_stream().unwrap();
@@ -576,6 +577,8 @@ pub(crate) fn check_chained_products(backend: &dyn Backend) {
         (17, 1028, 8),
         (5, 13, 7),
         (1, 4, 1),
+        (40, 64, 24),
+        (70, 16, 65),
     ]
     .into_iter()
     .enumerate()

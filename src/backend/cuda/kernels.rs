@@ -283,9 +283,12 @@ pub fn compiled(
 /// Whether kernels written for it (they call `wait_for_prerequisites()` before touching memory
 /// earlier work may write, `pdl.cuh`) are launched as programmatic dependents on this device:
 /// compute capability 9.0 or above, unless `MULTIQ_PDL=0`. Such a kernel may start while the
-/// kernel ahead of it on its stream is still running, which hides most of a launch's latency;
-/// on the H100, three Linear layers of a small batch went from 11.2 to 9.1 µs of device time
-/// per forward (scripts/probes/mlp_forward.cu, bench/results/h100/mlp/probes.md).
+/// kernel ahead of it on its stream is still running, which hides part of a launch's latency.
+/// On the H200 a 1-row forward (a copy in, three layers) took 8.6 µs of device time launched
+/// so against 10.1 µs in stream order (scripts/probes/mlp_forward.cu,
+/// bench/results/h200/mlp/probe-mlp-forward.txt), and in the same call as the recorded run
+/// the batch sweep's 1-row forwards ran 91,796/s against 78,052/s with `MULTIQ_PDL=0`
+/// (bench/results/h200/mlp.md, mlp/mlp-nopdl.txt).
 pub fn programmatic(ctx: &Arc<CudaContext>) -> Result<bool> {
     static OFF: OnceLock<bool> = OnceLock::new();
     if *OFF.get_or_init(|| std::env::var("MULTIQ_PDL").is_ok_and(|v| v.trim() == "0")) {

@@ -20,6 +20,7 @@ mod kernels;
 mod queue;
 mod skinny;
 mod stream;
+mod tile;
 
 use std::sync::Arc;
 

@@ -58,15 +58,6 @@ step "multiq bench mlp"
 timeout 120 "$bin" bench mlp --backend cuda --json "$res/mlp.json" > "$res/mlp.txt" 2>&1
 echo "exit $?" | tee -a "$res/summary.txt"
 
-step "variant: small products by cuBLAS (MULTIQ_TILE_MAX=0) beside multiq's tile kernel (default), sizes 64, 256, 512"
-for v in tile cublas; do
-  max=""; [ "$v" = cublas ] && max=0
-  MULTIQ_TILE_MAX=$max timeout 90 "$bin" bench matmul --backend cuda --sizes 64,256,512 --threads 1,4,16 \
-    --scenario per-thread --coalesce off,on --limit-batch 0 \
-    --json "$res/matmul-$v.json" > "$res/matmul-$v.txt" 2>&1
-done
-grep -E "^  (per-thread|coalesced) " "$res"/matmul-tile.txt "$res"/matmul-cublas.txt | sed "s|^$res/||" | sort -u | tee -a "$res/summary.txt"
-
 step "anchor torch_mt.py (PyTorch, same GPU)"
 timeout 240 python3 carry/anchors/torch_mt.py > "$res/anchor-torch.txt" 2>&1
 echo "exit $?" | tee -a "$res/summary.txt"

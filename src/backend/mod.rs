@@ -565,7 +565,7 @@ fn open_cuda(_opts: &DeviceOptions) -> Result<Arc<dyn Backend>> {
 /// of it wrote (its A, and for the second product its B, with [`GemmSpec::b_static`] false),
 /// against a host reference, for small and odd shapes: k a multiple of 4 up to 1,024 and past
 /// it, odd k, row counts across groups of 8 and past the small-batch kernels' 32. (On CUDA this
-/// covers both small-batch kernels and their programmatic launches, and the tile kernel with B
+/// covers both small-batch kernels and their programmatic launches, and cuBLAS with B
 /// transposed: the second product of the last two shapes.)
 #[cfg(test)]
 pub(crate) fn check_chained_products(backend: &dyn Backend) {

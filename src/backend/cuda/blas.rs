@@ -1,9 +1,6 @@
 //! Matrix products on CUDA streams: cuBLAS (sgemm, batched sgemm over pointer arrays) and
 //! cuBLASLt (products with the bias and ReLU fused into the epilogue), one handle pair and
-//! one workspace per stream, created on the stream's first product. Small products go to
-//! multiq's own kernels instead: few rows against a weight with its bias and ReLU to
-//! [`skinny`], plain strict-fp32 products up to [`tile::max_dim`] (single or batched, through
-//! the same pointer arrays) to [`tile`].
+//! one workspace per stream, created on the stream's first product.
 //!
 //! Layering, as cudarc's: raw calls (`cudarc::cublas::sys`, `cudarc::cublaslt::sys`) appear
 //! only inside the small `unsafe` blocks of [`Blas`]; [`StreamMath`] is the safe layer that
@@ -37,7 +34,6 @@ use parking_lot::Mutex;
 use super::driver_error;
 use super::skinny;
 use super::stream::{bind, capture, cuda_buffer};
-use super::tile;
 use crate::backend::{check_gemm, GemmOperands, GemmSpec, MatRef, Precision};
 use crate::error::{Error, Result};
 
@@ -401,19 +397,19 @@ impl Blas {
         let own = self.stream.cu_stream();
         let queued = match self.batched_graphs.get(&key) {
             Some(Some(graph)) => self.launch_graph(graph),
-            Some(None) => self.queue_batched(spec, &cm, count, own),
+            Some(None) => self.queue_batched(&cm, count, own),
             None if self.batched_warm.contains(&key) && crate::backend::recording_enabled() => {
-                let graph = self.record_batched(spec, &cm, count);
+                let graph = self.record_batched(&cm, count);
                 let launched = match &graph {
                     Some(g) => self.launch_graph(g),
-                    None => self.queue_batched(spec, &cm, count, own),
+                    None => self.queue_batched(&cm, count, own),
                 };
                 self.batched_graphs.insert(key, graph);
                 launched
             }
             None => {
                 self.batched_warm.insert(key);
-                self.queue_batched(spec, &cm, count, own)
+                self.queue_batched(&cm, count, own)
             }
         };
         // The copy (if queued) reads `pinned` later: the next write waits for this event.
@@ -429,20 +425,13 @@ impl Blas {
     /// where the driver or cuBLAS refuse. Recorded on a private stream that nobody else ever
     /// synchronizes (a synchronization breaks a capture, and other threads do synchronize
     /// this stream, e.g. to read a buffer it wrote), and replayed on this one.
-    fn record_batched(
-        &mut self,
-        spec: &GemmSpec,
-        cm: &ColMajor,
-        count: usize,
-    ) -> Option<CudaGraph> {
+    fn record_batched(&mut self, cm: &ColMajor, count: usize) -> Option<CudaGraph> {
         if self.recording.is_none() {
             self.recording = self.stream.context().new_stream().ok();
         }
         let rec = self.recording.clone()?;
         self.bind_handle(rec.cu_stream()).ok()?;
-        let graph = capture(&rec, || {
-            self.queue_batched(spec, cm, count, rec.cu_stream())
-        });
+        let graph = capture(&rec, || self.queue_batched(cm, count, rec.cu_stream()));
         // Back to this stream; if even that fails, no graph is used and the next direct call
         // reports the handle's error.
         self.bind_handle(self.stream.cu_stream()).ok()?;
@@ -458,15 +447,8 @@ impl Blas {
             .map_err(|e| driver_error("launch graph", e))
     }
 
-    /// Queues the copy of the pointer arrays (from `pinned`) and the batched product: multiq's
-    /// tile kernel where it applies ([`tile::applies_batched`]), else cuBLAS's batched sgemm.
-    fn queue_batched(
-        &mut self,
-        spec: &GemmSpec,
-        cm: &ColMajor,
-        count: usize,
-        stream: sys::CUstream,
-    ) -> Result<()> {
+    /// Queues the copy of the pointer arrays (from `pinned`) and the batched sgemm.
+    fn queue_batched(&mut self, cm: &ColMajor, count: usize, stream: sys::CUstream) -> Result<()> {
         let base = self.pointers;
         // SAFETY: `pointers` holds `pointer_capacity >= 3·count` u64 and `pinned`
         // `pinned_capacity >= 3·count` (reserved by the caller); the copy is ordered on this
@@ -477,10 +459,6 @@ impl Blas {
         unsafe { sys::cuMemcpyHtoDAsync_v2(base, self.pinned.cast(), 3 * count * 8, stream) }
             .result()
             .map_err(|e| driver_error("upload", e))?;
-        if tile::applies_batched(spec, count) {
-            // The same arrays, read by the kernel in stream order after the copy above.
-            return tile::launch_batched(self.stream.context(), stream, spec, base, count);
-        }
         let (alpha, beta) = (1.0f32, 0.0f32);
         // SAFETY: `handle` is live and bound to this stream; the three arrays of `count`
         // device pointers are in device memory in stream order (above); every pointer is a
@@ -918,15 +896,6 @@ impl StreamMath {
         if skinny::applies(spec) {
             bind(self.stream.context())?;
             return skinny::launch(&self.stream, spec, (a, b, c), bias);
-        }
-        if bias == 0 && tile::applies(spec) {
-            bind(self.stream.context())?;
-            return tile::launch(
-                self.stream.context(),
-                self.stream.cu_stream(),
-                spec,
-                (a, b, c),
-            );
         }
         self.with(|blas| {
             if bias == 0 && !spec.relu {

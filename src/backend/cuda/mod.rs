@@ -20,7 +20,6 @@ mod kernels;
 mod queue;
 mod skinny;
 mod stream;
-mod tile;
 
 use std::sync::Arc;
 

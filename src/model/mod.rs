@@ -367,7 +367,9 @@ impl Model {
 /// batch-1 requests ran 184k/181k/183k/190k samples/s passing it on early against
 /// 187k/186k/196k/198k keeping it, in four calls (bench/results/h100/mlp/probes.md,
 /// abedfbf/*/mlp-nopipeline*, mlp-pipeline*), so leaders keep it by default (at 4 and 8
-/// threads the two were within 7% of each other, either way round).
+/// threads the two were within 7% of each other, either way round). On the H200 at depth 4
+/// it stayed a wash: 319,719 against 341,529 and 334,465 against 331,892 in two calls
+/// (bench/results/h200/mlp/mlp-pipeline.txt, mlp/1e3b588-tile/mlp-pipeline.txt).
 fn pipelined() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var("MULTIQ_PIPELINE").is_ok_and(|v| v == "1"))

@@ -220,10 +220,10 @@ pub struct GemmSpec {
     /// Fuse the bias and ReLU into the product's epilogue where the backend can (CUDA:
     /// cuBLASLt); false: a separate pass (for comparison and as the fallback).
     pub fuse: bool,
-    /// B and the bias are constant while the product is queued: no work queued before it on
-    /// any stream writes them (a model's weights, written once before any forward). A backend
-    /// may then read them before the work ahead of the product completes (CUDA: while the
-    /// kernel ahead still runs). False is always correct.
+    /// B and the bias are constant while the product is queued: no work that can still be
+    /// pending, nor any queued later, writes them (a model's weights, uploaded and synchronized
+    /// before any forward). A backend may then read them before the work ahead of the product
+    /// completes (CUDA: while the kernel ahead still runs). False is always correct.
     pub b_static: bool,
 }
 
@@ -565,8 +565,9 @@ fn open_cuda(_opts: &DeviceOptions) -> Result<Arc<dyn Backend>> {
 /// of it wrote (its A, and for the second product its B, with [`GemmSpec::b_static`] false),
 /// against a host reference, for small and odd shapes: k a multiple of 4 up to 1,024 and past
 /// it, odd k, row counts across groups of 8 and past the small-batch kernels' 32. (On CUDA this
-/// covers both small-batch kernels and their programmatic launches, and cuBLAS with B
-/// transposed: the second product of the last two shapes.)
+/// covers both small-batch kernels and their programmatic launches, one after the other in
+/// both orders (`skinny_warp` then `skinny_v4`: the shape with n = 1,028), and cuBLAS after
+/// them or with B transposed: the shapes with more than 32 rows.)
 #[cfg(test)]
 pub(crate) fn check_chained_products(backend: &dyn Backend) {
     let s = backend.new_stream().unwrap();
@@ -579,6 +580,7 @@ pub(crate) fn check_chained_products(backend: &dyn Backend) {
         (1, 4, 1),
         (40, 64, 24),
         (70, 16, 65),
+        (9, 64, 1028),
     ]
     .into_iter()
     .enumerate()

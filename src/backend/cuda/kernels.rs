@@ -7,7 +7,7 @@ use std::ffi::c_void;
 
 use cudarc::driver::{sys, CudaContext, CudaFunction, CudaStream, DriverError};
 use cudarc::nvrtc::CompileOptions;
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 
 use super::{driver_error, unavailable};
 use crate::error::{Error, Result};
@@ -294,9 +294,18 @@ pub fn programmatic(ctx: &Arc<CudaContext>) -> Result<bool> {
     if *OFF.get_or_init(|| std::env::var("MULTIQ_PDL").is_ok_and(|v| v.trim() == "0")) {
         return Ok(false);
     }
+    // Asked on every small-batch product: the answer is kept per context (readers do not
+    // block each other).
+    static CACHE: OnceLock<RwLock<HashMap<usize, bool>>> = OnceLock::new();
+    let cache = CACHE.get_or_init(|| RwLock::new(HashMap::new()));
+    let id = ctx.cu_ctx() as usize;
+    if let Some(&known) = cache.read().get(&id) {
+        return Ok(known);
+    }
     let (major, _) = ctx
         .compute_capability()
         .map_err(|e| driver_error("info", e))?;
+    cache.write().insert(id, major >= 9);
     Ok(major >= 9)
 }
 
@@ -324,8 +333,22 @@ pub unsafe fn launch(
     shape: LaunchShape,
     params: &mut [*mut c_void],
 ) -> std::result::Result<(), DriverError> {
-    // SAFETY: CUlaunchAttributeValue is a C union of plain integers and structs of them, for
-    // which all-zero bytes are a valid value.
+    if !shape.programmatic {
+        // SAFETY: the caller's contract, as for `cuLaunchKernel` (which this is).
+        return unsafe {
+            cudarc::driver::result::launch_kernel(
+                func.cu_function(),
+                shape.grid,
+                shape.block,
+                shape.shared,
+                stream.cu_stream(),
+                params,
+            )
+        };
+    }
+    // SAFETY: CUlaunchAttributeValue is a C union holding a 64-byte `pad` array, so all-zero
+    // bytes are a valid value of it; only `programmaticStreamSerializationAllowed` is written
+    // and read below.
     let mut value: sys::CUlaunchAttributeValue = unsafe { std::mem::zeroed() };
     value.programmaticStreamSerializationAllowed = 1;
     let mut attr = sys::CUlaunchAttribute {
@@ -343,7 +366,7 @@ pub unsafe fn launch(
         sharedMemBytes: shape.shared,
         hStream: stream.cu_stream(),
         attrs: &mut attr,
-        numAttrs: u32::from(shape.programmatic),
+        numAttrs: 1,
     };
     // SAFETY: `config` and `attr` outlive the call; the rest is the caller's contract.
     unsafe {

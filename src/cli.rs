@@ -41,7 +41,7 @@ pub enum Command {
                       wait after every op; then at 16 threads every lock mode and async \
                       submission (8 in flight). Each table is followed by a verdict computed from \
                       its numbers. On the CPU backend the presets are scaled down so the study \
-                      finishes in about a minute on 2 cores; what was scaled is printed first.",
+                      finishes in about two minutes on 2 cores; what was scaled is printed first.",
         args_conflicts_with_subcommands = true
     )]
     Bench(Box<BenchArgs>),

@@ -6,7 +6,7 @@
 //! rate they reach (element-iterations per second) to say whether small ops are launch-bound,
 //! and recommends a configuration for this machine.
 //!
-//! On the CPU backend the presets are scaled so the study takes about a minute on two cores:
+//! On the CPU backend the presets are scaled so the study takes about two minutes on two cores:
 //! buffers hold `units × BLOCK` elements (minimal: a quarter), so one op of a large preset fills
 //! the device as 1M elements fill a GPU, and ops per thread are reduced for the heavy presets.
 //! Kernel iterations are never scaled. What was scaled is printed and stored in the results.

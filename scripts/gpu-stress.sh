@@ -7,7 +7,7 @@
 # 45 s deadline), so with the default the command ends well inside the 10-minute call limit.
 # A run longer than one call is several calls with different seeds (STRESS_SEED=N), each
 # stored as its own file. Writes into OUTDIR (default $OUT or out):
-#   stress.json  the results (copy to bench/results/h100/stress.json)
+#   stress.json  the results (copy to bench/results/<device>/stress.json)
 #   stress.log   everything multiq printed: failing rounds with their seeds and replay
 #                commands, progress lines, the summary line
 #   env.txt      build stamp, date, nvidia-smi, host

@@ -58,10 +58,12 @@ pub use weights::{HostWeights, MlpSpec};
 pub const MAX_FORWARD_ROWS: usize = 4096;
 
 /// Batched forwards in flight at once by default ([`Batching::depth`]). On the H200, 16
-/// threads of batch-1 requests ran 194,804 / 260,650 / 338,257 samples/s at depth 1 / 2 / 4
-/// and 8 threads 141,870 / 182,066 / 232,243 (one call, bench/results/h200/mlp/): with
-/// multiq's small-batch kernel a forward leaves most of the device idle, so forwards of
-/// different batches overlap. (With the earlier kernel on the H100, depth 4 was behind 2.)
+/// threads of batch-1 requests ran 199,386 / 282,940 / 322,615 / 341,529 samples/s at depth
+/// 1 / 2 / 3 / 4 in the recorded call (bench/results/h200/mlp/README.md): with multiq's
+/// small-batch kernel a forward leaves most of the device idle, so forwards of different
+/// batches overlap. Depths 6 and 8 were faster still there (387k, 396k) at two to four more
+/// contexts; 4 is what the recorded results use. (With the earlier kernel on the H100, depth
+/// 4 was behind 2.)
 pub const DEFAULT_BATCHING_DEPTH: usize = 4;
 
 /// Dynamic batching of concurrent [`Model::infer`] calls.

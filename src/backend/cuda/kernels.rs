@@ -1,9 +1,8 @@
 //! multiq's CUDA kernels: CUDA C source, compiled by NVRTC once per device per process.
 
 use std::collections::HashMap;
-use std::sync::{Arc, OnceLock};
-
 use std::ffi::c_void;
+use std::sync::{Arc, OnceLock};
 
 use cudarc::driver::{sys, CudaContext, CudaFunction, CudaStream, DriverError};
 use cudarc::nvrtc::CompileOptions;
@@ -161,8 +160,6 @@ pub struct Kernels {
     pub copy_f32: CudaFunction,
     /// Multiprocessors of the device (sizes the signalled kernels' grid).
     pub multiprocessors: u32,
-    /// Kernels written for it may be launched as programmatic dependents ([`programmatic`]).
-    pub programmatic: bool,
 }
 
 /// Segments each grouped variant takes.
@@ -233,7 +230,6 @@ pub fn for_device(ctx: &Arc<CudaContext>, ordinal: usize) -> Result<Arc<Kernels>
         simple_compute_queue,
         copy_f32,
         multiprocessors,
-        programmatic: programmatic(ctx)?,
     });
     cache.insert(ordinal, k.clone());
     Ok(k)

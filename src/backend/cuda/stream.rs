@@ -552,7 +552,7 @@ impl BackendStream for CudaQueue {
             grid: (grid, 1, 1),
             block: (BLOCK_THREADS, 1, 1),
             shared: 0,
-            programmatic: self.kernels.programmatic,
+            programmatic: super::kernels::programmatic(self.stream.context())?,
         };
         // SAFETY: `copy_f32` takes (const float*, float*, unsigned int), matching `params`,
         // which point to live locals for the call (the driver copies them). Both ranges lie

@@ -43,6 +43,15 @@ done
 "$bin" bench queues --backend cuda --wait yield --scenario per-thread --lock none --coalesce off,fixed,persistent \
   --inflight 1,8 --preset minimal,light --threads 16 --iters 1000 --repeat 3 \
   --json "$res/wait-yield.json" > "$res/wait-yield.txt" 2>&1; echo "exit $?" >> "$res/summary.txt"
+# Optional (CHUNK_TILES="1 2 4"): the device queue's chunk size on a busy device, minimal at 16
+# threads, the variants interleaved over 3 rounds (MULTIQ_QUEUE_CHUNK_TILES, diagnostics).
+for round in 1 2 3; do
+  for ct in ${CHUNK_TILES:-}; do
+    MULTIQ_QUEUE_CHUNK_TILES=$ct "$bin" bench queues --backend cuda --scenario per-thread --lock none \
+      --coalesce persistent --inflight 1,8 --preset minimal --threads 16 --iters 2000 \
+      --json "$res/tiles-$ct-$round.json" > "$res/tiles-$ct-$round.txt" 2>&1; echo "exit $?" >> "$res/summary.txt"
+  done
+done
 python3 - "$res" >> "$res/summary.txt" <<'PY'
 import json, sys, glob
 for f in sorted(glob.glob(sys.argv[1] + "/*.json")):

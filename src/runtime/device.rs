@@ -197,8 +197,12 @@ impl Buffer {
     }
 
     /// Records the device-queue op just published on this buffer.
-    pub(crate) fn set_queued(&mut self, queue: Arc<DeviceQueue>, op: u64) {
-        self.queued = Some((queue, op));
+    pub(crate) fn set_queued(&mut self, queue: &Arc<DeviceQueue>, op: u64) {
+        match &mut self.queued {
+            // The same queue again (the common case): no new reference to count.
+            Some((q, last)) if Arc::ptr_eq(q, queue) => *last = op,
+            queued => *queued = Some((queue.clone(), op)),
+        }
     }
 
     /// Waits for this buffer's device-queue op, if any, before any other use of it.

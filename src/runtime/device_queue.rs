@@ -16,6 +16,8 @@
 //!   of hanging, and restarts the queue's kernel if it left while ops were outstanding.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use crossbeam::utils::CachePadded;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -28,8 +30,15 @@ use super::Device;
 /// How often a waiter checks the device for faults (and the queue's kernel for an exit).
 pub const CHECK_EVERY: Duration = Duration::from_micros(100);
 
-/// Polls a waiter spins before it starts yielding its CPU between polls.
+/// Polls a waiter spins before it starts yielding its CPU between polls (wait policy
+/// `yield`, and `spin` after [`SPIN_FOR`]).
 const SPIN_POLLS: u32 = 16;
+
+/// How long a waiter with wait policy `spin` polls without yielding its CPU: an op's round
+/// trip through the queue is a few tens of microseconds, and a yield in the middle of it
+/// costs a system call (more where other threads want the core) before the completion is
+/// seen. Past this, the waiter yields between polls.
+pub const SPIN_FOR: Duration = Duration::from_micros(200);
 
 /// Ops of the pool's *other* streams in flight (tickets alive) from which a small op goes to
 /// the queue rather than to a launch of its own (`MULTIQ_QUEUE_MIN_LOAD` overrides it;
@@ -54,23 +63,21 @@ pub(crate) struct DeviceQueue {
     backend: Arc<dyn BackendDeviceQueue>,
     wait: WaitPolicy,
     device_id: u64,
-    /// Ops of the pool in flight: tickets alive, queued or launched alone.
-    load: AtomicUsize,
+    /// Ops of the pool in flight: tickets alive, queued or launched alone. On a cache line of
+    /// its own: every op of every thread adds and subtracts here.
+    load: CachePadded<AtomicUsize>,
     min_load: usize,
     /// Ops launched alone.
     direct: AtomicU64,
 }
 
-/// One op of the pool in flight, counted in the queue's load and its stream's until its
-/// ticket goes.
-pub(crate) struct LoadToken(Arc<DeviceQueue>, Arc<AtomicUsize>);
-
-impl Drop for LoadToken {
-    fn drop(&mut self) {
-        self.1.fetch_sub(1, Ordering::Relaxed);
-        self.0.load.fetch_sub(1, Ordering::Relaxed);
-    }
-}
+/// One op of the pool in flight, counted in the queue's load and its stream's until it is
+/// given back ([`DeviceQueue::release`]; a ticket gives its token back when it goes). It
+/// holds no reference: cloning an `Arc` of the queue per op would make every thread's op
+/// touch one reference count.
+#[must_use = "a load token must be given back with DeviceQueue::release"]
+#[derive(Debug)]
+pub(crate) struct LoadToken(());
 
 impl DeviceQueue {
     /// The device's queue, or `None` where the backend has none.
@@ -86,7 +93,7 @@ impl DeviceQueue {
             backend,
             wait,
             device_id,
-            load: AtomicUsize::new(0),
+            load: CachePadded::new(AtomicUsize::new(0)),
             min_load: queue_min_load(),
             direct: AtomicU64::new(0),
         })
@@ -104,14 +111,10 @@ impl DeviceQueue {
     /// `stream_load` counts, and says whether it goes to the queue (`true`) or to a launch of
     /// its own: the queue only pays when other streams' ops keep the device busy and the op
     /// leaves room for theirs.
-    pub(crate) fn admit(
-        self: &Arc<Self>,
-        elements: usize,
-        stream_load: &Arc<AtomicUsize>,
-    ) -> (LoadToken, bool) {
+    pub(crate) fn admit(&self, elements: usize, stream_load: &AtomicUsize) -> (LoadToken, bool) {
         let before = self.load.fetch_add(1, Ordering::Relaxed);
         let own = stream_load.fetch_add(1, Ordering::Relaxed);
-        let token = LoadToken(self.clone(), stream_load.clone());
+        let token = LoadToken(());
         // Counters of concurrent submitters move meanwhile: a routing hint, never a
         // correctness matter (both paths keep every ordering promise).
         let others = before.saturating_sub(own);
@@ -120,6 +123,14 @@ impl DeviceQueue {
             self.direct.fetch_add(1, Ordering::Relaxed);
         }
         (token, queued)
+    }
+
+    /// Takes the op `token` counted out of the pool's load and its stream's (`stream_load`,
+    /// the one it was admitted with).
+    pub(crate) fn release(&self, token: LoadToken, stream_load: &AtomicUsize) {
+        let LoadToken(()) = token;
+        stream_load.fetch_sub(1, Ordering::Relaxed);
+        self.load.fetch_sub(1, Ordering::Relaxed);
     }
 
     /// Ops launched alone so far.
@@ -146,17 +157,20 @@ impl DeviceQueue {
     /// Waits until op `op` completed.
     pub(crate) fn wait(&self, op: u64) -> Result<()> {
         let mut polls = 0u32;
-        let mut checked = Instant::now();
+        let started = Instant::now();
+        let mut checked = started;
+        let mut spinning = self.wait == WaitPolicy::Spin;
         loop {
             let check = polls % 64 == 63 && checked.elapsed() >= CHECK_EVERY;
             if check {
                 checked = Instant::now();
+                spinning &= checked - started < SPIN_FOR;
             }
             if self.backend.is_done(op, check)? {
                 return Ok(());
             }
             polls = polls.wrapping_add(1);
-            if self.wait == WaitPolicy::Spin && polls < SPIN_POLLS {
+            if spinning || polls < SPIN_POLLS {
                 std::hint::spin_loop();
             } else {
                 std::thread::yield_now();
@@ -218,33 +232,37 @@ mod tests {
         let min = q.min_load;
         let streams: Vec<Arc<AtomicUsize>> = (0..=min).map(|_| Arc::default()).collect();
         // A quiet pool: every op alone, until `min` ops of other streams are in flight.
-        let mut held: Vec<LoadToken> = Vec::new();
+        let mut held: Vec<(LoadToken, &AtomicUsize)> = Vec::new();
         for (i, stream) in streams.iter().take(min).enumerate() {
             let (token, queued) = q.admit(10, stream);
             assert!(!queued, "op {i} with {i} others in flight");
-            held.push(token);
+            held.push((token, stream));
         }
         let (t, queued) = q.admit(10, &streams[min]);
         assert!(queued, "{min} others in flight");
-        held.push(t);
+        held.push((t, &streams[min]));
         // An op that fills the device is launched alone whatever the load.
         let (t, queued) = q.admit(1000, &streams[min]);
         assert!(!queued);
-        held.push(t);
+        held.push((t, &streams[min]));
         assert_eq!(q.load.load(Ordering::Relaxed), min + 2);
         assert_eq!(streams[min].load(Ordering::Relaxed), 2);
         assert_eq!(q.direct_ops(), min as u64 + 1);
         // Tickets going (waited or dropped) take their ops out of both loads.
-        held.clear();
+        for (token, stream) in held {
+            q.release(token, stream);
+        }
         assert_eq!(q.load.load(Ordering::Relaxed), 0);
         assert!(streams.iter().all(|s| s.load(Ordering::Relaxed) == 0));
-        assert!(!q.admit(10, &streams[0]).1);
+        let (t, queued) = q.admit(10, &streams[0]);
+        assert!(!queued);
+        q.release(t, &streams[0]);
     }
 
     #[test]
     fn a_streams_own_ops_never_send_it_to_the_queue() {
         let q = DeviceQueue::on(Arc::new(Fake), WaitPolicy::Spin, 1);
-        let (one, other) = (Arc::default(), Arc::default());
+        let (one, other) = (AtomicUsize::new(0), AtomicUsize::new(0));
         // One stream with many ops in flight (a thread with a deep window) launches alone...
         let mut held: Vec<LoadToken> = Vec::new();
         for i in 0..3 * q.min_load {
@@ -253,6 +271,12 @@ mod tests {
             held.push(token);
         }
         // ... while they make the queue pay for another stream.
-        assert!(q.admit(10, &other).1);
+        let (t, queued) = q.admit(10, &other);
+        assert!(queued);
+        q.release(t, &other);
+        for token in held {
+            q.release(token, &one);
+        }
+        assert_eq!(q.load.load(Ordering::Relaxed), 0);
     }
 }

@@ -33,7 +33,7 @@ pub(crate) struct StreamShared {
     launched_since_queued: AtomicBool,
     /// With a device queue: this stream's ops in flight (their tickets alive), so that the
     /// queue's routing counts only other streams' ops ([`DeviceQueue::admit`]).
-    queue_load: Arc<AtomicUsize>,
+    queue_load: AtomicUsize,
     pub(crate) pool_id: u64,
     pub(crate) index: usize,
     pub(crate) device: Device,
@@ -59,7 +59,7 @@ impl StreamShared {
             device_queue,
             queued_last: AtomicU64::new(0),
             launched_since_queued: AtomicBool::new(false),
-            queue_load: Arc::new(AtomicUsize::new(0)),
+            queue_load: AtomicUsize::new(0),
             pool_id,
             index,
             device,
@@ -143,11 +143,11 @@ impl Stream {
             let after_stream = s.queued_last.load(Ordering::Acquire);
             let op = q.submit(kernel, buf.raw(), [after_stream, after_buffer])?;
             s.queued_last.store(op, Ordering::Release);
-            buf.set_queued(q.clone(), op);
+            buf.set_queued(q, op);
             s.submitted.fetch_add(1, Ordering::Relaxed);
             return Ok(Ticket {
                 stream: self.shared.clone(),
-                kind: TicketKind::Queued(q.clone(), op),
+                kind: TicketKind::Queued(op),
                 load: Some(load),
             });
         }
@@ -282,8 +282,8 @@ enum TicketKind {
     Event(Option<Box<dyn BackendEvent>>),
     /// The coalesced batch the op is part of.
     Coalesced(Arc<Batch>),
-    /// The op's number on the pool's device queue.
-    Queued(Arc<DeviceQueue>, u64),
+    /// The op's number on the pool's device queue (the stream's).
+    Queued(u64),
 }
 
 impl Ticket {
@@ -305,7 +305,10 @@ impl Ticket {
                     .expect("coalesced tickets come from coalescing pools");
                 c.wait(batch)
             }
-            TicketKind::Queued(q, op) => q.wait(*op),
+            TicketKind::Queued(op) => {
+                let op = *op;
+                self.device_queue().wait(op)
+            }
         }
     }
 
@@ -319,13 +322,26 @@ impl Ticket {
                 .as_ref()
                 .expect("coalesced tickets come from coalescing pools")
                 .poll(batch),
-            TicketKind::Queued(q, op) => q.poll(*op),
+            TicketKind::Queued(op) => self.device_queue().poll(*op),
         }
+    }
+}
+
+impl Ticket {
+    /// The device queue of a queued op's stream.
+    fn device_queue(&self) -> &DeviceQueue {
+        self.stream
+            .device_queue
+            .as_ref()
+            .expect("queued tickets come from streams with a device queue")
     }
 }
 
 impl Drop for Ticket {
     fn drop(&mut self) {
+        if let Some(token) = self.load.take() {
+            self.device_queue().release(token, &self.stream.queue_load);
+        }
         if let TicketKind::Event(event) = &mut self.kind {
             if let Some(event) = event.take() {
                 self.stream.events.give_back(event);

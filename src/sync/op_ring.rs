@@ -27,6 +27,8 @@
 //! - **Stop.** [`OpRing::stop`] publishes a stop op and, relaunching as needed, waits until a
 //!   kernel left at that op with no kernel running after it.
 
+use crossbeam::utils::CachePadded;
+
 use super::{AtomicU64, Mutex, Ordering};
 
 /// Polls between checks of a thread waiting for a slot to be free (fewer under loom, so the
@@ -75,8 +77,9 @@ struct Runner {
 pub struct OpRing {
     /// Slots of the ring (a power of two).
     slots: u64,
-    /// The next ticket to hand out (tickets are 1, 2, …).
-    next: AtomicU64,
+    /// The next ticket to hand out (tickets are 1, 2, …). On a cache line of its own: every
+    /// submission takes a ticket, and every submission also reads `live_epoch`.
+    next: CachePadded<AtomicU64>,
     /// Epoch of the kernel believed running (0: none): the submitters' lock-free check.
     live_epoch: AtomicU64,
     runner: Mutex<Runner>,
@@ -88,7 +91,7 @@ impl OpRing {
         debug_assert!(slots.is_power_of_two());
         OpRing {
             slots,
-            next: AtomicU64::new(1),
+            next: CachePadded::new(AtomicU64::new(1)),
             live_epoch: AtomicU64::new(0),
             runner: Mutex::new(Runner {
                 epoch: 0,

@@ -6,23 +6,25 @@
 //! [`crate::sync::op_ring`], with its invariants and loom models; this file is its
 //! [`RingDevice`]: the memory layout, the kernel launch and the driver calls):
 //! - **Publish.** A thread takes the next op number `t` (one atomic add), waits until slot
-//!   `t % SLOTS` is free (op `t - SLOTS` completed), writes the op's fields, then `seq = t`
-//!   (release). Between taking `t` and publishing, nothing can fail or panic without
-//!   publishing: every later op waits for `t`, so a failed submission publishes a no-op.
-//! - **Run.** The kernel's dispatcher warp reads up to 32 slots per round trip over the bus,
-//!   copies published ops to device memory in order, and splits each into chunks of whole
-//!   1,024-element tiles (up to [`DEFAULT_CHUNK_TILES`] tiles each on a busy device, smaller
-//!   where idle blocks can take them; at most one chunk per compute block) on a device-side
-//!   chunk queue. Each compute block claims the
-//!   next chunk (one atomic add), waits for the op's dependencies, runs it, and counts it; the
-//!   block finishing an op's last chunk writes `t` into the op's host-visible done word after
-//!   a system-wide fence.
+//!   `t % SLOTS` is free (op `t - SLOTS` completed), and writes the slot's three words, each
+//!   carrying `t`'s tag, the last with release: the op is published once all three carry it.
+//!   Between taking `t` and publishing, nothing can fail or panic without publishing: every
+//!   later op waits for `t`, so a failed submission publishes a no-op.
+//! - **Run.** The kernel's dispatcher warp reads up to 32 slots per round trip over the bus
+//!   (all three words of each at once), copies published ops to device memory in order, and
+//!   splits each into chunks of whole 1,024-element tiles (up to [`DEFAULT_CHUNK_TILES`]
+//!   tiles each on a busy device, smaller where idle blocks can take them; at most one chunk
+//!   per compute block) on a device-side chunk queue of one tagged word per chunk. Each
+//!   compute block claims the next chunk (one atomic add), waits on that chunk's own word
+//!   and for the op's dependencies, runs it, and counts it; the block finishing an op's last
+//!   chunk writes `t` into the op's done words (device and host) after one system-wide fence.
 //! - **Idle exit and relaunch.** When nothing was published for `IDLE_EXIT`, the kernel
 //!   records `{t, epoch}` in host memory and leaves, so an idle queue never holds the device
 //!   (other streams' kernels need its multiprocessors). After publishing, a submitter checks
 //!   the exit record and relaunches from `t`; waiters check again now and then (an exit can
 //!   race a publication). Kernels of one queue run on one stream, so a relaunch starts only
-//!   after the previous kernel has left.
+//!   after the previous kernel has left. To leave, the dispatcher appends one exit chunk per
+//!   compute block; each block takes one and returns.
 //! - **Stop.** `Drop` publishes a stop op, makes sure a kernel runs to take it, waits for the
 //!   stream, and only then frees the memory the kernel reads.
 //!
@@ -30,7 +32,7 @@
 //! stream now and then and return that error instead of waiting for a word that never comes.
 
 use std::ffi::c_void;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -183,26 +185,54 @@ pub const IDLE_EXIT: Duration = Duration::from_micros(500);
 const FLAG_STOP: u32 = 1;
 const FLAG_NOP: u32 = 2;
 
-/// One op as the host publishes it; the layout of the kernel's `HostSlot`.
-#[repr(C)]
+/// One op as the host publishes it; the layout of the kernel's `HostSlot`: one cache line,
+/// three words, each carrying the op's tag ([`slot_tag`]) in bits 48..63, so the device
+/// finds a published op and reads it in one round trip over the bus:
+/// - `w[0]`: the buffer's device address (below 2^48);
+/// - `w[1]`: elements (bits 0..31), iterations (bits 32..47);
+/// - `w[2]`: how many tickets back the two dependencies are (bits 0..11 and 12..23; 0: none),
+///   flags (bits 24..31). Stored last, with release.
+#[repr(C, align(64))]
 struct HostSlot {
-    seq: AtomicU64,
-    ptr: AtomicU64,
-    n: AtomicU32,
-    iters: AtomicU32,
-    after_a: AtomicU64,
-    after_b: AtomicU64,
-    flags: AtomicU32,
-    pad: u32,
+    w: [AtomicU64; 3],
 }
+
+/// A done word on a cache line of its own (a completion never disturbs another slot's waiter).
+#[repr(C, align(64))]
+struct DoneWord(AtomicU64);
 
 /// The host-mapped region: the ring, the done words, the exit record.
 #[repr(C)]
 struct HostRegion {
     ring: [HostSlot; SLOTS],
-    done: [AtomicU64; SLOTS],
+    done: [DoneWord; SLOTS],
     /// `{ticket, epoch}` of the last kernel exit.
     exit: [AtomicU64; 2],
+}
+
+/// Bit of each slot word where the tag starts.
+const TAG_SHIFT: u32 = 48;
+/// Largest buffer address a slot holds.
+const ADDRESS_MASK: u64 = (1 << TAG_SHIFT) - 1;
+/// Most iterations a queued op may ask for (16 bits of `w[1]`); larger ops launch alone.
+const MAX_QUEUED_ITERS: u32 = u16::MAX as u32;
+
+/// The tag of ticket `t` (the kernel's `slot_tag`): its lap around the ring, never 0 (zeroed
+/// memory) and different from the lap before (the slot's previous contents), so a word
+/// carrying it was written for `t`.
+fn slot_tag(t: u64) -> u64 {
+    0x8000 | ((t / SLOTS as u64) & 0x7fff)
+}
+
+/// How many tickets back dependency `after` of ticket `t` is, for the slot's 12-bit field;
+/// 0 (none) for no dependency, or one a whole ring back or more: its slot was reused after it
+/// completed, before `t` was published.
+fn distance(t: u64, after: u64) -> u64 {
+    debug_assert!(after < t, "a dependency comes before its op");
+    match t.checked_sub(after) {
+        Some(d) if after != 0 && d < SLOTS as u64 => d,
+        _ => 0,
+    }
 }
 
 /// Bytes of the kernel's `DevSlot`.
@@ -215,9 +245,12 @@ const DEV_COUNT: usize = SLOTS * DEV_SLOT_BYTES;
 const DEV_DONE: usize = DEV_COUNT + SLOTS * 4;
 const DEV_CHUNKS: usize = DEV_DONE + SLOTS * 8;
 const DEV_CTR: usize = DEV_CHUNKS + CHUNK_RING * 8;
-/// The chunk queue's counters, zeroed before every launch.
+/// The chunk queue's counters.
 const CTR_BYTES: usize = 512;
 const DEV_BYTES: usize = DEV_CTR + CTR_BYTES;
+/// The chunk queue's words and counters, zeroed before every launch (a chunk word's tag
+/// counts laps of this launch's chunk numbers).
+const DEV_ZEROED: std::ops::Range<usize> = DEV_CHUNKS..DEV_BYTES;
 
 /// The kernel's parameter, laid out as its `QueueParams`.
 #[repr(C)]
@@ -373,13 +406,13 @@ impl CudaDeviceQueue {
             trace_from: self.trace.as_ref().map_or(0, |t| t.from),
         };
         bind(&self.ctx)?;
-        // SAFETY: the counters are within the live allocation (invariant); the memset is
+        // SAFETY: the chunk queue is within the live allocation (invariant); the memset is
         // ordered on the queue's stream after the previous kernel and before this one.
         unsafe {
             result::memset_d8_async(
-                self.dev + DEV_CTR as u64,
+                self.dev + DEV_ZEROED.start as u64,
                 0,
-                CTR_BYTES,
+                DEV_ZEROED.len(),
                 self.stream.cu_stream(),
             )
         }
@@ -410,21 +443,22 @@ impl RingDevice for CudaDeviceQueue {
 
     fn write(&self, index: usize, t: u64, op: &SlotOp, nop: bool) {
         let slot = &self.region().ring[index];
-        let flags = if nop { FLAG_NOP } else { op.flags };
-        slot.ptr.store(op.ptr, Ordering::Relaxed);
-        slot.n.store(op.n, Ordering::Relaxed);
-        slot.iters.store(op.iters, Ordering::Relaxed);
-        slot.after_a.store(op.after[0], Ordering::Relaxed);
-        slot.after_b.store(op.after[1], Ordering::Relaxed);
-        slot.flags.store(flags, Ordering::Relaxed);
+        let tag = slot_tag(t) << TAG_SHIFT;
+        let flags = u64::from(if nop { FLAG_NOP } else { op.flags });
+        let dependencies = distance(t, op.after[0]) | distance(t, op.after[1]) << 12;
+        slot.w[0].store(op.ptr & ADDRESS_MASK | tag, Ordering::Relaxed);
+        slot.w[1].store(
+            u64::from(op.n) | u64::from(op.iters.min(MAX_QUEUED_ITERS)) << 32 | tag,
+            Ordering::Relaxed,
+        );
         if let Some(trace) = &self.trace {
             trace.published(t);
         }
-        slot.seq.store(t, Ordering::Release);
+        slot.w[2].store(dependencies | flags << 24 | tag, Ordering::Release);
     }
 
     fn done(&self, index: usize) -> u64 {
-        self.region().done[index].load(Ordering::Acquire)
+        self.region().done[index].0.load(Ordering::Acquire)
     }
 
     fn exit_record(&self) -> (u64, u64) {
@@ -456,14 +490,23 @@ impl RingDevice for CudaDeviceQueue {
 
 impl BackendDeviceQueue for CudaDeviceQueue {
     fn supports(&self, kernel: Kernel) -> bool {
-        matches!(kernel, Kernel::SimpleCompute { .. })
+        matches!(kernel, Kernel::SimpleCompute { iters } if iters <= MAX_QUEUED_ITERS)
     }
 
     fn submit(&self, kernel: Kernel, buf: &dyn BackendBuffer, after: [u64; 2]) -> Result<u64> {
         let buf = downcast::<CudaBuffer>(buf.as_any(), "buffer")?;
         let Kernel::SimpleCompute { iters } = kernel;
+        if iters > MAX_QUEUED_ITERS {
+            return Err(Error::invalid("too many iterations for the device queue"));
+        }
         let n = u32::try_from(buf.len())
             .map_err(|_| Error::invalid("buffer too large for a 32-bit kernel index"))?;
+        if buf.ptr() > ADDRESS_MASK {
+            return Err(Error::Device {
+                op: "device queue",
+                message: format!("buffer address {:#x} above 2^48", buf.ptr()),
+            });
+        }
         let op = SlotOp {
             ptr: buf.ptr(),
             n,
@@ -554,5 +597,56 @@ impl std::fmt::Debug for CudaDeviceQueue {
         f.debug_struct("CudaDeviceQueue")
             .field("grid", &self.grid)
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_slot_tag_differs_from_zeroed_memory_and_from_the_lap_before() {
+        let slots = SLOTS as u64;
+        for t in [
+            1,
+            slots - 1,
+            slots,
+            slots + 1,
+            5 * slots + 7,
+            (1 << 15) * slots,
+            u64::MAX,
+        ] {
+            let tag = slot_tag(t);
+            assert_ne!(tag, 0, "ticket {t}");
+            assert!(tag < 1 << 16, "ticket {t}: the tag fits its 16 bits");
+            // The slot's previous contents were written for ticket t - SLOTS.
+            if let Some(before) = t.checked_sub(slots).filter(|&b| b > 0) {
+                assert_ne!(tag, slot_tag(before), "ticket {t}");
+            }
+        }
+        // Within one lap, every ticket of a slot's lap has the same tag.
+        assert_eq!(slot_tag(3 * slots), slot_tag(4 * slots - 1));
+    }
+
+    #[test]
+    fn a_dependency_distance_is_kept_only_within_the_ring() {
+        let slots = SLOTS as u64;
+        assert_eq!(distance(10, 0), 0, "no dependency");
+        assert_eq!(distance(10, 9), 1);
+        assert_eq!(distance(slots + 5, 6), slots - 1);
+        // A whole ring back or more: completed before this op could be published.
+        assert_eq!(distance(slots + 5, 5), 0);
+        assert_eq!(distance(10 * slots, 1), 0);
+        // The 12-bit field holds every distance kept.
+        assert!(slots - 1 < 1 << 12);
+    }
+
+    #[test]
+    fn the_host_region_matches_the_kernel_layout() {
+        assert_eq!(std::mem::size_of::<HostSlot>(), 64);
+        assert_eq!(std::mem::size_of::<DoneWord>(), 64);
+        assert_eq!(std::mem::offset_of!(HostRegion, done), SLOTS * 64);
+        assert_eq!(DEV_ZEROED.end, DEV_BYTES);
+        assert_eq!(DEV_ZEROED.start % 8, 0);
     }
 }

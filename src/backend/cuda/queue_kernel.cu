@@ -3,32 +3,40 @@
 // through exactly simple_compute's code and results are bit-identical to a single launch.
 //
 // Host side: src/backend/cuda/queue.rs. Memory:
-// - ring[slots] (host memory mapped into the device): written by host threads, `seq` last
-//   (release); read by the dispatcher warp.
-// - host_done[slots] (host-mapped): the op number written once an op completed.
+// - ring[slots] (host memory mapped into the device, one 64-byte line per slot): written by
+//   host threads; three words, each carrying the op's 16-bit tag (from its ticket) in bits
+//   48..63, so one read of the three words over the bus both finds a published op and reads
+//   it: the op is published once all three carry its tag.
+// - host_done[slots] (host-mapped, one line each): the op number written once an op completed.
 // - host_exit[2] (host-mapped): {ticket, epoch} written when a kernel leaves.
 // - dring[slots], count[slots], dev_done[slots] (device memory): the dispatcher's copy of
 //   each op, chunks finished per op, the op number completed per slot.
-// - chunks[CHUNK_RING] and ctr (device memory, zeroed before every launch): the chunk queue's
-//   counters: chunks claimed by blocks, chunks forwarded, chunks finished, the exit flag.
+// - chunks[CHUNK_RING] and ctr (device memory, zeroed before every launch): the chunk queue,
+//   one word per chunk (tag of its lap | slot | chunk index), and its counters: chunks claimed
+//   by blocks, chunks finished.
 // Block 0's first warp is the dispatcher: it forwards published ops, in order, splitting each
-// into at most gridDim.x - 1 chunks of whole 1,024-element tiles (one element per thread) and appending them to the
-// chunk queue. In every other block, thread 0 claims the next chunk index (one atomic add),
-// waits until it is forwarded and the op's dependencies completed; the block runs it and
-// counts it; the block finishing an op's last chunk marks the op complete. Chunk g only ever waits for ops whose
-// chunks come before g, all claimed by running blocks (the grid is sized so all its blocks
-// are resident), and a block's earlier chunk never waits for its later one, so every op
-// completes.
+// into at most gridDim.x - 1 chunks of whole 1,024-element tiles (one element per thread)
+// and appending them to the chunk queue (the op's fields to dring first, a fence, then the
+// chunk words). In every other block, thread 0 claims the next chunk index (one atomic add)
+// and waits on that chunk's own word until it is written and the op's dependencies
+// completed; the block runs it and counts it; the block finishing an op's last chunk marks
+// the op complete. To leave, the dispatcher appends one exit chunk per compute block: each
+// block claims exactly one of them (it stops claiming after it) and returns. Chunk g only
+// ever waits for ops whose chunks come before g, all claimed by running blocks (the grid is
+// sized so all its blocks are resident), and a block's earlier chunk never waits for its
+// later one, so every op completes.
 #define QUEUE_TILE 1024u  // one element per thread of a block
 #define CHUNK_RING 65536u
+#define CHUNK_EXIT 0xffffffffu  // the chunk index of an exit chunk
 // The chunk queue's counters, each on its own 128-byte line (u64 index into ctr).
 #define CTR_CLAIMED 0
-#define CTR_FORWARDED 16
-#define CTR_FINISHED 32
-#define CTR_EXIT 48
+#define CTR_FINISHED 16
 #define FLAG_STOP 1u
 #define FLAG_NOP 2u
-struct HostSlot { unsigned long long seq, ptr; unsigned int n, iters; unsigned long long after_a, after_b; unsigned int flags, pad; };
+#define TAG_SHIFT 48
+struct HostSlot { unsigned long long w[8]; };  // w0: address; w1: elements | iterations << 32;
+                                               // w2: dependency distances (12 bits each) |
+                                               // flags << 24; each | tag << 48
 struct DevSlot { unsigned long long op, ptr; unsigned int n, iters; unsigned long long after_a, after_b; unsigned int chunks, chunk_elems; unsigned long long pad[2]; };
 struct QueueParams {
     HostSlot* ring; unsigned long long* host_done; unsigned long long* host_exit;
@@ -44,17 +52,26 @@ struct QueueParams {
 __device__ __forceinline__ unsigned long long ld_acquire_sys(const unsigned long long* p) {
     unsigned long long v; asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory"); return v;
 }
+__device__ __forceinline__ unsigned long long ld_relaxed_sys(const unsigned long long* p) {
+    unsigned long long v; asm volatile("ld.relaxed.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory"); return v;
+}
 __device__ __forceinline__ unsigned long long ld_acquire_gpu(const unsigned long long* p) {
     unsigned long long v; asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory"); return v;
 }
 __device__ __forceinline__ unsigned long long ld_relaxed_gpu(const unsigned long long* p) {
     unsigned long long v; asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory"); return v;
 }
-__device__ __forceinline__ void st_release_gpu(unsigned long long* p, unsigned long long v) {
-    asm volatile("st.release.gpu.global.u64 [%0], %1;" :: "l"(p), "l"(v) : "memory");
-}
 __device__ __forceinline__ unsigned long long now_ns() {
     unsigned long long t; asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t)); return t;
+}
+// The tag ticket `t` carries in each word of its slot: its lap around the ring, never 0
+// (zeroed memory) and different from the lap before (the slot's previous contents).
+__device__ __forceinline__ unsigned long long slot_tag(unsigned long long t, unsigned int slots) {
+    return 0x8000ull | ((t / slots) & 0x7fffull);
+}
+// The word of chunk g: its lap's tag (never 0, different from the lap before) | slot | index.
+__device__ __forceinline__ unsigned long long chunk_word(unsigned long long g, unsigned int slot, unsigned int k) {
+    return ((0x8000ull | ((g / CHUNK_RING) & 0x7fffull)) << TAG_SHIFT) | ((unsigned long long)slot << 32) | k;
 }
 #define TRACE_SEEN 0u
 #define TRACE_FORWARDED 1u
@@ -64,54 +81,80 @@ __device__ __forceinline__ void trace_stamp(const QueueParams& q, unsigned long 
     if (q.trace != 0 && op >= q.trace_from && op - q.trace_from < q.slots)
         q.trace[(op - q.trace_from) * 4u + k] = now_ns();
 }
-// Marks op `t` complete: device-wide first (dependencies), then, after a system-wide fence
-// (the op's data is visible to the host and copy engines), for the host.
+// Marks op `t` complete, after one system-wide fence (the op's data, and the counts that
+// showed it finished, ordered before both words): device-wide (dependencies) and for the host.
 __device__ __forceinline__ void complete(const QueueParams& q, unsigned int slot, unsigned long long t) {
     trace_stamp(q, t, TRACE_COMPLETED);
-    st_release_gpu(&q.dev_done[slot], t);
     __threadfence_system();
-    *(volatile unsigned long long*)&q.host_done[slot] = t;
+    *(volatile unsigned long long*)&q.dev_done[slot] = t;
+    *(volatile unsigned long long*)&q.host_done[slot * 8u] = t;
 }
-// Records that this kernel leaves at op `t` (not taken), then releases the compute blocks.
-__device__ __forceinline__ void leave(const QueueParams& q, unsigned long long t) {
-    volatile unsigned long long* ex = q.host_exit;
-    ex[0] = t;
-    __threadfence_system();
-    ex[1] = q.epoch;
-    st_release_gpu(&q.ctr[CTR_EXIT], 1ull);
+// The dispatcher's view of the chunk queue: chunks forwarded, and the last count of finished
+// ones it read (read again only when the ring looks full).
+struct ChunkQueue { unsigned long long forwarded, finished; };
+// Waits (all lanes) until `total` more chunk words fit in the ring: every chunk a lap behind
+// the new ones finished (so its block read its word).
+__device__ __forceinline__ void wait_room(const QueueParams& q, ChunkQueue& c, unsigned long long total) {
+    while (c.forwarded + total - c.finished > CHUNK_RING)
+        c.finished = __shfl_sync(0xffffffffu, ld_relaxed_gpu(&q.ctr[CTR_FINISHED]), 0);
+}
+// Appends one exit chunk per compute block, then records that this kernel leaves at op `t`
+// (not taken). Lane 0 records; all lanes write exit chunks.
+__device__ void leave(const QueueParams& q, ChunkQueue& c, unsigned long long t) {
+    const unsigned int lane = threadIdx.x, blocks = gridDim.x - 1u;
+    wait_room(q, c, blocks);
+    for (unsigned int b = lane; b < blocks; b += 32u) {
+        const unsigned long long g = c.forwarded + b;
+        ((volatile unsigned long long*)q.chunks)[g % CHUNK_RING] = chunk_word(g, 0u, CHUNK_EXIT);
+    }
+    c.forwarded += blocks;
+    __syncwarp();
+    if (lane == 0) {
+        volatile unsigned long long* ex = q.host_exit;
+        ex[0] = t;
+        __threadfence_system();
+        ex[1] = q.epoch;
+    }
 }
 // The dispatcher (lanes of warp 0 of block 0): forwards published ops, up to 32 per round
 // trip over the bus.
 __device__ void queue_dispatch(const QueueParams& q) {
     const unsigned int lane = threadIdx.x, mask = q.slots - 1u;
     const unsigned long long blocks = gridDim.x - 1u;
-    unsigned long long t = q.start, forwarded = 0, last = now_ns();
+    unsigned long long t = q.start, last = now_ns();
+    ChunkQueue cq = {0ull, 0ull};
     for (;;) {
+        // Read while the bus read is in flight: the chunks finished (how busy the blocks are).
+        const unsigned long long finished_read = ld_relaxed_gpu(&q.ctr[CTR_FINISHED]);
         const unsigned long long want = t + lane;
         const HostSlot* hs = &q.ring[want & mask];
-        const bool published = ld_acquire_sys(&hs->seq) == want;
+        // One round trip: the three words together, the last one with acquire (the host
+        // stores it last, with release); each must carry this op's tag.
+        const unsigned long long w0 = ld_relaxed_sys(&hs->w[0]), w1 = ld_relaxed_sys(&hs->w[1]);
+        const unsigned long long w2 = ld_acquire_sys(&hs->w[2]);
+        const unsigned long long finished = __shfl_sync(0xffffffffu, finished_read, 0);
+        const unsigned long long tag = slot_tag(want, q.slots);
+        const bool published = (w0 >> TAG_SHIFT) == tag && (w1 >> TAG_SHIFT) == tag && (w2 >> TAG_SHIFT) == tag;
         const unsigned int ballot = __ballot_sync(0xffffffffu, published);
         unsigned int n = ballot == 0xffffffffu ? 32u : (unsigned int)(__ffs(~ballot) - 1);
+        if (finished > cq.finished) cq.finished = finished;
         if (n == 0u) {
             const unsigned long long idle = now_ns() - last;
             if (idle > q.idle_ns) {
-                if (lane == 0) leave(q, t);
+                leave(q, cq, t);
                 return;
             }
             if (idle > 20000ull) __nanosleep(500);
             continue;
         }
         bool mine = lane < n;
-        unsigned long long ptr = 0, after_a = 0, after_b = 0;
-        unsigned int len = 0, iters = 0, flags = 0;
-        if (mine) {
-            const volatile HostSlot* v = hs;
-            ptr = v->ptr; len = v->n; iters = v->iters; after_a = v->after_a; after_b = v->after_b; flags = v->flags;
-            trace_stamp(q, want, TRACE_SEEN);
-        }
+        const unsigned long long ptr = w0 & 0xffffffffffffull;
+        const unsigned int len = (unsigned int)w1, iters = (unsigned int)(w1 >> 32) & 0xffffu;
+        const unsigned int dist_a = (unsigned int)w2 & 0xfffu, dist_b = (unsigned int)(w2 >> 12) & 0xfffu;
+        const unsigned int flags = (unsigned int)(w2 >> 24) & 0xffu;
+        if (mine) trace_stamp(q, want, TRACE_SEEN);
         const unsigned int stops = __ballot_sync(0xffffffffu, mine && (flags & FLAG_STOP));
-        unsigned int stop_lane = 32u;
-        if (stops != 0u) { stop_lane = (unsigned int)(__ffs(stops) - 1); n = stop_lane; mine = lane < n; }
+        if (stops != 0u) { n = (unsigned int)(__ffs(stops) - 1); mine = lane < n; }
         const bool nop = (flags & FLAG_NOP) != 0u || len == 0u;
         // Whole tiles per chunk, at most `blocks` chunks per op, and no more than chunk_tiles
         // tiles per chunk (a chunk's fixed cost is a few memory round trips, so on a busy
@@ -119,9 +162,8 @@ __device__ void queue_dispatch(const QueueParams& q) {
         // blocks not busy with earlier chunks are shared among this round's ops, so an op on
         // a quiet device spreads over many multiprocessors (its latency is its work divided
         // by the multiprocessors it gets). Chunks are never larger than chunk_tiles allows.
-        const unsigned long long finished = ld_relaxed_gpu(&q.ctr[CTR_FINISHED]);
         const unsigned long long tiles = ((unsigned long long)len + QUEUE_TILE - 1u) / QUEUE_TILE;
-        const unsigned long long backlog = forwarded - finished;
+        const unsigned long long backlog = cq.forwarded - cq.finished;
         const unsigned long long idle = backlog >= blocks ? 1ull : blocks - backlog;
         const unsigned long long share = n > 0u && idle / n > 1ull ? idle / n : 1ull;
         unsigned long long per = (tiles + share - 1u) / share;
@@ -137,49 +179,68 @@ __device__ void queue_dispatch(const QueueParams& q) {
             if (lane >= o) incl += y;
         }
         const unsigned int total = __shfl_sync(0xffffffffu, incl, 31);
-        // Room in the chunk ring: chunks forwarded but not finished stay below CHUNK_RING.
-        while (forwarded + total - ld_relaxed_gpu(&q.ctr[CTR_FINISHED]) > CHUNK_RING) { }
-        __syncwarp();
+        wait_room(q, cq, total);
+        const unsigned int slot = (unsigned int)(want & mask);
         if (mine) {
-            const unsigned int slot = (unsigned int)(want & mask);
             volatile DevSlot* d = &q.dring[slot];
-            d->op = want; d->ptr = ptr; d->n = len; d->iters = iters; d->after_a = after_a; d->after_b = after_b;
+            d->op = want; d->ptr = ptr; d->n = len; d->iters = iters;
+            // A dependency as far back as the ring (or farther) completed before this op was
+            // published: its slot was reused after it.
+            d->after_a = dist_a != 0u ? want - dist_a : 0ull;
+            d->after_b = dist_b != 0u ? want - dist_b : 0ull;
             d->chunks = chunks; d->chunk_elems = chunk_elems;
-            const unsigned long long first = forwarded + (incl - chunks);
-            for (unsigned int c = 0; c < chunks; c++)
-                ((volatile unsigned long long*)q.chunks)[(first + c) % CHUNK_RING] = ((unsigned long long)slot << 32) | c;
             if (chunks == 0u) complete(q, slot, want);
         }
-        __syncwarp();
-        forwarded += total;
-        if (lane == 0) { __threadfence(); st_release_gpu(&q.ctr[CTR_FORWARDED], forwarded); }
-        __syncwarp();
-        if (mine) trace_stamp(q, want, TRACE_FORWARDED);
+        // The ops' fields before their chunk words (a block that sees its word reads them).
+        __threadfence();
+        if (mine) {
+            const unsigned long long first = cq.forwarded + (incl - chunks);
+            for (unsigned int c = 0; c < chunks; c++)
+                ((volatile unsigned long long*)q.chunks)[(first + c) % CHUNK_RING] = chunk_word(first + c, slot, c);
+            trace_stamp(q, want, TRACE_FORWARDED);
+        }
+        cq.forwarded += total;
         t += n;
+        __syncwarp();
         if (stops != 0u) {
-            if (lane == 0) leave(q, t);
+            leave(q, cq, t);
             return;
         }
         last = now_ns();
     }
 }
-__device__ __forceinline__ void wait_done(const QueueParams& q, unsigned long long op) {
-    if (op == 0ull) return;
-    const unsigned long long* p = &q.dev_done[op & (q.slots - 1u)];
-    while (ld_acquire_gpu(p) < op) { }
+// Waits until ops `a` and `b` (0: none) completed; both done words read at once first.
+__device__ __forceinline__ void wait_done(const QueueParams& q, unsigned long long a, unsigned long long b) {
+    const unsigned int mask = q.slots - 1u;
+    const unsigned long long* pa = &q.dev_done[a & mask];
+    const unsigned long long* pb = &q.dev_done[b & mask];
+    unsigned long long da = a, db = b;
+    if (a != 0ull) da = ld_relaxed_gpu(pa);
+    if (b != 0ull) db = ld_relaxed_gpu(pb);
+    if (da >= a && db >= b) {
+        // Seen done with relaxed loads: one fence makes them acquire the ops' results.
+        if ((a | b) != 0ull) __threadfence();
+        return;
+    }
+    while (ld_acquire_gpu(pa) < a) { }
+    while (ld_acquire_gpu(pb) < b) { }
 }
 // One claimed chunk, as thread 0 hands it to its block.
 struct Claimed { unsigned long long ptr, op, begin, end; unsigned int iters, slot, chunks, exit; };
-// Claims the next chunk, waits until it is forwarded (or the kernel leaves) and until its
-// op's dependencies completed, and describes it in `c`. Thread 0 of a compute block.
+// Claims the next chunk, waits on its word until the dispatcher wrote it and until its op's
+// dependencies completed, and describes it in `c`. Thread 0 of a compute block.
 __device__ __forceinline__ void claim(const QueueParams& q, volatile Claimed* c) {
     const unsigned long long g = atomicAdd(&q.ctr[CTR_CLAIMED], 1ull);
-    for (;;) {
-        if (ld_acquire_gpu(&q.ctr[CTR_FORWARDED]) > g) break;
-        if (ld_acquire_gpu(&q.ctr[CTR_EXIT]) != 0ull && ld_acquire_gpu(&q.ctr[CTR_FORWARDED]) <= g) { c->exit = 1u; return; }
+    const unsigned long long* word = &q.chunks[g % CHUNK_RING];
+    const unsigned long long tag = chunk_word(g, 0u, 0u) >> TAG_SHIFT;
+    unsigned long long e;
+    unsigned int spins = 0;
+    while (((e = ld_acquire_gpu(word)) >> TAG_SHIFT) != tag) {
+        if (++spins > 1024u) __nanosleep(256);  // an idle device: fewer loads
     }
-    const unsigned long long e = ((volatile unsigned long long*)q.chunks)[g % CHUNK_RING];
-    const unsigned int slot = (unsigned int)(e >> 32), k = (unsigned int)e;
+    const unsigned int k = (unsigned int)e;
+    if (k == CHUNK_EXIT) { c->exit = 1u; return; }
+    const unsigned int slot = (unsigned int)(e >> 32) & 0xffffu;
     const volatile DevSlot* d = &q.dring[slot];
     const unsigned long long n = d->n, per = d->chunk_elems;
     c->ptr = d->ptr; c->op = d->op; c->iters = d->iters; c->slot = slot; c->chunks = d->chunks;
@@ -187,8 +248,7 @@ __device__ __forceinline__ void claim(const QueueParams& q, volatile Claimed* c)
     c->end = min(n, k * per + per);
     c->exit = 0u;
     const unsigned long long after_a = d->after_a, after_b = d->after_b;
-    wait_done(q, after_a);
-    wait_done(q, after_b);
+    wait_done(q, after_a, after_b);
     if (k == 0u) trace_stamp(q, c->op, TRACE_STARTED);
 }
 // A compute block: thread 0 claims a chunk, then all 1,024 threads run it, and thread 0
@@ -209,6 +269,7 @@ __device__ void queue_compute(const QueueParams& q) {
             data[i] = v;
         }
         __threadfence();
+        // Every thread is past its reads of `cur` and its writes are ordered before the count.
         __syncthreads();
         if (threadIdx.x == 0) {
             const unsigned int slot = cur.slot;
@@ -218,7 +279,6 @@ __device__ void queue_compute(const QueueParams& q) {
             }
             atomicAdd(&q.ctr[CTR_FINISHED], 1ull);
         }
-        __syncthreads();
     }
 }
 extern "C" __global__ void __launch_bounds__(1024, 2) simple_compute_queue(const QueueParams q) {

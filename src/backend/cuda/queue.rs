@@ -53,8 +53,12 @@ const CHUNK_THREADS: u32 = 1024;
 /// compute block), unless `MULTIQ_QUEUE_CHUNK_TILES` says otherwise (diagnostics). On a busy
 /// device small ops get chunks this large (a chunk's fixed cost is a few device memory round
 /// trips); on a quiet one the idle blocks are shared among the ops at hand, in smaller chunks
-/// (measured on the H100: bench/results/h100/queue-trace/).
-pub const DEFAULT_CHUNK_TILES: u32 = 4;
+/// (measured on the H100: bench/results/h100/queue-trace/). With the second protocol a
+/// chunk's fixed cost fell (a claimer waits on its own word), and 2 beat 4 at 16 threads on
+/// the H200, interleaved in one call: a wait per op 0.84 / 0.92 / 0.96 M ops/s against
+/// 0.82 / 0.77 / 0.78 M, 8 in flight 0.88 / 1.42 / 1.42 M against 1.21 / 1.05 / 1.02 M
+/// (bench/results/h200/coalesce/18f2c28/tiles-*).
+pub const DEFAULT_CHUNK_TILES: u32 = 2;
 
 fn chunk_tiles() -> u32 {
     std::env::var("MULTIQ_QUEUE_CHUNK_TILES")

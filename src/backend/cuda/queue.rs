@@ -441,6 +441,20 @@ impl CudaDeviceQueue {
     }
 }
 
+impl CudaDeviceQueue {
+    /// The slot field for dependency `after` of ticket `t`: its [`distance`], or 0 when this
+    /// host already saw it complete (its done word; the device wrote it after a system-wide
+    /// fence, so its results are visible to whatever runs `t`). An op whose dependencies are
+    /// all done is forwarded without the kernel checking them.
+    fn pending(&self, t: u64, after: u64) -> u64 {
+        let d = distance(t, after);
+        if d != 0 && self.done((after % SLOTS as u64) as usize) >= after {
+            return 0;
+        }
+        d
+    }
+}
+
 impl RingDevice for CudaDeviceQueue {
     type Op = SlotOp;
     type Error = Error;
@@ -449,7 +463,7 @@ impl RingDevice for CudaDeviceQueue {
         let slot = &self.region().ring[index];
         let tag = slot_tag(t) << TAG_SHIFT;
         let flags = u64::from(if nop { FLAG_NOP } else { op.flags });
-        let dependencies = distance(t, op.after[0]) | distance(t, op.after[1]) << 12;
+        let dependencies = self.pending(t, op.after[0]) | self.pending(t, op.after[1]) << 12;
         slot.w[0].store(op.ptr & ADDRESS_MASK | tag, Ordering::Relaxed);
         slot.w[1].store(
             u64::from(op.n) | u64::from(op.iters.min(MAX_QUEUED_ITERS)) << 32 | tag,
@@ -651,6 +665,8 @@ mod tests {
         assert_eq!(std::mem::size_of::<DoneWord>(), 64);
         assert_eq!(std::mem::offset_of!(HostRegion, done), SLOTS * 64);
         assert_eq!(DEV_ZEROED.end, DEV_BYTES);
+        // The kernel's holder keeps at most this many ops (`Block0::held`).
+        assert_eq!(SLOTS, 1024);
         assert_eq!(DEV_ZEROED.start % 8, 0);
     }
 }

@@ -89,98 +89,25 @@ __device__ __forceinline__ void complete(const QueueParams& q, unsigned int slot
     *(volatile unsigned long long*)&q.dev_done[slot] = t;
     *(volatile unsigned long long*)&q.host_done[slot * 8u] = t;
 }
-// Block 0's shared state: the chunk queue's producers (the dispatcher and the holder, below)
-// take ranges of chunk numbers from `forwarded`; the dispatcher hands ops whose dependencies
-// are still running to the holder through `held` (a ring: the dispatcher appends at `tail`,
-// the holder forwards them in any order and moves `head` past forwarded ones).
-#define HELD_EMPTY 0ull
-struct Held { unsigned long long op, after_a, after_b; unsigned int slot, len; };
-struct Block0 {
-    unsigned long long forwarded;
-    volatile unsigned int head, tail, leave;
-    Held held[1024];  // = SLOTS (queue.rs): no more ops are ever in flight
-};
-// A producer's cached count of the chunks finished (read again only when the ring looks full
-// or the device's load matters).
-struct Producer { unsigned long long finished; };
-// Forwards the ops of the lanes with `mine` (their fields already in dring[slot]): splits
-// each into chunks, takes a range of chunk numbers and writes their words; a no-op completes
-// at once.
-__device__ void forward(const QueueParams& q, Block0& b0, Producer& pr, bool mine, unsigned int slot,
-                        unsigned long long op, unsigned int len, bool nop) {
-    const unsigned int lane = threadIdx.x & 31u;
-    const unsigned long long blocks = gridDim.x - 1u;
-    const unsigned int n = __popc(__ballot_sync(0xffffffffu, mine));
-    if (n == 0u) return;
-    // Whole tiles per chunk, at most `blocks` chunks per op, and no more than chunk_tiles
-    // tiles per chunk (a chunk's fixed cost is a few memory round trips, so on a busy
-    // device small ops come in few chunks) unless the device has blocks to spare: the
-    // blocks not busy with earlier chunks are shared among these ops, so an op on a quiet
-    // device spreads over many multiprocessors (its latency is its work divided by the
-    // multiprocessors it gets). Chunks are never larger than chunk_tiles allows.
-    const unsigned long long tiles = ((unsigned long long)len + QUEUE_TILE - 1u) / QUEUE_TILE;
-    const unsigned long long forwarded = *(volatile unsigned long long*)&b0.forwarded;
-    const unsigned long long backlog = forwarded > pr.finished ? forwarded - pr.finished : 0ull;
-    const unsigned long long idle = backlog >= blocks ? 1ull : blocks - backlog;
-    const unsigned long long share = idle / n > 1ull ? idle / n : 1ull;
-    unsigned long long per = (tiles + share - 1u) / share;
-    if (per > q.chunk_tiles) per = q.chunk_tiles;
-    const unsigned long long fewest = (tiles + blocks - 1u) / blocks;
-    if (per < fewest) per = fewest;
-    if (per == 0u) per = 1u;
-    const unsigned int chunk_elems = (unsigned int)(per * QUEUE_TILE);
-    const unsigned int chunks = (mine && !nop) ? (unsigned int)((tiles + per - 1u) / per) : 0u;
-    unsigned int incl = chunks;
-    for (unsigned int o = 1; o < 32u; o <<= 1) {
-        const unsigned int y = __shfl_up_sync(0xffffffffu, incl, o);
-        if (lane >= o) incl += y;
-    }
-    const unsigned int total = __shfl_sync(0xffffffffu, incl, 31);
-    unsigned long long first = 0ull;
-    if (lane == 0u) first = atomicAdd(&b0.forwarded, (unsigned long long)total);
-    first = __shfl_sync(0xffffffffu, first, 0);
-    // Room in the ring: every chunk a lap behind the new ones finished (its block read its
-    // word).
-    while (first + total - pr.finished > CHUNK_RING)
-        pr.finished = __shfl_sync(0xffffffffu, ld_relaxed_gpu(&q.ctr[CTR_FINISHED]), 0);
-    if (mine) {
-        volatile DevSlot* d = &q.dring[slot];
-        d->chunks = chunks; d->chunk_elems = chunk_elems;
-        if (chunks == 0u) complete(q, slot, op);
-    }
-    // The ops' fields, and the dependencies' results seen done, before their chunk words (a
-    // block that sees its word reads them).
-    __threadfence();
-    if (mine) {
-        const unsigned long long start = first + (incl - chunks);
-        for (unsigned int c = 0; c < chunks; c++)
-            ((volatile unsigned long long*)q.chunks)[(start + c) % CHUNK_RING] = chunk_word(start + c, slot, c);
-        trace_stamp(q, op, TRACE_FORWARDED);
-    }
-    __syncwarp();
-}
-// True once ops `a` and `b` (0: none) completed (relaxed loads: the fence in `forward` orders
-// their results before the chunk words).
-__device__ __forceinline__ bool deps_done(const QueueParams& q, unsigned long long a, unsigned long long b) {
-    const unsigned int mask = q.slots - 1u;
-    const unsigned long long da = a != 0ull ? ld_relaxed_gpu(&q.dev_done[a & mask]) : 0ull;
-    const unsigned long long db = b != 0ull ? ld_relaxed_gpu(&q.dev_done[b & mask]) : 0ull;
-    return da >= a && db >= b;
+// The dispatcher's view of the chunk queue: chunks forwarded, and the last count of finished
+// ones it read (read again only when the ring looks full).
+struct ChunkQueue { unsigned long long forwarded, finished; };
+// Waits (all lanes) until `total` more chunk words fit in the ring: every chunk a lap behind
+// the new ones finished (so its block read its word).
+__device__ __forceinline__ void wait_room(const QueueParams& q, ChunkQueue& c, unsigned long long total) {
+    while (c.forwarded + total - c.finished > CHUNK_RING)
+        c.finished = __shfl_sync(0xffffffffu, ld_relaxed_gpu(&q.ctr[CTR_FINISHED]), 0);
 }
 // Appends one exit chunk per compute block, then records that this kernel leaves at op `t`
-// (not taken). Lane 0 records; all lanes write exit chunks. Only once nothing is held and
-// the holder has stopped forwarding, so the exit chunks come after every op's chunks.
-__device__ void leave(const QueueParams& q, Block0& b0, Producer& pr, unsigned long long t) {
+// (not taken). Lane 0 records; all lanes write exit chunks.
+__device__ void leave(const QueueParams& q, ChunkQueue& c, unsigned long long t) {
     const unsigned int lane = threadIdx.x, blocks = gridDim.x - 1u;
-    unsigned long long first = 0ull;
-    if (lane == 0u) first = atomicAdd(&b0.forwarded, (unsigned long long)blocks);
-    first = __shfl_sync(0xffffffffu, first, 0);
-    while (first + blocks - pr.finished > CHUNK_RING)
-        pr.finished = __shfl_sync(0xffffffffu, ld_relaxed_gpu(&q.ctr[CTR_FINISHED]), 0);
+    wait_room(q, c, blocks);
     for (unsigned int b = lane; b < blocks; b += 32u) {
-        const unsigned long long g = first + b;
+        const unsigned long long g = c.forwarded + b;
         ((volatile unsigned long long*)q.chunks)[g % CHUNK_RING] = chunk_word(g, 0u, CHUNK_EXIT);
     }
+    c.forwarded += blocks;
     __syncwarp();
     if (lane == 0) {
         volatile unsigned long long* ex = q.host_exit;
@@ -189,53 +116,13 @@ __device__ void leave(const QueueParams& q, Block0& b0, Producer& pr, unsigned l
         ex[1] = q.epoch;
     }
 }
-// The holder (lanes of warp 1 of block 0): forwards each held op as soon as its dependencies
-// completed, oldest first, and moves `head` past the forwarded ones at the front. Returns
-// when the dispatcher says it leaves (only with nothing held).
-__device__ void queue_hold(const QueueParams& q, Block0& b0) {
-    const unsigned int lane = threadIdx.x & 31u, size = q.slots;
-    Producer pr = {0ull};
-    unsigned int head = 0u;
-    for (;;) {
-        const unsigned int tail = b0.tail;
-        if (head == tail) {
-            if (b0.leave != 0u) return;
-            __nanosleep(100);
-            continue;
-        }
-        __threadfence_block();  // the entries below `tail` were written before it
-        pr.finished = __shfl_sync(0xffffffffu, ld_relaxed_gpu(&q.ctr[CTR_FINISHED]), 0);
-        for (unsigned int base = head; base != tail; ) {
-            const unsigned int count = tail - base < 32u ? tail - base : 32u;
-            const bool has = lane < count;
-            volatile Held* h = &b0.held[(base + lane) % size];
-            const unsigned long long op = has ? h->op : HELD_EMPTY;
-            const bool ready = op != HELD_EMPTY && deps_done(q, h->after_a, h->after_b);
-            forward(q, b0, pr, ready, h->slot, op, h->len, false);
-            if (ready) h->op = HELD_EMPTY;
-            __syncwarp();
-            base += count;
-        }
-        // Past the forwarded entries at the front.
-        for (;;) {
-            const bool empty = head + lane < tail && ((volatile Held*)&b0.held[(head + lane) % size])->op == HELD_EMPTY;
-            const unsigned int run = __ballot_sync(0xffffffffu, empty);
-            const unsigned int skip = run == 0xffffffffu ? 32u : (unsigned int)(__ffs(~run) - 1);
-            head += skip;
-            if (skip < 32u) break;
-        }
-        if (lane == 0u) b0.head = head;
-        __syncwarp();
-    }
-}
-// The dispatcher (lanes of warp 0 of block 0): takes published ops in ticket order, up to 32
-// per round trip over the bus; forwards an op at once when its dependencies completed, and
-// hands it to the holder otherwise, so blocks only ever hold chunks they can run.
-__device__ void queue_dispatch(const QueueParams& q, Block0& b0) {
+// The dispatcher (lanes of warp 0 of block 0): forwards published ops, up to 32 per round
+// trip over the bus.
+__device__ void queue_dispatch(const QueueParams& q) {
     const unsigned int lane = threadIdx.x, mask = q.slots - 1u;
+    const unsigned long long blocks = gridDim.x - 1u;
     unsigned long long t = q.start, last = now_ns();
-    Producer pr = {0ull};
-    unsigned int tail = 0u;
+    ChunkQueue cq = {0ull, 0ull};
     for (;;) {
         // Read while the bus read is in flight: the chunks finished (how busy the blocks are).
         const unsigned long long finished_read = ld_relaxed_gpu(&q.ctr[CTR_FINISHED]);
@@ -250,64 +137,73 @@ __device__ void queue_dispatch(const QueueParams& q, Block0& b0) {
         const bool published = (w0 >> TAG_SHIFT) == tag && (w1 >> TAG_SHIFT) == tag && (w2 >> TAG_SHIFT) == tag;
         const unsigned int ballot = __ballot_sync(0xffffffffu, published);
         unsigned int n = ballot == 0xffffffffu ? 32u : (unsigned int)(__ffs(~ballot) - 1);
-        if (finished > pr.finished) pr.finished = finished;
+        if (finished > cq.finished) cq.finished = finished;
         if (n == 0u) {
-            if (b0.head != tail) {
-                last = now_ns();  // ops held: not idle
-                continue;
-            }
             const unsigned long long idle = now_ns() - last;
             if (idle > q.idle_ns) {
-                b0.leave = 1u;
-                leave(q, b0, pr, t);
+                leave(q, cq, t);
                 return;
             }
             if (idle > 20000ull) __nanosleep(500);
             continue;
         }
         bool mine = lane < n;
+        const unsigned long long ptr = w0 & 0xffffffffffffull;
+        const unsigned int len = (unsigned int)w1, iters = (unsigned int)(w1 >> 32) & 0xffffu;
+        const unsigned int dist_a = (unsigned int)w2 & 0xfffu, dist_b = (unsigned int)(w2 >> 12) & 0xfffu;
         const unsigned int flags = (unsigned int)(w2 >> 24) & 0xffu;
         if (mine) trace_stamp(q, want, TRACE_SEEN);
         const unsigned int stops = __ballot_sync(0xffffffffu, mine && (flags & FLAG_STOP));
         if (stops != 0u) { n = (unsigned int)(__ffs(stops) - 1); mine = lane < n; }
-        const unsigned int len = (unsigned int)w1;
         const bool nop = (flags & FLAG_NOP) != 0u || len == 0u;
+        // Whole tiles per chunk, at most `blocks` chunks per op, and no more than chunk_tiles
+        // tiles per chunk (a chunk's fixed cost is a few memory round trips, so on a busy
+        // device small ops come in few chunks) unless the device has blocks to spare: the
+        // blocks not busy with earlier chunks are shared among this round's ops, so an op on
+        // a quiet device spreads over many multiprocessors (its latency is its work divided
+        // by the multiprocessors it gets). Chunks are never larger than chunk_tiles allows.
+        const unsigned long long tiles = ((unsigned long long)len + QUEUE_TILE - 1u) / QUEUE_TILE;
+        const unsigned long long backlog = cq.forwarded - cq.finished;
+        const unsigned long long idle = backlog >= blocks ? 1ull : blocks - backlog;
+        const unsigned long long share = n > 0u && idle / n > 1ull ? idle / n : 1ull;
+        unsigned long long per = (tiles + share - 1u) / share;
+        if (per > q.chunk_tiles) per = q.chunk_tiles;
+        const unsigned long long fewest = (tiles + blocks - 1u) / blocks;
+        if (per < fewest) per = fewest;
+        if (per == 0u) per = 1u;
+        const unsigned int chunk_elems = (unsigned int)(per * QUEUE_TILE);
+        const unsigned int chunks = (mine && !nop) ? (unsigned int)((tiles + per - 1u) / per) : 0u;
+        unsigned int incl = chunks;
+        for (unsigned int o = 1; o < 32u; o <<= 1) {
+            const unsigned int y = __shfl_up_sync(0xffffffffu, incl, o);
+            if (lane >= o) incl += y;
+        }
+        const unsigned int total = __shfl_sync(0xffffffffu, incl, 31);
+        wait_room(q, cq, total);
         const unsigned int slot = (unsigned int)(want & mask);
-        // A dependency as far back as the ring (or farther) completed before this op was
-        // published: its slot was reused after it.
-        const unsigned int dist_a = (unsigned int)w2 & 0xfffu, dist_b = (unsigned int)(w2 >> 12) & 0xfffu;
-        const unsigned long long after_a = dist_a != 0u ? want - dist_a : 0ull;
-        const unsigned long long after_b = dist_b != 0u ? want - dist_b : 0ull;
         if (mine) {
             volatile DevSlot* d = &q.dring[slot];
-            d->op = want; d->ptr = w0 & 0xffffffffffffull; d->n = len;
-            d->iters = (unsigned int)(w1 >> 32) & 0xffffu;
-            d->after_a = after_a; d->after_b = after_b;
+            d->op = want; d->ptr = ptr; d->n = len; d->iters = iters;
+            // A dependency as far back as the ring (or farther) completed before this op was
+            // published: its slot was reused after it.
+            d->after_a = dist_a != 0u ? want - dist_a : 0ull;
+            d->after_b = dist_b != 0u ? want - dist_b : 0ull;
+            d->chunks = chunks; d->chunk_elems = chunk_elems;
+            if (chunks == 0u) complete(q, slot, want);
         }
-        // A no-op completes at once. An op whose dependencies are still running goes to the
-        // holder (so do the ops behind it that depend on it: theirs is not done either).
-        const bool ready = mine && (nop || deps_done(q, after_a, after_b));
-        forward(q, b0, pr, ready, slot, want, len, nop);
-        const bool hold = mine && !ready;
-        const unsigned int held = __ballot_sync(0xffffffffu, hold);
-        if (hold) {
-            volatile Held* h = &b0.held[(tail + __popc(held & ((1u << lane) - 1u))) % q.slots];
-            h->after_a = after_a; h->after_b = after_b; h->slot = slot; h->len = len;
-            h->op = want;
+        // The ops' fields before their chunk words (a block that sees its word reads them).
+        __threadfence();
+        if (mine) {
+            const unsigned long long first = cq.forwarded + (incl - chunks);
+            for (unsigned int c = 0; c < chunks; c++)
+                ((volatile unsigned long long*)q.chunks)[(first + c) % CHUNK_RING] = chunk_word(first + c, slot, c);
+            trace_stamp(q, want, TRACE_FORWARDED);
         }
-        if (held != 0u) {
-            tail += __popc(held);
-            __threadfence_block();
-            __syncwarp();
-            if (lane == 0u) b0.tail = tail;
-        }
-        __syncwarp();
+        cq.forwarded += total;
         t += n;
+        __syncwarp();
         if (stops != 0u) {
-            // Every op before the stop op runs before this kernel leaves.
-            while (b0.head != tail) { }
-            b0.leave = 1u;
-            leave(q, b0, pr, t);
+            leave(q, cq, t);
             return;
         }
         last = now_ns();
@@ -387,11 +283,7 @@ __device__ void queue_compute(const QueueParams& q) {
 }
 extern "C" __global__ void __launch_bounds__(1024, 2) simple_compute_queue(const QueueParams q) {
     if (blockIdx.x == 0) {
-        __shared__ Block0 b0;
-        if (threadIdx.x == 0) { b0.forwarded = 0ull; b0.head = 0u; b0.tail = 0u; b0.leave = 0u; }
-        __syncthreads();
-        if (threadIdx.x < 32u) queue_dispatch(q, b0);
-        else if (threadIdx.x < 64u) queue_hold(q, b0);
+        if (threadIdx.x < 32u) queue_dispatch(q);
         return;
     }
     queue_compute(q);

@@ -7,6 +7,9 @@
 pub mod assign;
 pub mod batcher;
 pub mod claim;
+// The CUDA device queue's chunk ring, stated for its models (the kernel itself is CUDA).
+#[cfg(test)]
+pub mod chunk_ring;
 pub mod combiner;
 pub mod free_list;
 pub mod handoff;

@@ -12,8 +12,8 @@
 //! - **Reuse only after done.** Ticket `t` writes its slot only after the slot's done word
 //!   reached `t - slots` (the op before it in that slot completed), so a slot is never
 //!   overwritten while the device may still read it. Done words only grow.
-//! - **Publish.** The op's fields are written first, then its ticket into the slot's sequence
-//!   word (release): a device that reads the ticket there (acquire) reads the op. Between
+//! - **Publish.** The op is written into its slot and published as its ticket (release): a
+//!   device that reads the ticket there (acquire) reads the op. Between
 //!   taking a ticket and publishing it nothing can fail or panic without publishing: every
 //!   later op of the ring waits for it, so a failed wait publishes a no-op instead.
 //! - **A kernel runs while ops are outstanding.** The kernel leaves only when it finds
@@ -46,8 +46,10 @@ pub trait RingDevice {
     /// Why the device failed.
     type Error;
 
-    /// Writes `op` (or, if `nop`, a no-op with the same fields) into slot `index`, then
-    /// publishes ticket `t` in the slot's sequence word (release).
+    /// Writes `op` (or, if `nop`, a no-op with the same fields) into slot `index` and
+    /// publishes it as ticket `t` (release): a device that sees `t` there sees the op. (The
+    /// CUDA queue tags every word of the slot with `t`'s lap; the model below uses a
+    /// sequence word written last.)
     fn write(&self, index: usize, t: u64, op: &Self::Op, nop: bool);
     /// Slot `index`'s done word (acquire): the ticket of the last op completed in it.
     fn done(&self, index: usize) -> u64;

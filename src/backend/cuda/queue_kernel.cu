@@ -92,8 +92,10 @@ __device__ __forceinline__ void complete(const QueueParams& q, unsigned int slot
 // The dispatcher's view of the chunk queue: chunks forwarded, and the last count of finished
 // ones it read (read again only when the ring looks full).
 struct ChunkQueue { unsigned long long forwarded, finished; };
-// Waits (all lanes) until `total` more chunk words fit in the ring: every chunk a lap behind
-// the new ones finished (so its block read its word).
+// Waits (all lanes) until `total` more chunk words fit in the ring: as many chunks finished as
+// a lap allows. (A count: it does not prove the block that claimed a chunk a lap back read its
+// word, which it does within a memory round trip of claiming it; src/sync/chunk_ring.rs, the
+// protocol's models, says so.)
 __device__ __forceinline__ void wait_room(const QueueParams& q, ChunkQueue& c, unsigned long long total) {
     while (c.forwarded + total - c.finished > CHUNK_RING)
         c.finished = __shfl_sync(0xffffffffu, ld_relaxed_gpu(&q.ctr[CTR_FINISHED]), 0);

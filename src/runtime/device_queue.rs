@@ -30,10 +30,6 @@ use super::Device;
 /// How often a waiter checks the device for faults (and the queue's kernel for an exit).
 pub const CHECK_EVERY: Duration = Duration::from_micros(100);
 
-/// Polls a waiter spins before it starts yielding its CPU between polls (wait policy
-/// `yield`, and `spin` after [`SPIN_FOR`]).
-const SPIN_POLLS: u32 = 16;
-
 /// How long a waiter with wait policy `spin` polls without yielding its CPU: an op's round
 /// trip through the queue is a few tens of microseconds, and a yield in the middle of it
 /// costs a system call (more where other threads want the core) before the completion is
@@ -79,6 +75,31 @@ pub(crate) struct DeviceQueue {
 #[derive(Debug)]
 pub(crate) struct LoadToken(());
 
+/// An op counted in by [`DeviceQueue::admit`] and not yet submitted: gives its count back when
+/// dropped (an error or a panic before the op was submitted), unless [`Admission::keep`] made
+/// it the ticket's [`LoadToken`].
+#[must_use = "an admission gives its count back when dropped"]
+pub(crate) struct Admission<'a> {
+    queue: &'a DeviceQueue,
+    stream_load: &'a AtomicUsize,
+    token: Option<LoadToken>,
+}
+
+impl Admission<'_> {
+    /// The op was submitted: its count stays until the returned token is given back.
+    pub(crate) fn keep(mut self) -> LoadToken {
+        self.token.take().unwrap_or(LoadToken(()))
+    }
+}
+
+impl Drop for Admission<'_> {
+    fn drop(&mut self) {
+        if let Some(token) = self.token.take() {
+            self.queue.release(token, self.stream_load);
+        }
+    }
+}
+
 impl DeviceQueue {
     /// The device's queue, or `None` where the backend has none.
     pub(crate) fn new(device: &Device) -> Result<Option<Arc<DeviceQueue>>> {
@@ -111,10 +132,18 @@ impl DeviceQueue {
     /// `stream_load` counts, and says whether it goes to the queue (`true`) or to a launch of
     /// its own: the queue only pays when other streams' ops keep the device busy and the op
     /// leaves room for theirs.
-    pub(crate) fn admit(&self, elements: usize, stream_load: &AtomicUsize) -> (LoadToken, bool) {
+    pub(crate) fn admit<'a>(
+        &'a self,
+        elements: usize,
+        stream_load: &'a AtomicUsize,
+    ) -> (Admission<'a>, bool) {
         let before = self.load.fetch_add(1, Ordering::Relaxed);
         let own = stream_load.fetch_add(1, Ordering::Relaxed);
-        let token = LoadToken(());
+        let token = Admission {
+            queue: self,
+            stream_load,
+            token: Some(LoadToken(())),
+        };
         // Counters of concurrent submitters move meanwhile: a routing hint, never a
         // correctness matter (both paths keep every ordering promise).
         let others = before.saturating_sub(own);
@@ -170,7 +199,8 @@ impl DeviceQueue {
                 return Ok(());
             }
             polls = polls.wrapping_add(1);
-            if spinning || polls < SPIN_POLLS {
+            // Policy `yield` yields between polls from the first; `spin` after SPIN_FOR.
+            if spinning {
                 std::hint::spin_loop();
             } else {
                 std::thread::yield_now();
@@ -234,17 +264,17 @@ mod tests {
         // A quiet pool: every op alone, until `min` ops of other streams are in flight.
         let mut held: Vec<(LoadToken, &AtomicUsize)> = Vec::new();
         for (i, stream) in streams.iter().take(min).enumerate() {
-            let (token, queued) = q.admit(10, stream);
+            let (admission, queued) = q.admit(10, stream);
             assert!(!queued, "op {i} with {i} others in flight");
-            held.push((token, stream));
+            held.push((admission.keep(), stream));
         }
-        let (t, queued) = q.admit(10, &streams[min]);
+        let (a, queued) = q.admit(10, &streams[min]);
         assert!(queued, "{min} others in flight");
-        held.push((t, &streams[min]));
+        held.push((a.keep(), &streams[min]));
         // An op that fills the device is launched alone whatever the load.
-        let (t, queued) = q.admit(1000, &streams[min]);
+        let (a, queued) = q.admit(1000, &streams[min]);
         assert!(!queued);
-        held.push((t, &streams[min]));
+        held.push((a.keep(), &streams[min]));
         assert_eq!(q.load.load(Ordering::Relaxed), min + 2);
         assert_eq!(streams[min].load(Ordering::Relaxed), 2);
         assert_eq!(q.direct_ops(), min as u64 + 1);
@@ -254,9 +284,9 @@ mod tests {
         }
         assert_eq!(q.load.load(Ordering::Relaxed), 0);
         assert!(streams.iter().all(|s| s.load(Ordering::Relaxed) == 0));
-        let (t, queued) = q.admit(10, &streams[0]);
+        let (a, queued) = q.admit(10, &streams[0]);
         assert!(!queued);
-        q.release(t, &streams[0]);
+        q.release(a.keep(), &streams[0]);
     }
 
     #[test]
@@ -266,17 +296,40 @@ mod tests {
         // One stream with many ops in flight (a thread with a deep window) launches alone...
         let mut held: Vec<LoadToken> = Vec::new();
         for i in 0..3 * q.min_load {
-            let (token, queued) = q.admit(10, &one);
+            let (admission, queued) = q.admit(10, &one);
             assert!(!queued, "own op {i} in flight");
-            held.push(token);
+            held.push(admission.keep());
         }
         // ... while they make the queue pay for another stream.
-        let (t, queued) = q.admit(10, &other);
+        let (a, queued) = q.admit(10, &other);
         assert!(queued);
-        q.release(t, &other);
+        q.release(a.keep(), &other);
         for token in held {
             q.release(token, &one);
         }
+        assert_eq!(q.load.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn an_op_that_fails_before_it_is_submitted_gives_its_load_back() {
+        let q = DeviceQueue::on(Arc::new(Fake), WaitPolicy::Spin, 1);
+        let stream = AtomicUsize::new(0);
+        for _ in 0..3 * q.min_load {
+            // An error (or a panic) between admission and submission drops the admission.
+            let (admission, _) = q.admit(10, &stream);
+            drop(admission);
+        }
+        assert_eq!(q.load.load(Ordering::Relaxed), 0);
+        assert_eq!(stream.load(Ordering::Relaxed), 0);
+        // So a quiet pool still launches a lone op alone.
+        let (admission, queued) = q.admit(10, &stream);
+        assert!(!queued);
+        drop(admission);
+        let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _admission = q.admit(10, &stream);
+            panic!("between admission and submission");
+        }));
+        assert!(unwound.is_err());
         assert_eq!(q.load.load(Ordering::Relaxed), 0);
     }
 }

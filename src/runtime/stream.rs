@@ -128,7 +128,7 @@ impl Stream {
                 // Launched alone, on this stream, after the stream's queued ops.
                 buf.bind(s.device.id(), &s.backend)?;
                 let mut ticket = self.submit(1, |backend| backend.launch(kernel, buf.raw()))?;
-                ticket.load = Some(load);
+                ticket.load = Some(load.keep());
                 return Ok(ticket);
             }
             // Held across the publication, so `queued_last` is this stream's last op.
@@ -148,7 +148,7 @@ impl Stream {
             return Ok(Ticket {
                 stream: self.shared.clone(),
                 kind: TicketKind::Queued(op),
-                load: Some(load),
+                load: Some(load.keep()),
             });
         }
         buf.bind(s.device.id(), &s.backend)?;

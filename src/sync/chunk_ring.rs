@@ -16,15 +16,19 @@
 //!   so the blocks take exactly one exit word each and every op's chunk is claimed first.
 //!
 //! Invariants the models check: every chunk runs exactly once, with its op's fields visible;
-//! every op is marked done exactly when its last chunk finished; every block leaves exactly
-//! once and only after all chunks were claimed.
+//! every op is marked done exactly once, when its last chunk finished, and whoever sees it
+//! done (acquire) sees every chunk's writes; every block leaves exactly once and only after all
+//! chunks were claimed.
 //!
-//! Not modelled (and a known gap of the kernel): reusing a word a whole lap later. The
-//! dispatcher writes chunk `g + RING` once `forwarded - finished` leaves room, a count that
-//! does not prove the block that claimed `g` has read its word yet; the block reads it within
-//! a memory round trip of claiming it, so the overwrite needs a full lap of chunks (65,536) to
-//! finish meanwhile, which the GPU's warp scheduling rules out within one kernel, but the
-//! protocol alone does not. A per-word "read" mark checked before reuse would close it.
+//! Not modelled: dependencies between ops (the blocks' `wait_done`), a slot reused by a later
+//! op, no-ops (completed by the dispatcher), the stop op cutting a round short, the zeroing at
+//! launch, and reusing a word a lap later. That last one is a known gap of the kernel: the
+//! dispatcher writes chunk `g + RING` once the count of chunks *finished* leaves room, which
+//! does not prove that the block that claimed `g` has read its word. That block reads it
+//! within a memory round trip of claiming it; a whole lap of chunks (65,536) forwarded in
+//! between would overwrite it and leave the block waiting for ever. Only a stalled
+//! multiprocessor (a debugger, partial preemption) could make that window so long. A per-word
+//! "read" mark checked before reuse would close it.
 
 /// Bit of a chunk word where its lap tag starts (the kernel's `TAG_SHIFT`).
 pub const TAG_SHIFT: u32 = 48;
@@ -94,10 +98,10 @@ mod model {
         data: Vec<AtomicU64>,
         claimed: AtomicU64,
         finished: AtomicU64,
-        /// Words written so far, for blocks that found theirs not yet written to sleep on
-        /// (a spinning thread would make a model explode; the hand-off through this lock is
-        /// only taken after a load found the word unwritten, so in every schedule where a
-        /// block finds its word at once the word's own ordering is all it has).
+        /// Words written and ops done so far, for threads that found what they wait for not
+        /// there yet to sleep on (a spinning thread would make a model explode). The lock is
+        /// taken only after a load found nothing, so in every schedule where a thread finds it
+        /// at once, the word's own ordering is all it has.
         written: Mutex<u64>,
         changed: Condvar,
     }
@@ -150,10 +154,40 @@ mod model {
             self.announce();
         }
 
-        /// Wakes the blocks waiting for words (the kernel's blocks simply keep loading).
+        /// Wakes the threads waiting (the kernel's blocks and the host simply keep loading).
         fn announce(&self) {
             *self.written.lock() += 1;
             self.changed.notify_all();
+        }
+
+        /// Sleeps until the next announcement unless `ready` (checked under the lock, so an
+        /// announcement cannot slip in between).
+        fn sleep_unless(&self, ready: impl Fn() -> bool) {
+            let mut w = self.written.lock();
+            if ready() {
+                return;
+            }
+            let seen = *w;
+            while *w == seen {
+                w = self.changed.wait(w);
+            }
+        }
+
+        /// The host: waits until `op` is done (acquire, as the host's load of the done word),
+        /// then finds every one of its chunks' writes.
+        pub(super) fn wait_done(&self, op: &Op, first_chunk: u64) {
+            let slot = usize::from(op.slot);
+            while self.done[slot].load(Ordering::Acquire) != op.number {
+                self.sleep_unless(|| self.done[slot].load(Ordering::Relaxed) == op.number);
+            }
+            for c in first_chunk..first_chunk + u64::from(op.chunks) {
+                assert_eq!(
+                    self.data[c as usize].load(Ordering::Relaxed),
+                    op.number,
+                    "op {}: chunk {c}'s writes visible once it is seen done",
+                    op.number
+                );
+            }
         }
 
         /// A compute block: claims and runs chunks until its exit word; returns the chunks it
@@ -163,16 +197,13 @@ mod model {
             loop {
                 let g = self.claimed.fetch_add(1, Ordering::Relaxed);
                 let word = &self.words[(g % self.size) as usize];
+                let tag = lap_tag(g, self.size);
                 let e = loop {
-                    let seen = *self.written.lock();
                     let e = word.load(Ordering::Acquire);
-                    if e >> TAG_SHIFT == lap_tag(g, self.size) {
+                    if e >> TAG_SHIFT == tag {
                         break e;
                     }
-                    let mut w = self.written.lock();
-                    while *w == seen {
-                        w = self.changed.wait(w);
-                    }
+                    self.sleep_unless(|| word.load(Ordering::Relaxed) >> TAG_SHIFT == tag);
                 };
                 let k = e as u32;
                 if k == CHUNK_EXIT {
@@ -200,6 +231,7 @@ mod model {
                     }
                     let before = self.done[slot].swap(number, Ordering::Relaxed);
                     assert_ne!(before, number, "op {number} marked done twice");
+                    self.announce();
                 }
                 self.finished.fetch_add(1, Ordering::Relaxed);
             }
@@ -252,6 +284,11 @@ mod thread_tests {
             })
             .collect();
         ring.dispatch(&ops, blocks);
+        let mut first = 0;
+        for op in &ops {
+            ring.wait_done(op, first);
+            first += u64::from(op.chunks);
+        }
         let ran: u64 = workers.into_iter().map(|w| w.join().unwrap()).sum();
         ring.check(&ops, blocks, ran);
     }
@@ -277,6 +314,11 @@ mod loom_tests {
                 })
                 .collect();
             ring.dispatch(ops, blocks);
+            let mut first = 0;
+            for op in ops {
+                ring.wait_done(op, first);
+                first += u64::from(op.chunks);
+            }
             let ran: u64 = workers.into_iter().map(|w| w.join().unwrap()).sum();
             ring.check(ops, blocks, ran);
         });

@@ -107,10 +107,15 @@ impl OpRing {
         (t % self.slots) as usize
     }
 
-    /// Publishes `op` and makes sure a kernel will run it; returns its ticket.
+    /// Publishes `op` and makes sure a kernel will run it; returns its ticket. Once `op` is
+    /// published its ticket is returned even if no kernel could be launched now: the op is in
+    /// the ring and runs when a kernel does, so its submitter must keep its buffer for it, and
+    /// waiting for it retries the launch and returns the device's error.
     pub fn submit<D: RingDevice>(&self, device: &D, op: &D::Op) -> Result<u64, D::Error> {
         let t = self.publish(device, op)?;
-        self.ensure_running(device)?;
+        // A failed launch leaves `running` false: the waiters' checks launch again (and
+        // report the error if it persists).
+        let _ = self.ensure_running(device);
         Ok(t)
     }
 

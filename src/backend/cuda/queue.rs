@@ -465,8 +465,9 @@ impl RingDevice for CudaDeviceQueue {
         let flags = u64::from(if nop { FLAG_NOP } else { op.flags });
         let dependencies = self.pending(t, op.after[0]) | self.pending(t, op.after[1]) << 12;
         slot.w[0].store(op.ptr & ADDRESS_MASK | tag, Ordering::Relaxed);
+        debug_assert!(op.iters <= MAX_QUEUED_ITERS, "submit refuses larger ops");
         slot.w[1].store(
-            u64::from(op.n) | u64::from(op.iters.min(MAX_QUEUED_ITERS)) << 32 | tag,
+            u64::from(op.n) | u64::from(op.iters) << 32 | tag,
             Ordering::Relaxed,
         );
         if let Some(trace) = &self.trace {

@@ -93,9 +93,10 @@ __device__ __forceinline__ void complete(const QueueParams& q, unsigned int slot
 // ones it read (read again only when the ring looks full).
 struct ChunkQueue { unsigned long long forwarded, finished; };
 // Waits (all lanes) until `total` more chunk words fit in the ring: as many chunks finished as
-// a lap allows. (A count: it does not prove the block that claimed a chunk a lap back read its
-// word, which it does within a memory round trip of claiming it; src/sync/chunk_ring.rs, the
-// protocol's models, says so.)
+// a lap allows. (A count: it does not prove that the block that claimed the chunk a lap back
+// has read its word, which it does within a memory round trip of claiming it; a lap of chunks
+// forwarded meanwhile would overwrite it. src/sync/chunk_ring.rs, the protocol's models, says
+// so.)
 __device__ __forceinline__ void wait_room(const QueueParams& q, ChunkQueue& c, unsigned long long total) {
     while (c.forwarded + total - c.finished > CHUNK_RING)
         c.finished = __shfl_sync(0xffffffffu, ld_relaxed_gpu(&q.ctr[CTR_FINISHED]), 0);
@@ -193,7 +194,11 @@ __device__ void queue_dispatch(const QueueParams& q) {
             d->chunks = chunks; d->chunk_elems = chunk_elems;
             if (chunks == 0u) complete(q, slot, want);
         }
-        // The ops' fields before their chunk words (a block that sees its word reads them).
+        // The ops' fields before their chunk words (a block that sees its word reads them). The
+        // warp barrier first: a lane's chunk words also come after what the other lanes
+        // acquired this round (a dependency dropped as a ring back was seen done through the
+        // op that reused its slot, possibly another lane's).
+        __syncwarp();
         __threadfence();
         if (mine) {
             const unsigned long long first = cq.forwarded + (incl - chunks);

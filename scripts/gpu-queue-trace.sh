@@ -2,11 +2,13 @@
 # Run ON THE GPU MACHINE (after scripts/gpu-prepare.sh here):
 #   run(command="bash scripts/gpu-queue-trace.sh \"$OUT\"", carry=["carry"])
 # The device queue's (coalescing `persistent`) timeline: one cycle of an op, leg by leg
-# (scripts/queue-trace.py), for the minimal op with 1 and 16 threads waiting after every op,
-# then the same cells measured next to `off`, routed as built (the queue from 8 other ops in
-# flight) and with every op queued (MULTIQ_QUEUE_MIN_LOAD=0). With TESTS=1 it first runs the
-# GPU test binaries (tests.txt). Writes trace-*.csv, trace.txt, bench-*.json/txt,
-# summary.txt into OUTDIR, packed as results.tgz.
+# (scripts/queue-trace.py), for the minimal op: 1 thread with every op queued, 16 threads with
+# a wait per op, 16 threads with 8 in flight each. Then bench cells at 1, 4 and 16 threads
+# next to `off`, routed as built (the queue from 8 other ops in flight) and with every op
+# queued (MULTIQ_QUEUE_MIN_LOAD=0); with CHUNK_TILES="2 4" also those chunk sizes at 16
+# threads (MULTIQ_QUEUE_CHUNK_TILES); light at 16 threads. With TESTS=1 it first runs the GPU
+# test binaries (tests.txt). Writes trace-*.csv, trace.txt, bench-*.json/txt, summary.txt
+# into OUTDIR, packed as results.tgz.
 set -u -o pipefail
 out=${1:-${OUT:-out}}
 mkdir -p "$out"

@@ -90,7 +90,8 @@ __device__ __forceinline__ void complete(const QueueParams& q, unsigned int slot
     *(volatile unsigned long long*)&q.host_done[slot * 8u] = t;
 }
 // The dispatcher's view of the chunk queue: chunks forwarded, and the last count of finished
-// ones it read (read again only when the ring looks full).
+// ones it read (read every round, overlapped with the bus read, and again while the ring
+// looks full).
 struct ChunkQueue { unsigned long long forwarded, finished; };
 // Waits (all lanes) until `total` more chunk words fit in the ring: as many chunks finished as
 // a lap allows. (A count: it does not prove that the block that claimed the chunk a lap back

@@ -601,3 +601,78 @@ fn ordinary_launches_run_while_the_device_queue_is_busy() {
     let v = verify_buffer(5, &buf.read().unwrap(), 20, tolerance());
     assert_eq!(v.first_mismatch, None);
 }
+
+/// Device-queue ops that follow one another on one buffer, 8 in flight per thread (the
+/// benchmark's `--async --inflight 8`): with `MULTIQ_QUEUE_CHAIN=1` the device runs most of
+/// them chained to the op before (each chunk right after the same chunk of that op), the rest
+/// queued behind it. Either way every buffer equals the same ops launched one by one, bit for
+/// bit, with sizes whose last chunk is partial, a mix of iterations, and dropped tickets.
+#[test]
+fn device_queue_ops_on_one_buffer_in_flight_together_are_bit_identical() {
+    let Some(dev) = cuda("device_queue_ops_on_one_buffer_in_flight_together_are_bit_identical")
+    else {
+        return;
+    };
+    let threads = 16usize;
+    let pool = StreamPool::new(
+        &dev,
+        PoolConfig {
+            streams: threads,
+            lock: LockMode::PerStream,
+            coalesce: CoalescePolicy::Persistent,
+        },
+    )
+    .unwrap();
+    let sizes = [65_536usize, 65_536 + 1000, 3 * 1024 + 7, 200_000];
+    let init = |t: usize, n: usize| (0..n).map(|i| initial_value(40 + t, i)).collect::<Vec<_>>();
+    let start = Arc::new(Barrier::new(threads));
+    let handles: Vec<_> = (0..threads)
+        .map(|t| {
+            let (pool, start) = (pool.clone(), start.clone());
+            std::thread::spawn(move || {
+                let n = sizes[t % sizes.len()];
+                let mut buf = pool.device().buffer_from(&init(t, n)).unwrap();
+                let s = pool.current().unwrap();
+                let mut w = Inflight::new(8).unwrap();
+                let mut plan = Vec::new();
+                start.wait();
+                for i in 0..1500usize {
+                    let k = 1 + ((i * 5 + t) % 13) as u32;
+                    plan.push(k);
+                    if i % 97 == 50 {
+                        drop(s.launch(Kernel::SimpleCompute { iters: k }, &mut buf));
+                    } else {
+                        w.submit(|| s.launch(Kernel::SimpleCompute { iters: k }, &mut buf))
+                            .unwrap();
+                    }
+                }
+                w.drain().unwrap();
+                (plan, buf.read().unwrap())
+            })
+        })
+        .collect();
+    let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    pool.synchronize().unwrap();
+    let stats = pool.coalesce_stats().unwrap();
+    assert!(stats.ops > 0, "{stats:?}");
+    if std::env::var("MULTIQ_QUEUE_CHAIN").is_ok_and(|v| v == "1") {
+        assert!(stats.chained > 0, "chaining on, nothing chained: {stats:?}");
+    } else {
+        assert_eq!(stats.chained, 0, "chaining off: {stats:?}");
+    }
+    let _ = writeln!(std::io::stderr(), "chained ops: {stats:?}");
+    drop(pool);
+    let single = StreamPool::new(&dev, PoolConfig::default()).unwrap();
+    let s = single.current().unwrap();
+    for (t, (plan, out)) in results.into_iter().enumerate() {
+        let n = sizes[t % sizes.len()];
+        let mut alone = dev.buffer_from(&init(t, n)).unwrap();
+        for k in plan {
+            s.launch(Kernel::SimpleCompute { iters: k }, &mut alone)
+                .unwrap()
+                .wait()
+                .unwrap();
+        }
+        assert!(out == alone.read().unwrap(), "thread {t} ({n} elements)");
+    }
+}

@@ -492,7 +492,10 @@ pub trait BackendDeviceQueue: Send + Sync {
     fn supports(&self, kernel: Kernel) -> bool;
     /// Publishes `kernel` over `buf`, to start once ops `after` (0: none) completed. Returns
     /// the op's number. The caller keeps `buf` alive, and runs no other work on it, until
-    /// [`is_done`](Self::is_done) reported the op complete.
+    /// [`is_done`](Self::is_done) reported the op complete. `after[0]` is the stream's
+    /// previous queued op, `after[1]` the previous queued op on `buf` (over all its elements,
+    /// as every queued op): the queue may then run the new op element by element right after
+    /// that one, as element-wise ops allow.
     fn submit(&self, kernel: Kernel, buf: &dyn BackendBuffer, after: [u64; 2]) -> Result<u64>;
     /// True once op `op` completed (a memory load). With `check`, also asks the device
     /// whether the queue failed (its error is returned) and restarts the queue's kernel if it
@@ -505,6 +508,12 @@ pub trait BackendDeviceQueue: Send + Sync {
     fn window(&self) -> u64;
     /// Times the queue's kernel was launched (it leaves the device when idle).
     fn launches(&self) -> u64;
+    /// Ops run chained to their buffer's previous op (each chunk right after the same chunk
+    /// of that op, on the same block) rather than queued on their own; 0 where the queue
+    /// never chains.
+    fn chained(&self) -> u64 {
+        0
+    }
     /// Elements an op must have to fill the device by itself (its resident threads): such an
     /// op gains nothing from sharing the queue and is better launched alone.
     fn fills_device(&self) -> usize;

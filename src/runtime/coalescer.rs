@@ -154,6 +154,10 @@ pub struct CoalesceStats {
     /// [`QUEUE_MIN_LOAD`](super::device_queue::QUEUE_MIN_LOAD) ops in flight, or the op fills
     /// the device by itself).
     pub direct: u64,
+    /// Device queue (`persistent`): ops the device ran chained to their buffer's previous op
+    /// (each chunk right after that op's same chunk, on the same block) instead of queueing
+    /// them on their own (`MULTIQ_QUEUE_CHAIN=1`; 0 otherwise).
+    pub chained: u64,
     /// Per launch, on average: µs from the batch's first op's submission to its launch.
     pub pending_us: f64,
     /// Per launch, on average: µs of host time spent queuing the grouped launch and its
@@ -186,6 +190,7 @@ impl StatTotals {
             launches,
             ops: get(&self.ops),
             direct: 0,
+            chained: 0,
             pending_us: per(get(&self.pending_ns), launches),
             launch_us: per(get(&self.launch_ns), launches),
             complete_us: per(get(&self.complete_ns), timed),

@@ -219,9 +219,13 @@ impl DeviceQueue {
         Ok(())
     }
 
-    /// (kernel launches, ops published).
-    pub(crate) fn counts(&self) -> (u64, u64) {
-        (self.backend.launches(), self.backend.published())
+    /// (kernel launches, ops published, ops chained).
+    pub(crate) fn counts(&self) -> (u64, u64, u64) {
+        (
+            self.backend.launches(),
+            self.backend.published(),
+            self.backend.chained(),
+        )
     }
 }
 

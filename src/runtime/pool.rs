@@ -137,10 +137,11 @@ impl StreamPool {
     /// With the device queue, `launches` counts the queue kernel's launches.
     pub fn coalesce_stats(&self) -> Option<super::CoalesceStats> {
         if let Some(q) = &self.shared.device_queue {
-            let (launches, ops) = q.counts();
+            let (launches, ops, chained) = q.counts();
             return Some(super::CoalesceStats {
                 launches,
                 ops,
+                chained,
                 direct: q.direct_ops(),
                 ..Default::default()
             });

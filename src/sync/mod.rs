@@ -7,7 +7,10 @@
 pub mod assign;
 pub mod batcher;
 pub mod claim;
-// The CUDA device queue's chunk ring, stated for its models (the kernel itself is CUDA).
+// The CUDA device queue's chaining hand-off and chunk ring, stated for their models (the
+// kernel itself is CUDA).
+#[cfg(test)]
+pub mod chunk_chain;
 #[cfg(test)]
 pub mod chunk_ring;
 pub mod combiner;

@@ -18,6 +18,12 @@
 //!   compute block claims the next chunk (one atomic add), waits on that chunk's own word
 //!   and for the op's dependencies, runs it, and counts it; the block finishing an op's last
 //!   chunk writes `t` into the op's done words (device and host) after one system-wide fence.
+//! - **Chaining** (`MULTIQ_QUEUE_CHAIN=1`, off by default until measured). An op whose one
+//!   pending dependency is the previous op on its buffer is flagged `FLAG_CHAIN`; the
+//!   dispatcher may park it on that op's count word instead of queueing its chunks, and each
+//!   block that finishes a chunk of the predecessor runs the same chunk of it next
+//!   (`sync/chunk_chain.rs` models the hand-off). Ops on one buffer 8 in flight then
+//!   never hold a block waiting for their predecessor.
 //! - **Idle exit and relaunch.** When nothing was published for `IDLE_EXIT`, the kernel
 //!   records `{t, epoch}` in host memory and leaves, so an idle queue never holds the device
 //!   (other streams' kernels need its multiprocessors). After publishing, a submitter checks
@@ -188,6 +194,17 @@ pub const IDLE_EXIT: Duration = Duration::from_micros(500);
 
 const FLAG_STOP: u32 = 1;
 const FLAG_NOP: u32 = 2;
+/// The op's one pending dependency is the previous op on its buffer (over the same
+/// elements): the kernel may chain it to that op (run each of its chunks right after the same
+/// chunk of the predecessor, on the block that ran it) instead of queueing its chunks.
+const FLAG_CHAIN: u32 = 4;
+
+/// Whether ops may be chained to their buffer's previous op on the device (`FLAG_CHAIN`):
+/// `MULTIQ_QUEUE_CHAIN=1` turns it on. Off by default until measured on a GPU: it was built
+/// (and model-checked, `sync::chunk_chain`) in a session without one.
+fn chaining() -> bool {
+    std::env::var("MULTIQ_QUEUE_CHAIN").is_ok_and(|v| v == "1")
+}
 
 /// One op as the host publishes it; the layout of the kernel's `HostSlot`: one cache line,
 /// three words, each carrying the op's tag ([`slot_tag`]) in bits 48..63, so the device
@@ -212,6 +229,8 @@ struct HostRegion {
     done: [DoneWord; SLOTS],
     /// `{ticket, epoch}` of the last kernel exit.
     exit: [AtomicU64; 2],
+    /// Ops chained so far (written by the kernels; a statistic).
+    chained: AtomicU64,
 }
 
 /// Bit of each slot word where the tag starts.
@@ -239,6 +258,24 @@ fn distance(t: u64, after: u64) -> u64 {
     }
 }
 
+/// The three words of ticket `t`'s slot: `op`, with `pending` the distances of its two
+/// dependencies still pending ([`distance`], 0: none), as a no-op if `nop`, flagged
+/// `FLAG_CHAIN` if `chain` allows and the one dependency still pending is `after[1]` (the
+/// buffer's previous op; the stream's, `after[0]`, is either done or the same op).
+fn slot_words(t: u64, op: &SlotOp, pending: [u64; 2], nop: bool, chain: bool) -> [u64; 3] {
+    let tag = slot_tag(t) << TAG_SHIFT;
+    let mut flags = if nop { FLAG_NOP } else { op.flags };
+    if chain && !nop && pending[1] != 0 && (pending[0] == 0 || pending[0] == pending[1]) {
+        flags |= FLAG_CHAIN;
+    }
+    debug_assert!(op.iters <= MAX_QUEUED_ITERS, "submit refuses larger ops");
+    [
+        op.ptr & ADDRESS_MASK | tag,
+        u64::from(op.n) | u64::from(op.iters) << 32 | tag,
+        pending[0] | pending[1] << 12 | u64::from(flags) << 24 | tag,
+    ]
+}
+
 /// Bytes of the kernel's `DevSlot`.
 const DEV_SLOT_BYTES: usize = 64;
 /// Entries of the kernel's chunk queue (`CHUNK_RING`).
@@ -246,7 +283,7 @@ const CHUNK_RING: usize = 65536;
 
 /// Layout of the device allocation: (dring, count, dev_done, chunks, ctr) offsets and size.
 const DEV_COUNT: usize = SLOTS * DEV_SLOT_BYTES;
-const DEV_DONE: usize = DEV_COUNT + SLOTS * 4;
+const DEV_DONE: usize = DEV_COUNT + SLOTS * 8;
 const DEV_CHUNKS: usize = DEV_DONE + SLOTS * 8;
 const DEV_CTR: usize = DEV_CHUNKS + CHUNK_RING * 8;
 /// The chunk queue's counters.
@@ -275,9 +312,12 @@ struct QueueParams {
     chunk_tiles: u32,
     trace: u64,
     trace_from: u64,
+    host_chained: u64,
+    chained_start: u64,
 }
 
-/// One op's fields, as written into a `HostSlot`.
+/// One op's fields, as written into a `HostSlot`; `after`: the stream's previous op and the
+/// buffer's (see [`BackendDeviceQueue::submit`]).
 pub(super) struct SlotOp {
     ptr: u64,
     n: u32,
@@ -303,6 +343,8 @@ pub(super) struct CudaDeviceQueue {
     chunk_tiles: u32,
     /// Tickets, slot reuse and kernel launches.
     ring: OpRing,
+    /// Whether ops may be chained on the device ([`chaining`]).
+    chain: bool,
     /// The timeline trace, when `MULTIQ_QUEUE_TRACE` asks for one.
     trace: Option<Trace>,
     ctx: Arc<CudaContext>,
@@ -360,6 +402,7 @@ impl CudaDeviceQueue {
             grid,
             chunk_tiles: chunk_tiles(),
             ring: OpRing::new(SLOTS as u64),
+            chain: chaining(),
             trace: Trace::from_env(),
             ctx: ctx.clone(),
         };
@@ -408,6 +451,10 @@ impl CudaDeviceQueue {
             chunk_tiles: self.chunk_tiles,
             trace: self.trace.as_ref().map_or(0, |t| t.dev),
             trace_from: self.trace.as_ref().map_or(0, |t| t.from),
+            host_chained: self.host_dev + std::mem::offset_of!(HostRegion, chained) as u64,
+            // The previous kernel of this queue has left (a relaunch follows its exit record,
+            // written after its last count).
+            chained_start: self.region().chained.load(Ordering::Acquire),
         };
         bind(&self.ctx)?;
         // SAFETY: the chunk queue is within the live allocation (invariant); the memset is
@@ -423,7 +470,7 @@ impl CudaDeviceQueue {
         .map_err(|e| driver_error("device queue launch", e))?;
         let mut args: [*mut c_void; 1] = [(&mut params as *mut QueueParams).cast()];
         // SAFETY: the function takes one `QueueParams` by value, laid out as `QueueParams`
-        // here (eleven u64, two u32, two u64); `args` points to a live local for the duration of the
+        // here (eleven u64, two u32, four u64); `args` points to a live local for the duration of the
         // call (the driver copies it). Every pointer in it is live until `Drop` has seen the
         // stream idle (invariant); the kernel needs blockDim = 1,024 (its chunk size) and a
         // grid no larger than what the occupancy calculator says fits at once.
@@ -461,19 +508,14 @@ impl RingDevice for CudaDeviceQueue {
 
     fn write(&self, index: usize, t: u64, op: &SlotOp, nop: bool) {
         let slot = &self.region().ring[index];
-        let tag = slot_tag(t) << TAG_SHIFT;
-        let flags = u64::from(if nop { FLAG_NOP } else { op.flags });
-        let dependencies = self.pending(t, op.after[0]) | self.pending(t, op.after[1]) << 12;
-        slot.w[0].store(op.ptr & ADDRESS_MASK | tag, Ordering::Relaxed);
-        debug_assert!(op.iters <= MAX_QUEUED_ITERS, "submit refuses larger ops");
-        slot.w[1].store(
-            u64::from(op.n) | u64::from(op.iters) << 32 | tag,
-            Ordering::Relaxed,
-        );
+        let pending = [self.pending(t, op.after[0]), self.pending(t, op.after[1])];
+        let words = slot_words(t, op, pending, nop, self.chain);
+        slot.w[0].store(words[0], Ordering::Relaxed);
+        slot.w[1].store(words[1], Ordering::Relaxed);
         if let Some(trace) = &self.trace {
             trace.published(t);
         }
-        slot.w[2].store(dependencies | flags << 24 | tag, Ordering::Release);
+        slot.w[2].store(words[2], Ordering::Release);
     }
 
     fn done(&self, index: usize) -> u64 {
@@ -556,6 +598,10 @@ impl BackendDeviceQueue for CudaDeviceQueue {
 
     fn launches(&self) -> u64 {
         self.ring.launches()
+    }
+
+    fn chained(&self) -> u64 {
+        self.region().chained.load(Ordering::Relaxed)
     }
 
     fn fills_device(&self) -> usize {
@@ -658,6 +704,78 @@ mod tests {
         assert_eq!(distance(10 * slots, 1), 0);
         // The 12-bit field holds every distance kept.
         assert!(slots - 1 < 1 << 12);
+    }
+
+    fn op(after: [u64; 2]) -> SlotOp {
+        SlotOp {
+            ptr: 0x7f00_0000_1000,
+            n: 65536,
+            iters: 10,
+            after,
+            flags: 0,
+        }
+    }
+
+    #[test]
+    fn slot_words_carry_the_tag_fields_and_distances() {
+        let t = 5 * SLOTS as u64 + 9;
+        let w = slot_words(t, &op([t - 1, t - 3]), [1, 3], false, false);
+        for word in w {
+            assert_eq!(word >> TAG_SHIFT, slot_tag(t));
+        }
+        assert_eq!(w[0] & ADDRESS_MASK, 0x7f00_0000_1000);
+        assert_eq!(w[1] as u32, 65536);
+        assert_eq!((w[1] >> 32) & 0xffff, 10);
+        assert_eq!(w[2] & 0xfff, 1);
+        assert_eq!((w[2] >> 12) & 0xfff, 3);
+        assert_eq!((w[2] >> 24) & 0xff, 0);
+        let nop = slot_words(t, &op([0, 0]), [0, 0], true, true);
+        assert_eq!((nop[2] >> 24) & 0xff, u64::from(FLAG_NOP));
+    }
+
+    #[test]
+    fn only_an_op_whose_one_pending_dependency_is_its_buffers_previous_op_is_flagged_to_chain() {
+        let t = 3 * SLOTS as u64;
+        let flags = |pending: [u64; 2], nop: bool, chain: bool| {
+            let w = slot_words(t, &op([t - 2, t - 2]), pending, nop, chain);
+            ((w[2] >> 24) & 0xff) as u32
+        };
+        // The buffer's previous op pending, the stream's done or the same op: chained.
+        assert_eq!(flags([0, 2], false, true), FLAG_CHAIN);
+        assert_eq!(flags([2, 2], false, true), FLAG_CHAIN);
+        // Off, nothing pending on the buffer, another op of the stream pending, a no-op: not.
+        assert_eq!(flags([0, 2], false, false), 0);
+        assert_eq!(flags([0, 0], false, true), 0);
+        assert_eq!(flags([1, 2], false, true), 0);
+        assert_eq!(flags([2, 0], false, true), 0);
+        assert_eq!(flags([0, 2], true, true), FLAG_NOP);
+    }
+
+    /// `#define NAME value` of the kernel's source, as a number.
+    fn kernel_define(name: &str) -> u64 {
+        let source = include_str!("queue_kernel.cu");
+        let line = source
+            .lines()
+            .find(|l| l.starts_with(&format!("#define {name} ")))
+            .unwrap_or_else(|| panic!("#define {name} in queue_kernel.cu"));
+        let value = line.split_whitespace().nth(2).expect("a value");
+        let value = value.trim_end_matches("ull").trim_end_matches('u');
+        match value.strip_prefix("0x") {
+            Some(hex) => u64::from_str_radix(hex, 16),
+            None => value.parse(),
+        }
+        .unwrap_or_else(|e| panic!("#define {name}: {value}: {e}"))
+    }
+
+    #[test]
+    fn the_kernels_constants_match_the_host() {
+        assert_eq!(kernel_define("QUEUE_SLOTS"), SLOTS as u64);
+        assert_eq!(kernel_define("CHUNK_RING"), CHUNK_RING as u64);
+        assert_eq!(kernel_define("TAG_SHIFT"), u64::from(TAG_SHIFT));
+        assert_eq!(kernel_define("FLAG_STOP"), u64::from(FLAG_STOP));
+        assert_eq!(kernel_define("FLAG_NOP"), u64::from(FLAG_NOP));
+        assert_eq!(kernel_define("FLAG_CHAIN"), u64::from(FLAG_CHAIN));
+        assert_eq!(kernel_define("QUEUE_TILE"), u64::from(CHUNK_THREADS));
     }
 
     #[test]

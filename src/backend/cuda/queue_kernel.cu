@@ -9,8 +9,10 @@
 //   it: the op is published once all three carry its tag.
 // - host_done[slots] (host-mapped, one line each): the op number written once an op completed.
 // - host_exit[2] (host-mapped): {ticket, epoch} written when a kernel leaves.
+// - host_chained (host-mapped): how many ops were chained (statistics).
 // - dring[slots], count[slots], dev_done[slots] (device memory): the dispatcher's copy of
-//   each op, chunks finished per op, the op number completed per slot.
+//   each op, its count word (chunks finished, and the successor parked on it, if any), the op
+//   number completed per slot.
 // - chunks[CHUNK_RING] and ctr (device memory, zeroed before every launch): the chunk queue,
 //   one word per chunk (tag of its lap | slot | chunk index), and its counters: chunks claimed
 //   by blocks, chunks finished.
@@ -25,6 +27,20 @@
 // ever waits for ops whose chunks come before g, all claimed by running blocks (the grid is
 // sized so all its blocks are resident), and a block's earlier chunk never waits for its
 // later one, so every op completes.
+//
+// Chaining (ops the host flags FLAG_CHAIN: the one dependency still pending is the previous
+// op on the same buffer, over the same elements): such an op B may be *parked* on that
+// predecessor A instead of getting chunk words. It takes A's chunk layout, and the dispatcher
+// sets A's count word to "successor B" with one compare-and-swap that succeeds only while no
+// chunk of A has finished. Every block then finishing chunk k of A finds B in the count word
+// (the same atomic add that counts the chunk) and runs chunk k of B next, on the elements it
+// just wrote: each element goes through A's iterations then B's, as if run one after the other,
+// and the hand-off costs no memory round trip. B completes when its own chunks are counted
+// (after A: its chunk that follows A's last one starts after A's completion). A chained chunk
+// waits for nothing, so the argument above still holds: a parked op runs on blocks that
+// already hold chunks earlier in the queue. If the swap fails (a chunk of A already finished,
+// A completed, or A has a successor), B is forwarded as usual and its blocks wait for A.
+// src/sync/chunk_chain.rs models this hand-off.
 #define QUEUE_TILE 1024u  // one element per thread of a block
 #define CHUNK_RING 65536u
 #define CHUNK_EXIT 0xffffffffu  // the chunk index of an exit chunk
@@ -33,14 +49,21 @@
 #define CTR_FINISHED 16
 #define FLAG_STOP 1u
 #define FLAG_NOP 2u
+#define FLAG_CHAIN 4u
 #define TAG_SHIFT 48
+// Slots of the host ring (the host's SLOTS; the dispatcher's chain table has one entry each).
+#define QUEUE_SLOTS 1024u
+// An op's count word: chunks finished (bits 0..31) and, once an op is parked on it, its
+// successor: iterations (bits 32..47), how many op numbers later it is (bits 48..59), and
+// COUNT_PARKED. Reset to 0 by the dispatcher when it forwards the op.
+#define COUNT_PARKED (1ull << 63)
 struct HostSlot { unsigned long long w[8]; };  // w0: address; w1: elements | iterations << 32;
                                                // w2: dependency distances (12 bits each) |
                                                // flags << 24; each | tag << 48
 struct DevSlot { unsigned long long op, ptr; unsigned int n, iters; unsigned long long after_a, after_b; unsigned int chunks, chunk_elems; unsigned long long pad[2]; };
 struct QueueParams {
     HostSlot* ring; unsigned long long* host_done; unsigned long long* host_exit;
-    DevSlot* dring; unsigned int* count; unsigned long long* dev_done;
+    DevSlot* dring; unsigned long long* count; unsigned long long* dev_done;
     unsigned long long* chunks; unsigned long long* ctr;
     unsigned long long start, epoch, idle_ns;
     unsigned int slots, chunk_tiles;
@@ -48,6 +71,9 @@ struct QueueParams {
     // trace_from + slots - 1, four %globaltimer stamps each: seen by the dispatcher,
     // forwarded, first chunk started (its dependencies done), completed.
     unsigned long long* trace; unsigned long long trace_from;
+    // Ops chained so far (host-mapped, written by the dispatcher; statistics), and its value
+    // when this kernel was launched.
+    unsigned long long* host_chained; unsigned long long chained_start;
 };
 __device__ __forceinline__ unsigned long long ld_acquire_sys(const unsigned long long* p) {
     unsigned long long v; asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory"); return v;
@@ -127,6 +153,13 @@ __device__ void queue_dispatch(const QueueParams& q) {
     const unsigned long long blocks = gridDim.x - 1u;
     unsigned long long t = q.start, last = now_ns();
     ChunkQueue cq = {0ull, 0ull};
+    unsigned long long chained = q.chained_start;
+    // The chain table: per slot, the last op forwarded in it by this launch, its buffer, and
+    // its chunk layout (elements | chunks << 32 | tiles per chunk << 48; 0: none to chain to).
+    // Only this warp uses it.
+    __shared__ unsigned long long chain_op[QUEUE_SLOTS], chain_ptr[QUEUE_SLOTS], chain_lay[QUEUE_SLOTS];
+    for (unsigned int i = lane; i < QUEUE_SLOTS; i += 32u) chain_op[i] = 0ull;
+    __syncwarp();
     for (;;) {
         // Read while the bus read is in flight: the chunks finished (how busy the blocks are).
         const unsigned long long finished_read = ld_relaxed_gpu(&q.ctr[CTR_FINISHED]);
@@ -175,15 +208,52 @@ __device__ void queue_dispatch(const QueueParams& q) {
         const unsigned long long fewest = (tiles + blocks - 1u) / blocks;
         if (per < fewest) per = fewest;
         if (per == 0u) per = 1u;
-        const unsigned int chunk_elems = (unsigned int)(per * QUEUE_TILE);
-        const unsigned int chunks = (mine && !nop) ? (unsigned int)((tiles + per - 1u) / per) : 0u;
-        unsigned int incl = chunks;
-        for (unsigned int o = 1; o < 32u; o <<= 1) {
-            const unsigned int y = __shfl_up_sync(0xffffffffu, incl, o);
-            if (lane >= o) incl += y;
+        unsigned int chunks = (mine && !nop) ? (unsigned int)((tiles + per - 1u) / per) : 0u;
+        // This op's layout as the chain table holds it (0: nothing can be chained to it).
+        unsigned long long lay = chunks != 0u && chunks < 0x10000u && per < 0x10000ull
+            ? (unsigned long long)len | ((unsigned long long)chunks << 32) | (per << 48) : 0ull;
+        // Chaining (see the top of this file). A candidate's predecessor is dependency b; its
+        // slot must not be reused by an op of this round (that op's count is reset below).
+        const unsigned long long parent = want - dist_b;
+        bool chain = mine && !nop && (flags & FLAG_CHAIN) != 0u && dist_b != 0u
+            && (dist_a == 0u || dist_a == dist_b) && q.slots == QUEUE_SLOTS
+            && parent + QUEUE_SLOTS >= t + n;
+        if (__any_sync(0xffffffffu, chain)) {
+            // A predecessor in this round is an earlier lane; one in an earlier round is in the
+            // chain table if this launch forwarded it. `ok`: this lane's link and every link
+            // before it in this round hold (same buffer, same elements, a layout to share).
+            const bool here = chain && parent >= t;
+            unsigned int root = here ? (unsigned int)(parent - t) : lane;
+            const unsigned long long parent_ptr = __shfl_sync(0xffffffffu, ptr, root);
+            const unsigned int parent_len = __shfl_sync(0xffffffffu, len, root);
+            bool ok;
+            if (here) {
+                ok = parent_ptr == ptr && parent_len == len;
+            } else {
+                if (chain) {
+                    const unsigned int ps = (unsigned int)(parent & (QUEUE_SLOTS - 1u));
+                    const unsigned long long pl = chain_lay[ps];
+                    chain = chain_op[ps] == parent && chain_ptr[ps] == ptr && pl != 0ull
+                        && (unsigned int)pl == len;
+                    if (chain) lay = pl;
+                }
+                ok = lay != 0ull;
+            }
+            // Pointer jumping to the first op of each chain in this round, and-ing the links.
+            for (unsigned int s = 0; s < 5u; s++) {
+                ok = __shfl_sync(0xffffffffu, (int)ok, root) != 0 && ok;
+                root = __shfl_sync(0xffffffffu, root, root);
+            }
+            const unsigned long long root_lay = __shfl_sync(0xffffffffu, lay, root);
+            if (here) {
+                chain = ok;
+                if (ok) lay = root_lay;
+            }
+            if (chain) chunks = (unsigned int)(lay >> 32) & 0xffffu;
+            // Every lane is past its reads of the chain table before any lane writes it.
+            __syncwarp();
         }
-        const unsigned int total = __shfl_sync(0xffffffffu, incl, 31);
-        wait_room(q, cq, total);
+        const unsigned int chunk_elems = (unsigned int)((lay != 0ull && chain ? lay >> 48 : per) * QUEUE_TILE);
         const unsigned int slot = (unsigned int)(want & mask);
         if (mine) {
             volatile DevSlot* d = &q.dring[slot];
@@ -193,17 +263,46 @@ __device__ void queue_dispatch(const QueueParams& q) {
             d->after_a = dist_a != 0u ? want - dist_a : 0ull;
             d->after_b = dist_b != 0u ? want - dist_b : 0ull;
             d->chunks = chunks; d->chunk_elems = chunk_elems;
+            // The count word of the slot's previous op is final (the host saw that op done
+            // before publishing this one).
+            *(volatile unsigned long long*)&q.count[slot] = 0ull;
+            chain_op[slot] = want; chain_ptr[slot] = ptr; chain_lay[slot] = lay;
             if (chunks == 0u) complete(q, slot, want);
         }
-        // The ops' fields before their chunk words (a block that sees its word reads them). The
-        // warp barrier first: a lane's chunk words also come after what the other lanes
-        // acquired this round (a dependency dropped as a ring back was seen done through the
-        // op that reused its slot, possibly another lane's).
+        // The ops' fields and count words before their chunk words and before any park on
+        // them (a block that sees either reads or counts them). The warp barrier first: a
+        // lane's chunk words also come after what the other lanes acquired this round (a
+        // dependency dropped as a ring back was seen done through the op that reused its
+        // slot, possibly another lane's).
         __syncwarp();
         __threadfence();
+        // Park: succeeds only while no chunk of the predecessor finished (its count is 0), so
+        // every block finishing one of its chunks finds the successor.
+        bool parked = false;
+        if (__any_sync(0xffffffffu, chain)) {
+            if (chain) {
+                const unsigned long long succ = COUNT_PARKED | ((unsigned long long)dist_b << 48)
+                    | ((unsigned long long)iters << 32);
+                parked = atomicCAS(&q.count[parent & mask], 0ull, succ) == 0ull;
+            }
+        }
+        const unsigned int parks = __popc(__ballot_sync(0xffffffffu, parked));
+        if (parks != 0u) {
+            chained += parks;
+            // A posted write over the bus (nothing waits for it); before the exit record.
+            if (lane == 0) *(volatile unsigned long long*)q.host_chained = chained;
+        }
+        const unsigned int queued = parked ? 0u : chunks;
+        unsigned int incl = queued;
+        for (unsigned int o = 1; o < 32u; o <<= 1) {
+            const unsigned int y = __shfl_up_sync(0xffffffffu, incl, o);
+            if (lane >= o) incl += y;
+        }
+        const unsigned int total = __shfl_sync(0xffffffffu, incl, 31);
+        wait_room(q, cq, total);
         if (mine) {
-            const unsigned long long first = cq.forwarded + (incl - chunks);
-            for (unsigned int c = 0; c < chunks; c++)
+            const unsigned long long first = cq.forwarded + (incl - queued);
+            for (unsigned int c = 0; c < queued; c++)
                 ((volatile unsigned long long*)q.chunks)[(first + c) % CHUNK_RING] = chunk_word(first + c, slot, c);
             trace_stamp(q, want, TRACE_FORWARDED);
         }
@@ -234,7 +333,7 @@ __device__ __forceinline__ void wait_done(const QueueParams& q, unsigned long lo
     while (ld_acquire_gpu(pb) < b) { }
 }
 // One claimed chunk, as thread 0 hands it to its block.
-struct Claimed { unsigned long long ptr, op, begin, end; unsigned int iters, slot, chunks, exit; };
+struct Claimed { unsigned long long ptr, op, begin, end; unsigned int iters, slot, chunks, k, exit; };
 // Claims the next chunk, waits on its word until the dispatcher wrote it and until its op's
 // dependencies completed, and describes it in `c`. Thread 0 of a compute block.
 __device__ __forceinline__ void claim(const QueueParams& q, volatile Claimed* c) {
@@ -254,19 +353,44 @@ __device__ __forceinline__ void claim(const QueueParams& q, volatile Claimed* c)
     c->ptr = d->ptr; c->op = d->op; c->iters = d->iters; c->slot = slot; c->chunks = d->chunks;
     c->begin = k * per;
     c->end = min(n, k * per + per);
+    c->k = k;
     c->exit = 0u;
     const unsigned long long after_a = d->after_a, after_b = d->after_b;
     wait_done(q, after_a, after_b);
     if (k == 0u) trace_stamp(q, c->op, TRACE_STARTED);
 }
-// A compute block: thread 0 claims a chunk, then all 1,024 threads run it, and thread 0
-// counts it. (A variant where warp 0 claims the next chunk while warps 1-31 compute was
-// measured on the H100 and lost on the small ops this queue is for.)
+// Counts the chunk that thread 0's block just ran (completing its op if it was the last) and
+// picks the block's next chunk: the same chunk of the successor parked on the op, if any (on
+// the elements just written: no memory round trip), else the next chunk of the queue.
+// `queued`: whether the chunk came from the queue (only those count as finished there).
+__device__ __forceinline__ void finish_and_next(const QueueParams& q, volatile Claimed* c, bool& queued) {
+    const unsigned int slot = c->slot;
+    const unsigned long long old = atomicAdd(&q.count[slot], 1ull);
+    if ((unsigned int)old + 1u == c->chunks) complete(q, slot, c->op);
+    if (queued) atomicAdd(&q.ctr[CTR_FINISHED], 1ull);
+    if ((old & COUNT_PARKED) != 0ull) {
+        // Its count word was reset before the park this add read; the block's __threadfence
+        // after running the chunk orders that reset before this block counts on it.
+        const unsigned long long op = c->op + ((old >> 48) & 0xfffull);
+        c->op = op;
+        c->slot = (unsigned int)(op & (q.slots - 1u));
+        c->iters = (unsigned int)(old >> 32) & 0xffffu;
+        queued = false;
+        if (c->k == 0u) trace_stamp(q, op, TRACE_STARTED);
+        return;
+    }
+    queued = true;
+    claim(q, c);
+}
+// A compute block: thread 0 picks a chunk, then all 1,024 threads run it. (A variant where
+// warp 0 claims the next chunk while warps 1-31 compute was measured on the H100 and lost on
+// the small ops this queue is for.)
 __device__ void queue_compute(const QueueParams& q) {
     __shared__ Claimed cur;
+    bool queued = true;  // thread 0's: whether `cur` came from the chunk queue
+    if (threadIdx.x == 0) claim(q, &cur);
+    __syncthreads();
     for (;;) {
-        if (threadIdx.x == 0) claim(q, &cur);
-        __syncthreads();
         if (cur.exit) return;
         float* data = (float*)cur.ptr;
         const unsigned int iters = cur.iters;
@@ -279,14 +403,8 @@ __device__ void queue_compute(const QueueParams& q) {
         __threadfence();
         // Every thread is past its reads of `cur` and its writes are ordered before the count.
         __syncthreads();
-        if (threadIdx.x == 0) {
-            const unsigned int slot = cur.slot;
-            if (atomicAdd(&q.count[slot], 1u) + 1u == cur.chunks) {
-                atomicExch(&q.count[slot], 0u);
-                complete(q, slot, cur.op);
-            }
-            atomicAdd(&q.ctr[CTR_FINISHED], 1ull);
-        }
+        if (threadIdx.x == 0) finish_and_next(q, &cur, queued);
+        __syncthreads();
     }
 }
 extern "C" __global__ void __launch_bounds__(1024, 2) simple_compute_queue(const QueueParams q) {

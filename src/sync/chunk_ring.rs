@@ -22,13 +22,14 @@
 //!
 //! Not modelled: dependencies between ops (the blocks' `wait_done`), a slot reused by a later
 //! op, no-ops (completed by the dispatcher), the stop op cutting a round short, the zeroing at
-//! launch, and reusing a word a lap later. That last one is a known gap of the kernel: the
-//! dispatcher writes chunk `g + RING` once the count of chunks *finished* leaves room, which
-//! does not prove that the block that claimed `g` has read its word. That block reads it
-//! within a memory round trip of claiming it; a whole lap of chunks (65,536) forwarded in
-//! between would overwrite it and leave the block waiting for ever. Only a stalled
-//! multiprocessor (a debugger, partial preemption) could make that window so long. A per-word
-//! "read" mark checked before reuse would close it.
+//! launch, and reusing a word a lap later. That last one needs no protocol of its own: the
+//! ring is sized so it cannot happen. While the block that claimed chunk `g` has not read its
+//! word, `g`'s op X has not completed, so the host has not published op X + SLOTS (a slot is
+//! reused only after its op completed: `op_ring`). Every word written after `g` is then a chunk
+//! of ops X .. X + SLOTS - 1 (at most `MAX_OP_CHUNKS` each) or one of a single set of exit
+//! words, fewer than the ring holds (`backend/cuda/queue.rs` asserts the sizes at compile
+//! time). Until 2026-12-04 the ring held 65,536 words, fewer than that bound, and only timing
+//! (a block reads its word within a memory round trip of claiming it) kept a word alive.
 
 /// Bit of a chunk word where its lap tag starts (the kernel's `TAG_SHIFT`).
 pub const TAG_SHIFT: u32 = 48;
@@ -119,7 +120,8 @@ mod model {
                 size,
                 words: zeroed(size as usize),
                 fields: zeroed(slots),
-                count: zeroed(slots),
+                // What the slots' previous ops left: their chunk counts.
+                count: (0..slots).map(|_| AtomicU64::new(3)).collect(),
                 done: zeroed(slots),
                 ran: zeroed(chunks),
                 data: zeroed(chunks),
@@ -136,6 +138,9 @@ mod model {
             for op in ops {
                 let slot = usize::from(op.slot);
                 self.fields[slot].store(op.number | u64::from(op.chunks) << 48, Ordering::Relaxed);
+                // The slot's count word reset for this op (the slot's previous op left it at
+                // its chunk count).
+                self.count[slot].store(0, Ordering::Relaxed);
                 // The kernel's __threadfence between an op's fields and its chunk words.
                 fence(Ordering::Release);
                 for c in 0..op.chunks {
@@ -221,7 +226,6 @@ mod model {
                 // a relaxed atomic add as the kernel's atomicAdd.
                 fence(Ordering::Release);
                 if self.count[slot].fetch_add(1, Ordering::Relaxed) + 1 == chunks {
-                    self.count[slot].store(0, Ordering::Relaxed);
                     // The kernel's __threadfence_system before the done words: every chunk's
                     // writes are visible to whoever sees the op done.
                     fence(Ordering::SeqCst);
@@ -250,7 +254,12 @@ mod model {
             for op in ops {
                 let slot = usize::from(op.slot);
                 assert_eq!(self.done[slot].load(Ordering::Relaxed), op.number);
-                assert_eq!(self.count[slot].load(Ordering::Relaxed), 0);
+                assert_eq!(
+                    self.count[slot].load(Ordering::Relaxed),
+                    u64::from(op.chunks),
+                    "op {}: every chunk counted once",
+                    op.number
+                );
             }
         }
     }

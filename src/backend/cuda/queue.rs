@@ -278,8 +278,15 @@ fn slot_words(t: u64, op: &SlotOp, pending: [u64; 2], nop: bool, chain: bool) ->
 
 /// Bytes of the kernel's `DevSlot`.
 const DEV_SLOT_BYTES: usize = 64;
-/// Entries of the kernel's chunk queue (`CHUNK_RING`).
-const CHUNK_RING: usize = 65536;
+/// Entries of the kernel's chunk queue (`CHUNK_RING`): more than the chunks of a whole ring of
+/// ops ([`MAX_OP_CHUNKS`] each) plus one exit word per compute block, so a chunk word is never
+/// rewritten before its block read it (the kernel's `wait_room` gives the argument).
+const CHUNK_RING: usize = 524_288;
+/// Most chunks per op (the kernel's `MAX_OP_CHUNKS`).
+const MAX_OP_CHUNKS: usize = 480;
+// A word outlives its reader: a ring of ops' chunks and the exit words of a grid far larger than
+// any device's fit in one lap.
+const _: () = assert!(SLOTS * MAX_OP_CHUNKS + 4096 < CHUNK_RING);
 
 /// Layout of the device allocation: (dring, count, dev_done, chunks, ctr) offsets and size.
 const DEV_COUNT: usize = SLOTS * DEV_SLOT_BYTES;
@@ -368,6 +375,12 @@ impl CudaDeviceQueue {
             .occupancy_max_active_blocks_per_multiprocessor(CHUNK_THREADS, 0, None)
             .map_err(|e| driver_error("device queue", e))?;
         let grid = blocks_per_sm(per_sm) * multiprocessors;
+        if SLOTS * MAX_OP_CHUNKS + grid as usize >= CHUNK_RING {
+            return Err(Error::Device {
+                op: "device queue",
+                message: format!("{grid} blocks: more than the chunk ring is sized for"),
+            });
+        }
         if grid < 2 {
             return Err(Error::Device {
                 op: "device queue",
@@ -771,6 +784,7 @@ mod tests {
     fn the_kernels_constants_match_the_host() {
         assert_eq!(kernel_define("QUEUE_SLOTS"), SLOTS as u64);
         assert_eq!(kernel_define("CHUNK_RING"), CHUNK_RING as u64);
+        assert_eq!(kernel_define("MAX_OP_CHUNKS"), MAX_OP_CHUNKS as u64);
         assert_eq!(kernel_define("TAG_SHIFT"), u64::from(TAG_SHIFT));
         assert_eq!(kernel_define("FLAG_STOP"), u64::from(FLAG_STOP));
         assert_eq!(kernel_define("FLAG_NOP"), u64::from(FLAG_NOP));

@@ -17,7 +17,7 @@
 //   one word per chunk (tag of its lap | slot | chunk index), and its counters: chunks claimed
 //   by blocks, chunks finished.
 // Block 0's first warp is the dispatcher: it forwards published ops, in order, splitting each
-// into at most gridDim.x - 1 chunks of whole 1,024-element tiles (one element per thread)
+// into at most min(gridDim.x - 1, MAX_OP_CHUNKS) chunks of whole 1,024-element tiles (one element per thread)
 // and appending them to the chunk queue (the op's fields to dring first, a fence, then the
 // chunk words). In every other block, thread 0 claims the next chunk index (one atomic add)
 // and waits on that chunk's own word until it is written and the op's dependencies
@@ -42,7 +42,12 @@
 // A completed, or A has a successor), B is forwarded as usual and its blocks wait for A.
 // src/sync/chunk_chain.rs models this hand-off.
 #define QUEUE_TILE 1024u  // one element per thread of a block
-#define CHUNK_RING 65536u
+// Chunk words: larger than the chunks of a whole host ring of ops plus one set of exit words
+// (QUEUE_SLOTS * MAX_OP_CHUNKS + grid), so a word is never rewritten before the block that
+// claimed it read it: see wait_room.
+#define CHUNK_RING 524288u
+// Most chunks per op (or fewer: one per compute block).
+#define MAX_OP_CHUNKS 480u
 #define CHUNK_EXIT 0xffffffffu  // the chunk index of an exit chunk
 // The chunk queue's counters, each on its own 128-byte line (u64 index into ctr).
 #define CTR_CLAIMED 0
@@ -120,10 +125,12 @@ __device__ __forceinline__ void complete(const QueueParams& q, unsigned int slot
 // looks full).
 struct ChunkQueue { unsigned long long forwarded, finished; };
 // Waits (all lanes) until `total` more chunk words fit in the ring: as many chunks finished as
-// a lap allows. (A count: it does not prove that the block that claimed the chunk a lap back
-// has read its word, which it does within a memory round trip of claiming it; a lap of chunks
-// forwarded meanwhile would overwrite it. src/sync/chunk_ring.rs, the protocol's models, says
-// so.)
+// a lap allows. The ring's size is what keeps a word until its block read it: while the block
+// that claimed chunk g has not read its word, g's op X has not completed, so the host has not
+// published op X + QUEUE_SLOTS (it waits for X's slot), and every word written after g is a
+// chunk of ops X .. X + QUEUE_SLOTS - 1 (at most MAX_OP_CHUNKS each) or an exit word (one set,
+// after which nothing is written): fewer than CHUNK_RING, so word g is not written again. For
+// the same reason this wait never binds; it stays as a guard.
 __device__ __forceinline__ void wait_room(const QueueParams& q, ChunkQueue& c, unsigned long long total) {
     while (c.forwarded + total - c.finished > CHUNK_RING)
         c.finished = __shfl_sync(0xffffffffu, ld_relaxed_gpu(&q.ctr[CTR_FINISHED]), 0);
@@ -205,7 +212,8 @@ __device__ void queue_dispatch(const QueueParams& q) {
         const unsigned long long share = n > 0u && idle / n > 1ull ? idle / n : 1ull;
         unsigned long long per = (tiles + share - 1u) / share;
         if (per > q.chunk_tiles) per = q.chunk_tiles;
-        const unsigned long long fewest = (tiles + blocks - 1u) / blocks;
+        const unsigned long long spread = blocks < MAX_OP_CHUNKS ? blocks : MAX_OP_CHUNKS;
+        const unsigned long long fewest = (tiles + spread - 1u) / spread;
         if (per < fewest) per = fewest;
         if (per == 0u) per = 1u;
         unsigned int chunks = (mine && !nop) ? (unsigned int)((tiles + per - 1u) / per) : 0u;

@@ -9,7 +9,8 @@
 #   2. minimal at 16 threads, a wait per op and 8 in flight, `off` / `persistent` /
 #      `persistent` chained, interleaved over 3 rounds (chunks of CHUNK_TILES tiles, default
 #      "2 4"), and light with 8 in flight;
-#   3. a queue trace of minimal, 16 threads, 8 in flight, chained (scripts/queue-trace.py).
+#   3. a queue trace of minimal, 16 threads, 8 in flight, chained (scripts/queue-trace.py);
+#   4. optional (MLP_LOOPS=N): the gpu_mlp test binary N times, under gdb where there is one.
 # Writes bench-*.json/txt, trace*, summary.txt into OUTDIR, packed as chain.tgz.
 set -u -o pipefail
 out=${1:-${OUT:-out}}
@@ -35,6 +36,16 @@ MULTIQ_QUEUE_CHAIN=1 MULTIQ_QUEUE_TRACE="$out/trace-chain-if8" MULTIQ_QUEUE_TRAC
   --preset minimal --iters 4000 --coalesce persistent --threads 16 --inflight 8 --json "$out/trace-chain-if8.json" \
   > "$out/trace-chain-if8.txt" 2>&1 || echo "trace: exit $?" | tee -a "$out/errors.txt"
 python3 scripts/queue-trace.py "$out"/trace-chain-if8-[0-9].csv > "$out/trace.txt" 2>&1
+# Optional (MLP_LOOPS=N): the gpu_mlp test binary N times in a row, each under gdb where the
+# machine has it (a backtrace of every thread on a crash): it crashed once (SIGSEGV) in 2026-12.
+for i in $(seq 1 "${MLP_LOOPS:-0}"); do
+  if command -v gdb > /dev/null; then
+    timeout 120 gdb -q -batch -ex run -ex "thread apply all bt 12" --args carry/tests/gpu_mlp > "$out/mlp-$i.txt" 2>&1
+  else
+    timeout 120 carry/tests/gpu_mlp > "$out/mlp-$i.txt" 2>&1
+  fi
+  echo "gpu_mlp run $i: exit $? $(grep -c -e SIGSEGV -e 'signal' "$out/mlp-$i.txt") signal lines" | tee -a "$out/tests-summary.txt"
+done
 python3 - "$out" <<'PY' | tee "$out/summary.txt"
 import json, sys, glob
 for f in sorted(glob.glob(sys.argv[1] + "/bench-*.json")):

@@ -209,7 +209,8 @@ fn bias_act_kernel(ctx: &Arc<CudaContext>) -> Result<CudaFunction> {
 
 /// The handles and memory of one stream.
 ///
-/// Invariant: `handle` and `lt` are live handles bound to `stream`; `workspace` is a live
+/// Invariant: `handle` and `lt` are live handles; `handle` is bound to `bound` (null: unknown),
+/// and to `stream` whenever a call runs (`with` rebinds it first); `workspace` is a live
 /// allocation of `workspace_bytes`, and `pointers` one of `pointer_capacity` u64 (or 0 with
 /// capacity 0), all in `ctx`; all are released only by `Drop`, after the stream finished.
 struct Blas {
@@ -235,6 +236,9 @@ struct Blas {
     batched_warm: std::collections::HashSet<(ColMajor, Precision, usize)>,
     /// A stream only ever used to record graphs on (made on the first recording).
     recording: Option<Arc<CudaStream>>,
+    /// The stream `handle` was last bound to with this stream's workspace (null: unknown, e.g.
+    /// after a failed rebind from the recording stream).
+    bound: sys::CUstream,
     plans: HashMap<PlanKey, Plan>,
     /// Keys whose cuBLASLt plan failed: those products use sgemm and a separate pass.
     unfusable: std::collections::HashSet<PlanKey>,
@@ -272,6 +276,7 @@ impl Blas {
             batched_graphs: HashMap::new(),
             batched_warm: Default::default(),
             recording: None,
+            bound: std::ptr::null_mut(),
             plans: HashMap::new(),
             unfusable: Default::default(),
             stream: stream.clone(),
@@ -306,6 +311,7 @@ impl Blas {
     /// Points the cuBLAS handle at `stream` (this stream, or the private recording stream
     /// while a graph is recorded), with this stream's workspace.
     fn bind_handle(&mut self, stream: sys::CUstream) -> Result<()> {
+        self.bound = std::ptr::null_mut();
         // SAFETY: `handle` is live; `stream` is this stream or the recording stream, both
         // live (held by `self`).
         unsafe { cb::cublasSetStream_v2(self.handle, stream as _) }
@@ -323,7 +329,19 @@ impl Blas {
             )
         }
         .result()
-        .map_err(|e| blas_error("cublas workspace", e))
+        .map_err(|e| blas_error("cublas workspace", e))?;
+        self.bound = stream;
+        Ok(())
+    }
+
+    /// Binds the handle back to this stream if anything left it elsewhere (a recording whose
+    /// rebind failed), so no call ever runs on the recording stream.
+    fn ensure_bound(&mut self) -> Result<()> {
+        let own = self.stream.cu_stream();
+        if self.bound != own {
+            self.bind_handle(own)?;
+        }
+        Ok(())
     }
 
     fn set_math(&mut self, precision: Precision) -> Result<()> {
@@ -432,8 +450,8 @@ impl Blas {
         let rec = self.recording.clone()?;
         self.bind_handle(rec.cu_stream()).ok()?;
         let graph = capture(&rec, || self.queue_batched(cm, count, rec.cu_stream()));
-        // Back to this stream; if even that fails, no graph is used and the next direct call
-        // reports the handle's error.
+        // Back to this stream; if even that fails, no graph is used and the next call rebinds
+        // first (`ensure_bound`) or reports the handle's error.
         self.bind_handle(self.stream.cu_stream()).ok()?;
         graph
     }
@@ -882,7 +900,9 @@ impl StreamMath {
         if guard.is_none() {
             *guard = Some(Blas::new(&self.stream)?);
         }
-        f(guard.as_mut().expect("made above"))
+        let blas = guard.as_mut().expect("made above");
+        blas.ensure_bound()?;
+        f(blas)
     }
 
     pub(super) fn gemm(&self, spec: &GemmSpec, ops: &GemmOperands<'_>) -> Result<()> {

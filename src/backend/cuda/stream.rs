@@ -822,9 +822,37 @@ pub(super) fn capture(
     stream.begin_capture(mode).ok()?;
     let queued = body();
     let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0));
+    if graph.is_err() {
+        abandon_capture(stream);
+    }
     match (queued, graph) {
         (Ok(()), Ok(Some(graph))) => Some(graph),
         _ => None,
+    }
+}
+
+/// Ends a capture that cudarc's `end_capture` may have left open: it returns early, before
+/// ending the capture, when its context holds an error recorded by some `Drop` (on any
+/// thread). A stream left capturing would swallow everything queued on it later, and keep
+/// this thread in capture mode.
+fn abandon_capture(stream: &CudaStream) {
+    let mut status = sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
+    // SAFETY: the stream is live (borrowed); the context is current on this thread (the
+    // capture began here); `status` is a valid out-pointer.
+    let capturing = unsafe { sys::cuStreamIsCapturing(stream.cu_stream(), &mut status) }
+        .result()
+        .is_ok()
+        && status != sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
+    if capturing {
+        let mut graph: sys::CUgraph = std::ptr::null_mut();
+        // SAFETY: as above; ending the capture hands back the partial graph (or null), which
+        // nothing else references and which is destroyed here.
+        unsafe {
+            let _ = sys::cuStreamEndCapture(stream.cu_stream(), &mut graph);
+            if !graph.is_null() {
+                let _ = sys::cuGraphDestroy(graph);
+            }
+        }
     }
 }
 

@@ -25,7 +25,18 @@
 //!   taken for the new op's.
 //!
 //! Not modelled: the chunk ring that hands out the first op's chunks (`chunk_ring.rs` models
-//! it), and the choice of layout (a chained op takes its predecessor's).
+//! it); the dispatcher's lanes (its chain table, the pointer jumping over one round's lanes,
+//! the layout a chained op takes, the guard against a predecessor's slot being reused in the
+//! same round, no-ops, the stop op, relaunch), which are the kernel's alone; distances other
+//! than 1.
+//!
+//! What the models cannot show: that the two fences around a park are needed. In loom a
+//! read-modify-write reads the latest store in the order the model ran them, so the
+//! dispatcher's reset, which runs before its park, is always ordered before a block's add
+//! that read the park, fences or not (removing the dispatcher's fence, or weakening the
+//! block's to release, still passes). On the GPU the reset is ordered before that add only by
+//! the dispatcher's `__syncwarp` and `__threadfence` before the park and the block's
+//! `__threadfence` after running the chunk; the kernel's comments say so where they are.
 
 /// Bit of a count word that says an op is parked on it (the kernel's `COUNT_PARKED`).
 pub const COUNT_PARKED: u64 = 1 << 63;

@@ -218,7 +218,8 @@ struct HostSlot {
     w: [AtomicU64; 3],
 }
 
-/// A done word on a cache line of its own (a completion never disturbs another slot's waiter).
+/// A done word (or another word the kernel writes) on a cache line of its own: a completion
+/// never disturbs another slot's waiter.
 #[repr(C, align(64))]
 struct DoneWord(AtomicU64);
 
@@ -229,8 +230,9 @@ struct HostRegion {
     done: [DoneWord; SLOTS],
     /// `{ticket, epoch}` of the last kernel exit.
     exit: [AtomicU64; 2],
-    /// Ops chained so far (written by the kernels; a statistic).
-    chained: AtomicU64,
+    /// Ops chained so far (written by the kernels; a statistic), on a line of its own (the
+    /// kernel writes it while submitters read `exit`).
+    chained: DoneWord,
 }
 
 /// Bit of each slot word where the tag starts.
@@ -467,7 +469,7 @@ impl CudaDeviceQueue {
             host_chained: self.host_dev + std::mem::offset_of!(HostRegion, chained) as u64,
             // The previous kernel of this queue has left (a relaunch follows its exit record,
             // written after its last count).
-            chained_start: self.region().chained.load(Ordering::Acquire),
+            chained_start: self.region().chained.0.load(Ordering::Acquire),
         };
         bind(&self.ctx)?;
         // SAFETY: the chunk queue is within the live allocation (invariant); the memset is
@@ -614,7 +616,7 @@ impl BackendDeviceQueue for CudaDeviceQueue {
     }
 
     fn chained(&self) -> u64 {
-        self.region().chained.load(Ordering::Relaxed)
+        self.region().chained.0.load(Ordering::Relaxed)
     }
 
     fn fills_device(&self) -> usize {
@@ -797,6 +799,12 @@ mod tests {
         assert_eq!(std::mem::size_of::<HostSlot>(), 64);
         assert_eq!(std::mem::size_of::<DoneWord>(), 64);
         assert_eq!(std::mem::offset_of!(HostRegion, done), SLOTS * 64);
+        // The statistic the kernel writes shares no line with the exit record.
+        assert_eq!(std::mem::offset_of!(HostRegion, chained) % 64, 0);
+        assert!(
+            std::mem::offset_of!(HostRegion, chained)
+                >= std::mem::offset_of!(HostRegion, exit) + 16
+        );
         assert_eq!(DEV_ZEROED.end, DEV_BYTES);
         assert_eq!(DEV_ZEROED.start % 8, 0);
     }

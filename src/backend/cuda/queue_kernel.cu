@@ -161,12 +161,12 @@ __device__ void queue_dispatch(const QueueParams& q) {
     unsigned long long t = q.start, last = now_ns();
     ChunkQueue cq = {0ull, 0ull};
     unsigned long long chained = q.chained_start;
-    // The chain table: per slot, the last op forwarded in it by this launch, its buffer, and
-    // its chunk layout (elements | chunks << 32 | tiles per chunk << 48; 0: none to chain to).
-    // Only this warp uses it.
-    __shared__ unsigned long long chain_op[QUEUE_SLOTS], chain_ptr[QUEUE_SLOTS], chain_lay[QUEUE_SLOTS];
-    for (unsigned int i = lane; i < QUEUE_SLOTS; i += 32u) chain_op[i] = 0ull;
-    __syncwarp();
+    // The chain table: per slot, the chunk layout of the last op this launch forwarded in it
+    // (elements | chunks << 32 | tiles per chunk << 48; 0: none to chain to). An op's
+    // predecessor from this launch (number >= q.start) is the last op forwarded in its slot:
+    // the next one there comes a ring later, after the op itself. Only this warp uses it (every
+    // block has it: 8 KiB of shared memory).
+    __shared__ unsigned long long chain_lay[QUEUE_SLOTS];
     for (;;) {
         // Read while the bus read is in flight: the chunks finished (how busy the blocks are).
         const unsigned long long finished_read = ld_relaxed_gpu(&q.ctr[CTR_FINISHED]);
@@ -220,16 +220,18 @@ __device__ void queue_dispatch(const QueueParams& q) {
         // This op's layout as the chain table holds it (0: nothing can be chained to it).
         unsigned long long lay = chunks != 0u && chunks < 0x10000u && per < 0x10000ull
             ? (unsigned long long)len | ((unsigned long long)chunks << 32) | (per << 48) : 0ull;
-        // Chaining (see the top of this file). A candidate's predecessor is dependency b; its
-        // slot must not be reused by an op of this round (that op's count is reset below).
+        // Chaining (see the top of this file). A candidate's predecessor is dependency b,
+        // forwarded by this launch; its slot must not be reused by an op of this round (that
+        // op's count is reset below).
         const unsigned long long parent = want - dist_b;
         bool chain = mine && !nop && (flags & FLAG_CHAIN) != 0u && dist_b != 0u
             && (dist_a == 0u || dist_a == dist_b) && q.slots == QUEUE_SLOTS
-            && parent + QUEUE_SLOTS >= t + n;
+            && parent >= q.start && parent + QUEUE_SLOTS >= t + n;
         if (__any_sync(0xffffffffu, chain)) {
             // A predecessor in this round is an earlier lane; one in an earlier round is in the
-            // chain table if this launch forwarded it. `ok`: this lane's link and every link
-            // before it in this round hold (same buffer, same elements, a layout to share).
+            // chain table. `ok`: this lane's link and every link before it in this round hold
+            // (same elements, a layout to share; in this round also the same buffer, which the
+            // host's flag promises).
             const bool here = chain && parent >= t;
             unsigned int root = here ? (unsigned int)(parent - t) : lane;
             const unsigned long long parent_ptr = __shfl_sync(0xffffffffu, ptr, root);
@@ -239,10 +241,8 @@ __device__ void queue_dispatch(const QueueParams& q) {
                 ok = parent_ptr == ptr && parent_len == len;
             } else {
                 if (chain) {
-                    const unsigned int ps = (unsigned int)(parent & (QUEUE_SLOTS - 1u));
-                    const unsigned long long pl = chain_lay[ps];
-                    chain = chain_op[ps] == parent && chain_ptr[ps] == ptr && pl != 0ull
-                        && (unsigned int)pl == len;
+                    const unsigned long long pl = chain_lay[parent & (QUEUE_SLOTS - 1u)];
+                    chain = pl != 0ull && (unsigned int)pl == len;
                     if (chain) lay = pl;
                 }
                 ok = lay != 0ull;
@@ -274,14 +274,16 @@ __device__ void queue_dispatch(const QueueParams& q) {
             // The count word of the slot's previous op is final (the host saw that op done
             // before publishing this one).
             *(volatile unsigned long long*)&q.count[slot] = 0ull;
-            chain_op[slot] = want; chain_ptr[slot] = ptr; chain_lay[slot] = lay;
+            chain_lay[slot] = lay;
             if (chunks == 0u) complete(q, slot, want);
         }
         // The ops' fields and count words before their chunk words and before any park on
-        // them (a block that sees either reads or counts them). The warp barrier first: a
-        // lane's chunk words also come after what the other lanes acquired this round (a
-        // dependency dropped as a ring back was seen done through the op that reused its
-        // slot, possibly another lane's).
+        // them (a block that sees either reads or counts them). The warp barrier first: an
+        // op's count reset by one lane comes before another lane's park on it in this round
+        // (a park the reset overwrote would be lost, its op never run), and a lane's chunk
+        // words also come after what the other lanes acquired this round (a dependency
+        // dropped as a ring back was seen done through the op that reused its slot, possibly
+        // another lane's).
         __syncwarp();
         __threadfence();
         // Park: succeeds only while no chunk of the predecessor finished (its count is 0), so
@@ -378,7 +380,10 @@ __device__ __forceinline__ void finish_and_next(const QueueParams& q, volatile C
     if (queued) atomicAdd(&q.ctr[CTR_FINISHED], 1ull);
     if ((old & COUNT_PARKED) != 0ull) {
         // Its count word was reset before the park this add read; the block's __threadfence
-        // after running the chunk orders that reset before this block counts on it.
+        // after running the chunk (an acquire, late but in time) orders that reset before
+        // this block counts on it. Nothing else the dispatcher wrote is read here (the
+        // successor's fields are in the count word, its elements were written by this block),
+        // so nothing needs it sooner.
         const unsigned long long op = c->op + ((old >> 48) & 0xfffull);
         c->op = op;
         c->slot = (unsigned int)(op & (q.slots - 1u));

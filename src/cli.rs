@@ -408,7 +408,9 @@ pub struct QueuesArgs {
     #[arg(long, allow_hyphen_values = true, value_name = "N", default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=1024))]
     pub streams: u64,
     /// Run each configuration N times and report the median run (the spread is kept in the
-    /// JSON as ops_per_sec_min/max).
+    /// JSON as ops_per_sec_min/max). The repeats run in rounds, each round every configuration
+    /// once, so configurations compared with each other are measured close together; the
+    /// tables follow the last round.
     #[arg(long, allow_hyphen_values = true, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=100))]
     pub repeat: u64,
     /// Write the runs as JSON to FILE (written whole at the end, or not at all).

@@ -9,7 +9,7 @@ use cli::{BenchCommand, Cli, Command, QueuesArgs, EXIT_FAILURE, EXIT_USAGE};
 use multiq::bench::progress::Progress;
 use multiq::bench::queues::{self, QueuesSpec};
 use multiq::bench::results::{self, ResultsFile};
-use multiq::bench::{parse_thread_list, study, table, Preset, Runner};
+use multiq::bench::{parse_thread_list, study, table, Preset, RunPhase, Runner};
 use multiq::{Device, Error, LockMode};
 
 fn main() -> ExitCode {
@@ -121,6 +121,22 @@ fn info(dev: &cli::DeviceArgs) -> Result<i32, Error> {
     Ok(0)
 }
 
+/// The progress bar's part in one run of `bench queues`.
+fn show_run(progress: &mut Progress, s: &QueuesSpec, phase: RunPhase) {
+    match phase {
+        RunPhase::Starting => progress.set_message(format!(
+            "{} {} {}T lock {}, {} in flight, coalescing {}",
+            s.preset,
+            s.scenario.name(),
+            s.threads,
+            s.lock,
+            s.inflight,
+            s.coalesce.name()
+        )),
+        RunPhase::Finished => progress.inc(1),
+    }
+}
+
 fn run_queues(a: QueuesArgs) -> Result<i32, Error> {
     let threads = parse_thread_list(&a.threads)?;
     let presets: Vec<Option<Preset>> = if a.preset.is_empty() {
@@ -173,21 +189,15 @@ fn run_queues(a: QueuesArgs) -> Result<i32, Error> {
     let mut runner = Runner::new(&device);
     runner.repeat = a.repeat as usize;
     let mut progress = Progress::new(a.quiet);
-    progress.start(
-        (shapes.len()
-            * inflights.len()
-            * locks.len()
-            * policies.len()
-            * a.scenario.scenarios().len()
-            * threads.len()) as u64,
-    );
+    // One group per table: preset, inflight, lock mode, coalescing policy.
+    let mut groups: Vec<(String, Vec<QueuesSpec>)> = Vec::new();
     for (preset, data, kernel_iters) in &shapes {
         for &inflight in &inflights {
             for (&lock, coalesce) in locks
                 .iter()
                 .flat_map(|l| policies.iter().map(move |c| (l, *c)))
             {
-                progress.print(&format!(
+                let header = format!(
                     "\npreset {preset}: {} elements x {kernel_iters} kernel iterations; {} ops \
                      per thread; inflight {inflight}; lock {lock}; coalesce {}; pool of {} \
                      streams\n",
@@ -195,16 +205,11 @@ fn run_queues(a: QueuesArgs) -> Result<i32, Error> {
                     a.iters,
                     coalesce.name(),
                     a.streams
-                ));
-                let first = runner.rows.len();
+                );
+                let mut specs = Vec::new();
                 for scenario in a.scenario.scenarios() {
                     for &t in &threads {
-                        progress.set_message(format!(
-                            "{preset} {} {t}T lock {lock}, {inflight} in flight, coalescing {}",
-                            scenario.name(),
-                            coalesce.name()
-                        ));
-                        runner.run(QueuesSpec {
+                        specs.push(QueuesSpec {
                             preset: preset.clone(),
                             data: *data,
                             kernel_iters: *kernel_iters,
@@ -216,23 +221,51 @@ fn run_queues(a: QueuesArgs) -> Result<i32, Error> {
                             pool_size: a.streams as usize,
                             coalesce,
                             corrupt: a.corrupt_for_testing,
-                        })?;
-                        progress.inc(1);
+                        });
                     }
                 }
-                queues::fill_speedups(&mut runner.rows[first..]);
-                for scenario in a.scenario.scenarios() {
-                    let of: Vec<_> = runner.rows[first..]
-                        .iter()
-                        .filter(|r| r.scenario == scenario)
-                        .collect();
-                    if !of.is_empty() {
-                        progress.print(&table::scaling_table(
-                            &format!("scenario {}", scenario.name()),
-                            &of,
-                        ));
-                    }
-                }
+                groups.push((header, specs));
+            }
+        }
+    }
+    let runs = groups.iter().map(|(_, s)| s.len()).sum::<usize>() * runner.repeat.max(1);
+    progress.start(runs as u64);
+    // With repeats, every spec runs once per round (the runner's `run_rounds`), so a cell and
+    // the cells it is compared with are measured close together; the tables follow the last
+    // round. Run once, each table follows its group.
+    let rounds = runner.repeat > 1;
+    let mut has_row = Vec::new();
+    if rounds {
+        let all: Vec<QueuesSpec> = groups.iter().flat_map(|(_, s)| s.clone()).collect();
+        has_row = runner.run_rounds(&all, |s, phase| show_run(&mut progress, s, phase))?;
+    }
+    let mut first = 0;
+    let mut spec_index = 0;
+    for (header, specs) in &groups {
+        let kept = if rounds {
+            has_row[spec_index..spec_index + specs.len()]
+                .iter()
+                .filter(|&&k| k)
+                .count()
+        } else {
+            progress.print(header);
+            let k = runner.run_rounds(specs, |s, phase| show_run(&mut progress, s, phase))?;
+            k.iter().filter(|&&k| k).count()
+        };
+        spec_index += specs.len();
+        if rounds {
+            progress.print(header);
+        }
+        let rows = &mut runner.rows[first..first + kept];
+        first += kept;
+        queues::fill_speedups(rows);
+        for scenario in a.scenario.scenarios() {
+            let of: Vec<_> = rows.iter().filter(|r| r.scenario == scenario).collect();
+            if !of.is_empty() {
+                progress.print(&table::scaling_table(
+                    &format!("scenario {}", scenario.name()),
+                    &of,
+                ));
             }
         }
     }

@@ -57,20 +57,74 @@ impl<'d> Runner<'d> {
     pub fn run(&mut self, s: QueuesSpec) -> Result<()> {
         let mut outcomes = Vec::with_capacity(self.repeat.max(1));
         for _ in 0..self.repeat.max(1) {
-            match queues::run_queues(self.device, &s) {
-                Ok(o) => outcomes.push(o),
-                Err(e) if e.is_usage() => {
-                    self.skipped.push(Skipped {
-                        preset: s.preset.clone(),
-                        scenario: s.scenario,
-                        lock: s.lock,
-                        threads: s.threads,
-                        reason: e.to_string(),
-                    });
-                    return Ok(());
-                }
-                Err(e) => return Err(e),
+            match self.measure(&s)? {
+                Some(o) => outcomes.push(o),
+                None => return Ok(()),
             }
+        }
+        self.keep(&s, outcomes);
+        Ok(())
+    }
+
+    /// Runs `specs` `repeat` times each, in rounds: every round runs every spec once, in
+    /// order, so a spec's repeats spread over the whole run and specs compared with each other
+    /// (coalescing off and on, say) are measured minutes apart at most once per round rather
+    /// than once for the whole run: drift of the machine (clocks, neighbours) moves both alike.
+    /// Keeps each spec's median run, in `specs`' order; `each` is told of every run before and
+    /// after it. Returns, per spec, whether it has a row (false: rejected, see `skipped`).
+    pub fn run_rounds(
+        &mut self,
+        specs: &[QueuesSpec],
+        mut each: impl FnMut(&QueuesSpec, RunPhase),
+    ) -> Result<Vec<bool>> {
+        let mut outcomes: Vec<Option<Vec<queues::RunOutcome>>> =
+            specs.iter().map(|_| Some(Vec::new())).collect();
+        for _ in 0..self.repeat.max(1) {
+            for (s, kept) in specs.iter().zip(outcomes.iter_mut()) {
+                let Some(runs) = kept else { continue };
+                each(s, RunPhase::Starting);
+                match self.measure(s)? {
+                    Some(o) => runs.push(o),
+                    // Rejected (recorded as skipped): not run again.
+                    None => *kept = None,
+                }
+                each(s, RunPhase::Finished);
+            }
+        }
+        let mut has_row = Vec::with_capacity(specs.len());
+        for (s, kept) in specs.iter().zip(outcomes) {
+            has_row.push(kept.is_some());
+            if let Some(runs) = kept {
+                self.keep(s, runs);
+            }
+        }
+        Ok(has_row)
+    }
+
+    /// One run of `s`; `None` when the combination is rejected (a usage error, recorded in
+    /// `skipped`). Other errors stop the study.
+    fn measure(&mut self, s: &QueuesSpec) -> Result<Option<queues::RunOutcome>> {
+        match queues::run_queues(self.device, s) {
+            Ok(o) => Ok(Some(o)),
+            Err(e) if e.is_usage() => {
+                self.skipped.push(Skipped {
+                    preset: s.preset.clone(),
+                    scenario: s.scenario,
+                    lock: s.lock,
+                    threads: s.threads,
+                    reason: e.to_string(),
+                });
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Keeps the median of `outcomes` (by ops/s) as `s`'s row, with the spread; a mismatch in
+    /// any of them marks the row unverified.
+    fn keep(&mut self, s: &QueuesSpec, mut outcomes: Vec<queues::RunOutcome>) {
+        if outcomes.is_empty() {
+            return;
         }
         let mut mismatched = false;
         for m in outcomes.iter().filter_map(|o| o.mismatch.as_ref()) {
@@ -91,8 +145,16 @@ impl<'d> Runner<'d> {
         row.ops_per_sec_min = rates.iter().copied().fold(f64::INFINITY, f64::min);
         row.ops_per_sec_max = rates.iter().copied().fold(0.0, f64::max);
         self.rows.push(row);
-        Ok(())
     }
+}
+
+/// Where one run of [`Runner::run_rounds`] is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunPhase {
+    /// The run is about to start.
+    Starting,
+    /// The run finished (or was rejected).
+    Finished,
 }
 
 /// The multi-queue test's workload presets.
@@ -190,6 +252,66 @@ pub fn parse_thread_list(s: &str) -> Result<Vec<usize>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn spec(threads: usize, scenario: Scenario, lock: crate::LockMode) -> QueuesSpec {
+        QueuesSpec {
+            preset: "tiny".into(),
+            data: 256,
+            kernel_iters: 2,
+            iters: 3,
+            inflight: 1,
+            lock,
+            scenario,
+            threads,
+            pool_size: 4,
+            coalesce: crate::CoalescePolicy::Off,
+            corrupt: false,
+        }
+    }
+
+    #[test]
+    fn rounds_run_every_spec_once_per_round_and_keep_rows_in_order() {
+        use crate::LockMode;
+        let device = Device::cpu(2).unwrap();
+        let mut runner = Runner::new(&device);
+        runner.repeat = 3;
+        let specs = [
+            spec(2, Scenario::PerThread, LockMode::PerStream),
+            // Rejected: lock `none` cannot serve two threads on one stream.
+            spec(2, Scenario::Shared, LockMode::None),
+            spec(1, Scenario::Shared, LockMode::PerStream),
+        ];
+        let mut order = Vec::new();
+        let has_row = runner
+            .run_rounds(&specs, |s, phase| {
+                if phase == RunPhase::Starting {
+                    order.push((s.threads, s.scenario));
+                }
+            })
+            .unwrap();
+        assert_eq!(has_row, vec![true, false, true]);
+        // Round by round; the rejected spec is tried once only.
+        let (a, b, c) = (
+            (2, Scenario::PerThread),
+            (2, Scenario::Shared),
+            (1, Scenario::Shared),
+        );
+        assert_eq!(order, vec![a, b, c, a, c, a, c]);
+        assert_eq!(runner.skipped.len(), 1);
+        let rows: Vec<_> = runner
+            .rows
+            .iter()
+            .map(|r| (r.threads, r.scenario, r.repeats))
+            .collect();
+        assert_eq!(
+            rows,
+            vec![(2, Scenario::PerThread, 3), (1, Scenario::Shared, 3)]
+        );
+        for r in &runner.rows {
+            assert!(r.verified);
+            assert!(r.ops_per_sec_min <= r.ops_per_sec && r.ops_per_sec <= r.ops_per_sec_max);
+        }
+    }
 
     #[test]
     fn thread_lists_parse_and_reject_bad_input() {

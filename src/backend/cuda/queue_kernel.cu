@@ -217,8 +217,13 @@ __device__ void queue_dispatch(const QueueParams& q) {
         if (per < fewest) per = fewest;
         if (per == 0u) per = 1u;
         unsigned int chunks = (mine && !nop) ? (unsigned int)((tiles + per - 1u) / per) : 0u;
-        // This op's layout as the chain table holds it (0: nothing can be chained to it).
+        // This op's layout as the chain table holds it (0: nothing can be chained to it). A
+        // chain keeps its first op's layout for as long as it grows, so only layouts with
+        // chunks as large as a busy device's (or one chunk) are chained to: an op that came
+        // to a quiet device in one-tile chunks would make every op after it pay a chunk's
+        // fixed cost per tile. Its successor is queued instead, and the chain starts there.
         unsigned long long lay = chunks != 0u && chunks < 0x10000u && per < 0x10000ull
+            && (per >= q.chunk_tiles || chunks == 1u)
             ? (unsigned long long)len | ((unsigned long long)chunks << 32) | (per << 48) : 0ull;
         // Chaining (see the top of this file). A candidate's predecessor is dependency b,
         // forwarded by this launch; its slot must not be reused by an op of this round (that

@@ -20,7 +20,7 @@ bin=carry/bin/multiq
 timeout 240 carry/tests/gpu > "$out/tests.txt" 2>&1; echo "gpu tests: exit $?" >> "$out/tests.txt"
 MULTIQ_QUEUE_CHAIN=1 timeout 120 carry/tests/gpu device_queue > "$out/tests-chain.txt" 2>&1
 echo "gpu device_queue tests, chained: exit $?" >> "$out/tests-chain.txt"
-grep -h -E "^test result|FAILED|panicked|exit|chained ops" "$out/tests.txt" "$out/tests-chain.txt" | tee "$out/tests-summary.txt"
+grep -h -E "^test result|FAILED|panicked|exit|^chain (true|false)" "$out/tests.txt" "$out/tests-chain.txt" | tee "$out/tests-summary.txt"
 q=(bench queues --backend cuda --scenario per-thread --lock none --quiet)
 run() { local name=$1; shift; timeout 100 "$bin" "${q[@]}" "$@" --json "$out/$name.json" > "$out/$name.txt" 2>&1 || echo "$name: exit $?" | tee -a "$out/errors.txt"; }
 for round in 1 2 3; do

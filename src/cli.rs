@@ -85,7 +85,8 @@ const STRESS_HELP: &str = "Runs rounds until --rounds or --seconds, whichever co
     back after each round. Rounds run in a worker process: a crash is counted with the round's \
     seed and the run goes on in a new worker.\n\n\
     --units and --wait fix the CPU units and the wait policy for every round; by default each \
-    round draws them. Each failure is printed with its round's seed and a command that replays \
+    round draws them. --queue-chain turns the CUDA device queue's chaining on in every round \
+    with coalescing persistent; by default each such round draws it. Each failure is printed with its round's seed and a command that replays \
     it (--round-seed). \
     The last line is the summary: rounds=N ops=N crashes=N hangs=N mismatches=N leaks=N errors=N \
     seconds=S (each failure count is the number of rounds with such a finding).\n\n\
@@ -184,6 +185,7 @@ impl StressArgs {
             backend: opts.backend,
             units: opts.cpu_units,
             wait: opts.wait,
+            queue_chain: opts.queue_chain,
             rounds: self.rounds,
             seconds: self.seconds.map(|s| s as f64),
             threads: self.threads as usize,
@@ -303,6 +305,11 @@ pub struct DeviceArgs {
     /// How a thread waits for its op: spin, yield or block (default: the backend's).
     #[arg(long, value_enum)]
     pub wait: Option<WaitPolicy>,
+    /// CUDA, coalescing `persistent`: let the GPU run an op that follows another on the same
+    /// buffer chunk by chunk right after it, on the same blocks, instead of queueing it
+    /// (experimental; also MULTIQ_QUEUE_CHAIN=1; off by default until measured).
+    #[arg(long)]
+    pub queue_chain: bool,
 }
 
 impl DeviceArgs {
@@ -316,6 +323,7 @@ impl DeviceArgs {
             cpu_units: self.units.map(|u| u as usize),
             ordinal: 0,
             wait: self.wait,
+            queue_chain: self.queue_chain.then_some(true),
         }
     }
 }

@@ -233,7 +233,7 @@ proptest! {
         coalesce in proptest::sample::subsequence(CoalesceKind::ALL.to_vec(), 1..=3),
         backend in prop_oneof![Just(None), Just(Some(BackendKind::Cpu)), Just(Some(BackendKind::Cuda))],
     ) {
-        let settings = PlanSettings { backend, threads, kinds: kinds.clone(), units: None, wait: None, coalesce };
+        let settings = PlanSettings { backend, threads, kinds: kinds.clone(), units: None, wait: None, coalesce, queue_chain: None };
         let plan = RoundPlan::draw(seed, &settings);
         prop_assert!(kinds.contains(&plan.kind));
         prop_assert!(!plan.describe().is_empty());

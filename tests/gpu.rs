@@ -603,19 +603,33 @@ fn ordinary_launches_run_while_the_device_queue_is_busy() {
 }
 
 /// Device-queue ops that follow one another on one buffer, 8 in flight per thread (the
-/// benchmark's `--async --inflight 8`): with `MULTIQ_QUEUE_CHAIN=1` the device runs most of
-/// them chained to the op before (each chunk right after the same chunk of that op), the rest
-/// queued behind it. Either way every buffer equals the same ops launched one by one, bit for
-/// bit, with sizes whose last chunk is partial, a mix of iterations, and dropped tickets.
+/// benchmark's `--async --inflight 8`), with the device queue's chaining off and on: on, the
+/// device runs most of them chained to the op before (each chunk right after the same chunk of
+/// that op), the rest queued behind it. Either way every buffer equals the same ops launched
+/// one by one, bit for bit, with sizes whose last chunk is partial, a mix of iterations, and
+/// dropped tickets.
 #[test]
 fn device_queue_ops_on_one_buffer_in_flight_together_are_bit_identical() {
-    let Some(dev) = cuda("device_queue_ops_on_one_buffer_in_flight_together_are_bit_identical")
-    else {
+    let test = "device_queue_ops_on_one_buffer_in_flight_together_are_bit_identical";
+    let Some(probe) = cuda(test) else {
         return;
     };
+    drop(probe);
+    for chain in [false, true] {
+        let dev = Device::open(&DeviceOptions {
+            backend: Some(BackendKind::Cuda),
+            queue_chain: Some(chain),
+            ..Default::default()
+        })
+        .unwrap();
+        ops_on_one_buffer_in_flight(&dev, chain);
+    }
+}
+
+fn ops_on_one_buffer_in_flight(dev: &Device, chain: bool) {
     let threads = 16usize;
     let pool = StreamPool::new(
-        &dev,
+        dev,
         PoolConfig {
             streams: threads,
             lock: LockMode::PerStream,
@@ -654,15 +668,15 @@ fn device_queue_ops_on_one_buffer_in_flight_together_are_bit_identical() {
     let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
     pool.synchronize().unwrap();
     let stats = pool.coalesce_stats().unwrap();
-    assert!(stats.ops > 0, "{stats:?}");
-    if std::env::var("MULTIQ_QUEUE_CHAIN").is_ok_and(|v| v == "1") {
+    assert!(stats.ops > 0, "chain {chain}: {stats:?}");
+    if chain {
         assert!(stats.chained > 0, "chaining on, nothing chained: {stats:?}");
     } else {
         assert_eq!(stats.chained, 0, "chaining off: {stats:?}");
     }
-    let _ = writeln!(std::io::stderr(), "chained ops: {stats:?}");
+    let _ = writeln!(std::io::stderr(), "chain {chain}: {stats:?}");
     drop(pool);
-    let single = StreamPool::new(&dev, PoolConfig::default()).unwrap();
+    let single = StreamPool::new(dev, PoolConfig::default()).unwrap();
     let s = single.current().unwrap();
     for (t, (plan, out)) in results.into_iter().enumerate() {
         let n = sizes[t % sizes.len()];
@@ -673,6 +687,9 @@ fn device_queue_ops_on_one_buffer_in_flight_together_are_bit_identical() {
                 .wait()
                 .unwrap();
         }
-        assert!(out == alone.read().unwrap(), "thread {t} ({n} elements)");
+        assert!(
+            out == alone.read().unwrap(),
+            "chain {chain}: thread {t} ({n} elements)"
+        );
     }
 }

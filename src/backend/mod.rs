@@ -80,6 +80,11 @@ pub struct DeviceOptions {
     pub ordinal: usize,
     /// Wait policy; `None` = the backend's measured default.
     pub wait: Option<WaitPolicy>,
+    /// CUDA device queue (coalescing `persistent`): run an op whose one pending dependency is
+    /// the previous op on its buffer chunk by chunk right after that op, on the same blocks,
+    /// instead of queueing it behind it. `None`: on if `MULTIQ_QUEUE_CHAIN=1`, else off (the
+    /// default until it has been measured on a GPU).
+    pub queue_chain: Option<bool>,
 }
 
 /// Facts about an opened device, for results and reports.

@@ -156,7 +156,7 @@ pub struct CoalesceStats {
     pub direct: u64,
     /// Device queue (`persistent`): ops the device ran chained to their buffer's previous op
     /// (each chunk right after that op's same chunk, on the same block) instead of queueing
-    /// them on their own (`MULTIQ_QUEUE_CHAIN=1`; 0 otherwise).
+    /// them on their own (with `DeviceOptions::queue_chain`; 0 otherwise).
     pub chained: u64,
     /// Per launch, on average: µs from the batch's first op's submission to its launch.
     pub pending_us: f64,

@@ -71,6 +71,7 @@ pub(super) fn inject(p: &mut Parts<'_, '_>, fault: FaultKind) {
                 cpu_units: Some(1),
                 ordinal: 0,
                 wait: Some(here.info().wait),
+                queue_chain: None,
             };
             let mut foreign = match Device::open(&opts).and_then(|d| d.buffer_from(&[0.5; 8])) {
                 Ok(b) => b,

@@ -319,6 +319,7 @@ pub fn device_options(backend: Option<BackendKind>, d: &DevicePlan) -> DeviceOpt
         cpu_units: Some(d.units),
         ordinal: 0,
         wait: d.wait,
+        queue_chain: d.queue_chain,
     }
 }
 

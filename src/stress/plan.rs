@@ -318,6 +318,9 @@ pub struct DevicePlan {
     pub units: usize,
     /// Wait policy (`None`: the backend's default).
     pub wait: Option<WaitPolicy>,
+    /// CUDA device queue chaining ([`crate::DeviceOptions::queue_chain`]), drawn for rounds
+    /// with coalescing `persistent` (`None` otherwise: the environment decides).
+    pub queue_chain: Option<bool>,
 }
 
 /// Pool settings of a round.
@@ -545,6 +548,9 @@ pub struct PlanSettings {
     pub wait: Option<WaitPolicy>,
     /// Coalescing policies to draw from.
     pub coalesce: Vec<CoalesceKind>,
+    /// Fixed device queue chaining for rounds with coalescing `persistent`, or `None` to draw
+    /// it per round.
+    pub queue_chain: Option<bool>,
 }
 
 const LENGTHS: &[(usize, u32)] = &[
@@ -653,8 +659,12 @@ fn describe_common(d: &DevicePlan, p: &PoolPlan) -> String {
         CoalescePolicy::Persistent => "persistent".to_string(),
     };
     let wait = d.wait.map_or("default".to_string(), |w| w.to_string());
+    let chain = match d.queue_chain {
+        Some(true) => " chained",
+        _ => "",
+    };
     format!(
-        "lock {} streams {} coalesce {coalesce} wait {wait} units {}",
+        "lock {} streams {} coalesce {coalesce}{chain} wait {wait} units {}",
         p.lock, p.streams, d.units
     )
 }
@@ -704,7 +714,28 @@ fn device_plan(rng: &mut Rng, settings: &PlanSettings, threads: usize) -> Device
             rng.weighted(&choices)
         }
     };
-    DevicePlan { units, wait }
+    DevicePlan {
+        units,
+        wait,
+        queue_chain: None,
+    }
+}
+
+/// The device and pool of a round; a round with coalescing `persistent` also draws whether
+/// the device queue chains ops (drawn last, so every other draw of the round is as before).
+fn device_and_pool(
+    rng: &mut Rng,
+    settings: &PlanSettings,
+    threads: usize,
+    oversubscribe: bool,
+) -> (DevicePlan, PoolPlan) {
+    let mut device = device_plan(rng, settings, threads);
+    let pool = pool_plan(rng, settings, threads, oversubscribe);
+    if pool.coalesce == CoalescePolicy::Persistent {
+        let drawn = rng.chance(0.5);
+        device.queue_chain = Some(settings.queue_chain.unwrap_or(drawn));
+    }
+    (device, pool)
 }
 
 fn coalesce_plan(rng: &mut Rng, allowed: &[CoalesceKind]) -> CoalescePolicy {
@@ -761,8 +792,7 @@ fn pool_plan(
 }
 
 fn mixed(rng: &mut Rng, settings: &PlanSettings, threads: usize, oversubscribe: bool) -> MixedPlan {
-    let device = device_plan(rng, settings, threads);
-    let pool = pool_plan(rng, settings, threads, oversubscribe);
+    let (device, pool) = device_and_pool(rng, settings, threads, oversubscribe);
     let ending = {
         let thread = rng.range_usize(0, threads - 1);
         let how = rng.pick(&[
@@ -930,8 +960,7 @@ fn draw_op(rng: &mut Rng, weights: &[(OpKind, u32)], own: usize, shared: usize) 
 
 fn churn(rng: &mut Rng, settings: &PlanSettings) -> ChurnPlan {
     let wave = rng.pick(&[4, 16, 32]);
-    let device = device_plan(rng, settings, wave);
-    let mut pool = pool_plan(rng, settings, wave, false);
+    let (device, mut pool) = device_and_pool(rng, settings, wave, false);
     pool.streams = rng.pick(&[1, 4, 8, 32, 64]);
     ChurnPlan {
         device,
@@ -944,8 +973,7 @@ fn churn(rng: &mut Rng, settings: &PlanSettings) -> ChurnPlan {
 
 fn exit(rng: &mut Rng, settings: &PlanSettings) -> ExitPlan {
     let threads = rng.range_usize(2, 16);
-    let device = device_plan(rng, settings, threads);
-    let mut pool = pool_plan(rng, settings, threads, false);
+    let (device, mut pool) = device_and_pool(rng, settings, threads, false);
     if pool.lock == LockMode::None {
         // A stream for each worker, and one for main (thread-locals mode takes one).
         pool.streams = pool.streams.max(threads + 1);
@@ -1016,6 +1044,14 @@ impl ChurnThread {
 mod tests {
     use super::*;
 
+    fn device_and_pool_of(plan: &RoundPlan) -> (DevicePlan, PoolPlan) {
+        match &plan.body {
+            Body::Mixed(p) => (p.device, p.pool),
+            Body::Churn(p) => (p.device, p.pool),
+            Body::Exit(p) => (p.device, p.pool),
+        }
+    }
+
     fn settings() -> PlanSettings {
         PlanSettings {
             backend: Some(BackendKind::Cpu),
@@ -1024,6 +1060,7 @@ mod tests {
             units: None,
             wait: None,
             coalesce: CoalesceKind::ALL.to_vec(),
+            queue_chain: None,
         }
     }
 
@@ -1094,12 +1131,7 @@ mod tests {
         let s = settings();
         let (mut coalesced_blocking, mut coalesced_other) = (0, 0);
         for seed in 0..2000 {
-            let plan = RoundPlan::draw(seed, &s);
-            let (d, p) = match &plan.body {
-                Body::Mixed(p) => (p.device, p.pool),
-                Body::Churn(p) => (p.device, p.pool),
-                Body::Exit(p) => (p.device, p.pool),
-            };
+            let (d, p) = device_and_pool_of(&RoundPlan::draw(seed, &s));
             let blocks = matches!(d.wait, None | Some(WaitPolicy::Block));
             if p.coalesce != CoalescePolicy::Off {
                 if blocks {
@@ -1113,5 +1145,32 @@ mod tests {
             coalesced_blocking > 200 && coalesced_other > 200,
             "{coalesced_blocking} {coalesced_other}"
         );
+    }
+
+    #[test]
+    fn rounds_with_the_device_queue_draw_chaining_on_and_off_and_others_leave_it() {
+        let s = settings();
+        let (mut on, mut off) = (0, 0);
+        for seed in 0..2000 {
+            let (d, p) = device_and_pool_of(&RoundPlan::draw(seed, &s));
+            match (p.coalesce, d.queue_chain) {
+                (CoalescePolicy::Persistent, Some(true)) => on += 1,
+                (CoalescePolicy::Persistent, Some(false)) => off += 1,
+                (CoalescePolicy::Persistent, None) => panic!("seed {seed}: persistent, undrawn"),
+                (_, chain) => assert_eq!(chain, None, "seed {seed}: {:?}", p.coalesce),
+            }
+        }
+        assert!(on > 50 && off > 50, "{on} {off}");
+        // --queue-chain fixes it for every such round; every other draw stays the same.
+        let fixed = PlanSettings {
+            queue_chain: Some(true),
+            ..settings()
+        };
+        for seed in 0..300 {
+            let (d, _) = device_and_pool_of(&RoundPlan::draw(seed, &s));
+            let (f, _) = device_and_pool_of(&RoundPlan::draw(seed, &fixed));
+            assert_eq!(f.queue_chain, d.queue_chain.map(|_| true), "seed {seed}");
+            assert_eq!((d.units, d.wait), (f.units, f.wait), "seed {seed}");
+        }
     }
 }

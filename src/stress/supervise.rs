@@ -50,6 +50,9 @@ pub struct StressConfig {
     pub units: Option<usize>,
     /// Wait policy (`None`: drawn per round).
     pub wait: Option<WaitPolicy>,
+    /// CUDA device queue chaining in rounds with coalescing `persistent` (`None`: drawn per
+    /// round).
+    pub queue_chain: Option<bool>,
     /// Rounds to run at most.
     pub rounds: u64,
     /// Time limit: no round starts after it.
@@ -92,6 +95,7 @@ impl StressConfig {
             units: self.units,
             wait: self.wait,
             coalesce: self.coalesce.clone(),
+            queue_chain: self.queue_chain,
         }
     }
 
@@ -112,6 +116,9 @@ impl StressConfig {
         }
         if let Some(w) = self.wait {
             s.push_str(&format!(" --wait {w}"));
+        }
+        if self.queue_chain == Some(true) {
+            s.push_str(" --queue-chain");
         }
         if self.coalesce.len() < CoalesceKind::ALL.len() {
             s.push_str(&format!(" --coalesce {}", coalesce_arg(&self.coalesce)));
@@ -174,6 +181,7 @@ fn rounds_loop(cfg: &StressConfig, sink: &mut dyn FnMut(Msg), protocol: bool) {
     let probe_plan = super::plan::DevicePlan {
         units: 1,
         wait: None,
+        queue_chain: None,
     };
     let probe = Device::open(&device_options(cfg.backend, &probe_plan));
     let probe = match probe {
@@ -508,6 +516,7 @@ pub fn run(cfg: &StressConfig) -> Result<i32> {
     let probe_plan = super::plan::DevicePlan {
         units: cfg.units.unwrap_or(1),
         wait: cfg.wait,
+        queue_chain: None,
     };
     drop(Device::open(&device_options(cfg.backend, &probe_plan))?);
     let started_at = results::now_rfc3339();
@@ -790,6 +799,9 @@ fn worker_args(cfg: &StressConfig, first: u64) -> Vec<String> {
     }
     if let Some(w) = cfg.wait {
         a.extend(["--wait".into(), w.to_string()]);
+    }
+    if cfg.queue_chain == Some(true) {
+        a.push("--queue-chain".into());
     }
     let h = cfg.hooks;
     let hooks: Vec<&str> = [

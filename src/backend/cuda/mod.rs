@@ -49,6 +49,8 @@ pub struct CudaBackend {
     kernels: Arc<kernels::Kernels>,
     info: DeviceInfo,
     wait: WaitPolicy,
+    /// Device queues chain ops ([`DeviceOptions::queue_chain`]).
+    queue_chain: bool,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -130,13 +132,19 @@ impl CudaBackend {
         let alloc_stream = ctx.new_stream().map_err(|e| driver_error("stream", e))?;
         let kernels = kernels::for_device(&ctx, opts.ordinal)?;
         let wait = opts.wait.unwrap_or(DEFAULT_WAIT);
-        let info = device_info(&ctx, wait)?;
+        let queue_chain = opts.queue_chain.unwrap_or_else(queue::chaining_from_env);
+        let mut info = device_info(&ctx, wait)?;
+        info.extra.push((
+            "queue_chain".into(),
+            if queue_chain { "on" } else { "off" }.into(),
+        ));
         Ok(CudaBackend {
             ctx,
             alloc_stream,
             kernels,
             info,
             wait,
+            queue_chain,
         })
     }
 }
@@ -232,6 +240,7 @@ impl Backend for CudaBackend {
             &self.ctx,
             self.kernels.simple_compute_queue.clone(),
             self.kernels.multiprocessors,
+            self.queue_chain,
         )?;
         Ok(Some(Arc::new(queue)))
     }

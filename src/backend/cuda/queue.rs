@@ -18,12 +18,12 @@
 //!   compute block claims the next chunk (one atomic add), waits on that chunk's own word
 //!   and for the op's dependencies, runs it, and counts it; the block finishing an op's last
 //!   chunk writes `t` into the op's done words (device and host) after one system-wide fence.
-//! - **Chaining** (`MULTIQ_QUEUE_CHAIN=1`, off by default until measured). An op whose one
-//!   pending dependency is the previous op on its buffer is flagged `FLAG_CHAIN`; the
-//!   dispatcher may park it on that op's count word instead of queueing its chunks, and each
-//!   block that finishes a chunk of the predecessor runs the same chunk of it next
-//!   (`sync/chunk_chain.rs` models the hand-off). Ops on one buffer 8 in flight then
-//!   never hold a block waiting for their predecessor.
+//! - **Chaining** (`DeviceOptions::queue_chain`, `--queue-chain` or `MULTIQ_QUEUE_CHAIN=1`;
+//!   off by default until measured). An op whose one pending dependency is the previous op
+//!   on its buffer is flagged `FLAG_CHAIN`; the dispatcher may park it on that op's count
+//!   word instead of queueing its chunks, and each block that finishes a chunk of the
+//!   predecessor runs the same chunk of it next (`sync/chunk_chain.rs` models the hand-off).
+//!   Ops on one buffer 8 in flight then never hold a block waiting for their predecessor.
 //! - **Idle exit and relaunch.** When nothing was published for `IDLE_EXIT`, the kernel
 //!   records `{t, epoch}` in host memory and leaves, so an idle queue never holds the device
 //!   (other streams' kernels need its multiprocessors). After publishing, a submitter checks
@@ -199,10 +199,11 @@ const FLAG_NOP: u32 = 2;
 /// chunk of the predecessor, on the block that ran it) instead of queueing its chunks.
 const FLAG_CHAIN: u32 = 4;
 
-/// Whether ops may be chained to their buffer's previous op on the device (`FLAG_CHAIN`):
-/// `MULTIQ_QUEUE_CHAIN=1` turns it on. Off by default until measured on a GPU: it was built
-/// (and model-checked, `sync::chunk_chain`) in a session without one.
-fn chaining() -> bool {
+/// Whether ops may be chained to their buffer's previous op on the device (`FLAG_CHAIN`) when
+/// the device options leave it open: `MULTIQ_QUEUE_CHAIN=1` turns it on. Off by default until
+/// measured on a GPU: it was built (and model-checked, `sync::chunk_chain`) in a session
+/// without one.
+pub(super) fn chaining_from_env() -> bool {
     std::env::var("MULTIQ_QUEUE_CHAIN").is_ok_and(|v| v == "1")
 }
 
@@ -352,7 +353,7 @@ pub(super) struct CudaDeviceQueue {
     chunk_tiles: u32,
     /// Tickets, slot reuse and kernel launches.
     ring: OpRing,
-    /// Whether ops may be chained on the device ([`chaining`]).
+    /// Whether ops may be chained on the device.
     chain: bool,
     /// The timeline trace, when `MULTIQ_QUEUE_TRACE` asks for one.
     trace: Option<Trace>,
@@ -371,6 +372,7 @@ impl CudaDeviceQueue {
         ctx: &Arc<CudaContext>,
         function: CudaFunction,
         multiprocessors: u32,
+        chain: bool,
     ) -> Result<Self> {
         bind(ctx)?;
         let per_sm = function
@@ -417,7 +419,7 @@ impl CudaDeviceQueue {
             grid,
             chunk_tiles: chunk_tiles(),
             ring: OpRing::new(SLOTS as u64),
-            chain: chaining(),
+            chain,
             trace: Trace::from_env(),
             ctx: ctx.clone(),
         };

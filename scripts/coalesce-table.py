@@ -33,6 +33,10 @@ ceiling16 = float(re.search(r"B16=(\d+)", launch)[1])
 gpu = re.sub(r"^NVIDIA ", "", meta["device"]).split(" ")[0]
 print(f"# Cross-thread coalescing on the {gpu} (stream per thread, lock none)\n")
 print(f"- device: {meta['device']}; multiq commit {meta['git_commit']}; started {meta['started_at']}")
+chain = dict(meta.get("device_info", {}).get("extra", [])).get("queue_chain")
+if chain is not None:
+    chained = sum((r.get("coalesce_stats") or {}).get("chained", 0) for r in runs)
+    print(f"- device queue chaining: {chain} ({chained:,} ops chained over all runs)")
 for c in cmds:
     print(f"- command: `{c}`")
 print("- anchors from the same GPU run, verbatim: `anchor-mq.txt` (`mq 1000`), `anchor-launch.txt` (`SCHED=auto launch`)")

@@ -85,8 +85,8 @@ const STRESS_HELP: &str = "Runs rounds until --rounds or --seconds, whichever co
     back after each round. Rounds run in a worker process: a crash is counted with the round's \
     seed and the run goes on in a new worker.\n\n\
     --units and --wait fix the CPU units and the wait policy for every round; by default each \
-    round draws them. --queue-chain turns the CUDA device queue's chaining on in every round \
-    with coalescing persistent; by default each such round draws it. Each failure is printed with its round's seed and a command that replays \
+    round draws them. --queue-chain on|off fixes the CUDA device queue's chaining for every \
+    round with coalescing persistent; by default each such round draws it. Each failure is printed with its round's seed and a command that replays \
     it (--round-seed). \
     The last line is the summary: rounds=N ops=N crashes=N hangs=N mismatches=N leaks=N errors=N \
     seconds=S (each failure count is the number of rounds with such a finding).\n\n\
@@ -305,11 +305,20 @@ pub struct DeviceArgs {
     /// How a thread waits for its op: spin, yield or block (default: the backend's).
     #[arg(long, value_enum)]
     pub wait: Option<WaitPolicy>,
-    /// CUDA, coalescing `persistent`: let the GPU run an op that follows another on the same
-    /// buffer chunk by chunk right after it, on the same blocks, instead of queueing it
-    /// (experimental; also MULTIQ_QUEUE_CHAIN=1; off by default until measured).
-    #[arg(long)]
-    pub queue_chain: bool,
+    /// CUDA, coalescing `persistent`: `on` lets the GPU run an op that follows another on the
+    /// same buffer chunk by chunk right after it, on the same blocks, instead of queueing it
+    /// (experimental; off by default until measured; without the flag MULTIQ_QUEUE_CHAIN=1
+    /// turns it on, and stress rounds draw it).
+    #[arg(long, value_name = "on|off", value_parser = parse_on_off)]
+    pub queue_chain: Option<bool>,
+}
+
+fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err(format!("`{s}`: expected on or off")),
+    }
 }
 
 impl DeviceArgs {
@@ -323,7 +332,7 @@ impl DeviceArgs {
             cpu_units: self.units.map(|u| u as usize),
             ordinal: 0,
             wait: self.wait,
-            queue_chain: self.queue_chain.then_some(true),
+            queue_chain: self.queue_chain,
         }
     }
 }

@@ -133,7 +133,7 @@ fn show_run(progress: &mut Progress, s: &QueuesSpec, phase: RunPhase) {
             s.inflight,
             s.coalesce.name()
         )),
-        RunPhase::Finished => progress.inc(1),
+        RunPhase::Finished { runs } => progress.inc(runs as u64),
     }
 }
 

@@ -219,6 +219,40 @@ fn a_round_replays_from_its_seed() {
     assert_ne!(plan(&a), plan(&c));
 }
 
+/// `--queue-chain on|off` fixes the device queue's chaining for every round with coalescing
+/// `persistent` (worker processes included); without it, such rounds draw it.
+#[test]
+fn queue_chain_fixes_what_persistent_rounds_would_draw() {
+    let plans = |extra: &[&str]| {
+        let mut args = vec![
+            "--rounds",
+            "12",
+            "--seed",
+            "0x77",
+            "--coalesce",
+            "persistent",
+            "--kinds",
+            "mixed,churn",
+            "--threads",
+            "4",
+            "--verbose",
+        ];
+        args.extend_from_slice(extra);
+        let o = stress(&args);
+        let (out, err) = text(&o);
+        assert!(o.status.success(), "{out}{err}");
+        out.lines()
+            .filter(|l| l.starts_with("round "))
+            .map(|l| l.contains(" chained"))
+            .collect::<Vec<_>>()
+    };
+    let drawn = plans(&[]);
+    assert_eq!(drawn.len(), 12);
+    assert!(drawn.contains(&true) && drawn.contains(&false), "{drawn:?}");
+    assert_eq!(plans(&["--queue-chain", "on"]), vec![true; 12]);
+    assert_eq!(plans(&["--queue-chain", "off"]), vec![false; 12]);
+}
+
 #[test]
 fn wrong_arguments_are_usage_errors() {
     let cases: &[(&[&str], &str)] = &[
@@ -239,6 +273,7 @@ fn wrong_arguments_are_usage_errors() {
         ),
         (&["--round-timeout", "0"], "--round-timeout"),
         (&["--units", "0"], "--units"),
+        (&["--queue-chain", "yes"], "expected on or off"),
         (&["--json", "/nonexistent-dir/x.json"], "does not exist"),
     ];
     for (args, needle) in cases {

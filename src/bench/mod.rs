@@ -79,16 +79,28 @@ impl<'d> Runner<'d> {
     ) -> Result<Vec<bool>> {
         let mut outcomes: Vec<Option<Vec<queues::RunOutcome>>> =
             specs.iter().map(|_| Some(Vec::new())).collect();
-        for _ in 0..self.repeat.max(1) {
+        let rounds = self.repeat.max(1);
+        for round in 0..rounds {
             for (s, kept) in specs.iter().zip(outcomes.iter_mut()) {
                 let Some(runs) = kept else { continue };
                 each(s, RunPhase::Starting);
                 match self.measure(s)? {
-                    Some(o) => runs.push(o),
-                    // Rejected (recorded as skipped): not run again.
-                    None => *kept = None,
+                    Some(o) => {
+                        runs.push(o);
+                        each(s, RunPhase::Finished { runs: 1 });
+                    }
+                    // Rejected (recorded as skipped): not run again; its later rounds count
+                    // as done.
+                    None => {
+                        *kept = None;
+                        each(
+                            s,
+                            RunPhase::Finished {
+                                runs: rounds - round,
+                            },
+                        );
+                    }
                 }
-                each(s, RunPhase::Finished);
             }
         }
         let mut has_row = Vec::with_capacity(specs.len());
@@ -153,8 +165,11 @@ impl<'d> Runner<'d> {
 pub enum RunPhase {
     /// The run is about to start.
     Starting,
-    /// The run finished (or was rejected).
-    Finished,
+    /// `runs` runs are done: this one, and where the spec was rejected, its later rounds.
+    Finished {
+        /// Runs done.
+        runs: usize,
+    },
 }
 
 /// The multi-queue test's workload presets.
@@ -282,14 +297,16 @@ mod tests {
             spec(1, Scenario::Shared, LockMode::PerStream),
         ];
         let mut order = Vec::new();
+        let mut done = 0;
         let has_row = runner
-            .run_rounds(&specs, |s, phase| {
-                if phase == RunPhase::Starting {
-                    order.push((s.threads, s.scenario));
-                }
+            .run_rounds(&specs, |s, phase| match phase {
+                RunPhase::Starting => order.push((s.threads, s.scenario)),
+                RunPhase::Finished { runs } => done += runs,
             })
             .unwrap();
         assert_eq!(has_row, vec![true, false, true]);
+        // What the progress bar counts: every spec's three rounds.
+        assert_eq!(done, 9);
         // Round by round; the rejected spec is tried once only.
         let (a, b, c) = (
             (2, Scenario::PerThread),

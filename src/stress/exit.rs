@@ -164,6 +164,9 @@ fn child_args(seed: u64, s: &PlanSettings) -> Vec<String> {
     if let Some(w) = s.wait {
         a.extend(["--wait".into(), w.to_string()]);
     }
+    if let Some(c) = s.queue_chain {
+        a.extend(["--queue-chain".into(), super::on_off(c).into()]);
+    }
     a
 }
 
@@ -349,5 +352,41 @@ fn child_worker(w: usize, p: &ExitPlan, pool: StreamPool, submitted: &AtomicU64)
         // the driver down under this worker: the typed error is the right answer.
         Ok(()) | Err(crate::Error::DeviceShutDown { .. }) => {}
         Err(e) => eprintln!("multiq: child worker {w}: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stress::plan::{CoalesceKind, RoundKind};
+
+    #[test]
+    fn the_child_is_given_every_setting_its_plan_depends_on() {
+        let mut s = PlanSettings {
+            backend: Some(crate::BackendKind::Cpu),
+            threads: 5,
+            kinds: vec![RoundKind::Exit],
+            units: Some(2),
+            wait: Some(crate::WaitPolicy::Yield),
+            coalesce: vec![CoalesceKind::Persistent],
+            queue_chain: Some(true),
+        };
+        let args = child_args(0x5eed, &s).join(" ");
+        for part in [
+            "--round-seed 0x0000000000005eed",
+            "--threads 5",
+            "--kinds exit",
+            "--coalesce persistent",
+            "--backend cpu",
+            "--units 2",
+            "--wait yield",
+            "--queue-chain on",
+        ] {
+            assert!(args.contains(part), "{part}: {args}");
+        }
+        s.queue_chain = Some(false);
+        assert!(child_args(1, &s).join(" ").contains("--queue-chain off"));
+        s.queue_chain = None;
+        assert!(!child_args(1, &s).join(" ").contains("--queue-chain"));
     }
 }

@@ -312,6 +312,15 @@ impl Env<'_> {
     }
 }
 
+/// `on` or `off`, as the command line takes a switch (`--queue-chain`).
+pub fn on_off(b: bool) -> &'static str {
+    if b {
+        "on"
+    } else {
+        "off"
+    }
+}
+
 /// Device options for a round's device plan.
 pub fn device_options(backend: Option<BackendKind>, d: &DevicePlan) -> DeviceOptions {
     DeviceOptions {

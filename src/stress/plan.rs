@@ -577,12 +577,17 @@ impl RoundPlan {
             .map(|&k| (k, k.weight(settings.backend)))
             .collect();
         let kind = rng.weighted(&kinds);
-        let body = match kind {
+        let mut body = match kind {
             RoundKind::Mixed => Body::Mixed(mixed(&mut rng, settings, settings.threads, false)),
             RoundKind::Oversubscribe => Body::Mixed(mixed(&mut rng, settings, 256, true)),
             RoundKind::Churn => Body::Churn(churn(&mut rng, settings)),
             RoundKind::Exit => Body::Exit(exit(&mut rng, settings)),
         };
+        match &mut body {
+            Body::Mixed(p) => chain_plan(seed, settings, &mut p.device, &p.pool),
+            Body::Churn(p) => chain_plan(seed, settings, &mut p.device, &p.pool),
+            Body::Exit(p) => chain_plan(seed, settings, &mut p.device, &p.pool),
+        }
         RoundPlan { seed, kind, body }
     }
 
@@ -721,21 +726,26 @@ fn device_plan(rng: &mut Rng, settings: &PlanSettings, threads: usize) -> Device
     }
 }
 
-/// The device and pool of a round; a round with coalescing `persistent` also draws whether
-/// the device queue chains ops (drawn last, so every other draw of the round is as before).
+/// The device and pool of a round.
 fn device_and_pool(
     rng: &mut Rng,
     settings: &PlanSettings,
     threads: usize,
     oversubscribe: bool,
 ) -> (DevicePlan, PoolPlan) {
-    let mut device = device_plan(rng, settings, threads);
+    let device = device_plan(rng, settings, threads);
     let pool = pool_plan(rng, settings, threads, oversubscribe);
+    (device, pool)
+}
+
+/// Whether a round with coalescing `persistent` has its device queue chain ops: as fixed by
+/// the settings, else drawn from a generator of its own, so every other draw of the round is
+/// what it was before chaining existed (recorded seeds replay the same rounds).
+fn chain_plan(seed: u64, settings: &PlanSettings, device: &mut DevicePlan, pool: &PoolPlan) {
     if pool.coalesce == CoalescePolicy::Persistent {
-        let drawn = rng.chance(0.5);
+        let drawn = Rng::new(seed ^ 0x9e37_79b9_7f4a_7c15).chance(0.5);
         device.queue_chain = Some(settings.queue_chain.unwrap_or(drawn));
     }
-    (device, pool)
 }
 
 fn coalesce_plan(rng: &mut Rng, allowed: &[CoalesceKind]) -> CoalescePolicy {
@@ -1145,6 +1155,25 @@ mod tests {
             coalesced_blocking > 200 && coalesced_other > 200,
             "{coalesced_blocking} {coalesced_other}"
         );
+    }
+
+    /// Rounds recorded before chaining existed (multiq at 5fd31bc, `stress --backend cpu
+    /// --coalesce persistent --round-seed N --verbose`) are drawn the same today, apart from
+    /// the chaining drawn on top: a recorded seed replays its round.
+    #[test]
+    fn seeds_recorded_before_chaining_existed_draw_the_same_rounds() {
+        let s = PlanSettings {
+            coalesce: vec![CoalesceKind::Persistent],
+            ..settings()
+        };
+        for (seed, before) in [
+            (3, "mixed 16T 333 ops/286 planned, lock global streams 2 coalesce persistent wait yield units 4, 2 shared buffers, mlp 8x32x48x16 batching 16/4, ending shutdown-in-flight"),
+            (6, "oversubscribe 256T 821 ops/703 planned, lock global streams 32 coalesce persistent wait default units 2, 2 shared buffers, ending orderly"),
+            (7, "mixed 16T 358 ops/218 planned, lock per-stream streams 4 coalesce persistent wait spin units 1, 2 shared buffers, ending fault T1 op 13 (bad-shape)"),
+        ] {
+            let now = RoundPlan::draw(seed, &s).describe().replace(" chained", "");
+            assert_eq!(now, before, "seed {seed}");
+        }
     }
 
     #[test]

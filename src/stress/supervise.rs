@@ -117,8 +117,8 @@ impl StressConfig {
         if let Some(w) = self.wait {
             s.push_str(&format!(" --wait {w}"));
         }
-        if self.queue_chain == Some(true) {
-            s.push_str(" --queue-chain");
+        if let Some(c) = self.queue_chain {
+            s.push_str(&format!(" --queue-chain {}", super::on_off(c)));
         }
         if self.coalesce.len() < CoalesceKind::ALL.len() {
             s.push_str(&format!(" --coalesce {}", coalesce_arg(&self.coalesce)));
@@ -800,8 +800,8 @@ fn worker_args(cfg: &StressConfig, first: u64) -> Vec<String> {
     if let Some(w) = cfg.wait {
         a.extend(["--wait".into(), w.to_string()]);
     }
-    if cfg.queue_chain == Some(true) {
-        a.push("--queue-chain".into());
+    if let Some(c) = cfg.queue_chain {
+        a.extend(["--queue-chain".into(), super::on_off(c).into()]);
     }
     let h = cfg.hooks;
     let hooks: Vec<&str> = [

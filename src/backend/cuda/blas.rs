@@ -210,7 +210,8 @@ fn bias_act_kernel(ctx: &Arc<CudaContext>) -> Result<CudaFunction> {
 /// The handles and memory of one stream.
 ///
 /// Invariant: `handle` and `lt` are live handles; `handle` is bound to `bound` (null: unknown),
-/// and to `stream` whenever a call runs (`with` rebinds it first); `workspace` is a live
+/// and to the stream a cuBLAS call queues on whenever one runs (`with` rebinds it to `stream`
+/// first, `queue_batched` to the stream it is given); `workspace` is a live
 /// allocation of `workspace_bytes`, and `pointers` one of `pointer_capacity` u64 (or 0 with
 /// capacity 0), all in `ctx`; all are released only by `Drop`, after the stream finished.
 struct Blas {
@@ -465,8 +466,13 @@ impl Blas {
             .map_err(|e| driver_error("launch graph", e))
     }
 
-    /// Queues the copy of the pointer arrays (from `pinned`) and the batched sgemm.
+    /// Queues the copy of the pointer arrays (from `pinned`) and the batched sgemm, both on
+    /// `stream` (the handle is bound to it first if it is not: a failed recording may have left
+    /// it on the recording stream).
     fn queue_batched(&mut self, cm: &ColMajor, count: usize, stream: sys::CUstream) -> Result<()> {
+        if self.bound != stream {
+            self.bind_handle(stream)?;
+        }
         let base = self.pointers;
         // SAFETY: `pointers` holds `pointer_capacity >= 3·count` u64 and `pinned`
         // `pinned_capacity >= 3·count` (reserved by the caller); the copy is ordered on this
@@ -478,7 +484,7 @@ impl Blas {
             .result()
             .map_err(|e| driver_error("upload", e))?;
         let (alpha, beta) = (1.0f32, 0.0f32);
-        // SAFETY: `handle` is live and bound to this stream; the three arrays of `count`
+        // SAFETY: `handle` is live and bound to `stream` (above); the three arrays of `count`
         // device pointers are in device memory in stream order (above); every pointer is a
         // live allocation holding its matrix (`check_gemm`), outputs distinct and not inputs
         // of any product of the batch; alpha and beta are host scalars (read at the call, and

@@ -14,11 +14,12 @@
 //!   (all three words of each at once), copies published ops to device memory in order, and
 //!   splits each into chunks of whole 1,024-element tiles (up to [`DEFAULT_CHUNK_TILES`]
 //!   tiles each on a busy device, smaller where idle blocks can take them; at most one chunk
-//!   per compute block) on a device-side chunk queue of one tagged word per chunk. Each
+//!   per compute block and [`MAX_OP_CHUNKS`] per op) on a device-side chunk queue of one
+//!   tagged word per chunk. Each
 //!   compute block claims the next chunk (one atomic add), waits on that chunk's own word
 //!   and for the op's dependencies, runs it, and counts it; the block finishing an op's last
 //!   chunk writes `t` into the op's done words (device and host) after one system-wide fence.
-//! - **Chaining** (`DeviceOptions::queue_chain`, `--queue-chain` or `MULTIQ_QUEUE_CHAIN=1`;
+//! - **Chaining** (`DeviceOptions::queue_chain`, `--queue-chain on` or `MULTIQ_QUEUE_CHAIN=1`;
 //!   off by default until measured). An op whose one pending dependency is the previous op
 //!   on its buffer is flagged `FLAG_CHAIN`; the dispatcher may park it on that op's count
 //!   word instead of queueing its chunks, and each block that finishes a chunk of the

@@ -17,12 +17,12 @@
 //   one word per chunk (tag of its lap | slot | chunk index), and its counters: chunks claimed
 //   by blocks, chunks finished.
 // Block 0's first warp is the dispatcher: it forwards published ops, in order, splitting each
-// into at most min(gridDim.x - 1, MAX_OP_CHUNKS) chunks of whole 1,024-element tiles (one element per thread)
-// and appending them to the chunk queue (the op's fields to dring first, a fence, then the
-// chunk words). In every other block, thread 0 claims the next chunk index (one atomic add)
-// and waits on that chunk's own word until it is written and the op's dependencies
-// completed; the block runs it and counts it; the block finishing an op's last chunk marks
-// the op complete. To leave, the dispatcher appends one exit chunk per compute block: each
+// into at most min(gridDim.x - 1, MAX_OP_CHUNKS) chunks of whole 1,024-element tiles (one
+// element per thread) and appending them to the chunk queue (the op's fields to dring first,
+// a fence, then the chunk words). In every other block, thread 0 claims the next chunk index
+// (one atomic add) and waits on that chunk's own word until it is written and the op's
+// dependencies completed; the block runs it and counts it; the block finishing an op's last
+// chunk marks the op complete. To leave, the dispatcher appends one exit chunk per compute block: each
 // block claims exactly one of them (it stops claiming after it) and returns. Chunk g only
 // ever waits for ops whose chunks come before g, all claimed by running blocks (the grid is
 // sized so all its blocks are resident), and a block's earlier chunk never waits for its
@@ -266,7 +266,8 @@ __device__ void queue_dispatch(const QueueParams& q) {
             // Every lane is past its reads of the chain table before any lane writes it.
             __syncwarp();
         }
-        const unsigned int chunk_elems = (unsigned int)((lay != 0ull && chain ? lay >> 48 : per) * QUEUE_TILE);
+        // A chained op's layout is its chain's (never 0 when chained).
+        const unsigned int chunk_elems = (unsigned int)((chain ? lay >> 48 : per) * QUEUE_TILE);
         const unsigned int slot = (unsigned int)(want & mask);
         if (mine) {
             volatile DevSlot* d = &q.dring[slot];

@@ -22,11 +22,11 @@
 // a fence, then the chunk words). In every other block, thread 0 claims the next chunk index
 // (one atomic add) and waits on that chunk's own word until it is written and the op's
 // dependencies completed; the block runs it and counts it; the block finishing an op's last
-// chunk marks the op complete. To leave, the dispatcher appends one exit chunk per compute block: each
-// block claims exactly one of them (it stops claiming after it) and returns. Chunk g only
-// ever waits for ops whose chunks come before g, all claimed by running blocks (the grid is
-// sized so all its blocks are resident), and a block's earlier chunk never waits for its
-// later one, so every op completes.
+// chunk marks the op complete. To leave, the dispatcher appends one exit chunk per compute
+// block: each block claims exactly one of them (it stops claiming after it) and returns.
+// Chunk g only ever waits for ops whose chunks come before g, all claimed by running blocks
+// (the grid is sized so all its blocks are resident), and a block's earlier chunk never
+// waits for its later one, so every op completes.
 //
 // Chaining (ops the host flags FLAG_CHAIN: the one dependency still pending is the previous
 // op on the same buffer, over the same elements): such an op B may be *parked* on that

@@ -239,23 +239,17 @@ fn run_queues(a: QueuesArgs) -> Result<i32, Error> {
         let all: Vec<QueuesSpec> = groups.iter().flat_map(|(_, s)| s.clone()).collect();
         has_row = runner.run_rounds(&all, |s, phase| show_run(&mut progress, s, phase))?;
     }
-    let mut first = 0;
-    let mut spec_index = 0;
+    let (mut first, mut spec_index) = (0, 0);
     for (header, specs) in &groups {
-        let kept = if rounds {
-            has_row[spec_index..spec_index + specs.len()]
-                .iter()
-                .filter(|&&k| k)
-                .count()
-        } else {
-            progress.print(header);
-            let k = runner.run_rounds(specs, |s, phase| show_run(&mut progress, s, phase))?;
-            k.iter().filter(|&&k| k).count()
-        };
-        spec_index += specs.len();
-        if rounds {
-            progress.print(header);
+        progress.print(header);
+        if !rounds {
+            has_row.extend(runner.run_rounds(specs, |s, phase| show_run(&mut progress, s, phase))?);
         }
+        let kept = has_row[spec_index..spec_index + specs.len()]
+            .iter()
+            .filter(|&&k| k)
+            .count();
+        spec_index += specs.len();
         let rows = &mut runner.rows[first..first + kept];
         first += kept;
         queues::fill_speedups(rows);

@@ -215,6 +215,11 @@ __device__ void queue_dispatch(const QueueParams& q) {
         const unsigned long long spread = blocks < MAX_OP_CHUNKS ? blocks : MAX_OP_CHUNKS;
         const unsigned long long fewest = (tiles + spread - 1u) / spread;
         if (per < fewest) per = fewest;
+        // An op that follows another on its buffer (FLAG_CHAIN) is part of a pipeline: it
+        // gets a busy device's chunks even where blocks look idle (blocks following chains
+        // count as idle here: only queued chunks are counted finished), so a chain can start
+        // at it if it is not chained itself.
+        if ((flags & FLAG_CHAIN) != 0u && per < q.chunk_tiles) per = q.chunk_tiles;
         if (per == 0u) per = 1u;
         unsigned int chunks = (mine && !nop) ? (unsigned int)((tiles + per - 1u) / per) : 0u;
         // This op's layout as the chain table holds it (0: nothing can be chained to it). A

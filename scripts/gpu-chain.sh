@@ -55,5 +55,31 @@ for f in sorted(glob.glob(sys.argv[1] + "/bench-*.json")):
               f"{r['ops_per_sec']:>11,.0f} ops/s p50 {r['latency_us']['p50']:7.1f} p99 {r['latency_us']['p99']:7.1f} us "
               f"chained {c.get('chained', 0):>7} of {c.get('ops', 0):>7} verified={r['verified']}")
 PY
+# Medians over the rounds, and the ratios the decision rests on (chained against the queue as
+# it is and against `off`, each at the same chunk size and depth).
+python3 - "$out" <<'PY' | tee -a "$out/summary.txt"
+import glob, json, re, statistics, sys
+cells = {}
+for f in glob.glob(sys.argv[1] + "/bench-*-[0-9].json"):
+    variant = re.sub(r"-\d+$", "", f.split("/")[-1][len("bench-"):-len(".json")])
+    for r in json.load(open(f))["runs"]:
+        cells.setdefault((variant, r["inflight"]), []).append(r["ops_per_sec"])
+med = {k: statistics.median(v) for k, v in cells.items()}
+print("\nmedian over rounds (minimal, 16 threads):")
+for (variant, inflight), m in sorted(med.items()):
+    line = f"  {variant:<10} if{inflight}: {m:>11,.0f} ops/s ({len(cells[(variant, inflight)])} rounds)"
+    off = med.get(("off", inflight))
+    if off:
+        line += f"  {m / off:5.2f}x off"
+    if variant.startswith("chain-"):
+        queue = med.get(("queue-" + variant[len("chain-"):], inflight))
+        if queue:
+            line += f"  {m / queue:5.2f}x the queue unchained"
+    if inflight == 8:
+        line += f"  ({m / 2e6:4.2f} of the 2M target)"
+    elif inflight == 1:
+        line += f"  ({m / 9e5:4.2f} of the 900k target)"
+    print(line)
+PY
 cat "$out/trace.txt" >> "$out/summary.txt"
 cd "$out" && tar czf chain.tgz *.csv *.json *.txt 2>/dev/null; rm -f *.csv *.json $(ls *.txt | grep -v -e summary -e trace.txt -e errors -e tests)

@@ -55,21 +55,14 @@ impl<'d> Runner<'d> {
     /// Runs one spec `repeat` times and keeps the median run (by ops/s); the spread goes into
     /// the row. A mismatch in any repeat marks the row unverified.
     pub fn run(&mut self, s: QueuesSpec) -> Result<()> {
-        let mut outcomes = Vec::with_capacity(self.repeat.max(1));
-        for _ in 0..self.repeat.max(1) {
-            match self.measure(&s)? {
-                Some(o) => outcomes.push(o),
-                None => return Ok(()),
-            }
-        }
-        self.keep(&s, outcomes);
-        Ok(())
+        self.run_rounds(std::slice::from_ref(&s), |_, _| ())
+            .map(drop)
     }
 
     /// Runs `specs` `repeat` times each, in rounds: every round runs every spec once, in
     /// order, so a spec's repeats spread over the whole run and specs compared with each other
-    /// (coalescing off and on, say) are measured minutes apart at most once per round rather
-    /// than once for the whole run: drift of the machine (clocks, neighbours) moves both alike.
+    /// (coalescing off and on, say) are measured close together in every round: drift of the
+    /// machine (clocks, neighbours) moves both alike.
     /// Keeps each spec's median run, in `specs`' order; `each` is told of every run before and
     /// after it. Returns, per spec, whether it has a row (false: rejected, see `skipped`).
     pub fn run_rounds(

@@ -577,18 +577,25 @@ impl RoundPlan {
             .map(|&k| (k, k.weight(settings.backend)))
             .collect();
         let kind = rng.weighted(&kinds);
-        let mut body = match kind {
+        let body = match kind {
             RoundKind::Mixed => Body::Mixed(mixed(&mut rng, settings, settings.threads, false)),
             RoundKind::Oversubscribe => Body::Mixed(mixed(&mut rng, settings, 256, true)),
             RoundKind::Churn => Body::Churn(churn(&mut rng, settings)),
             RoundKind::Exit => Body::Exit(exit(&mut rng, settings)),
         };
-        match &mut body {
-            Body::Mixed(p) => chain_plan(seed, settings, &mut p.device, &p.pool),
-            Body::Churn(p) => chain_plan(seed, settings, &mut p.device, &p.pool),
-            Body::Exit(p) => chain_plan(seed, settings, &mut p.device, &p.pool),
+        let mut plan = RoundPlan { seed, kind, body };
+        let (device, pool) = plan.device_and_pool_mut();
+        chain_plan(seed, settings, device, pool);
+        plan
+    }
+
+    /// The round's device and pool settings, whatever its kind.
+    pub fn device_and_pool_mut(&mut self) -> (&mut DevicePlan, &mut PoolPlan) {
+        match &mut self.body {
+            Body::Mixed(p) => (&mut p.device, &mut p.pool),
+            Body::Churn(p) => (&mut p.device, &mut p.pool),
+            Body::Exit(p) => (&mut p.device, &mut p.pool),
         }
-        RoundPlan { seed, kind, body }
     }
 
     /// One line saying what the round does.
@@ -1054,12 +1061,9 @@ impl ChurnThread {
 mod tests {
     use super::*;
 
-    fn device_and_pool_of(plan: &RoundPlan) -> (DevicePlan, PoolPlan) {
-        match &plan.body {
-            Body::Mixed(p) => (p.device, p.pool),
-            Body::Churn(p) => (p.device, p.pool),
-            Body::Exit(p) => (p.device, p.pool),
-        }
+    fn device_and_pool_of(mut plan: RoundPlan) -> (DevicePlan, PoolPlan) {
+        let (d, p) = plan.device_and_pool_mut();
+        (*d, *p)
     }
 
     fn settings() -> PlanSettings {
@@ -1141,7 +1145,7 @@ mod tests {
         let s = settings();
         let (mut coalesced_blocking, mut coalesced_other) = (0, 0);
         for seed in 0..2000 {
-            let (d, p) = device_and_pool_of(&RoundPlan::draw(seed, &s));
+            let (d, p) = device_and_pool_of(RoundPlan::draw(seed, &s));
             let blocks = matches!(d.wait, None | Some(WaitPolicy::Block));
             if p.coalesce != CoalescePolicy::Off {
                 if blocks {
@@ -1181,7 +1185,7 @@ mod tests {
         let s = settings();
         let (mut on, mut off) = (0, 0);
         for seed in 0..2000 {
-            let (d, p) = device_and_pool_of(&RoundPlan::draw(seed, &s));
+            let (d, p) = device_and_pool_of(RoundPlan::draw(seed, &s));
             match (p.coalesce, d.queue_chain) {
                 (CoalescePolicy::Persistent, Some(true)) => on += 1,
                 (CoalescePolicy::Persistent, Some(false)) => off += 1,
@@ -1196,8 +1200,8 @@ mod tests {
             ..settings()
         };
         for seed in 0..300 {
-            let (d, _) = device_and_pool_of(&RoundPlan::draw(seed, &s));
-            let (f, _) = device_and_pool_of(&RoundPlan::draw(seed, &fixed));
+            let (d, _) = device_and_pool_of(RoundPlan::draw(seed, &s));
+            let (f, _) = device_and_pool_of(RoundPlan::draw(seed, &fixed));
             assert_eq!(f.queue_chain, d.queue_chain.map(|_| true), "seed {seed}");
             assert_eq!((d.units, d.wait), (f.units, f.wait), "seed {seed}");
         }

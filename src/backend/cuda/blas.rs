@@ -335,12 +335,11 @@ impl Blas {
         Ok(())
     }
 
-    /// Binds the handle back to this stream if anything left it elsewhere (a recording whose
-    /// rebind failed), so no call ever runs on the recording stream.
-    fn ensure_bound(&mut self) -> Result<()> {
-        let own = self.stream.cu_stream();
-        if self.bound != own {
-            self.bind_handle(own)?;
+    /// Binds the handle to `stream` unless it is bound there already: anything may have left it
+    /// elsewhere (a recording whose rebind failed), and no call may run on the wrong stream.
+    fn bind_if_needed(&mut self, stream: sys::CUstream) -> Result<()> {
+        if self.bound != stream {
+            self.bind_handle(stream)?;
         }
         Ok(())
     }
@@ -452,7 +451,7 @@ impl Blas {
         self.bind_handle(rec.cu_stream()).ok()?;
         let graph = capture(&rec, || self.queue_batched(cm, count, rec.cu_stream()));
         // Back to this stream; if even that fails, no graph is used and the next call rebinds
-        // first (`ensure_bound`) or reports the handle's error.
+        // first (`bind_if_needed`) or reports the handle's error.
         self.bind_handle(self.stream.cu_stream()).ok()?;
         graph
     }
@@ -470,9 +469,7 @@ impl Blas {
     /// `stream` (the handle is bound to it first if it is not: a failed recording may have left
     /// it on the recording stream).
     fn queue_batched(&mut self, cm: &ColMajor, count: usize, stream: sys::CUstream) -> Result<()> {
-        if self.bound != stream {
-            self.bind_handle(stream)?;
-        }
+        self.bind_if_needed(stream)?;
         let base = self.pointers;
         // SAFETY: `pointers` holds `pointer_capacity >= 3·count` u64 and `pinned`
         // `pinned_capacity >= 3·count` (reserved by the caller); the copy is ordered on this
@@ -907,7 +904,7 @@ impl StreamMath {
             *guard = Some(Blas::new(&self.stream)?);
         }
         let blas = guard.as_mut().expect("made above");
-        blas.ensure_bound()?;
+        blas.bind_if_needed(blas.stream.cu_stream())?;
         f(blas)
     }
 

@@ -24,7 +24,8 @@
 //!   on its buffer is flagged `FLAG_CHAIN`; the dispatcher may park it on that op's count
 //!   word instead of queueing its chunks, and each block that finishes a chunk of the
 //!   predecessor runs the same chunk of it next (`sync/chunk_chain.rs` models the hand-off).
-//!   Ops on one buffer 8 in flight then never hold a block waiting for their predecessor.
+//!   Ops on one buffer 8 in flight then hold no block waiting for their predecessor, except
+//!   where a park fails (the predecessor had already started) and the op is queued.
 //! - **Idle exit and relaunch.** When nothing was published for `IDLE_EXIT`, the kernel
 //!   records `{t, epoch}` in host memory and leaves, so an idle queue never holds the device
 //!   (other streams' kernels need its multiprocessors). After publishing, a submitter checks

@@ -3,13 +3,20 @@
 #   run(command="bash scripts/gpu-chain.sh \"$OUT\"", carry=["carry"])
 # The device queue's chaining (MULTIQ_QUEUE_CHAIN=1: an op whose one pending dependency is the
 # previous op on its buffer runs each chunk right after that op's same chunk, on the same
-# block) against the queue as it is, in one call (about 2 minutes):
-#   1. the GPU tests' device-queue cases with chaining on (tests-chain.txt), after the whole
-#      GPU test binary as built (tests.txt);
-#   2. minimal at 16 threads, a wait per op and 8 in flight, `off` / `persistent` /
-#      `persistent` chained, interleaved over 3 rounds (chunks of CHUNK_TILES tiles, default
-#      "2 4"), and light with 8 in flight;
-#   3. a queue trace of minimal, 16 threads, 8 in flight, chained (scripts/queue-trace.py);
+# block) against the queue as it is, in one call (about 3 minutes):
+#   1. the GPU tests as built (tests.txt), then their device-queue cases with chaining on, in
+#      each variant below (tests-chain-*.txt);
+#   2. minimal at 16 threads, a wait per op and 8 in flight, interleaved over 3 rounds:
+#        off        coalescing off
+#        queue      the device queue (`persistent`), unchained
+#        chain      chained, each block counting a chunk before it starts the successor's
+#                   (MULTIQ_QUEUE_CHAIN_EARLY=0)
+#        early      chained, a block starting a parked successor's chunk while it counts
+#        early-c4   as early, chained ops in chunks of at least 4 tiles
+#                   (MULTIQ_QUEUE_CHAIN_TILES=4: 16 chains of 16 chunks are 256 chunk
+#                   streams, about one per block of the H200's 264; 2-tile chunks make 512)
+#      and light with 8 in flight: off, queue, early, early-c4;
+#   3. a queue trace of minimal, 16 threads, 8 in flight, early-c4 (scripts/queue-trace.py);
 #   4. optional (MLP_LOOPS=N): the gpu_mlp test binary N times, under gdb where there is one.
 # Writes bench-*.json/txt, trace*, summary.txt into OUTDIR, packed as chain.tgz.
 set -u -o pipefail
@@ -18,21 +25,38 @@ mkdir -p "$out"
 bin=carry/bin/multiq
 { cat carry/BUILD; date -u +%FT%TZ; nvidia-smi --query-gpu=name,driver_version --format=csv,noheader; } > "$out/env.txt"
 timeout 240 carry/tests/gpu > "$out/tests.txt" 2>&1; echo "gpu tests: exit $?" >> "$out/tests.txt"
-MULTIQ_QUEUE_CHAIN=1 timeout 120 carry/tests/gpu device_queue > "$out/tests-chain.txt" 2>&1
-echo "gpu device_queue tests, chained: exit $?" >> "$out/tests-chain.txt"
-grep -h -E "^test result|FAILED|panicked|exit|^chain (true|false)" "$out/tests.txt" "$out/tests-chain.txt" | tee "$out/tests-summary.txt"
+# Each variant: its name and the environment that makes it.
+variants=(
+  "queue:"
+  "chain:MULTIQ_QUEUE_CHAIN=1 MULTIQ_QUEUE_CHAIN_EARLY=0"
+  "early:MULTIQ_QUEUE_CHAIN=1"
+  "early-c4:MULTIQ_QUEUE_CHAIN=1 MULTIQ_QUEUE_CHAIN_TILES=4"
+)
+for v in "${variants[@]:1}"; do
+  name=${v%%:*}
+  env ${v#*:} timeout 120 carry/tests/gpu device_queue > "$out/tests-chain-$name.txt" 2>&1
+  echo "gpu device_queue tests, $name: exit $?" >> "$out/tests-chain-$name.txt"
+done
+grep -h -E "^test result|FAILED|panicked|exit|^chain (true|false)" "$out"/tests*.txt | tee "$out/tests-summary.txt"
 q=(bench queues --backend cuda --scenario per-thread --lock none --quiet)
-run() { local name=$1; shift; timeout 100 "$bin" "${q[@]}" "$@" --json "$out/$name.json" > "$out/$name.txt" 2>&1 || echo "$name: exit $?" | tee -a "$out/errors.txt"; }
+# run NAME "ENV" ARGS...: one bench call, in the environment ENV (assignments; may be empty).
+run() {
+  local name=$1 vars=$2; shift 2
+  env $vars timeout 100 "$bin" "${q[@]}" "$@" --json "$out/$name.json" > "$out/$name.txt" 2>&1 ||
+    echo "$name: exit $?" | tee -a "$out/errors.txt"
+}
+minimal=(--preset minimal --threads 16 --iters 2000 --inflight 1,8)
 for round in 1 2 3; do
-  run bench-off-$round --preset minimal --threads 16 --iters 2000 --inflight 1,8 --coalesce off
-  for ct in ${CHUNK_TILES:-2 4}; do
-    MULTIQ_QUEUE_CHUNK_TILES=$ct run bench-queue-t$ct-$round --preset minimal --threads 16 --iters 2000 --inflight 1,8 --coalesce persistent
-    MULTIQ_QUEUE_CHAIN=1 MULTIQ_QUEUE_CHUNK_TILES=$ct run bench-chain-t$ct-$round --preset minimal --threads 16 --iters 2000 --inflight 1,8 --coalesce persistent
+  run bench-off-$round "" "${minimal[@]}" --coalesce off
+  for v in "${variants[@]}"; do
+    run "bench-${v%%:*}-$round" "${v#*:}" "${minimal[@]}" --coalesce persistent
   done
 done
-run bench-light-queue --preset light --threads 16 --iters 300 --inflight 8 --coalesce off,persistent
-MULTIQ_QUEUE_CHAIN=1 run bench-light-chain --preset light --threads 16 --iters 300 --inflight 8 --coalesce persistent
-MULTIQ_QUEUE_CHAIN=1 MULTIQ_QUEUE_TRACE="$out/trace-chain-if8" MULTIQ_QUEUE_TRACE_FROM=3000 timeout 100 "$bin" "${q[@]}" \
+light=(--preset light --threads 16 --iters 300 --inflight 8)
+run bench-light-queue "" "${light[@]}" --coalesce off,persistent
+run bench-light-early "MULTIQ_QUEUE_CHAIN=1" "${light[@]}" --coalesce persistent
+run bench-light-early-c4 "MULTIQ_QUEUE_CHAIN=1 MULTIQ_QUEUE_CHAIN_TILES=4" "${light[@]}" --coalesce persistent
+MULTIQ_QUEUE_CHAIN=1 MULTIQ_QUEUE_CHAIN_TILES=4 MULTIQ_QUEUE_TRACE="$out/trace-chain-if8" MULTIQ_QUEUE_TRACE_FROM=3000 timeout 100 "$bin" "${q[@]}" \
   --preset minimal --iters 4000 --coalesce persistent --threads 16 --inflight 8 --json "$out/trace-chain-if8.json" \
   > "$out/trace-chain-if8.txt" 2>&1 || echo "trace: exit $?" | tee -a "$out/errors.txt"
 python3 scripts/queue-trace.py "$out"/trace-chain-if8-[0-9].csv > "$out/trace.txt" 2>&1
@@ -55,30 +79,28 @@ for f in sorted(glob.glob(sys.argv[1] + "/bench-*.json")):
               f"{r['ops_per_sec']:>11,.0f} ops/s p50 {r['latency_us']['p50']:7.1f} p99 {r['latency_us']['p99']:7.1f} us "
               f"chained {c.get('chained', 0):>7} of {c.get('ops', 0):>7} verified={r['verified']}")
 PY
-# Medians over the rounds, and the ratios the decision rests on (chained against the queue as
-# it is and against `off`, each at the same chunk size and depth).
+# Medians over the rounds, and the ratios the decision rests on (each variant against `off`
+# and against the unchained queue, at the same depth).
 python3 - "$out" <<'PY' | tee -a "$out/summary.txt"
 import glob, json, re, statistics, sys
 cells = {}
 for f in glob.glob(sys.argv[1] + "/bench-*-[0-9].json"):
     variant = re.sub(r"-\d+$", "", f.split("/")[-1][len("bench-"):-len(".json")])
     for r in json.load(open(f))["runs"]:
-        cells.setdefault((variant, r["inflight"]), []).append(r["ops_per_sec"])
-med = {k: statistics.median(v) for k, v in cells.items()}
+        c = r.get("coalesce_stats") or {}
+        cells.setdefault((variant, r["inflight"]), []).append((r["ops_per_sec"], c.get("chained", 0) / max(c.get("ops", 0), 1)))
+med = {k: statistics.median(x for x, _ in v) for k, v in cells.items()}
 print("\nmedian over rounds (minimal, 16 threads):")
-for (variant, inflight), m in sorted(med.items()):
-    line = f"  {variant:<10} if{inflight}: {m:>11,.0f} ops/s ({len(cells[(variant, inflight)])} rounds)"
-    off = med.get(("off", inflight))
+for (variant, inflight), m in sorted(med.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+    runs = cells[(variant, inflight)]
+    line = f"  if{inflight} {variant:<9} {m:>11,.0f} ops/s ({len(runs)} rounds, chained {statistics.median(c for _, c in runs):4.0%})"
+    off, queue = med.get(("off", inflight)), med.get(("queue", inflight))
     if off:
         line += f"  {m / off:5.2f}x off"
-    if variant.startswith("chain-"):
-        queue = med.get(("queue-" + variant[len("chain-"):], inflight))
-        if queue:
-            line += f"  {m / queue:5.2f}x the queue unchained"
-    if inflight == 8:
-        line += f"  ({m / 2e6:4.2f} of the 2M target)"
-    elif inflight == 1:
-        line += f"  ({m / 9e5:4.2f} of the 900k target)"
+    if queue and variant not in ("off", "queue"):
+        line += f"  {m / queue:5.2f}x queue"
+    target = 2e6 if inflight == 8 else 9e5
+    line += f"  ({m / target:4.2f} of the {'2M' if inflight == 8 else '900k'} target)"
     print(line)
 PY
 cat "$out/trace.txt" >> "$out/summary.txt"

@@ -15,6 +15,13 @@
 //!   counts that chunk on `B`'s word, and so on down the chain. A failed swap means at least one
 //!   chunk of `A` was counted without seeing `B`; `B` is then queued as usual, and its chunks
 //!   wait until `A` is done.
+//! - **Early start** (the kernel's `chain_early`). Before its fence, a block also *peeks* at
+//!   `A`'s word (a relaxed load, unordered with anything before it). If the word is a park
+//!   of `A`'s own lap ([`peeked_successor`]), the block runs chunk `k` of `B` before counting
+//!   chunk `k` of `A` (on the GPU the other threads run it while thread 0 counts). A word the
+//!   slot's previous op left carries another lap and is ignored; the count's add then decides
+//!   as above. A park is never undone while `A` is incomplete, and `A` cannot complete before
+//!   this block counts, so the add finds the successor the peek found.
 //!
 //! Invariants the models check:
 //! - Every chunk of every op runs exactly once, on the values the op before it left there:
@@ -22,13 +29,16 @@
 //! - Every op is marked done exactly once.
 //! - Whoever sees the last op done (acquire) sees every op's writes.
 //! - A count word left over from the slot's previous op, parked successor included, is never
-//!   taken for the new op's.
+//!   taken for the new op's, by the count or by a peek.
+//! - A successor found by a peek is the one the count finds.
 //!
 //! Not modelled: the chunk ring that hands out the first op's chunks (`chunk_ring.rs` models
 //! it); the dispatcher's lanes (its chain table, the pointer jumping over one round's lanes,
 //! the layout a chained op takes, the guard against a predecessor's slot being reused in the
 //! same round, no-ops, the stop op, relaunch), which are the kernel's alone; distances other
-//! than 1.
+//! than 1; inside a block, the barrier after a chunk and the entry through which thread 0
+//! tells the other threads what it peeked (one per parity of the block's chunks, so thread 0
+//! never rewrites an entry before every thread read it).
 //!
 //! What the models cannot show: that the two fences around a park are needed. In loom a
 //! read-modify-write reads the latest store in the order the model ran them, so the
@@ -41,22 +51,45 @@
 /// Bit of a count word that says an op is parked on it (the kernel's `COUNT_PARKED`).
 pub const COUNT_PARKED: u64 = 1 << 63;
 
-/// The count word of an op with a successor parked on it, before any chunk was counted (the
-/// kernel's): the successor comes `distance` op numbers later (1..4,095) and runs `iters`
-/// iterations (below 65,536).
-pub fn parked_word(distance: u64, iters: u32) -> u64 {
-    debug_assert!((1..1 << 12).contains(&distance) && iters < 1 << 16);
-    COUNT_PARKED | distance << 48 | u64::from(iters) << 32
+/// Bits of a count word that count chunks (the kernel's `COUNT_CHUNKS`; an op has at most
+/// `MAX_OP_CHUNKS`, 480).
+const COUNT_CHUNKS: u64 = 0xffff;
+
+/// The lap of op number `op` as a park on it records it (the kernel's `COUNT_LAP`): which
+/// time round the ring of `slots` slots it is, modulo 65,536.
+pub fn lap(op: u64, slots: u64) -> u32 {
+    ((op / slots) & 0xffff) as u32
 }
 
-/// The successor a count word names, if one is parked on it: (distance, iterations).
+/// The count word of an op of lap `lap` with a successor parked on it, before any chunk was
+/// counted (the kernel's): the successor comes `distance` op numbers later (1..4,095) and runs
+/// `iters` iterations (below 65,536).
+pub fn parked_word(distance: u64, iters: u32, lap: u32) -> u64 {
+    debug_assert!((1..1 << 12).contains(&distance) && iters < 1 << 16 && lap < 1 << 16);
+    COUNT_PARKED | distance << 48 | u64::from(iters) << 32 | u64::from(lap) << 16
+}
+
+/// The successor a count word names, if one is parked on it: (distance, iterations). For the
+/// count's add, which is ordered after the op's reset (so the word is this op's).
 pub fn parked_successor(word: u64) -> Option<(u64, u32)> {
     (word & COUNT_PARKED != 0).then_some(((word >> 48) & 0xfff, ((word >> 32) & 0xffff) as u32))
 }
 
+/// The successor a peeked count word names for an op of lap `lap`, if it is a park of that op
+/// (the kernel's `peeked_link`): a peek is not ordered after the op's reset, so it may read
+/// what the slot's previous op left, which carries another lap.
+pub fn peeked_successor(word: u64, lap: u32) -> Option<(u64, u32)> {
+    let mine = COUNT_PARKED | u64::from(lap) << 16;
+    if word & (COUNT_PARKED | 0xffff << 16) == mine {
+        parked_successor(word)
+    } else {
+        None
+    }
+}
+
 /// The chunks a count word has counted.
 pub fn counted(word: u64) -> u32 {
-    word as u32
+    (word & COUNT_CHUNKS) as u32
 }
 
 #[cfg(test)]
@@ -65,15 +98,36 @@ mod tests {
 
     #[test]
     fn a_parked_word_names_its_successor_and_counts_on_without_touching_it() {
-        let w = parked_word(1023, 65535);
+        let w = parked_word(1023, 65535, 0xffff);
         assert_eq!(parked_successor(w), Some((1023, 65535)));
         assert_eq!(counted(w), 0);
-        // Counting chunks (the kernel's atomicAdd of 1) leaves the successor as it was.
-        let w = w + 263;
-        assert_eq!(counted(w), 263);
+        // Counting chunks (the kernel's atomicAdd of 1) leaves the successor as it was, up to
+        // the most chunks an op has.
+        let w = w + 480;
+        assert_eq!(counted(w), 480);
         assert_eq!(parked_successor(w), Some((1023, 65535)));
+        assert_eq!(peeked_successor(w, 0xffff), Some((1023, 65535)));
         assert_eq!(parked_successor(263), None);
         assert_eq!(parked_successor(0), None);
+    }
+
+    #[test]
+    fn a_peek_takes_only_a_park_of_its_own_ops_lap() {
+        let slots = 1024;
+        let (op, before) = (5 * slots + 7, 4 * slots + 7);
+        assert_eq!(lap(op, slots), lap(before, slots) + 1);
+        // The slot's previous op's park, counted or not, is not this op's.
+        let stale = parked_word(1, 9, lap(before, slots));
+        assert_eq!(peeked_successor(stale, lap(op, slots)), None);
+        assert_eq!(peeked_successor(stale + 3, lap(op, slots)), None);
+        assert_eq!(peeked_successor(stale, lap(before, slots)), Some((1, 9)));
+        // Nothing parked: a count, or a reset word.
+        assert_eq!(peeked_successor(3, lap(op, slots)), None);
+        assert_eq!(peeked_successor(0, 0), None);
+        // Laps wrap at 65,536 (a peek is never that far behind).
+        assert_eq!(lap(65_536 * slots + 1, slots), 0);
+        let w = parked_word(2, 10, lap(op, slots)) + 1;
+        assert_eq!(peeked_successor(w, lap(op, slots)), Some((2, 10)));
     }
 }
 
@@ -81,7 +135,7 @@ mod tests {
 /// blocks), for the models.
 #[cfg(test)]
 mod model {
-    use super::{counted, parked_successor, parked_word};
+    use super::{counted, parked_successor, parked_word, peeked_successor};
     use crate::sync::{AtomicU64, Condvar, Mutex, Ordering};
     #[cfg(loom)]
     use loom::sync::atomic::fence;
@@ -95,8 +149,9 @@ mod model {
 
     /// One run: a block per chunk runs op 0's chunk (and what is chained to it) while the
     /// dispatcher parks the other ops, then claims those it could not park; then the checks.
-    pub(super) fn play(ops: usize, chunks: u32) {
-        let chain = Arc::new(Chain::new(ops, chunks));
+    /// `early`: blocks peek and start a parked successor early.
+    pub(super) fn play(ops: usize, chunks: u32, early: bool) {
+        let chain = Arc::new(Chain::new(ops, chunks, early));
         let blocks: Vec<_> = (0..chunks)
             .map(|k| {
                 let chain = chain.clone();
@@ -127,6 +182,7 @@ mod model {
     pub(super) struct Chain {
         ops: usize,
         chunks: u32,
+        early: bool,
         /// Per op: its count word, its done word (1 + op once done).
         count: Vec<AtomicU64>,
         done: Vec<AtomicU64>,
@@ -141,21 +197,28 @@ mod model {
         changed: Condvar,
     }
 
-    /// A count word as the slot's previous op left it: finished, with a successor parked.
-    const STALE: u64 = 0x8001_0009_0000_0002;
+    /// The lap of the model's ops (each in a slot of its own).
+    const LAP: u32 = 1;
+
+    /// A count word as the slot's previous op left it (the lap before): two chunks counted,
+    /// with a successor parked (iterations 7: the model's parks have 9).
+    fn stale() -> u64 {
+        parked_word(1, 7, LAP - 1) + 2
+    }
 
     impl Chain {
-        pub(super) fn new(ops: usize, chunks: u32) -> Chain {
+        pub(super) fn new(ops: usize, chunks: u32, early: bool) -> Chain {
             assert!((2..8).contains(&ops), "values hold 7 ops");
             let zeroed = |n: usize| (0..n).map(|_| AtomicU64::new(0)).collect::<Vec<_>>();
             // Op 0 was forwarded (its word reset) before the blocks claimed its chunks; the
             // others' words still hold what their slots' previous ops left.
             let count = (0..ops)
-                .map(|op| AtomicU64::new(if op == 0 { 0 } else { STALE }))
+                .map(|op| AtomicU64::new(if op == 0 { 0 } else { stale() }))
                 .collect();
             Chain {
                 ops,
                 chunks,
+                early,
                 count,
                 done: zeroed(ops),
                 ran: zeroed(ops * chunks as usize),
@@ -185,22 +248,47 @@ mod model {
             }
         }
 
+        /// Runs chunk `k` of `op` on the values the ops before it left.
+        fn run_chunk(&self, op: usize, k: u32) {
+            let chunk = &self.data[k as usize];
+            let value = chunk.load(Ordering::Relaxed);
+            assert_eq!(
+                value,
+                after(op),
+                "op {op} chunk {k}: the ops before it ran first"
+            );
+            chunk.store(apply(value, op), Ordering::Relaxed);
+            self.ran[op * self.chunks as usize + k as usize].fetch_add(1, Ordering::Relaxed);
+        }
+
+        /// The op a park on `op` names.
+        fn successor(&self, op: usize, (distance, iters): (u64, u32)) -> usize {
+            assert_eq!(iters, 9, "the successor's iterations");
+            let next = op + distance as usize;
+            assert!(next < self.ops, "a successor this chain has");
+            next
+        }
+
         /// Runs chunk `k` of `op`, counts it, and follows the chain from there: the kernel's
-        /// compute block from a claimed chunk on (`finish_and_next`).
+        /// compute block from a claimed chunk on (`queue_compute`, `finish_and_next`).
         pub(super) fn run_from(&self, mut op: usize, k: u32) {
+            self.run_chunk(op, k);
             loop {
-                let chunk = &self.data[k as usize];
-                let value = chunk.load(Ordering::Relaxed);
-                assert_eq!(
-                    value,
-                    after(op),
-                    "op {op} chunk {k}: the ops before it ran first"
-                );
-                chunk.store(apply(value, op), Ordering::Relaxed);
-                self.ran[op * self.chunks as usize + k as usize].fetch_add(1, Ordering::Relaxed);
+                // Thread 0's peek, before the fence (early start only).
+                let peek = if self.early {
+                    self.count[op].load(Ordering::Relaxed)
+                } else {
+                    0
+                };
                 // The kernel's __threadfence after a chunk (a fence.sc): releases its writes to
                 // whoever completes the op, and acquires the park read by the last count.
                 fence(Ordering::AcqRel);
+                let early = peeked_successor(peek, LAP);
+                if let Some(link) = early {
+                    // Early start: the block runs the successor's chunk while thread 0 counts
+                    // (here, before it: the weaker order).
+                    self.run_chunk(self.successor(op, link), k);
+                }
                 let old = self.count[op].fetch_add(1, Ordering::Relaxed);
                 if counted(old) + 1 == self.chunks {
                     // complete(): a system-wide fence, then the done word.
@@ -209,11 +297,17 @@ mod model {
                     assert_eq!(before, 0, "op {op} marked done twice");
                     self.announce();
                 }
-                match parked_successor(old) {
-                    Some((distance, iters)) => {
-                        assert_eq!(iters, 9, "the successor's iterations");
-                        op += distance as usize;
-                        assert!(op < self.ops, "a successor this chain has");
+                let link = parked_successor(old);
+                if early.is_some() {
+                    assert_eq!(link, early, "op {op}: the count finds the peeked successor");
+                }
+                match link {
+                    Some(link) => {
+                        let next = self.successor(op, link);
+                        if early.is_none() {
+                            self.run_chunk(next, k);
+                        }
+                        op = next;
                     }
                     None => return,
                 }
@@ -232,7 +326,7 @@ mod model {
             for op in 1..self.ops {
                 let park = self.count[op - 1].compare_exchange(
                     0,
-                    parked_word(1, 9),
+                    parked_word(1, 9, LAP),
                     Ordering::Relaxed,
                     Ordering::Relaxed,
                 );
@@ -287,8 +381,8 @@ mod model {
 mod thread_tests {
     #[test]
     fn a_chain_runs_every_chunk_once_in_order_however_the_parks_fall() {
-        for round in 0..200u32 {
-            super::model::play(2 + round as usize % 6, 1 + round % 4);
+        for round in 0..400u32 {
+            super::model::play(2 + round as usize % 6, 1 + round % 4, round % 2 == 1);
         }
     }
 }
@@ -296,24 +390,38 @@ mod thread_tests {
 #[cfg(all(test, loom))]
 mod loom_tests {
     /// `ops` ops of two chunks; two blocks run op 0's chunks while the dispatcher parks the
-    /// rest (or queues them and claims their chunks itself).
-    fn run(ops: usize, preemptions: usize) {
+    /// rest (or queues them and claims their chunks itself). `early`: blocks peek and start a
+    /// parked successor before counting.
+    fn run(ops: usize, preemptions: usize, early: bool) {
         let mut model = loom::model::Builder::new();
         model.preemption_bound = Some(preemptions);
-        model.check(move || super::model::play(ops, 2));
+        model.check(move || super::model::play(ops, 2, early));
     }
     /// One successor, parked while op 0's two chunks run and count: it runs once per chunk,
     /// after op 0's chunk, whether the park came before both counts, between them (it fails:
     /// the successor is queued) or after them.
     #[test]
     fn a_successor_parked_while_its_predecessor_runs_runs_each_chunk_once() {
-        run(2, 3);
+        run(2, 3, false);
     }
 
     /// Two successors parked in one round (the second on the first, whose word was just
     /// reset): chained, queued, or one of each.
     #[test]
     fn a_chain_of_two_successors_runs_in_order() {
-        run(3, 2);
+        run(3, 2, false);
+    }
+
+    /// Early start: a peek that finds the park starts the successor before the count; one
+    /// that finds nothing, or the word the slot's previous op left (op 1's, before its reset
+    /// is visible to a block that reached op 1 through op 0's park), leaves it to the count.
+    #[test]
+    fn a_block_starts_only_a_successor_parked_on_its_own_op() {
+        run(2, 3, true);
+    }
+
+    #[test]
+    fn a_chain_of_two_successors_started_early_runs_in_order() {
+        run(3, 2, true);
     }
 }

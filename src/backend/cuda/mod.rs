@@ -49,8 +49,8 @@ pub struct CudaBackend {
     kernels: Arc<kernels::Kernels>,
     info: DeviceInfo,
     wait: WaitPolicy,
-    /// Device queues chain ops ([`DeviceOptions::queue_chain`]).
-    queue_chain: bool,
+    /// How device queues split and chain ops ([`DeviceOptions::queue_chain`]).
+    queue: queue::QueueSettings,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -132,19 +132,16 @@ impl CudaBackend {
         let alloc_stream = ctx.new_stream().map_err(|e| driver_error("stream", e))?;
         let kernels = kernels::for_device(&ctx, opts.ordinal)?;
         let wait = opts.wait.unwrap_or(DEFAULT_WAIT);
-        let queue_chain = opts.queue_chain.unwrap_or_else(queue::chaining_from_env);
+        let queue = queue::QueueSettings::new(opts.queue_chain);
         let mut info = device_info(&ctx, wait)?;
-        info.extra.push((
-            "queue_chain".into(),
-            if queue_chain { "on" } else { "off" }.into(),
-        ));
+        info.extra.extend(queue.describe());
         Ok(CudaBackend {
             ctx,
             alloc_stream,
             kernels,
             info,
             wait,
-            queue_chain,
+            queue,
         })
     }
 }
@@ -240,7 +237,7 @@ impl Backend for CudaBackend {
             &self.ctx,
             self.kernels.simple_compute_queue.clone(),
             self.kernels.multiprocessors,
-            self.queue_chain,
+            self.queue,
         )?;
         Ok(Some(Arc::new(queue)))
     }

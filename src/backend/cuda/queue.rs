@@ -25,7 +25,10 @@
 //!   word instead of queueing its chunks, and each block that finishes a chunk of the
 //!   predecessor runs the same chunk of it next (`sync/chunk_chain.rs` models the hand-off).
 //!   Ops on one buffer 8 in flight then hold no block waiting for their predecessor, except
-//!   where a park fails (the predecessor had already started) and the op is queued.
+//!   where a park fails (the predecessor had already started) and the op is queued. With
+//!   early start, a block peeks at the count word before counting and starts a parked
+//!   successor's chunk while thread 0 counts. [`QueueSettings`] has the knobs for comparing
+//!   variants (least chunk size of a chain, early start), which results files record.
 //! - **Idle exit and relaunch.** When nothing was published for `IDLE_EXIT`, the kernel
 //!   records `{t, epoch}` in host memory and leaves, so an idle queue never holds the device
 //!   (other streams' kernels need its multiprocessors). After publishing, a submitter checks
@@ -68,12 +71,12 @@ const CHUNK_THREADS: u32 = 1024;
 /// (bench/results/h200/coalesce/18f2c28/tiles-*).
 pub const DEFAULT_CHUNK_TILES: u32 = 2;
 
-fn chunk_tiles() -> u32 {
-    std::env::var("MULTIQ_QUEUE_CHUNK_TILES")
+/// A tile count from the environment variable `name` (1..=1024), if it holds one.
+fn tiles_from_env(name: &str) -> Option<u32> {
+    std::env::var(name)
         .ok()
         .and_then(|v| v.parse::<u32>().ok())
         .filter(|&v| (1..=1024).contains(&v))
-        .unwrap_or(DEFAULT_CHUNK_TILES)
 }
 
 /// A timeline trace of the queue (diagnostics): with `MULTIQ_QUEUE_TRACE=PREFIX`, each queue
@@ -201,12 +204,55 @@ const FLAG_NOP: u32 = 2;
 /// chunk of the predecessor, on the block that ran it) instead of queueing its chunks.
 const FLAG_CHAIN: u32 = 4;
 
-/// Whether ops may be chained to their buffer's previous op on the device (`FLAG_CHAIN`) when
-/// the device options leave it open: `MULTIQ_QUEUE_CHAIN=1` turns it on. Off by default until
-/// measured on a GPU: it was built (and model-checked, `sync::chunk_chain`) in a session
-/// without one.
-pub(super) fn chaining_from_env() -> bool {
-    std::env::var("MULTIQ_QUEUE_CHAIN").is_ok_and(|v| v == "1")
+/// How a device queue splits and chains ops; the same for every queue of a backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct QueueSettings {
+    /// Most tiles per chunk on a busy device ([`DEFAULT_CHUNK_TILES`]).
+    pub chunk_tiles: u32,
+    /// Whether ops may be chained to their buffer's previous op (`FLAG_CHAIN`).
+    pub chain: bool,
+    /// Least tiles per chunk of an op flagged to chain (a chain keeps its first op's layout,
+    /// and each of its chunks keeps one block busy while the chain grows).
+    pub chain_tiles: u32,
+    /// Whether a block starts a parked successor's chunk before counting its predecessor's
+    /// (the kernel's early start).
+    pub chain_early: bool,
+}
+
+impl QueueSettings {
+    /// The settings for `chain` (`None`: on if `MULTIQ_QUEUE_CHAIN=1`; off by default until
+    /// measured on a GPU: it was built, and model-checked in `sync::chunk_chain`, in sessions
+    /// without one), with the diagnostic knobs for comparing variants on a GPU:
+    /// `MULTIQ_QUEUE_CHUNK_TILES`, `MULTIQ_QUEUE_CHAIN_TILES` (1..=1024; default: the chunk
+    /// size) and `MULTIQ_QUEUE_CHAIN_EARLY=0` (early start off).
+    pub fn new(chain: Option<bool>) -> QueueSettings {
+        let chain =
+            chain.unwrap_or_else(|| std::env::var("MULTIQ_QUEUE_CHAIN").is_ok_and(|v| v == "1"));
+        let chunk_tiles = tiles_from_env("MULTIQ_QUEUE_CHUNK_TILES").unwrap_or(DEFAULT_CHUNK_TILES);
+        QueueSettings {
+            chunk_tiles,
+            chain,
+            chain_tiles: tiles_from_env("MULTIQ_QUEUE_CHAIN_TILES").unwrap_or(chunk_tiles),
+            chain_early: std::env::var("MULTIQ_QUEUE_CHAIN_EARLY").map_or(true, |v| v != "0"),
+        }
+    }
+
+    /// The settings as a results file records them (device info).
+    pub fn describe(&self) -> Vec<(String, String)> {
+        let mut out = vec![
+            (
+                "queue_chain".into(),
+                if self.chain { "on" } else { "off" }.into(),
+            ),
+            ("queue_chunk_tiles".into(), self.chunk_tiles.to_string()),
+        ];
+        if self.chain {
+            out.push(("queue_chain_tiles".into(), self.chain_tiles.to_string()));
+            let early = if self.chain_early { "on" } else { "off" };
+            out.push(("queue_chain_early".into(), early.into()));
+        }
+        out
+    }
 }
 
 /// One op as the host publishes it; the layout of the kernel's `HostSlot`: one cache line,
@@ -292,6 +338,8 @@ const MAX_OP_CHUNKS: usize = 480;
 // A word outlives its reader: a ring of ops' chunks and the exit words of a grid far larger than
 // any device's fit in one lap.
 const _: () = assert!(SLOTS * MAX_OP_CHUNKS + 4096 < CHUNK_RING);
+// A count word counts an op's chunks in its low 16 bits (the kernel's `COUNT_CHUNKS`).
+const _: () = assert!(MAX_OP_CHUNKS < 1 << 16);
 
 /// Layout of the device allocation: (dring, count, dev_done, chunks, ctr) offsets and size.
 const DEV_COUNT: usize = SLOTS * DEV_SLOT_BYTES;
@@ -326,6 +374,8 @@ struct QueueParams {
     trace_from: u64,
     host_chained: u64,
     chained_start: u64,
+    chain_tiles: u32,
+    chain_early: u32,
 }
 
 /// One op's fields, as written into a `HostSlot`; `after`: the stream's previous op and the
@@ -351,12 +401,10 @@ pub(super) struct CudaDeviceQueue {
     stream: Arc<CudaStream>,
     function: CudaFunction,
     grid: u32,
-    /// Most 1,024-element tiles per chunk on a busy device (see the kernel).
-    chunk_tiles: u32,
+    /// Chunk sizes and chaining (see the kernel).
+    settings: QueueSettings,
     /// Tickets, slot reuse and kernel launches.
     ring: OpRing,
-    /// Whether ops may be chained on the device.
-    chain: bool,
     /// The timeline trace, when `MULTIQ_QUEUE_TRACE` asks for one.
     trace: Option<Trace>,
     ctx: Arc<CudaContext>,
@@ -374,7 +422,7 @@ impl CudaDeviceQueue {
         ctx: &Arc<CudaContext>,
         function: CudaFunction,
         multiprocessors: u32,
-        chain: bool,
+        settings: QueueSettings,
     ) -> Result<Self> {
         bind(ctx)?;
         let per_sm = function
@@ -419,9 +467,8 @@ impl CudaDeviceQueue {
             stream,
             function,
             grid,
-            chunk_tiles: chunk_tiles(),
+            settings,
             ring: OpRing::new(SLOTS as u64),
-            chain,
             trace: Trace::from_env(),
             ctx: ctx.clone(),
         };
@@ -467,13 +514,15 @@ impl CudaDeviceQueue {
             epoch,
             idle_ns: IDLE_EXIT.as_nanos() as u64,
             slots: SLOTS as u32,
-            chunk_tiles: self.chunk_tiles,
+            chunk_tiles: self.settings.chunk_tiles,
             trace: self.trace.as_ref().map_or(0, |t| t.dev),
             trace_from: self.trace.as_ref().map_or(0, |t| t.from),
             host_chained: self.host_dev + std::mem::offset_of!(HostRegion, chained) as u64,
             // The previous kernel of this queue has left (a relaunch follows its exit record,
             // written after its last count).
             chained_start: self.region().chained.0.load(Ordering::Acquire),
+            chain_tiles: self.settings.chain_tiles,
+            chain_early: u32::from(self.settings.chain && self.settings.chain_early),
         };
         bind(&self.ctx)?;
         // SAFETY: the chunk queue is within the live allocation (invariant); the memset is
@@ -528,7 +577,7 @@ impl RingDevice for CudaDeviceQueue {
     fn write(&self, index: usize, t: u64, op: &SlotOp, nop: bool) {
         let slot = &self.region().ring[index];
         let pending = [self.pending(t, op.after[0]), self.pending(t, op.after[1])];
-        let words = slot_words(t, op, pending, nop, self.chain);
+        let words = slot_words(t, op, pending, nop, self.settings.chain);
         slot.w[0].store(words[0], Ordering::Relaxed);
         slot.w[1].store(words[1], Ordering::Relaxed);
         if let Some(trace) = &self.trace {
@@ -796,6 +845,99 @@ mod tests {
         assert_eq!(kernel_define("FLAG_NOP"), u64::from(FLAG_NOP));
         assert_eq!(kernel_define("FLAG_CHAIN"), u64::from(FLAG_CHAIN));
         assert_eq!(kernel_define("QUEUE_TILE"), u64::from(CHUNK_THREADS));
+        // A count word counts an op's chunks in its low 16 bits.
+        assert_eq!(kernel_define("COUNT_CHUNKS"), 0xffff);
+    }
+
+    /// The fields of the kernel's `QueueParams`, in order, with their C offsets (each
+    /// `unsigned long long` or pointer 8 bytes, `unsigned int` 4, naturally aligned).
+    fn kernel_params() -> Vec<(String, usize)> {
+        let source = include_str!("queue_kernel.cu");
+        let start = source
+            .find("struct QueueParams {")
+            .expect("struct QueueParams");
+        let body = &source[start..];
+        let body = &body[body.find('{').unwrap() + 1..body.find("};").unwrap()];
+        let mut fields = Vec::new();
+        let mut offset = 0usize;
+        for decl in body.lines().map(|l| l.split("//").next().unwrap()) {
+            for decl in decl.split(';').map(str::trim).filter(|d| !d.is_empty()) {
+                let size = if decl.starts_with("unsigned int ") {
+                    4
+                } else {
+                    8
+                };
+                let names = decl.trim_start_matches("unsigned long long").trim();
+                let names = names.trim_start_matches("unsigned int").trim();
+                for name in names.split(',') {
+                    let name = name.trim();
+                    let pointer = name.starts_with('*') || decl.contains('*');
+                    let size = if pointer { 8 } else { size };
+                    offset = offset.next_multiple_of(size);
+                    let name = name.split('*').next_back().unwrap().trim();
+                    fields.push((name.to_string(), offset));
+                    offset += size;
+                }
+            }
+        }
+        fields
+    }
+
+    #[test]
+    fn the_kernel_parameter_matches_the_kernel_layout() {
+        macro_rules! fields {
+            ($($f:ident),*) => { vec![$((stringify!($f).to_string(), std::mem::offset_of!(QueueParams, $f))),*] };
+        }
+        let host = fields!(
+            ring,
+            host_done,
+            host_exit,
+            dring,
+            count,
+            dev_done,
+            chunks,
+            ctr,
+            start,
+            epoch,
+            idle_ns,
+            slots,
+            chunk_tiles,
+            trace,
+            trace_from,
+            host_chained,
+            chained_start,
+            chain_tiles,
+            chain_early
+        );
+        assert_eq!(kernel_params(), host);
+        assert_eq!(std::mem::size_of::<QueueParams>() % 8, 0);
+    }
+
+    #[test]
+    fn results_record_the_chain_settings_only_where_ops_chain() {
+        let mut s = QueueSettings {
+            chunk_tiles: 2,
+            chain: false,
+            chain_tiles: 4,
+            chain_early: true,
+        };
+        let keys = |s: &QueueSettings| {
+            s.describe()
+                .into_iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(keys(&s), ["queue_chain=off", "queue_chunk_tiles=2"]);
+        s.chain = true;
+        assert_eq!(
+            keys(&s),
+            [
+                "queue_chain=on",
+                "queue_chunk_tiles=2",
+                "queue_chain_tiles=4",
+                "queue_chain_early=on"
+            ]
+        );
     }
 
     #[test]

@@ -41,6 +41,16 @@
 // already hold chunks earlier in the queue. If the swap fails (a chunk of A already finished,
 // A completed, or A has a successor), B is forwarded as usual and its blocks wait for A.
 // src/sync/chunk_chain.rs models this hand-off.
+//
+// Early start (chain_early): thread 0 of a block peeks at the count word of the op it ran
+// (one load, in flight together with the fence after the chunk) and, when a successor is
+// parked there, the block starts the successor's chunk at once: every thread computes it
+// while thread 0 counts the finished chunk (the atomic round trip and one barrier per link
+// are off the block's critical path). Each thread runs the successor on the elements it wrote
+// itself, so nothing but the peek is needed. A peek may only act on a park of this op: the
+// park carries the op's lap (COUNT_LAP), and a word left by the slot's previous op has
+// another. A park is never undone while the op is incomplete, and the op cannot complete
+// before this block counts its chunk, so the count's add finds the same successor.
 #define QUEUE_TILE 1024u  // one element per thread of a block
 // Chunk words: larger than the chunks of a whole host ring of ops plus one set of exit words
 // (QUEUE_SLOTS * MAX_OP_CHUNKS + grid), so a word is never rewritten before the block that
@@ -58,10 +68,13 @@
 #define TAG_SHIFT 48
 // Slots of the host ring (the host's SLOTS; the dispatcher's chain table has one entry each).
 #define QUEUE_SLOTS 1024u
-// An op's count word: chunks finished (bits 0..31) and, once an op is parked on it, its
-// successor: iterations (bits 32..47), how many op numbers later it is (bits 48..59), and
-// COUNT_PARKED. Reset to 0 by the dispatcher when it forwards the op.
+// An op's count word: chunks finished (bits 0..15; at most MAX_OP_CHUNKS) and, once an op is
+// parked on it, the predecessor's lap (bits 16..31, COUNT_LAP), the successor's iterations
+// (bits 32..47), how many op numbers later it is (bits 48..59), and COUNT_PARKED. Reset to 0
+// by the dispatcher when it forwards the op.
 #define COUNT_PARKED (1ull << 63)
+#define COUNT_CHUNKS 0xffffull
+#define COUNT_LAP(op, slots) ((((op) / (slots)) & 0xffffull) << 16)
 struct HostSlot { unsigned long long w[8]; };  // w0: address; w1: elements | iterations << 32;
                                                // w2: dependency distances (12 bits each) |
                                                // flags << 24; each | tag << 48
@@ -79,6 +92,9 @@ struct QueueParams {
     // Ops chained so far (host-mapped, written by the dispatcher; statistics), and its value
     // when this kernel was launched.
     unsigned long long* host_chained; unsigned long long chained_start;
+    // Least tiles per chunk of an op flagged FLAG_CHAIN (and of a layout chained to); whether
+    // blocks start a parked successor early (see the top of this file).
+    unsigned int chain_tiles, chain_early;
 };
 __device__ __forceinline__ unsigned long long ld_acquire_sys(const unsigned long long* p) {
     unsigned long long v; asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory"); return v;
@@ -205,7 +221,8 @@ __device__ void queue_dispatch(const QueueParams& q) {
         // device small ops come in few chunks) unless the device has blocks to spare: the
         // blocks not busy with earlier chunks are shared among this round's ops, so an op on
         // a quiet device spreads over many multiprocessors (its latency is its work divided
-        // by the multiprocessors it gets). Chunks are never larger than chunk_tiles allows.
+        // by the multiprocessors it gets). Chunks are larger than chunk_tiles only
+        // where an op would need more chunks than it may have, or follows another (below).
         const unsigned long long tiles = ((unsigned long long)len + QUEUE_TILE - 1u) / QUEUE_TILE;
         const unsigned long long backlog = cq.forwarded - cq.finished;
         const unsigned long long idle = backlog >= blocks ? 1ull : blocks - backlog;
@@ -216,19 +233,20 @@ __device__ void queue_dispatch(const QueueParams& q) {
         const unsigned long long fewest = (tiles + spread - 1u) / spread;
         if (per < fewest) per = fewest;
         // An op that follows another on its buffer (FLAG_CHAIN) is part of a pipeline: it
-        // gets a busy device's chunks even where blocks look idle (blocks following chains
-        // count as idle here: only queued chunks are counted finished), so a chain can start
-        // at it if it is not chained itself.
-        if ((flags & FLAG_CHAIN) != 0u && per < q.chunk_tiles) per = q.chunk_tiles;
+        // gets chunks of at least chain_tiles tiles even where blocks look idle (blocks
+        // following chains count as idle here: only queued chunks are counted finished), so a
+        // chain can start at it if it is not chained itself. (A chain's chunks are streams
+        // that each keep one block busy; larger chunks make fewer of them.)
+        if ((flags & FLAG_CHAIN) != 0u && per < q.chain_tiles) per = q.chain_tiles;
         if (per == 0u) per = 1u;
         unsigned int chunks = (mine && !nop) ? (unsigned int)((tiles + per - 1u) / per) : 0u;
         // This op's layout as the chain table holds it (0: nothing can be chained to it). A
         // chain keeps its first op's layout for as long as it grows, so only layouts with
-        // chunks as large as a busy device's (or one chunk) are chained to: an op that came
+        // chunks of at least chain_tiles tiles (or one chunk) are chained to: an op that came
         // to a quiet device in one-tile chunks would make every op after it pay a chunk's
         // fixed cost per tile. Its successor is queued instead, and the chain starts there.
         unsigned long long lay = chunks != 0u && chunks < 0x10000u && per < 0x10000ull
-            && (per >= q.chunk_tiles || chunks == 1u)
+            && (per >= q.chain_tiles || chunks == 1u)
             ? (unsigned long long)len | ((unsigned long long)chunks << 32) | (per << 48) : 0ull;
         // Chaining (see the top of this file). A candidate's predecessor is dependency b,
         // forwarded by this launch; its slot must not be reused by an op of this round (that
@@ -303,7 +321,7 @@ __device__ void queue_dispatch(const QueueParams& q) {
         if (__any_sync(0xffffffffu, chain)) {
             if (chain) {
                 const unsigned long long succ = COUNT_PARKED | ((unsigned long long)dist_b << 48)
-                    | ((unsigned long long)iters << 32);
+                    | ((unsigned long long)iters << 32) | COUNT_LAP(parent, q.slots);
                 parked = atomicCAS(&q.count[parent & mask], 0ull, succ) == 0ull;
             }
         }
@@ -384,10 +402,11 @@ __device__ __forceinline__ void claim(const QueueParams& q, volatile Claimed* c)
 // picks the block's next chunk: the same chunk of the successor parked on the op, if any (on
 // the elements just written: no memory round trip), else the next chunk of the queue.
 // `queued`: whether the chunk came from the queue (only those count as finished there).
-__device__ __forceinline__ void finish_and_next(const QueueParams& q, volatile Claimed* c, bool& queued) {
+// Returns whether it followed a parked successor.
+__device__ __forceinline__ bool finish_and_next(const QueueParams& q, volatile Claimed* c, bool& queued) {
     const unsigned int slot = c->slot;
     const unsigned long long old = atomicAdd(&q.count[slot], 1ull);
-    if ((unsigned int)old + 1u == c->chunks) complete(q, slot, c->op);
+    if ((unsigned int)(old & COUNT_CHUNKS) + 1u == c->chunks) complete(q, slot, c->op);
     if (queued) atomicAdd(&q.ctr[CTR_FINISHED], 1ull);
     if ((old & COUNT_PARKED) != 0ull) {
         // Its count word was reset before the park this add read; the block's __threadfence
@@ -401,32 +420,60 @@ __device__ __forceinline__ void finish_and_next(const QueueParams& q, volatile C
         c->iters = (unsigned int)(old >> 32) & 0xffffu;
         queued = false;
         if (c->k == 0u) trace_stamp(q, op, TRACE_STARTED);
-        return;
+        return true;
     }
     queued = true;
     claim(q, c);
+    return false;
+}
+// A peeked count word's successor for op `op`: its iterations if the word is a park of this
+// op (its lap), else NO_LINK (no park yet, or a word the slot's previous op left).
+#define NO_LINK 0xffffffffu
+__device__ __forceinline__ unsigned int peeked_link(const QueueParams& q, unsigned long long word, unsigned long long op) {
+    const unsigned long long mine = COUNT_PARKED | COUNT_LAP(op, q.slots);
+    return (word & (COUNT_PARKED | (0xffffull << 16))) == mine ? (unsigned int)(word >> 32) & 0xffffu : NO_LINK;
 }
 // A compute block: thread 0 picks a chunk, then all 1,024 threads run it. (A variant where
 // warp 0 claims the next chunk while warps 1-31 compute was measured on the H100 and lost on
-// the small ops this queue is for.)
+// the small ops this queue is for.) With early start, the links of a chain run in the inner
+// loop: one barrier per link, and thread 0 counts each chunk while the others run the next.
 __device__ void queue_compute(const QueueParams& q) {
     __shared__ Claimed cur;
+    // The successor thread 0 peeked after a chunk (its iterations, or NO_LINK), one entry per
+    // parity of the chunks this block ran: a thread reads one after a barrier, and thread 0
+    // writes that entry again only after the next barrier, which the reader reaches first.
+    __shared__ unsigned int link[2];
     bool queued = true;  // thread 0's: whether `cur` came from the chunk queue
+    unsigned int parity = 0u;
     if (threadIdx.x == 0) claim(q, &cur);
     __syncthreads();
     for (;;) {
         if (cur.exit) return;
         float* data = (float*)cur.ptr;
-        const unsigned int iters = cur.iters;
-        const unsigned long long end = cur.end;
-        for (unsigned long long i = cur.begin + threadIdx.x; i < end; i += blockDim.x) {
-            float v = data[i];
-            for (unsigned int j = 0; j < iters; j++) v = sinf(v) * cosf(v) + v;
-            data[i] = v;
+        unsigned int iters = cur.iters;
+        const unsigned long long begin = cur.begin, end = cur.end;
+        for (;;) {
+            for (unsigned long long i = begin + threadIdx.x; i < end; i += blockDim.x) {
+                float v = data[i];
+                for (unsigned int j = 0; j < iters; j++) v = sinf(v) * cosf(v) + v;
+                data[i] = v;
+            }
+            // The peek is in flight together with the fence.
+            unsigned long long peek = 0ull;
+            if (threadIdx.x == 0 && q.chain_early != 0u) peek = ld_relaxed_gpu(&q.count[cur.slot]);
+            __threadfence();
+            if (threadIdx.x == 0) link[parity] = peeked_link(q, peek, cur.op);
+            // Every thread is past its reads of `cur` and its writes are ordered before the count.
+            __syncthreads();
+            const unsigned int next = link[parity];
+            parity ^= 1u;
+            if (next == NO_LINK) break;
+            // Early start: thread 0 counts the chunk (its add finds the successor it peeked)
+            // and moves `cur` to the successor, which no other thread reads; every thread then
+            // runs the successor's chunk on its own elements.
+            if (threadIdx.x == 0) finish_and_next(q, &cur, queued);
+            iters = next;
         }
-        __threadfence();
-        // Every thread is past its reads of `cur` and its writes are ordered before the count.
-        __syncthreads();
         if (threadIdx.x == 0) finish_and_next(q, &cur, queued);
         __syncthreads();
     }

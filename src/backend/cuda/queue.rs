@@ -224,7 +224,8 @@ impl QueueSettings {
     /// measured on a GPU: it was built, and model-checked in `sync::chunk_chain`, in sessions
     /// without one), with the diagnostic knobs for comparing variants on a GPU:
     /// `MULTIQ_QUEUE_CHUNK_TILES`, `MULTIQ_QUEUE_CHAIN_TILES` (1..=1024; default: the chunk
-    /// size) and `MULTIQ_QUEUE_CHAIN_EARLY=0` (early start off).
+    /// size; other values are ignored) and `MULTIQ_QUEUE_CHAIN_EARLY=0` (or `off`, `false`:
+    /// early start off). [`QueueSettings::describe`] records the values used.
     pub fn new(chain: Option<bool>) -> QueueSettings {
         let chain =
             chain.unwrap_or_else(|| std::env::var("MULTIQ_QUEUE_CHAIN").is_ok_and(|v| v == "1"));
@@ -233,7 +234,8 @@ impl QueueSettings {
             chunk_tiles,
             chain,
             chain_tiles: tiles_from_env("MULTIQ_QUEUE_CHAIN_TILES").unwrap_or(chunk_tiles),
-            chain_early: std::env::var("MULTIQ_QUEUE_CHAIN_EARLY").map_or(true, |v| v != "0"),
+            chain_early: std::env::var("MULTIQ_QUEUE_CHAIN_EARLY")
+                .map_or(true, |v| !matches!(v.as_str(), "0" | "off" | "false")),
         }
     }
 
@@ -850,7 +852,8 @@ mod tests {
     }
 
     /// The fields of the kernel's `QueueParams`, in order, with their C offsets (each
-    /// `unsigned long long` or pointer 8 bytes, `unsigned int` 4, naturally aligned).
+    /// `unsigned long long` or pointer 8 bytes, `unsigned int` 4, naturally aligned; any other
+    /// type fails the test).
     fn kernel_params() -> Vec<(String, usize)> {
         let source = include_str!("queue_kernel.cu");
         let start = source
@@ -862,19 +865,20 @@ mod tests {
         let mut offset = 0usize;
         for decl in body.lines().map(|l| l.split("//").next().unwrap()) {
             for decl in decl.split(';').map(str::trim).filter(|d| !d.is_empty()) {
-                let size = if decl.starts_with("unsigned int ") {
-                    4
+                // Pointers (each name starred) are 8 bytes; otherwise the two integer types
+                // the struct uses, and nothing else (a new type needs a size here).
+                let (size, names) = if let Some((_, names)) = decl.split_once('*') {
+                    (8, names)
+                } else if let Some(names) = decl.strip_prefix("unsigned long long ") {
+                    (8, names)
+                } else if let Some(names) = decl.strip_prefix("unsigned int ") {
+                    (4, names)
                 } else {
-                    8
+                    panic!("QueueParams: a field type this test does not size: {decl}");
                 };
-                let names = decl.trim_start_matches("unsigned long long").trim();
-                let names = names.trim_start_matches("unsigned int").trim();
                 for name in names.split(',') {
-                    let name = name.trim();
-                    let pointer = name.starts_with('*') || decl.contains('*');
-                    let size = if pointer { 8 } else { size };
+                    let name = name.trim().trim_start_matches('*');
                     offset = offset.next_multiple_of(size);
-                    let name = name.split('*').next_back().unwrap().trim();
                     fields.push((name.to_string(), offset));
                     offset += size;
                 }

@@ -401,9 +401,10 @@ __device__ __forceinline__ void claim(const QueueParams& q, volatile Claimed* c)
 // Counts the chunk that thread 0's block just ran (completing its op if it was the last) and
 // picks the block's next chunk: the same chunk of the successor parked on the op, if any (on
 // the elements just written: no memory round trip), else the next chunk of the queue.
-// `queued`: whether the chunk came from the queue (only those count as finished there).
-// Returns whether it followed a parked successor.
-__device__ __forceinline__ bool finish_and_next(const QueueParams& q, volatile Claimed* c, bool& queued) {
+// `queued`: whether the chunk came from the queue (only those count as finished there);
+// `stamp`: whether a followed successor starts now (the trace). Returns whether it followed a
+// parked successor.
+__device__ __forceinline__ bool finish_and_next(const QueueParams& q, volatile Claimed* c, bool& queued, bool stamp) {
     const unsigned int slot = c->slot;
     const unsigned long long old = atomicAdd(&q.count[slot], 1ull);
     if ((unsigned int)(old & COUNT_CHUNKS) + 1u == c->chunks) complete(q, slot, c->op);
@@ -419,7 +420,7 @@ __device__ __forceinline__ bool finish_and_next(const QueueParams& q, volatile C
         c->slot = (unsigned int)(op & (q.slots - 1u));
         c->iters = (unsigned int)(old >> 32) & 0xffffu;
         queued = false;
-        if (c->k == 0u) trace_stamp(q, op, TRACE_STARTED);
+        if (stamp && c->k == 0u) trace_stamp(q, op, TRACE_STARTED);
         return true;
     }
     queued = true;
@@ -468,13 +469,18 @@ __device__ void queue_compute(const QueueParams& q) {
             const unsigned int next = link[parity];
             parity ^= 1u;
             if (next == NO_LINK) break;
-            // Early start: thread 0 counts the chunk (its add finds the successor it peeked)
-            // and moves `cur` to the successor, which no other thread reads; every thread then
-            // runs the successor's chunk on its own elements.
-            if (threadIdx.x == 0) finish_and_next(q, &cur, queued);
+            // Early start: thread 0 counts the chunk and moves `cur` to the successor, which no
+            // other thread reads; every thread runs the successor's chunk on its own elements.
+            if (threadIdx.x == 0) {
+                if (cur.k == 0u) trace_stamp(q, cur.op + ((peek >> 48) & 0xfffull), TRACE_STARTED);
+                // The count's add finds the successor the peek found (see the top of this
+                // file). Were it ever not so, the block would be running an op no one parked
+                // on these elements: fail the kernel rather than the data.
+                if (!finish_and_next(q, &cur, queued, false)) __trap();
+            }
             iters = next;
         }
-        if (threadIdx.x == 0) finish_and_next(q, &cur, queued);
+        if (threadIdx.x == 0) finish_and_next(q, &cur, queued, true);
         __syncthreads();
     }
 }

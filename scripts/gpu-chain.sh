@@ -23,7 +23,7 @@ set -u -o pipefail
 out=${1:-${OUT:-out}}
 mkdir -p "$out"
 bin=carry/bin/multiq
-{ cat carry/BUILD; date -u +%FT%TZ; nvidia-smi --query-gpu=name,driver_version --format=csv,noheader; } > "$out/env.txt"
+{ cat carry/BUILD; date -u +%FT%TZ; env | grep "^MULTIQ_" | sort; nvidia-smi --query-gpu=name,driver_version --format=csv,noheader; } > "$out/env.txt"
 timeout 240 carry/tests/gpu > "$out/tests.txt" 2>&1; echo "gpu tests: exit $?" >> "$out/tests.txt"
 # Each variant: its name and the environment that makes it.
 variants=(

@@ -6,7 +6,7 @@ set -u -o pipefail
 out=${1:-${OUT:-out}}
 mkdir -p "$out"
 bin=carry/bin/multiq
-{ cat carry/BUILD; date -u +%FT%TZ; } > "$out/env.txt"
+{ cat carry/BUILD; date -u +%FT%TZ; env | grep "^MULTIQ_" | sort; } > "$out/env.txt"
 echo "== tests"
 for t in gpu coalesce; do timeout 300 carry/tests/$t 2>&1 | tail -4; done | tee "$out/tests.txt"
 nvcc -O3 -use_fast_math -arch=sm_90 -o /tmp/launch carry/anchors/launch.cu -lpthread &&

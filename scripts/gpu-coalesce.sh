@@ -15,7 +15,7 @@ bin=carry/bin/multiq
 step() { echo "== $* ($(date -u +%T))" | tee -a "$res/summary.txt"; }
 
 step environment
-{ cat carry/BUILD; date -u +%FT%TZ; nvidia-smi; } > "$res/env.txt" 2>&1
+{ cat carry/BUILD; date -u +%FT%TZ; env | grep "^MULTIQ_" | sort; nvidia-smi; } > "$res/env.txt" 2>&1
 step tests
 for t in carry/tests/*; do echo "--- $t"; "$t" 2>&1; echo "exit $?"; done > "$res/tests.txt" 2>&1
 grep -E "^test result|FAILED|panicked" "$res/tests.txt" | tee -a "$res/summary.txt"

@@ -27,7 +27,7 @@ for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
 done
 
 step environment
-{ cat carry/BUILD; date -u +%FT%TZ; nvidia-smi; nvcc --version | tail -2; uname -a; nproc;
+{ cat carry/BUILD; date -u +%FT%TZ; env | grep "^MULTIQ_" | sort; nvidia-smi; nvcc --version | tail -2; uname -a; nproc;
   python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)';
   ls /usr/local/cuda/lib64/libcublas* 2>/dev/null; } > "$res/env.txt" 2>&1
 

@@ -13,7 +13,7 @@ set -u -o pipefail
 out=${1:-${OUT:-out}}
 mkdir -p "$out"
 bin=carry/bin/multiq
-{ cat carry/BUILD; date -u +%FT%TZ; nvidia-smi --query-gpu=name,driver_version --format=csv,noheader; } > "$out/env.txt"
+{ cat carry/BUILD; date -u +%FT%TZ; env | grep "^MULTIQ_" | sort; nvidia-smi --query-gpu=name,driver_version --format=csv,noheader; } > "$out/env.txt"
 if [ "${TESTS:-0}" = 1 ]; then
   for t in carry/tests/gpu carry/tests/coalesce carry/tests/unit; do echo "--- $t"; timeout 300 "$t" 2>&1; echo "exit $?"; done > "$out/tests.txt" 2>&1
   grep -E "^test result|FAILED|panicked|^exit" "$out/tests.txt" | tee "$out/tests-summary.txt"

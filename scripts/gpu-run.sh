@@ -18,7 +18,7 @@ repeat=${REPEAT:-3}
 step() { echo "== $* ($(date -u +%T))" | tee -a "$res/summary.txt"; }
 
 step environment
-{ cat carry/BUILD; date -u +%FT%TZ; nvidia-smi; nvcc --version | tail -2; uname -a; nproc; } > "$res/env.txt" 2>&1
+{ cat carry/BUILD; date -u +%FT%TZ; env | grep "^MULTIQ_" | sort; nvidia-smi; nvcc --version | tail -2; uname -a; nproc; } > "$res/env.txt" 2>&1
 
 step tests
 for t in carry/tests/*; do echo "--- $t"; "$t" 2>&1; echo "exit $?"; done > "$res/tests.txt" 2>&1

@@ -10,7 +10,7 @@
 #   stress.json  the results (copy to bench/results/<device>/stress.json)
 #   stress.log   everything multiq printed: failing rounds with their seeds and replay
 #                commands, progress lines, the summary line
-#   env.txt      build stamp, date, nvidia-smi, host
+#   env.txt      build stamp, date, MULTIQ_* variables set, nvidia-smi, host
 # Exit status: multiq's (0 clean, 1 any crash/hang/mismatch/leak/error, 2 usage).
 set -u -o pipefail
 out=${1:-${OUT:-out}}
@@ -21,7 +21,7 @@ if [ ! -x "$bin" ]; then
   echo "no multiq binary in carry/ (run scripts/gpu-prepare.sh on the build machine)" >&2
   exit 2
 fi
-{ cat carry/BUILD 2>/dev/null; date -u +%FT%TZ; nvidia-smi; uname -a; nproc; } > "$out/env.txt" 2>&1
+{ cat carry/BUILD 2>/dev/null; date -u +%FT%TZ; env | grep "^MULTIQ_" | sort; nvidia-smi; uname -a; nproc; } > "$out/env.txt" 2>&1
 # A last guard only: multiq ends by itself well before this (and writes stress.json then).
 seconds=${STRESS_SECONDS:-450}
 seed_args=()

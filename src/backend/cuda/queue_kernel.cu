@@ -402,9 +402,9 @@ __device__ __forceinline__ void claim(const QueueParams& q, volatile Claimed* c)
 // picks the block's next chunk: the same chunk of the successor parked on the op, if any (on
 // the elements just written: no memory round trip), else the next chunk of the queue.
 // `queued`: whether the chunk came from the queue (only those count as finished there);
-// `stamp`: whether a followed successor starts now (the trace). Returns whether it followed a
-// parked successor.
-__device__ __forceinline__ bool finish_and_next(const QueueParams& q, volatile Claimed* c, bool& queued, bool stamp) {
+// `early`: the block already started the successor thread 0 peeked (queue_compute), so the add
+// must find it, and the trace's start was stamped then.
+__device__ __forceinline__ void finish_and_next(const QueueParams& q, volatile Claimed* c, bool& queued, bool early) {
     const unsigned int slot = c->slot;
     const unsigned long long old = atomicAdd(&q.count[slot], 1ull);
     if ((unsigned int)(old & COUNT_CHUNKS) + 1u == c->chunks) complete(q, slot, c->op);
@@ -420,12 +420,15 @@ __device__ __forceinline__ bool finish_and_next(const QueueParams& q, volatile C
         c->slot = (unsigned int)(op & (q.slots - 1u));
         c->iters = (unsigned int)(old >> 32) & 0xffffu;
         queued = false;
-        if (stamp && c->k == 0u) trace_stamp(q, op, TRACE_STARTED);
-        return true;
+        if (!early && c->k == 0u) trace_stamp(q, op, TRACE_STARTED);
+        return;
     }
+    // The add finds the successor the peek found (see the top of this file). Were it ever not
+    // so, the block would be running an op no one parked on these elements: fail the kernel
+    // rather than the data.
+    if (early) __trap();
     queued = true;
     claim(q, c);
-    return false;
 }
 // A peeked count word's successor for op `op`: its iterations if the word is a park of this
 // op (its lap), else NO_LINK (no park yet, or a word the slot's previous op left).
@@ -473,14 +476,11 @@ __device__ void queue_compute(const QueueParams& q) {
             // other thread reads; every thread runs the successor's chunk on its own elements.
             if (threadIdx.x == 0) {
                 if (cur.k == 0u) trace_stamp(q, cur.op + ((peek >> 48) & 0xfffull), TRACE_STARTED);
-                // The count's add finds the successor the peek found (see the top of this
-                // file). Were it ever not so, the block would be running an op no one parked
-                // on these elements: fail the kernel rather than the data.
-                if (!finish_and_next(q, &cur, queued, false)) __trap();
+                finish_and_next(q, &cur, queued, true);
             }
             iters = next;
         }
-        if (threadIdx.x == 0) finish_and_next(q, &cur, queued, true);
+        if (threadIdx.x == 0) finish_and_next(q, &cur, queued, false);
         __syncthreads();
     }
 }

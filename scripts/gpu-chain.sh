@@ -14,7 +14,7 @@
 #        early      chained, a block starting a parked successor's chunk while it counts
 #        early-c4   as early, chained ops in chunks of at least 4 tiles
 #                   (MULTIQ_QUEUE_CHAIN_TILES=4: 16 chains of 16 chunks are 256 chunk
-#                   streams, about one per block of the H200's 264; 2-tile chunks make 512)
+#                   streams, about one per compute block of the H200's 263; 2-tile chunks make 512)
 #      and light with 8 in flight: off, queue, early, early-c4;
 #   3. a queue trace of minimal, 16 threads, 8 in flight, early-c4 (scripts/queue-trace.py);
 #   4. optional (MLP_LOOPS=N): the gpu_mlp test binary N times, under gdb where there is one.

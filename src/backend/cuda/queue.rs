@@ -25,7 +25,9 @@
 //!   word instead of queueing its chunks, and each block that finishes a chunk of the
 //!   predecessor runs the same chunk of it next (`sync/chunk_chain.rs` models the hand-off).
 //!   Ops on one buffer 8 in flight then hold no block waiting for their predecessor, except
-//!   where a park fails (the predecessor had already started) and the op is queued. With
+//!   where the op is queued instead: its park failed (a chunk of the predecessor had already
+//!   finished), or no park was tried (the predecessor was forwarded by an earlier launch, its
+//!   chunks are too small to chain to, or its slot is reused within the same round). With
 //!   early start, a block peeks at the count word before counting and starts a parked
 //!   successor's chunk while thread 0 counts. [`QueueSettings`] has the knobs for comparing
 //!   variants (least chunk size of a chain, early start), which results files record.
@@ -58,7 +60,8 @@ use crate::sync::op_ring::{OpRing, RingDevice};
 
 /// Ops in flight at most (slots of the ring); a power of two.
 pub const SLOTS: usize = 1024;
-/// Elements per chunk: one per thread of a 1,024-thread block (the kernel's `QUEUE_CHUNK`).
+/// Elements per tile: one per thread of a 1,024-thread block (the kernel's `QUEUE_TILE`); a
+/// chunk is whole tiles.
 const CHUNK_THREADS: u32 = 1024;
 /// Most 1,024-element tiles per chunk unless the op needs more (at most one chunk per
 /// compute block), unless `MULTIQ_QUEUE_CHUNK_TILES` says otherwise (diagnostics). On a busy
@@ -540,7 +543,7 @@ impl CudaDeviceQueue {
         .map_err(|e| driver_error("device queue launch", e))?;
         let mut args: [*mut c_void; 1] = [(&mut params as *mut QueueParams).cast()];
         // SAFETY: the function takes one `QueueParams` by value, laid out as `QueueParams`
-        // here (eleven u64, two u32, four u64); `args` points to a live local for the duration of the
+        // here (eleven u64, two u32, four u64, two u32); `args` points to a live local for the duration of the
         // call (the driver copies it). Every pointer in it is live until `Drop` has seen the
         // stream idle (invariant); the kernel needs blockDim = 1,024 (its chunk size) and a
         // grid no larger than what the occupancy calculator says fits at once.

@@ -36,7 +36,8 @@
 // (the same atomic add that counts the chunk) and runs chunk k of B next, on the elements it
 // just wrote: each element goes through A's iterations then B's, as if run one after the other,
 // and the hand-off costs no memory round trip. B completes when its own chunks are counted
-// (after A: its chunk that follows A's last one starts after A's completion). A chained chunk
+// (after A: its chunk that follows A's last one is counted after A's completion; with early
+// start it may start before). A chained chunk
 // waits for nothing, so the argument above still holds: a parked op runs on blocks that
 // already hold chunks earlier in the queue. If the swap fails (a chunk of A already finished,
 // A completed, or A has a successor), B is forwarded as usual and its blocks wait for A.

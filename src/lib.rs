@@ -25,6 +25,7 @@ pub mod kernel;
 pub mod model;
 pub mod report;
 pub mod runtime;
+pub mod stdout;
 pub mod stress;
 pub(crate) mod sync;
 pub mod tensor;

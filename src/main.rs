@@ -72,11 +72,11 @@ fn report(a: &cli::ReportArgs) -> Result<i32, Error> {
     multiq::report::prepare_dir(&a.out, "--out")?;
     let inputs = multiq::report::Inputs::load(&a.files, &a.anchor, results::command_line())?;
     let w = multiq::report::write(&a.out, inputs)?;
-    println!(
+    multiq::outln!(
         "report written to {} ({} charts)",
         w.report.display(),
         w.figures.len()
-    );
+    )?;
     Ok(0)
 }
 
@@ -97,7 +97,7 @@ fn stress(a: &cli::StressArgs) -> Result<i32, Error> {
 fn open_device(opts: &multiq::DeviceOptions) -> Result<Device, Error> {
     let device = Device::open(opts)?;
     if let Some(why) = device.fallback_reason() {
-        println!("note: CUDA not used ({why}); running on the CPU backend");
+        multiq::outln!("note: CUDA not used ({why}); running on the CPU backend")?;
     }
     Ok(device)
 }
@@ -105,18 +105,18 @@ fn open_device(opts: &multiq::DeviceOptions) -> Result<Device, Error> {
 fn info(dev: &cli::DeviceArgs) -> Result<i32, Error> {
     let device = open_device(&dev.options())?;
     let i = device.info();
-    println!("backend: {}", i.backend);
-    println!("device:  {}", i.name);
-    println!("units:   {}", i.units);
+    multiq::outln!("backend: {}", i.backend)?;
+    multiq::outln!("device:  {}", i.name)?;
+    multiq::outln!("units:   {}", i.units)?;
     if let Some(m) = i.memory_bytes {
-        println!("memory:  {:.1} GiB", m as f64 / (1u64 << 30) as f64);
+        multiq::outln!("memory:  {:.1} GiB", m as f64 / (1u64 << 30) as f64)?;
     }
     if let Some(d) = &i.driver {
-        println!("driver:  {d}");
+        multiq::outln!("driver:  {d}")?;
     }
-    println!("wait:    {}", i.wait);
+    multiq::outln!("wait:    {}", i.wait)?;
     for (k, v) in &i.extra {
-        println!("{k}: {v}");
+        multiq::outln!("{k}: {v}")?;
     }
     Ok(0)
 }
@@ -181,10 +181,12 @@ fn run_queues(a: QueuesArgs) -> Result<i32, Error> {
         study::check_memory(&device, *d, max_threads)?;
     }
     let info = device.info().clone();
-    println!(
+    multiq::outln!(
         "multiq bench queues on {} ({} backend, wait {})",
-        info.name, info.backend, info.wait
-    );
+        info.name,
+        info.backend,
+        info.wait
+    )?;
     let started_at = results::now_rfc3339();
     let mut runner = Runner::new(&device);
     runner.repeat = a.repeat as usize;
@@ -241,7 +243,7 @@ fn run_queues(a: QueuesArgs) -> Result<i32, Error> {
     }
     let (mut first, mut spec_index) = (0, 0);
     for (header, specs) in &groups {
-        progress.print(header);
+        progress.print(header)?;
         if !rounds {
             has_row.extend(runner.run_rounds(specs, |s, phase| show_run(&mut progress, s, phase))?);
         }
@@ -259,7 +261,7 @@ fn run_queues(a: QueuesArgs) -> Result<i32, Error> {
                 progress.print(&table::scaling_table(
                     &format!("scenario {}", scenario.name()),
                     &of,
-                ));
+                ))?;
             }
         }
     }
@@ -271,10 +273,13 @@ fn run_queues(a: QueuesArgs) -> Result<i32, Error> {
         ..
     } = runner;
     for s in &skipped {
-        println!(
+        multiq::outln!(
             "skipped {} {} threads, lock {}: {}",
-            s.preset, s.threads, s.lock, s.reason
-        );
+            s.preset,
+            s.threads,
+            s.lock,
+            s.reason
+        )?;
     }
     if rows.is_empty() {
         let reason = skipped
@@ -288,7 +293,7 @@ fn run_queues(a: QueuesArgs) -> Result<i32, Error> {
             path,
             &ResultsFile::new(info, started_at, Vec::new(), rows, skipped),
         )?;
-        println!("results written to {}", path.display());
+        multiq::outln!("results written to {}", path.display())?;
     }
     if mismatches > 0 {
         eprintln!("multiq: FAILED: {mismatches} run(s) did not match the reference");

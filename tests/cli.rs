@@ -2,7 +2,7 @@
 //! verification failing loudly.
 
 mod common;
-use common::{multiq, tmp};
+use common::{multiq, stderr, tmp};
 use std::process::Output;
 
 const SMALL: &[&str] = &["--data", "2048", "--kernel-iters", "2", "--iters", "3"];
@@ -74,6 +74,77 @@ fn json_path_problems_fail_before_running() {
     let out = queues(&["--json", "/nonexistent-dir/x.json"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("does not exist"));
+}
+
+#[test]
+fn json_in_a_folder_that_takes_no_files_is_a_usage_error() {
+    let out = queues(&["--json", "/proc/multiq-x.json"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("--json /proc/multiq-x.json"));
+}
+
+/// A link is followed (the file it names is written, the link stays), and an open descriptor
+/// (`/dev/stdout`) is written through, after what the command printed, never replaced.
+#[cfg(target_os = "linux")]
+#[test]
+fn json_through_a_link_or_to_stdout_writes_where_it_points() {
+    let real = tmp("real.json");
+    let link = tmp("link.json");
+    let _ = std::fs::remove_file(&real);
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    let out = queues(&["--threads", "1", "--json", link.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(std::fs::symlink_metadata(&link)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    let text = std::fs::read_to_string(&real).unwrap();
+    assert!(text.contains("\"runs\""), "{text}");
+
+    let out = queues(&["--threads", "1", "--json", "/dev/stdout"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let table = text.find("threads").expect("the table first");
+    let json = text.find("\"runs\"").expect("then the results");
+    assert!(table < json, "{text}");
+}
+
+/// Standard output that cannot be written (a full disk) is one line and exit 1, not a panic.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_full_stdout_is_one_line_and_exit_1() {
+    let full = || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap()
+    };
+    for args in [
+        &["info", "--backend", "cpu"][..],
+        &[
+            "bench",
+            "queues",
+            "--backend",
+            "cpu",
+            "--threads",
+            "1",
+            "--data",
+            "2048",
+            "--iters",
+            "2",
+        ],
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_multiq"))
+            .args(args)
+            .stdout(full())
+            .output()
+            .unwrap();
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
+        assert!(err.contains("standard output"), "{args:?}: {err}");
+    }
 }
 
 #[test]

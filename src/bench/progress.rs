@@ -5,7 +5,7 @@
 //! through [`Progress::print`], which lifts the bar while it prints, so tables and the bar do
 //! not tear each other on a terminal.
 
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -67,13 +67,10 @@ impl Progress {
         }
     }
 
-    /// Prints `text` to stdout (as `print!`), lifting the bar while it does.
-    pub fn print(&self, text: &str) {
-        let out = || {
-            let mut o = std::io::stdout().lock();
-            let _ = o.write_all(text.as_bytes());
-            let _ = o.flush();
-        };
+    /// Prints `text` to stdout (as `print!`), lifting the bar while it does; a failed write
+    /// is an error (see [`crate::stdout`]).
+    pub fn print(&self, text: &str) -> crate::Result<()> {
+        let out = || crate::out!("{text}");
         match &self.bar {
             Some(b) => b.suspend(out),
             None => out(),

@@ -189,30 +189,31 @@ pub fn command_line() -> String {
     out
 }
 
-/// Checks early that `path` can be written, so a bad `--json` fails before any run.
+/// Checks early that `path` can be written, so a bad `--json` fails before any run (a usage
+/// error). A link is checked at the file it names; a device or pipe (`/dev/stdout`) is written
+/// through at the end.
 pub fn check_writable(path: &Path) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let io = |source| Error::Io {
-        path: path.display().to_string(),
-        source,
+    let bad = |why: String| Err(Error::invalid(format!("--json {}: {why}", path.display())));
+    let file = match crate::atomic_file::target(path) {
+        Ok(crate::atomic_file::Target::Stream(stream)) => {
+            return std::fs::metadata(stream)
+                .map(drop)
+                .or_else(|e| bad(e.to_string()));
+        }
+        Ok(crate::atomic_file::Target::File(file)) => file,
+        Err(e) => return bad(e.to_string()),
     };
-    if path.is_dir() {
-        return Err(Error::invalid(format!(
-            "--json {}: is a directory",
-            path.display()
-        )));
+    if file.is_dir() {
+        return bad("is a directory".into());
     }
+    let dir = crate::atomic_file::folder(&file);
     if !dir.is_dir() {
-        return Err(Error::invalid(format!(
-            "--json {}: directory {} does not exist",
-            path.display(),
-            dir.display()
-        )));
+        return bad(format!("directory {} does not exist", dir.display()));
     }
-    tempfile_in(dir).map_err(io).map(drop)
+    match tempfile_in(dir) {
+        Ok(_) => Ok(()),
+        Err(e) => bad(format!("cannot create a file in {}: {e}", dir.display())),
+    }
 }
 
 fn tempfile_in(dir: &Path) -> std::io::Result<(std::fs::File, std::path::PathBuf)> {

@@ -289,19 +289,21 @@ pub fn run(cfg: &StudyConfig) -> Result<StudyOutcome> {
     }
     let device = Device::open(&cfg.device)?;
     if let Some(why) = device.fallback_reason() {
-        println!("note: CUDA not used ({why}); running on the CPU backend");
+        crate::outln!("note: CUDA not used ({why}); running on the CPU backend")?;
     }
     let info = device.info().clone();
     let (plans, notes) = plan(info.backend, info.units, cfg.full, cfg.iters);
     for p in &plans {
         check_memory(&device, p.data, *THREADS.iter().max().expect("threads"))?;
     }
-    println!(
+    crate::outln!(
         "multiq study on {} ({} backend, wait {})",
-        info.name, info.backend, info.wait
-    );
+        info.name,
+        info.backend,
+        info.wait
+    )?;
     for n in &notes {
-        println!("note: {n}");
+        crate::outln!("note: {n}")?;
     }
     let specs: Vec<Vec<QueuesSpec>> = plans.iter().map(preset_specs).collect();
     let mut progress = Progress::new(cfg.quiet);
@@ -330,7 +332,7 @@ pub fn run(cfg: &StudyConfig) -> Result<StudyOutcome> {
             thousands(p.data as f64),
             p.kernel_iters,
             p.iters
-        ));
+        ))?;
         let first = c.rows.len();
         for (si, s) in specs[pi].iter().enumerate() {
             progress.set_message(describe(s));
@@ -340,7 +342,7 @@ pub fn run(cfg: &StudyConfig) -> Result<StudyOutcome> {
             }
         }
         queues::fill_speedups(&mut c.rows[first..]);
-        progress.print(&preset_report(&c.rows[first..], &c.skipped, p));
+        progress.print(&preset_report(&c.rows[first..], &c.skipped, p))?;
     }
     progress.finish();
     if costs.is_some() {
@@ -356,8 +358,8 @@ pub fn run(cfg: &StudyConfig) -> Result<StudyOutcome> {
         mismatches,
         ..
     } = c;
-    println!();
-    print!("{}", summary(&rows, &plans));
+    crate::outln!()?;
+    crate::out!("{}", summary(&rows, &plans))?;
     let mut notes = notes;
     let (workloads, bad) = super::workload_study::run(&device, cfg.full, &mut notes, &progress)?;
     let mismatches = mismatches + bad;
@@ -370,7 +372,7 @@ pub fn run(cfg: &StudyConfig) -> Result<StudyOutcome> {
     });
     if let Some(path) = &json {
         results::write_json(path, &file)?;
-        println!("results written to {}", path.display());
+        crate::outln!("results written to {}", path.display())?;
     }
     if let (Some(dir), Some(path)) = (&cfg.report, &json) {
         let inputs = crate::report::Inputs {
@@ -382,11 +384,11 @@ pub fn run(cfg: &StudyConfig) -> Result<StudyOutcome> {
             command: results::command_line(),
         };
         let w = crate::report::write(dir, inputs)?;
-        println!(
+        crate::outln!(
             "report written to {} ({} charts)",
             w.report.display(),
             w.figures.len()
-        );
+        )?;
     }
     if mismatches > 0 {
         eprintln!("multiq: FAILED: {mismatches} run(s) did not match the reference");

@@ -36,20 +36,20 @@ pub fn run(
     } else {
         (MatmulBenchConfig::full(), MlpBenchConfig::full())
     };
-    progress.print("\n== matmul: fp32 C = A·B, a wait per product ==\n");
+    progress.print("\n== matmul: fp32 C = A·B, a wait per product ==\n")?;
     let mut rows = matmul::run(device, &mm, |_| {})?;
     progress.print(&table(
         "matmul (limit: one thread, batched launches = the device's GEMM rate)",
         &rows.iter().collect::<Vec<_>>(),
-    ));
-    progress.print(&matmul_summary(&rows));
-    progress.print("\n== mlp: 512→1024→1024→512 ==\n");
+    ))?;
+    progress.print(&matmul_summary(&rows))?;
+    progress.print("\n== mlp: 512→1024→1024→512 ==\n")?;
     let mlp_rows = mlp::run(device, &mlp_cfg, |_| {})?;
     progress.print(&table(
         "mlp (sweep: one thread, input on the device; threads: batch-1 requests from the host)",
         &mlp_rows.iter().collect::<Vec<_>>(),
-    ));
-    progress.print(&mlp_summary(&mlp_rows));
+    ))?;
+    progress.print(&mlp_summary(&mlp_rows))?;
     rows.extend(mlp_rows);
     let bad = rows.iter().filter(|r| !r.verified).count();
     Ok((rows, bad))

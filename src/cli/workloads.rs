@@ -197,7 +197,7 @@ fn precision(tf32: bool) -> Precision {
 fn open(dev: &DeviceArgs) -> Result<Device, Error> {
     let device = Device::open(&dev.options())?;
     if let Some(why) = device.fallback_reason() {
-        println!("note: CUDA not used ({why}); running on the CPU backend");
+        multiq::outln!("note: CUDA not used ({why}); running on the CPU backend")?;
     }
     Ok(device)
 }
@@ -212,7 +212,7 @@ fn finish(
     if let Some(path) = json {
         let file = WorkloadFile::new(device.info().clone(), started_at, Vec::new(), rows);
         results::write_json(path, &file)?;
-        println!("results written to {}", path.display());
+        multiq::outln!("results written to {}", path.display())?;
     }
     if bad > 0 {
         eprintln!("multiq: FAILED: {bad} run(s) did not match the float64 reference");
@@ -267,26 +267,30 @@ pub fn run_matmul(a: &MatmulArgs) -> Result<i32, Error> {
     }
     let device = open(&a.device)?;
     let info = device.info();
-    println!(
+    multiq::outln!(
         "multiq bench matmul on {} ({} backend, wait {}, {})",
-        info.name, info.backend, info.wait, cfg.precision
-    );
+        info.name,
+        info.backend,
+        info.wait,
+        cfg.precision
+    )?;
     let started_at = results::now_rfc3339();
-    let rows = matmul::run(&device, &cfg, |r| {
-        print!(
-            "{}",
-            workload::table("", &[r])
-                .lines()
-                .nth(2)
-                .map(|l| format!("{l}\n"))
-                .unwrap_or_default()
-        );
-    })?;
-    println!(
-        "{}",
-        workload::table("matmul", &rows.iter().collect::<Vec<_>>())
-    );
+    multiq::out!("{}", workload::table("matmul", &[]))?;
+    let mut out_error = None;
+    let rows = matmul::run(&device, &cfg, |r| live_row(r, &mut out_error))?;
+    if let Some(e) = out_error {
+        return Err(e);
+    }
     finish(&device, started_at, &a.json, rows)
+}
+
+/// Prints a row of a workload table as it is measured (the table's header was printed
+/// before), unless a write to standard output already failed: `error` keeps the first failure.
+fn live_row(r: &WorkloadRow, error: &mut Option<Error>) {
+    if error.is_none() {
+        let row = workload::table("", &[r]);
+        *error = multiq::out!("{}\n", row.lines().nth(2).unwrap_or_default()).err();
+    }
 }
 
 pub fn run_mlp(a: &MlpArgs) -> Result<i32, Error> {
@@ -337,25 +341,20 @@ pub fn run_mlp(a: &MlpArgs) -> Result<i32, Error> {
     }
     let device = open(&a.device)?;
     let info = device.info();
-    println!(
+    multiq::outln!(
         "multiq bench mlp on {} ({} backend, wait {}, {})",
-        info.name, info.backend, info.wait, cfg.precision
-    );
+        info.name,
+        info.backend,
+        info.wait,
+        cfg.precision
+    )?;
     let started_at = results::now_rfc3339();
-    let rows = mlp::run(&device, &cfg, |r| {
-        print!(
-            "{}",
-            workload::table("", &[r])
-                .lines()
-                .nth(2)
-                .map(|l| format!("{l}\n"))
-                .unwrap_or_default()
-        );
-    })?;
-    println!(
-        "{}",
-        workload::table("mlp", &rows.iter().collect::<Vec<_>>())
-    );
+    multiq::out!("{}", workload::table("mlp", &[]))?;
+    let mut out_error = None;
+    let rows = mlp::run(&device, &cfg, |r| live_row(r, &mut out_error))?;
+    if let Some(e) = out_error {
+        return Err(e);
+    }
     finish(&device, started_at, &a.json, rows)
 }
 
@@ -363,13 +362,13 @@ pub fn write_weights(a: &WeightsArgs) -> Result<i32, Error> {
     let spec = MlpSpec::default();
     let w = HostWeights::random(&spec, a.seed)?;
     weights::write(&a.out, &w)?;
-    println!(
+    multiq::outln!(
         "wrote {} ({} MLP, {} parameters, seed {})",
         a.out.display(),
         spec.describe(),
         spec.parameters(),
         a.seed
-    );
+    )?;
     Ok(0)
 }
 
@@ -438,13 +437,13 @@ pub fn mlp_run(a: &MlpRunArgs) -> Result<i32, Error> {
     ];
     safetensors::tensor::serialize_to_file(views, None, &a.out)
         .map_err(|e| Error::invalid(format!("{}: {e}", a.out.display())))?;
-    println!(
+    multiq::outln!(
         "wrote {} ({} rows through {} on {}, {})",
         a.out.display(),
         a.rows,
         spec.describe(),
         device.info().name,
         precision(a.tf32)
-    );
+    )?;
     Ok(0)
 }

@@ -419,6 +419,9 @@ struct Aggregate<'c> {
     resources: Option<ResourceFigures>,
     started: Instant,
     last_progress: Instant,
+    /// The first failed write to standard output: the rounds go on (their results file is
+    /// still written), the command then fails with it.
+    stdout_error: Option<Error>,
 }
 
 impl<'c> Aggregate<'c> {
@@ -433,6 +436,14 @@ impl<'c> Aggregate<'c> {
             resources: None,
             started: Instant::now(),
             last_progress: Instant::now(),
+            stdout_error: None,
+        }
+    }
+
+    /// A line on standard output, unless a write there already failed.
+    fn say(&mut self, line: std::fmt::Arguments<'_>) {
+        if self.stdout_error.is_none() {
+            self.stdout_error = crate::outln!("{line}").err();
         }
     }
 
@@ -444,7 +455,7 @@ impl<'c> Aggregate<'c> {
                 driver,
             } => {
                 if self.device.is_none() {
-                    println!("device: {name} ({backend} backend)");
+                    self.say(format_args!("device: {name} ({backend} backend)"));
                 }
                 self.device = Some((name, backend, driver));
             }
@@ -466,7 +477,7 @@ impl<'c> Aggregate<'c> {
             }
         }
         if self.cfg.verbose {
-            println!(
+            self.say(format_args!(
                 "round {} {} {:.0} ms {} ops: {}{}",
                 r.round,
                 r.seed,
@@ -474,7 +485,7 @@ impl<'c> Aggregate<'c> {
                 r.ops,
                 r.plan,
                 if r.failed() { "  FAILED" } else { "" }
-            );
+            ));
         }
         if r.failed() {
             let first = r
@@ -486,14 +497,15 @@ impl<'c> Aggregate<'c> {
                 .chain(r.errors.iter().map(|s| format!("error: {s}")))
                 .chain(r.leaks.iter().map(|s| format!("leak: {s}")))
                 .collect::<Vec<_>>();
-            println!(
+            self.say(format_args!(
                 "FAILED round {} (seed {}, {}): {}",
                 r.round,
                 r.seed,
                 r.plan,
                 first.join(" / ")
-            );
-            println!("  replay: {}", self.cfg.replay_command(&r.seed));
+            ));
+            let replay = self.cfg.replay_command(&r.seed);
+            self.say(format_args!("  replay: {replay}"));
             if self.failures.len() < KEEP_FAILURES {
                 self.failures.push(r);
             }
@@ -501,7 +513,8 @@ impl<'c> Aggregate<'c> {
         if self.last_progress.elapsed() >= Duration::from_secs(10) {
             self.last_progress = Instant::now();
             self.summary.seconds = self.started.elapsed().as_secs_f64();
-            println!("progress: {}", self.summary.line());
+            let line = self.summary.line();
+            self.say(format_args!("progress: {line}"));
         }
     }
 }
@@ -527,14 +540,14 @@ pub fn run(cfg: &StressConfig) -> Result<i32> {
     };
     let cfg = &cfg;
     match cfg.round_seed {
-        Some(s) => println!(
+        Some(s) => crate::outln!(
             "multiq stress: replaying round {} (backend {}, {} threads, kinds {})",
             show_seed(s),
             cfg.backend_arg(),
             cfg.threads,
             kinds_arg(&cfg.kinds)
-        ),
-        None => println!(
+        )?,
+        None => crate::outln!(
             "multiq stress: up to {} rounds{}, seed {}, backend {}, {} threads, kinds {}, \
              coalescing {}, round deadline {:.0} s{}",
             cfg.rounds,
@@ -551,7 +564,7 @@ pub fn run(cfg: &StressConfig) -> Result<i32> {
             } else {
                 ""
             },
-        ),
+        )?,
     }
     let mut agg = Aggregate::new(cfg);
     let workers = if cfg.in_process {
@@ -566,7 +579,7 @@ pub fn run(cfg: &StressConfig) -> Result<i32> {
     };
     agg.summary.seconds = agg.started.elapsed().as_secs_f64();
     let line = agg.summary.line();
-    println!("{line}");
+    agg.say(format_args!("{line}"));
     if let Some(path) = &cfg.json {
         let (device, backend, driver) = agg
             .device
@@ -603,7 +616,10 @@ pub fn run(cfg: &StressConfig) -> Result<i32> {
             summary_line: line.clone(),
         };
         results::write_json(path, &file)?;
-        println!("results written to {}", path.display());
+        agg.say(format_args!("results written to {}", path.display()));
+    }
+    if let Some(e) = agg.stdout_error.take() {
+        return Err(e);
     }
     if agg.summary.rounds == 0 {
         eprintln!("multiq: stress: no round ran");
@@ -664,7 +680,9 @@ fn supervise(cfg: &StressConfig, agg: &mut Aggregate<'_>) -> Result<u64> {
                         }
                         Err(e) => eprintln!("multiq: stress: bad worker line ({e}): {json}"),
                     },
-                    None => println!("{line}"),
+                    // A worker's own lines, passed on (a failed write shows in the
+                    // aggregate's next line).
+                    None => drop(crate::outln!("{line}")),
                 }
             }
             let _ = tx.send(Line::Eof);

@@ -107,11 +107,12 @@ pub struct StressArgs {
     pub threads: u64,
     /// Master seed (decimal or 0x-hex); each round's seed is drawn from it [default: from the
     /// clock, printed].
-    #[arg(long, value_name = "SEED", value_parser = parse_seed_arg)]
+    #[arg(long, value_name = "SEED", allow_hyphen_values = true, value_parser = parse_seed_arg)]
     pub seed: Option<u64>,
     /// Run only the round with this seed (as printed with a failure), with the same
-    /// --backend, --threads, --kinds, --units and --wait.
-    #[arg(long, value_name = "SEED", value_parser = parse_seed_arg)]
+    /// --backend, --threads, --kinds, --units, --wait, --coalesce and --queue-chain (the replay
+    /// command printed with a failure has them all; --seed, --rounds and --seconds do not apply).
+    #[arg(long, value_name = "SEED", allow_hyphen_values = true, value_parser = parse_seed_arg)]
     pub round_seed: Option<u64>,
     /// Kinds of rounds to draw from, comma-separated [default: all].
     #[arg(long, value_enum, value_delimiter = ',')]
@@ -344,7 +345,7 @@ pub struct StudyArgs {
     /// Write every run as JSON to FILE (written whole at the end, or not at all).
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
-    /// Ops per thread in each run (default: 50 on GPUs; scaled per preset on the CPU).
+    /// Ops per thread in each run (default: 300 on GPUs; scaled per preset on the CPU).
     #[arg(long, allow_hyphen_values = true, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub iters: Option<u64>,
     /// Run the presets at full size on the CPU backend too (slow).
@@ -394,7 +395,8 @@ pub struct QueuesArgs {
     #[arg(long, allow_hyphen_values = true, value_name = "LIST", value_delimiter = ',', value_parser = clap::value_parser!(u64).range(1..=4096))]
     pub inflight: Vec<u64>,
     /// Submission lock(s), comma-separated: global (one mutex), per-stream, or none (each
-    /// stream owned by one thread; the shared scenario is then rejected) [default: per-stream].
+    /// stream owned by one thread, so shared-scenario runs of more than one thread are skipped
+    /// with a note, and a usage error when nothing else is left to run) [default: per-stream].
     #[arg(long, value_enum, value_delimiter = ',')]
     pub lock: Vec<LockMode>,
     /// Cross-thread coalescing, comma-separated: off (one launch per op), fixed (merge up to
@@ -510,8 +512,45 @@ impl ScenarioChoice {
 
 /// Renders a clap error as one line: what was wrong, and the allowed values when clap knows
 /// them.
+/// A usage error when list flag `flag` names a value twice: each value of a list is run
+/// once, so a repeat is a slip, not a request (as `--threads 1,1` is).
+pub fn once_each<T: PartialEq>(
+    flag: &str,
+    values: &[T],
+    name: impl Fn(&T) -> String,
+) -> Result<(), multiq::Error> {
+    for (i, v) in values.iter().enumerate() {
+        if values[..i].contains(v) {
+            return Err(multiq::Error::invalid(format!(
+                "{flag}: {} appears twice",
+                name(v)
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The name a value of a `ValueEnum` flag is written as.
+pub fn value_name<T: ValueEnum>(v: &T) -> String {
+    v.to_possible_value()
+        .map_or_else(String::new, |p| p.get_name().to_string())
+}
+
 pub fn one_line(err: &clap::Error) -> String {
-    use clap::error::{ContextKind, ContextValue};
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if err.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+        // `multiq` alone: clap would print the whole help as the error.
+        let cmd = <Cli as clap::CommandFactory>::command();
+        let names: Vec<&str> = cmd
+            .get_subcommands()
+            .filter(|c| !c.is_hide_set())
+            .map(|c| c.get_name())
+            .collect();
+        return format!(
+            "a command is required: {} (multiq --help explains them; start with `multiq bench`)",
+            names.join(", ")
+        );
+    }
     let rendered = err.render().to_string();
     let first = rendered
         .lines()
@@ -533,7 +572,9 @@ pub fn one_line(err: &clap::Error) -> String {
         }
     }
     if let Some(ContextValue::Strings(values)) = err.get(ContextKind::ValidValue) {
-        line.push_str(&format!(" (allowed: {})", values.join(", ")));
+        if !values.is_empty() {
+            line.push_str(&format!(" (allowed: {})", values.join(", ")));
+        }
     }
     if let Some(ContextValue::String(s)) = err.get(ContextKind::SuggestedArg) {
         line.push_str(&format!(" (did you mean {s}?)"));

@@ -20,6 +20,7 @@
 pub(crate) mod atomic_file;
 pub mod backend;
 pub mod bench;
+pub(crate) mod env_knob;
 pub mod error;
 pub mod kernel;
 pub mod model;

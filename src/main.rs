@@ -69,8 +69,10 @@ fn study_config(a: &cli::StudyArgs) -> study::StudyConfig {
 }
 
 fn report(a: &cli::ReportArgs) -> Result<i32, Error> {
-    multiq::report::prepare_dir(&a.out, "--out")?;
+    cli::once_each("a results file", &a.files, |p| p.display().to_string())?;
+    // The inputs first: a failed run leaves no empty --out folder behind.
     let inputs = multiq::report::Inputs::load(&a.files, &a.anchor, results::command_line())?;
+    multiq::report::prepare_dir(&a.out, "--out")?;
     let w = multiq::report::write(&a.out, inputs)?;
     multiq::outln!(
         "report written to {} ({} charts)",
@@ -81,6 +83,8 @@ fn report(a: &cli::ReportArgs) -> Result<i32, Error> {
 }
 
 fn stress(a: &cli::StressArgs) -> Result<i32, Error> {
+    cli::once_each("--kinds", &a.kinds, cli::value_name)?;
+    cli::once_each("--coalesce", &a.coalesce, cli::value_name)?;
     let cfg = a.config();
     if a.child {
         let seed = cfg
@@ -139,6 +143,10 @@ fn show_run(progress: &mut Progress, s: &QueuesSpec, phase: RunPhase) {
 
 fn run_queues(a: QueuesArgs) -> Result<i32, Error> {
     let threads = parse_thread_list(&a.threads)?;
+    cli::once_each("--preset", &a.preset, cli::value_name)?;
+    cli::once_each("--inflight", &a.inflight, u64::to_string)?;
+    cli::once_each("--lock", &a.lock, cli::value_name)?;
+    cli::once_each("--coalesce", &a.coalesce, cli::value_name)?;
     let presets: Vec<Option<Preset>> = if a.preset.is_empty() {
         vec![None]
     } else {

@@ -49,6 +49,10 @@ fn usage_errors_are_one_line_exit_2_and_write_nothing() {
             &["--lock", "none", "--scenario", "shared", "--threads", "2"],
             "none",
         ),
+        (&["--lock", "global,global"], "global appears twice"),
+        (&["--coalesce", "off,fixed,off"], "off appears twice"),
+        (&["--inflight", "1,1"], "1 appears twice"),
+        (&["--preset", "minimal,minimal"], "minimal appears twice"),
     ];
     for (extra, needle) in cases {
         let json = tmp("never.json");
@@ -66,6 +70,40 @@ fn usage_errors_are_one_line_exit_2_and_write_nothing() {
         );
         assert!(err.contains(needle), "{extra:?}: {err} lacks {needle}");
         assert!(!json.exists(), "{extra:?}: --json was written");
+    }
+}
+
+/// The other commands' lists, and `multiq` alone: one line, exit 2.
+#[test]
+fn other_usage_errors_are_one_line_exit_2() {
+    let cases: &[(&[&str], &str)] = &[
+        (&[], "a command is required: bench, info"),
+        (
+            &["bench", "matmul", "--sizes", "64,64"],
+            "--sizes: 64 appears twice",
+        ),
+        (
+            &["bench", "mlp", "--batches", "1,8,1"],
+            "--batches: 1 appears twice",
+        ),
+        (&["bench", "mlp", "--iters", "0"], "--iters"),
+        (&["bench", "matmul", "--seconds", "-1"], "--seconds -1"),
+        (
+            &["stress", "--kinds", "mixed,mixed"],
+            "--kinds: mixed appears twice",
+        ),
+        (&["stress", "--seed", "-1"], "not a seed"),
+        (
+            &["report", "--out", "r", "a.json", "a.json"],
+            "a.json appears twice",
+        ),
+    ];
+    for (args, needle) in cases {
+        let out = multiq(args);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err} lacks {needle}");
     }
 }
 

@@ -42,7 +42,12 @@ pub struct MatmulArgs {
     #[arg(long, value_name = "LIST", default_value = "1,2,4,8,16")]
     pub threads: String,
     /// Seconds per configuration.
-    #[arg(long, value_name = "S", default_value_t = 1.0)]
+    #[arg(
+        long,
+        value_name = "S",
+        allow_hyphen_values = true,
+        default_value_t = 1.0
+    )]
     pub seconds: f64,
     /// Coalescing, comma-separated: off (a launch per product, per-thread and shared streams),
     /// on (the coalescer).
@@ -77,13 +82,18 @@ pub struct MlpArgs {
     #[arg(long, value_name = "LIST", default_value = "1,8,64,256,1024")]
     pub batches: String,
     /// Timed forwards per batch size in the sweep.
-    #[arg(long, value_name = "N", default_value_t = 500)]
+    #[arg(long, value_name = "N", allow_hyphen_values = true, default_value_t = 500, value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
     pub iters: u64,
     /// Thread counts of the batch-1 request runs, comma-separated (empty: none).
     #[arg(long, value_name = "LIST", default_value = "1,2,4,8,16")]
     pub threads: String,
     /// Seconds per request run.
-    #[arg(long, value_name = "S", default_value_t = 1.0)]
+    #[arg(
+        long,
+        value_name = "S",
+        allow_hyphen_values = true,
+        default_value_t = 1.0
+    )]
     pub seconds: f64,
     /// Dynamic batching in the request runs, comma-separated: off, on.
     #[arg(long, value_name = "LIST", default_value = "off,on")]
@@ -114,7 +124,12 @@ pub struct WeightsArgs {
     #[arg(long, value_name = "FILE", required = true)]
     pub out: PathBuf,
     /// Seed of the random weights.
-    #[arg(long, value_name = "N", default_value_t = 0)]
+    #[arg(
+        long,
+        value_name = "N",
+        allow_hyphen_values = true,
+        default_value_t = 0
+    )]
     pub seed: u64,
 }
 
@@ -150,7 +165,8 @@ fn list(flag: &str, s: &str, allow_empty: bool) -> Result<Vec<usize>, Error> {
             Err(Error::invalid(format!("--{flag}: the list is empty")))
         };
     }
-    s.split(',')
+    let values = s
+        .split(',')
         .map(|p| {
             p.trim()
                 .parse::<usize>()
@@ -162,11 +178,14 @@ fn list(flag: &str, s: &str, allow_empty: bool) -> Result<Vec<usize>, Error> {
                     ))
                 })
         })
-        .collect()
+        .collect::<Result<Vec<_>, _>>()?;
+    crate::cli::once_each(&format!("--{flag}"), &values, usize::to_string)?;
+    Ok(values)
 }
 
 fn switches(flag: &str, s: &str) -> Result<Vec<bool>, Error> {
-    s.split(',')
+    let values = s
+        .split(',')
         .map(|p| match p.trim() {
             "off" => Ok(false),
             "on" => Ok(true),
@@ -174,7 +193,10 @@ fn switches(flag: &str, s: &str) -> Result<Vec<bool>, Error> {
                 "--{flag}: `{other}` is not off or on (allowed: off, on)"
             ))),
         })
-        .collect()
+        .collect::<Result<Vec<_>, _>>()?;
+    let name = |&on: &bool| if on { "on" } else { "off" }.to_string();
+    crate::cli::once_each(&format!("--{flag}"), &values, name)?;
+    Ok(values)
 }
 
 fn seconds(s: f64) -> Result<Length, Error> {
@@ -296,7 +318,7 @@ fn live_row(r: &WorkloadRow, error: &mut Option<Error>) {
 pub fn run_mlp(a: &MlpArgs) -> Result<i32, Error> {
     let cfg = MlpBenchConfig {
         batches: list("batches", &a.batches, true)?,
-        sweep_iters: a.iters.max(1),
+        sweep_iters: a.iters,
         threads: if a.threads.trim().is_empty() {
             Vec::new()
         } else {

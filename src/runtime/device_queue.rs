@@ -47,11 +47,11 @@ pub const SPIN_FOR: Duration = Duration::from_micros(200);
 /// bench/results/h200/coalesce/26dd781/.)
 pub const QUEUE_MIN_LOAD: usize = 8;
 
-fn queue_min_load() -> usize {
-    std::env::var("MULTIQ_QUEUE_MIN_LOAD")
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-        .unwrap_or(QUEUE_MIN_LOAD)
+fn queue_min_load() -> Result<usize> {
+    let load = crate::env_knob::read("MULTIQ_QUEUE_MIN_LOAD", "a whole number of ops", |v| {
+        v.parse::<usize>().ok()
+    })?;
+    Ok(load.unwrap_or(QUEUE_MIN_LOAD))
 }
 
 /// A pool's device queue.
@@ -103,19 +103,25 @@ impl Drop for Admission<'_> {
 impl DeviceQueue {
     /// The device's queue, or `None` where the backend has none.
     pub(crate) fn new(device: &Device) -> Result<Option<Arc<DeviceQueue>>> {
+        let min_load = queue_min_load()?;
         Ok(device
             .backend()
             .new_device_queue()?
-            .map(|backend| DeviceQueue::on(backend, device.info().wait, device.id())))
+            .map(|backend| DeviceQueue::on(backend, device.info().wait, device.id(), min_load)))
     }
 
-    fn on(backend: Arc<dyn BackendDeviceQueue>, wait: WaitPolicy, device_id: u64) -> Arc<Self> {
+    fn on(
+        backend: Arc<dyn BackendDeviceQueue>,
+        wait: WaitPolicy,
+        device_id: u64,
+        min_load: usize,
+    ) -> Arc<Self> {
         Arc::new(DeviceQueue {
             backend,
             wait,
             device_id,
             load: CachePadded::new(AtomicUsize::new(0)),
-            min_load: queue_min_load(),
+            min_load,
             direct: AtomicU64::new(0),
         })
     }
@@ -262,7 +268,7 @@ mod tests {
 
     #[test]
     fn small_ops_go_to_the_queue_only_under_other_streams_load_and_large_ones_never() {
-        let q = DeviceQueue::on(Arc::new(Fake), WaitPolicy::Spin, 1);
+        let q = DeviceQueue::on(Arc::new(Fake), WaitPolicy::Spin, 1, QUEUE_MIN_LOAD);
         let min = q.min_load;
         let streams: Vec<Arc<AtomicUsize>> = (0..=min).map(|_| Arc::default()).collect();
         // A quiet pool: every op alone, until `min` ops of other streams are in flight.
@@ -295,7 +301,7 @@ mod tests {
 
     #[test]
     fn a_streams_own_ops_never_send_it_to_the_queue() {
-        let q = DeviceQueue::on(Arc::new(Fake), WaitPolicy::Spin, 1);
+        let q = DeviceQueue::on(Arc::new(Fake), WaitPolicy::Spin, 1, QUEUE_MIN_LOAD);
         let (one, other) = (AtomicUsize::new(0), AtomicUsize::new(0));
         // One stream with many ops in flight (a thread with a deep window) launches alone...
         let mut held: Vec<LoadToken> = Vec::new();
@@ -316,7 +322,7 @@ mod tests {
 
     #[test]
     fn an_op_that_fails_before_it_is_submitted_gives_its_load_back() {
-        let q = DeviceQueue::on(Arc::new(Fake), WaitPolicy::Spin, 1);
+        let q = DeviceQueue::on(Arc::new(Fake), WaitPolicy::Spin, 1, QUEUE_MIN_LOAD);
         let stream = AtomicUsize::new(0);
         for _ in 0..3 * q.min_load {
             // An error (or a panic) between admission and submission drops the admission.

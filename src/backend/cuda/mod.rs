@@ -132,7 +132,7 @@ impl CudaBackend {
         let alloc_stream = ctx.new_stream().map_err(|e| driver_error("stream", e))?;
         let kernels = kernels::for_device(&ctx, opts.ordinal)?;
         let wait = opts.wait.unwrap_or(DEFAULT_WAIT);
-        let queue = queue::QueueSettings::new(opts.queue_chain);
+        let queue = queue::QueueSettings::new(opts.queue_chain)?;
         let mut info = device_info(&ctx, wait)?;
         info.extra.extend(queue.describe());
         Ok(CudaBackend {

@@ -74,12 +74,12 @@ const CHUNK_THREADS: u32 = 1024;
 /// (bench/results/h200/coalesce/18f2c28/tiles-*).
 pub const DEFAULT_CHUNK_TILES: u32 = 2;
 
-/// A tile count from the environment variable `name` (1..=1024), if it holds one.
-fn tiles_from_env(name: &str) -> Option<u32> {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse::<u32>().ok())
-        .filter(|&v| (1..=1024).contains(&v))
+/// A tile count from the environment variable `name` (1..=1024), if it is set.
+fn tiles_from_env(name: &str) -> Result<Option<u32>> {
+    let tiles = crate::env_knob::read(name, "a whole number of tiles, 1..=1024", |v| {
+        crate::env_knob::number_in(1..=1024)(v)
+    })?;
+    Ok(tiles.map(|t| t as u32))
 }
 
 /// A timeline trace of the queue (diagnostics): with `MULTIQ_QUEUE_TRACE=PREFIX`, each queue
@@ -227,19 +227,23 @@ impl QueueSettings {
     /// measured on a GPU: it was built, and model-checked in `sync::chunk_chain`, in sessions
     /// without one), with the diagnostic knobs for comparing variants on a GPU:
     /// `MULTIQ_QUEUE_CHUNK_TILES`, `MULTIQ_QUEUE_CHAIN_TILES` (1..=1024; default: the chunk
-    /// size; other values are ignored) and `MULTIQ_QUEUE_CHAIN_EARLY=0` (or `off`, `false`:
-    /// early start off). [`QueueSettings::describe`] records the values used.
-    pub fn new(chain: Option<bool>) -> QueueSettings {
-        let chain =
-            chain.unwrap_or_else(|| std::env::var("MULTIQ_QUEUE_CHAIN").is_ok_and(|v| v == "1"));
-        let chunk_tiles = tiles_from_env("MULTIQ_QUEUE_CHUNK_TILES").unwrap_or(DEFAULT_CHUNK_TILES);
-        QueueSettings {
+    /// size) and `MULTIQ_QUEUE_CHAIN_EARLY=0` (or `off`, `false`: early start off);
+    /// `MULTIQ_QUEUE_CHAIN` takes 1, on or true (0, off, false: off). A value not understood
+    /// is an error naming the variable. [`QueueSettings::describe`] records the values used.
+    pub fn new(chain: Option<bool>) -> Result<QueueSettings> {
+        use crate::env_knob::{read, switch, SWITCH};
+        let chain = match chain {
+            Some(c) => c,
+            None => read("MULTIQ_QUEUE_CHAIN", SWITCH, switch)?.unwrap_or(false),
+        };
+        let chunk_tiles =
+            tiles_from_env("MULTIQ_QUEUE_CHUNK_TILES")?.unwrap_or(DEFAULT_CHUNK_TILES);
+        Ok(QueueSettings {
             chunk_tiles,
             chain,
-            chain_tiles: tiles_from_env("MULTIQ_QUEUE_CHAIN_TILES").unwrap_or(chunk_tiles),
-            chain_early: std::env::var("MULTIQ_QUEUE_CHAIN_EARLY")
-                .map_or(true, |v| !matches!(v.as_str(), "0" | "off" | "false")),
-        }
+            chain_tiles: tiles_from_env("MULTIQ_QUEUE_CHAIN_TILES")?.unwrap_or(chunk_tiles),
+            chain_early: read("MULTIQ_QUEUE_CHAIN_EARLY", SWITCH, switch)?.unwrap_or(true),
+        })
     }
 
     /// The settings as a results file records them (device info).

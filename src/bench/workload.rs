@@ -223,7 +223,9 @@ pub fn run_threads<S: Send + 'static>(
                     loop {
                         match length {
                             Length::Ops(k) if n >= k => break,
-                            Length::Seconds(_) if stop.load(Ordering::Relaxed) => break,
+                            // Every thread times one op at least: a window too short for
+                            // any would report 0 ops/s for what was not measured.
+                            Length::Seconds(_) if n > 0 && stop.load(Ordering::Relaxed) => break,
                             _ => {}
                         }
                         let t0 = Instant::now();

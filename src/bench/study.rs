@@ -141,12 +141,21 @@ pub fn check_memory(device: &Device, data: usize, threads: usize) -> Result<()> 
             1
         };
         if need.saturating_mul(factor) > avail {
+            let both = if factor == 2 {
+                format!(
+                    ", {} with the host's copy of the initial values",
+                    need.saturating_mul(2)
+                )
+            } else {
+                String::new()
+            };
             return Err(Error::OutOfMemory {
                 elements: data.saturating_mul(threads),
                 bytes: need,
                 device: device.info().name.clone(),
                 reason: format!(
-                    "--data {data} x {threads} threads needs more than the {avail} bytes available"
+                    "--data {data} x {threads} threads: {need} bytes of buffers{both}, more \
+                     than the {avail} bytes available"
                 ),
             });
         }

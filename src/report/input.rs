@@ -201,12 +201,33 @@ impl StoredResults {
             path: path.display().to_string(),
             reason,
         };
-        let results: StoredResults = serde_json::from_str(text)
-            .map_err(|e| bad(format!("not a multiq results file: {e}")))?;
+        let results: StoredResults = serde_json::from_str(text).map_err(|e| {
+            bad(match other_kind(text) {
+                Some(kind) => format!(
+                    "{kind} results, which report does not read (it reads those of `multiq \
+                     bench` and `multiq bench queues`)"
+                ),
+                None => format!("not a multiq results file: {e}"),
+            })
+        })?;
         results.check().map_err(bad)?;
         Ok(results)
     }
+}
 
+/// The kind of another multiq results file (`bench matmul`, `bench mlp`, `stress`), if `text`
+/// is one.
+fn other_kind(text: &str) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_str(text).ok()?;
+    v.get("multiq_version")?;
+    if v.get("summary_line").is_some() {
+        return Some("`multiq stress`".into());
+    }
+    let workload = v.get("runs")?.get(0)?.get("workload")?.as_str()?;
+    Some(format!("`multiq bench {workload}`"))
+}
+
+impl StoredResults {
     /// Reads and parses the results file at `path`.
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
@@ -279,6 +300,14 @@ mod tests {
                 "{\"runs\": [{\"preset\": \"a\", \"scenario\": \"shared\", \"threads\": 0, \
                  \"ops_per_sec\": 1.0}]}",
                 "0 threads",
+            ),
+            (
+                "{\"multiq_version\": \"0.1.0\", \"summary_line\": \"rounds=1\"}",
+                "`multiq stress` results, which report does not read",
+            ),
+            (
+                "{\"multiq_version\": \"0.1.0\", \"runs\": [{\"workload\": \"matmul\"}]}",
+                "`multiq bench matmul` results, which report does not read",
             ),
         ] {
             let e = StoredResults::parse(p, text).unwrap_err().to_string();

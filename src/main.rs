@@ -85,6 +85,20 @@ fn report(a: &cli::ReportArgs) -> Result<i32, Error> {
 fn stress(a: &cli::StressArgs) -> Result<i32, Error> {
     cli::once_each("--kinds", &a.kinds, cli::value_name)?;
     cli::once_each("--coalesce", &a.coalesce, cli::value_name)?;
+    // A replay runs the one round named; a master seed or a time limit would be ignored. (The
+    // worker processes get both from the supervisor, which knows.)
+    if a.round_seed.is_some() && !a.worker && !a.child {
+        for (given, flag) in [
+            (a.seed.is_some(), "--seed"),
+            (a.seconds.is_some(), "--seconds"),
+        ] {
+            if given {
+                return Err(Error::invalid(format!(
+                    "{flag} does not apply with --round-seed, which replays the one round it names"
+                )));
+            }
+        }
+    }
     let cfg = a.config();
     if a.child {
         let seed = cfg

@@ -94,6 +94,10 @@ fn other_usage_errors_are_one_line_exit_2() {
         ),
         (&["stress", "--seed", "-1"], "not a seed"),
         (
+            &["stress", "--round-seed", "0x1", "--seed", "3"],
+            "--seed does not apply with --round-seed",
+        ),
+        (
             &["report", "--out", "r", "a.json", "a.json"],
             "a.json appears twice",
         ),

@@ -123,13 +123,8 @@ pub struct WeightsArgs {
     /// The safetensors file to write.
     #[arg(long, value_name = "FILE", required = true)]
     pub out: PathBuf,
-    /// Seed of the random weights.
-    #[arg(
-        long,
-        value_name = "N",
-        allow_hyphen_values = true,
-        default_value_t = 0
-    )]
+    /// Seed of the random weights (decimal or 0x-hex).
+    #[arg(long, value_name = "SEED", allow_hyphen_values = true, default_value = "0", value_parser = multiq::stress::rng::parse_seed)]
     pub seed: u64,
 }
 
@@ -143,8 +138,8 @@ pub struct MlpRunArgs {
     /// Rows of the seeded input.
     #[arg(long, value_name = "N", default_value_t = 64)]
     pub rows: usize,
-    /// Seed of the input.
-    #[arg(long, value_name = "N", default_value_t = 1)]
+    /// Seed of the input (decimal or 0x-hex).
+    #[arg(long, value_name = "SEED", allow_hyphen_values = true, default_value = "1", value_parser = multiq::stress::rng::parse_seed)]
     pub seed: u64,
     /// Run the rows as concurrent batch-1 requests with dynamic batching on.
     #[arg(long)]

@@ -117,6 +117,11 @@ fn open_device(opts: &multiq::DeviceOptions) -> Result<Device, Error> {
     if let Some(why) = device.fallback_reason() {
         multiq::outln!("note: CUDA not used ({why}); running on the CPU backend")?;
     }
+    if opts.queue_chain.is_some() && device.info().backend == multiq::BackendKind::Cpu {
+        eprintln!(
+            "multiq: note: --queue-chain applies to CUDA's device queue; the CPU backend has none"
+        );
+    }
     Ok(device)
 }
 

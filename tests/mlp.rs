@@ -238,3 +238,30 @@ fn weights_files_load_and_bad_files_are_clear_errors() {
     assert!(matches!(e, Error::Io { .. }), "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A spec whose sizes overflow memory's address range is refused before anything is
+/// allocated or run (it used to wrap to empty buffers and crash the forward).
+#[test]
+fn widths_that_overflow_are_refused() {
+    let d = device();
+    for widths in [vec![1 << 63, 2], vec![1 << 40, 1 << 40], vec![2, 1 << 62]] {
+        let spec = MlpSpec {
+            widths: widths.clone(),
+        };
+        assert!(matches!(spec.check(), Err(Error::Shape(_))), "{widths:?}");
+        assert!(HostWeights::random(&spec, 1).is_err(), "{widths:?}");
+        let w = HostWeights {
+            spec,
+            layers: vec![(vec![], vec![0.0; 2])],
+        };
+        let e = Model::new(&d, &w, ModelOptions::default()).err();
+        assert!(matches!(e, Some(Error::Shape(_))), "{widths:?}: {e:?}");
+    }
+    // Accessors of a spec check() refuses do not panic.
+    let empty = MlpSpec { widths: vec![] };
+    assert_eq!(
+        (empty.input(), empty.output(), empty.parameters()),
+        (0, 0, 0)
+    );
+    assert!(empty.check().is_err());
+}

@@ -233,9 +233,16 @@ pub struct GemmSpec {
 }
 
 impl GemmSpec {
-    /// Elements of A, B and C.
-    pub fn sizes(&self) -> (usize, usize, usize) {
-        (self.m * self.k, self.k * self.n, self.m * self.n)
+    /// Elements of A, B and C; an error where one does not fit in `usize` (no buffer could
+    /// hold it).
+    pub fn sizes(&self) -> Result<(usize, usize, usize)> {
+        let (m, n, k) = (self.m, self.n, self.k);
+        match (m.checked_mul(k), k.checked_mul(n), m.checked_mul(n)) {
+            (Some(a), Some(b), Some(c)) => Ok((a, b, c)),
+            _ => Err(Error::invalid(format!(
+                "a matrix product of m={m} n={n} k={k} has more elements than can be addressed"
+            ))),
+        }
     }
 }
 
@@ -284,7 +291,7 @@ pub fn check_gemm(spec: &GemmSpec, ops: &[GemmOperands<'_>]) -> Result<()> {
             spec.m, spec.n, spec.k
         )));
     }
-    let (sa, sb, sc) = spec.sizes();
+    let (sa, sb, sc) = spec.sizes()?;
     let fits = |r: &MatRef<'_>, len: usize, what: &str| -> Result<()> {
         match r.offset.checked_add(len) {
             Some(end) if end <= r.buf.len() => Ok(()),
@@ -679,6 +686,46 @@ pub(crate) fn check_chained_products(backend: &dyn Backend) {
 /// Checks [`Backend::alloc_host`] and [`BackendStream::copy`] on `backend`: data staged in
 /// host buffers goes through device buffers and back unchanged, at offsets, in stream order;
 /// bad copies are refused.
+/// Products whose sizes overflow `usize` (m·k wrapping to a small number that a small buffer
+/// would "hold") are refused, alone and batched, before any memory is touched.
+#[cfg(test)]
+pub(crate) fn check_overflowing_products(backend: &dyn Backend) {
+    let s = backend.new_stream().unwrap();
+    let bufs: Vec<_> = (0..3).map(|_| backend.alloc(4).unwrap()).collect();
+    let big = 1usize << (usize::BITS / 2);
+    for (m, n, k) in [(big, big, big), (big, 1, big), (1, big, big), (big, big, 1)] {
+        let spec = GemmSpec {
+            m,
+            n,
+            k,
+            b_transposed: false,
+            relu: false,
+            dtype: DType::F32,
+            precision: Precision::Strict,
+            fuse: false,
+            b_static: false,
+        };
+        let ops = GemmOperands {
+            a: MatRef::new(&*bufs[0]),
+            b: MatRef::new(&*bufs[1]),
+            c: MatRef::new(&*bufs[2]),
+            bias: None,
+        };
+        assert!(spec.sizes().is_err(), "{m}x{n}x{k}");
+        let one = s.gemm(&spec, &ops).unwrap_err();
+        assert!(
+            one.to_string()
+                .contains("more elements than can be addressed"),
+            "{one}"
+        );
+        assert!(
+            s.gemm_batched(&spec, &[ops]).is_err(),
+            "{m}x{n}x{k} batched"
+        );
+    }
+    s.synchronize().unwrap();
+}
+
 #[cfg(test)]
 pub(crate) fn check_staged_copies(backend: &dyn Backend) {
     let n = 3000;

@@ -224,7 +224,8 @@ impl Model {
         let mut layers = Vec::with_capacity(shapes.len());
         let last = shapes.len() - 1;
         for (i, ((inp, out), (w, b))) in shapes.iter().zip(&weights.layers).enumerate() {
-            if w.len() != inp * out || b.len() != *out {
+            // The spec's check keeps inp * out in range.
+            if Some(w.len()) != inp.checked_mul(*out) || b.len() != *out {
                 return Err(Error::Shape(format!(
                     "layer {i} ({}.weight, {}.bias): expected {out}x{inp} and {out} values, got {} and {}",
                     2 * i,
@@ -419,7 +420,13 @@ impl Inner {
                 .spec
                 .widths
                 .iter()
-                .map(|w| backend.alloc(w * cap))
+                .map(|w| {
+                    // The spec's check keeps a width times MAX_FORWARD_ROWS in range.
+                    let n = w
+                        .checked_mul(cap)
+                        .ok_or_else(|| Error::Shape(format!("{w} x {cap} activations overflow")))?;
+                    backend.alloc(n)
+                })
                 .collect::<Result<Vec<_>>>();
             match acts {
                 Ok(a) => {

@@ -38,26 +38,47 @@ impl MlpSpec {
         self.widths.windows(2).map(|w| (w[0], w[1])).collect()
     }
 
-    /// Input width.
+    /// Input width (0 for a spec without widths, which [`MlpSpec::check`] refuses).
     pub fn input(&self) -> usize {
-        self.widths[0]
+        self.widths.first().copied().unwrap_or(0)
     }
 
-    /// Output width.
+    /// Output width (0 for a spec without widths, which [`MlpSpec::check`] refuses).
     pub fn output(&self) -> usize {
-        *self.widths.last().expect("at least two widths")
+        self.widths.last().copied().unwrap_or(0)
     }
 
-    /// Parameters (weights and biases).
+    /// Parameters (weights and biases; `usize::MAX` where that many do not fit, which
+    /// [`MlpSpec::check`] refuses).
     pub fn parameters(&self) -> usize {
-        self.layers().iter().map(|(i, o)| i * o + o).sum()
+        self.layers()
+            .iter()
+            .map(|&(i, o)| i.saturating_mul(o).saturating_add(o))
+            .fold(0usize, usize::saturating_add)
     }
 
-    /// Checks the spec: at least one layer, no zero width.
+    /// Checks the spec: at least one layer, no zero width, and sizes that fit in memory's
+    /// address range: every layer's weights, all parameters, and a width's activations for
+    /// the most rows one forward takes ([`crate::model::MAX_FORWARD_ROWS`]).
     pub fn check(&self) -> Result<()> {
         if self.widths.len() < 2 || self.widths.contains(&0) {
             return Err(Error::Shape(format!(
                 "an MLP needs at least two non-zero widths, got {}",
+                shape_str(&self.widths)
+            )));
+        }
+        let rows = crate::model::MAX_FORWARD_ROWS;
+        let fits = self.widths.iter().all(|w| w.checked_mul(rows).is_some())
+            && self
+                .layers()
+                .iter()
+                .try_fold(0usize, |sum, &(i, o)| {
+                    i.checked_mul(o)?.checked_add(o)?.checked_add(sum)
+                })
+                .is_some();
+        if !fits {
+            return Err(Error::Shape(format!(
+                "an MLP of widths {} does not fit in memory's address range",
                 shape_str(&self.widths)
             )));
         }

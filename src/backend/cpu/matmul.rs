@@ -109,7 +109,7 @@ fn run(spec: &GemmSpec, storages: &[(Storage, bool)], plan: &[Op]) {
         // are read through guards no writer holds.
         unsafe { product(spec, &ptrs, op, parallel) }
     };
-    let work = spec.m * spec.n * spec.k;
+    let work = spec.m.saturating_mul(spec.n).saturating_mul(spec.k);
     if plan.len() == 1 {
         one(&plan[0], work >= PARALLEL_WORK && spec.m >= 16);
     } else {

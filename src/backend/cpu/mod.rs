@@ -255,6 +255,11 @@ mod tests {
     }
 
     #[test]
+    fn products_whose_sizes_overflow_are_refused() {
+        crate::backend::check_overflowing_products(&device(2));
+    }
+
+    #[test]
     fn launches_run_in_order_and_match_the_reference() {
         let dev = device(2);
         let s = dev.new_stream().unwrap();

@@ -285,6 +285,15 @@ mod tests {
         }
     }
 
+    /// Products whose sizes overflow are refused (skips without a CUDA device).
+    #[test]
+    fn products_whose_sizes_overflow_are_refused() {
+        match CudaBackend::new(&DeviceOptions::default()) {
+            Ok(b) => crate::backend::check_overflowing_products(&b),
+            Err(e) => eprintln!("SKIPPED overflowing products: no CUDA device ({e})"),
+        }
+    }
+
     /// Chained small products, programmatic launches included (skips without a CUDA device).
     #[test]
     fn chained_products_read_what_was_just_written() {

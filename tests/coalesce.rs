@@ -345,3 +345,84 @@ fn event_mode_reaps_batches_nobody_waits_for() {
         "the wait on a coalesced op hung: {r:?}"
     );
 }
+
+/// A `block` waiter whose batch waits for room on the device notices that the device drained
+/// although nobody waits on the batch that filled it (its tickets are held, not waited): it
+/// does not sleep to its batch's deadline, an hour here.
+#[test]
+fn a_sleeping_waiter_sees_the_device_drain_without_a_wake_up() {
+    let dev = Device::open(&DeviceOptions {
+        backend: Some(BackendKind::Cpu),
+        cpu_units: Some(1),
+        wait: Some(WaitPolicy::Block),
+        ..Default::default()
+    })
+    .unwrap();
+    let pool = StreamPool::new(
+        &dev,
+        PoolConfig {
+            streams: 2,
+            lock: LockMode::PerStream,
+            coalesce: CoalescePolicy::Fixed {
+                max_batch: 8,
+                max_delay: multiq::runtime::MAX_COALESCE_DELAY,
+                depth: 1,
+            },
+        },
+    )
+    .unwrap();
+    assert_eq!(pool.coalesce_completion(), Some("event"));
+    let s = pool.current().unwrap();
+    let (mut x, mut x2) = (dev.alloc(1 << 16).unwrap(), dev.alloc(1 << 16).unwrap());
+    // Launched at once (the device is idle), then pending behind it; both held, not waited.
+    let held = [
+        s.launch(Kernel::SimpleCompute { iters: 100 }, &mut x)
+            .unwrap(),
+        s.launch(Kernel::SimpleCompute { iters: 1 }, &mut x2)
+            .unwrap(),
+    ];
+    let (tx, rx) = std::sync::mpsc::channel();
+    let other = pool.clone();
+    let dev2 = dev.clone();
+    std::thread::spawn(move || {
+        let s = other.current().unwrap();
+        let mut z = dev2.alloc(16).unwrap();
+        let t = s
+            .launch(Kernel::SimpleCompute { iters: 1 }, &mut z)
+            .unwrap();
+        tx.send(t.wait()).unwrap();
+    });
+    let r = rx.recv_timeout(Duration::from_secs(30));
+    assert!(
+        matches!(r, Ok(Ok(()))),
+        "the waiter slept towards its batch's deadline: {r:?}"
+    );
+    drop(held);
+}
+
+#[test]
+fn a_max_delay_past_the_limit_is_refused() {
+    let dev = cpu(WaitPolicy::Block);
+    for max_delay in [
+        Duration::MAX,
+        multiq::runtime::MAX_COALESCE_DELAY + Duration::from_nanos(1),
+    ] {
+        let made = StreamPool::new(
+            &dev,
+            PoolConfig {
+                streams: 2,
+                lock: LockMode::PerStream,
+                coalesce: CoalescePolicy::Fixed {
+                    max_batch: 8,
+                    max_delay,
+                    depth: 1,
+                },
+            },
+        );
+        let e = made.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(
+            e.contains("max delay must be at most 3600 s"),
+            "{max_delay:?}: {e}"
+        );
+    }
+}

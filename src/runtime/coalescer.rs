@@ -468,6 +468,10 @@ impl Engine {
     }
 }
 
+/// Longest `max_delay` a policy may ask for: an hour (a batch's deadline, its first op's
+/// submission plus the delay, is then always a representable instant).
+pub const MAX_COALESCE_DELAY: Duration = Duration::from_secs(3600);
+
 /// The pool's coalescer: a [`Handoff`] launching through an [`Engine`].
 pub(crate) struct CoalescerShared {
     handoff: Handoff<Engine>,
@@ -481,6 +485,12 @@ impl CoalescerShared {
         }
         if depth == 0 || depth > 64 {
             return Err(Error::invalid("coalescing depth must be between 1 and 64"));
+        }
+        if max_delay > MAX_COALESCE_DELAY {
+            return Err(Error::invalid(format!(
+                "max delay must be at most {} s, got {max_delay:?}",
+                MAX_COALESCE_DELAY.as_secs()
+            )));
         }
         let target = match policy {
             CoalescePolicy::Adaptive { .. } => 2.min(max_batch),

@@ -21,7 +21,7 @@ pub(crate) mod phases;
 mod pool;
 mod stream;
 
-pub use coalescer::{CoalescePolicy, CoalesceStats, DEFAULT_DEPTH};
+pub use coalescer::{CoalescePolicy, CoalesceStats, DEFAULT_DEPTH, MAX_COALESCE_DELAY};
 pub use device::{Buffer, Device};
 pub use device_queue::QUEUE_MIN_LOAD;
 pub use inflight::Inflight;

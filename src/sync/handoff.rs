@@ -44,7 +44,8 @@
 //!   on `done`; every launch, failed launch and finish changes the state first, then takes
 //!   and releases `sleep`, then notifies. A waiter thus either saw the change before sleeping
 //!   or was asleep when notified. Waiters of pending batches also sleep with the batch's
-//!   deadline, since due-ness changes without a notification (time, device completions).
+//!   deadline, bounded by `REAP_EVERY`, since due-ness changes without a notification (time,
+//!   device completions nobody waits on).
 //! - A waiter of a pending batch launches it (through the combiner) once it is due, and a
 //!   flush ([`Handoff::flush`]) makes a batch due at once and returns once it left `pending`.
 
@@ -55,6 +56,10 @@ use std::time::Instant;
 use super::combiner::Combiner;
 use super::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Condvar, Mutex, MutexGuard, Ordering};
 use crate::backend::WaitPolicy;
+
+/// Longest a `block` waiter of a pending batch sleeps before it looks at the device again
+/// (reaping completed batches, which may make its own due).
+const REAP_EVERY: std::time::Duration = std::time::Duration::from_micros(500);
 
 const PENDING: u8 = 0;
 const LAUNCHED: u8 = 1;
@@ -536,7 +541,13 @@ impl<L: Launcher> Handoff<L> {
                         match self.wait {
                             WaitPolicy::Spin | WaitPolicy::Yield => self.relax(spins),
                             WaitPolicy::Block => {
-                                let deadline = self.launcher.deadline(&batch.payload);
+                                // Device completions wake no one (a batch whose tickets are
+                                // held unwaited is finished only by a reap), so a sleeper also
+                                // looks again every REAP_EVERY, not only at its deadline.
+                                let deadline = self
+                                    .launcher
+                                    .deadline(&batch.payload)
+                                    .min(Instant::now() + REAP_EVERY);
                                 let sleep = self.sleep.lock();
                                 if batch.is_pending() && self.in_flight() >= self.depth {
                                     self.done.wait_until(sleep, deadline);

@@ -294,8 +294,9 @@ fn persistent_falls_back_to_host_coalescing_on_the_cpu() {
 /// Event mode (wait `block`): batches launched beyond `depth` by a flush, whose tickets were
 /// all dropped, are still found complete, so a later waiter is not left sleeping. (Found by
 /// `multiq stress`.)
-#[test]
-fn event_mode_reaps_batches_nobody_waits_for() {
+/// A one-unit CPU device waiting by `block` (so the coalescer completes batches by events),
+/// and a pool coalescing up to 8 ops, one batch on the device at a time.
+fn one_unit_in_event_mode(max_delay: Duration) -> (Device, StreamPool) {
     let dev = Device::open(&DeviceOptions {
         backend: Some(BackendKind::Cpu),
         cpu_units: Some(1),
@@ -310,13 +311,19 @@ fn event_mode_reaps_batches_nobody_waits_for() {
             lock: LockMode::PerStream,
             coalesce: CoalescePolicy::Fixed {
                 max_batch: 8,
-                max_delay: Duration::from_micros(20),
+                max_delay,
                 depth: 1,
             },
         },
     )
     .unwrap();
     assert_eq!(pool.coalesce_completion(), Some("event"));
+    (dev, pool)
+}
+
+#[test]
+fn event_mode_reaps_batches_nobody_waits_for() {
+    let (dev, pool) = one_unit_in_event_mode(Duration::from_micros(20));
     let s = pool.current().unwrap();
     let (mut x, mut y, mut z) = (
         dev.alloc(1 << 16).unwrap(),
@@ -351,27 +358,7 @@ fn event_mode_reaps_batches_nobody_waits_for() {
 /// does not sleep to its batch's deadline, an hour here.
 #[test]
 fn a_sleeping_waiter_sees_the_device_drain_without_a_wake_up() {
-    let dev = Device::open(&DeviceOptions {
-        backend: Some(BackendKind::Cpu),
-        cpu_units: Some(1),
-        wait: Some(WaitPolicy::Block),
-        ..Default::default()
-    })
-    .unwrap();
-    let pool = StreamPool::new(
-        &dev,
-        PoolConfig {
-            streams: 2,
-            lock: LockMode::PerStream,
-            coalesce: CoalescePolicy::Fixed {
-                max_batch: 8,
-                max_delay: multiq::runtime::MAX_COALESCE_DELAY,
-                depth: 1,
-            },
-        },
-    )
-    .unwrap();
-    assert_eq!(pool.coalesce_completion(), Some("event"));
+    let (dev, pool) = one_unit_in_event_mode(multiq::runtime::MAX_COALESCE_DELAY);
     let s = pool.current().unwrap();
     let (mut x, mut x2) = (dev.alloc(1 << 16).unwrap(), dev.alloc(1 << 16).unwrap());
     // Launched at once (the device is idle), then pending behind it; both held, not waited.

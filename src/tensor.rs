@@ -88,7 +88,24 @@ impl Tensor {
     /// A zero-filled tensor of `shape`.
     pub fn zeros(device: &Device, shape: &[usize]) -> Result<Tensor> {
         let n = numel(shape)?;
-        Tensor::from_slice(device, shape, &vec![0.0; n])
+        // The device buffer first: its limits and its memory refuse a size before any host
+        // memory is taken; then the zeros, whose host copy is refused, not aborted, if the
+        // host cannot hold it.
+        let mut buf = device.alloc(n)?;
+        let mut zeros = Vec::new();
+        zeros.try_reserve_exact(n).map_err(|e| Error::OutOfMemory {
+            elements: n,
+            bytes: (n as u64).saturating_mul(4),
+            device: "the host".into(),
+            reason: format!("the zeros to upload: {e}"),
+        })?;
+        zeros.resize(n, 0.0);
+        buf.write(&zeros)?;
+        Ok(Tensor {
+            buf,
+            shape: shape.to_vec(),
+            dtype: DType::F32,
+        })
     }
 
     /// A tensor of `shape` and `dtype`; refused for element types not implemented yet.

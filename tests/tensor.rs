@@ -194,3 +194,22 @@ fn matmul_respects_lock_mode_none() {
         "{e:?}"
     );
 }
+
+/// A tensor larger than the device holds, or than can be addressed, is an error, not a panic
+/// or an abort while building its zeros on the host.
+#[test]
+fn zeros_too_large_for_the_device_are_refused() {
+    let d = multiq::Device::cpu(1).unwrap();
+    for shape in [
+        [1usize << 31, 1 << 31],
+        [1 << 20, 1 << 20],
+        [usize::MAX / 2, 2],
+    ] {
+        assert!(
+            multiq::tensor::Tensor::zeros(&d, &shape).is_err(),
+            "{shape:?}"
+        );
+    }
+    let mut t = multiq::tensor::Tensor::zeros(&d, &[3, 5]).unwrap();
+    assert_eq!(t.to_vec().unwrap(), vec![0.0; 15]);
+}

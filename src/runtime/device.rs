@@ -114,7 +114,9 @@ impl Device {
         Ok(buf)
     }
 
-    /// Waits until all work on every stream of this device has completed.
+    /// Waits until all work queued on every stream of this device has completed. Ops still
+    /// pending in a pool's coalescer (gathered, not yet launched) are not queued work yet:
+    /// [`crate::StreamPool::synchronize`] launches them first, then waits.
     pub fn synchronize(&self) -> Result<()> {
         self.backend().synchronize()
     }

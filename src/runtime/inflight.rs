@@ -24,6 +24,15 @@ pub struct Inflight {
     latency: Option<Histogram<u64>>,
 }
 
+impl std::fmt::Debug for Inflight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inflight")
+            .field("depth", &self.depth)
+            .field("outstanding", &self.pending.len())
+            .finish_non_exhaustive()
+    }
+}
+
 impl Inflight {
     /// A window of `depth` (1 = wait after every op).
     pub fn new(depth: usize) -> Result<Self> {

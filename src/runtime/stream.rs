@@ -277,6 +277,19 @@ pub struct Ticket {
     load: Option<LoadToken>,
 }
 
+impl std::fmt::Debug for Ticket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let how = match &self.kind {
+            TicketKind::Event(_) => "event",
+            TicketKind::Coalesced(_) => "coalesced",
+            TicketKind::Queued(_) => "device queue",
+        };
+        f.debug_struct("Ticket")
+            .field("completion", &how)
+            .finish_non_exhaustive()
+    }
+}
+
 enum TicketKind {
     /// The op's own event (taken from the stream's pool).
     Event(Option<Box<dyn BackendEvent>>),

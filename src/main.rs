@@ -44,6 +44,11 @@ fn main() -> ExitCode {
         Command::Weights(w) => cli::workloads::write_weights(&w),
         Command::MlpRun(r) => cli::workloads::mlp_run(&r),
     };
+    // The work is done (results files written); a report that could not be printed fails it.
+    let outcome = match (outcome, multiq::stdout::failure()) {
+        (Ok(_), Some(e)) => Err(e),
+        (outcome, _) => outcome,
+    };
     match outcome {
         Ok(code) => ExitCode::from(code as u8),
         Err(e) => {
@@ -320,7 +325,7 @@ fn run_queues(a: QueuesArgs) -> Result<i32, Error> {
             path,
             &ResultsFile::new(info, started_at, Vec::new(), rows, skipped),
         )?;
-        multiq::outln!("results written to {}", path.display())?;
+        results::say_written(path, format_args!("results written to {}", path.display()))?;
     }
     if mismatches > 0 {
         eprintln!("multiq: FAILED: {mismatches} run(s) did not match the reference");

@@ -1,32 +1,47 @@
 //! Standard output for the command's reports. A write that fails (a full disk, a closed
-//! terminal) is an [`Error::Io`] for the caller, which the command prints as one line and
-//! exits 1 on, instead of a panic (`println!`) or output lost without a word. A closed pipe
+//! terminal) is not a panic (`println!`) and ends nothing early: the first failure is kept,
+//! later writes are dropped, the command finishes its work (its `--json` results included),
+//! and `main` then reports the failure ([`failure`]) as one line and exits 1. A closed pipe
 //! still ends the command by SIGPIPE (`main` restores its default), like other command-line
 //! tools.
 
 use std::io::Write;
+use std::sync::OnceLock;
 
 use crate::error::{Error, Result};
 
-/// Writes `args` to standard output and flushes it.
+/// The first failed write: its kind and message.
+static FAILED: OnceLock<(std::io::ErrorKind, String)> = OnceLock::new();
+
+/// Writes `args` to standard output and flushes it; after a failure, nothing (see the module
+/// doc). Always `Ok`: the `Result` lets callers use `?` should that change.
 pub fn write_fmt(args: std::fmt::Arguments<'_>) -> Result<()> {
+    if FAILED.get().is_some() {
+        return Ok(());
+    }
     let mut out = std::io::stdout().lock();
-    out.write_fmt(args)
-        .and_then(|()| out.flush())
-        .map_err(|source| Error::Io {
-            path: "standard output".into(),
-            source,
-        })
+    if let Err(e) = out.write_fmt(args).and_then(|()| out.flush()) {
+        let _ = FAILED.set((e.kind(), e.to_string()));
+    }
+    Ok(())
 }
 
-/// `print!` that returns a [`crate::Result`] instead of panicking when standard output fails.
+/// The first write to standard output that failed, if any.
+pub fn failure() -> Option<Error> {
+    FAILED.get().map(|(kind, message)| Error::Io {
+        path: "standard output".into(),
+        source: std::io::Error::new(*kind, message.clone()),
+    })
+}
+
+/// `print!` through [`write_fmt`].
 #[doc(hidden)]
 #[macro_export]
 macro_rules! out {
     ($($arg:tt)*) => { $crate::stdout::write_fmt(format_args!($($arg)*)) };
 }
 
-/// `println!` that returns a [`crate::Result`] instead of panicking when standard output fails.
+/// `println!` through [`write_fmt`].
 #[doc(hidden)]
 #[macro_export]
 macro_rules! outln {

@@ -122,7 +122,11 @@ fn json_path_problems_fail_before_running() {
 fn json_in_a_folder_that_takes_no_files_is_a_usage_error() {
     let out = queues(&["--json", "/proc/multiq-x.json"]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
-    assert!(stderr(&out).contains("--json /proc/multiq-x.json"));
+    assert!(
+        stderr(&out).contains("--json /proc/multiq-x.json: cannot create a file in /proc"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 /// A link is followed (the file it names is written, the link stays), and an open descriptor
@@ -144,12 +148,33 @@ fn json_through_a_link_or_to_stdout_writes_where_it_points() {
     let text = std::fs::read_to_string(&real).unwrap();
     assert!(text.contains("\"runs\""), "{text}");
 
-    let out = queues(&["--threads", "1", "--json", "/dev/stdout"]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    let text = String::from_utf8_lossy(&out.stdout);
-    let table = text.find("threads").expect("the table first");
-    let json = text.find("\"runs\"").expect("then the results");
-    assert!(table < json, "{text}");
+    // Standard output a pipe, then a regular file: the table, then the whole JSON document,
+    // and the note saying where it went on stderr (not inside it).
+    let file = tmp("stdout.txt");
+    for to_file in [false, true] {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_multiq"));
+        cmd.args(["bench", "queues", "--backend", "cpu"])
+            .args(SMALL)
+            .args(["--threads", "1", "--json", "/dev/stdout"]);
+        if to_file {
+            cmd.stdout(std::fs::File::create(&file).unwrap());
+        }
+        let out = cmd.output().unwrap();
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        let text = if to_file {
+            std::fs::read_to_string(&file).unwrap()
+        } else {
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        let json_at = text.find("\n{").expect("the results after the table") + 1;
+        assert!(
+            text[..json_at].contains("threads"),
+            "the table first: {text}"
+        );
+        let doc: serde_json::Value = serde_json::from_str(&text[json_at..]).unwrap();
+        assert!(doc["runs"].is_array(), "{text}");
+        assert!(stderr(&out).contains("results written to /dev/stdout"));
+    }
 }
 
 /// Standard output that cannot be written (a full disk) is one line and exit 1, not a panic.
@@ -162,21 +187,38 @@ fn a_full_stdout_is_one_line_and_exit_1() {
             .open("/dev/full")
             .unwrap()
     };
-    for args in [
-        &["info", "--backend", "cpu"][..],
-        &[
-            "bench",
-            "queues",
-            "--backend",
-            "cpu",
-            "--threads",
-            "1",
-            "--data",
-            "2048",
-            "--iters",
-            "2",
-        ],
-    ] {
+    let json = tmp("full-stdout.json");
+    let _ = std::fs::remove_file(&json);
+    let js = json.to_str().unwrap();
+    let queues = [
+        "bench",
+        "queues",
+        "--backend",
+        "cpu",
+        "--threads",
+        "1",
+        "--data",
+        "2048",
+        "--iters",
+        "2",
+        "--json",
+        js,
+    ];
+    let matmul = [
+        "bench",
+        "matmul",
+        "--backend",
+        "cpu",
+        "--sizes",
+        "8",
+        "--threads",
+        "1",
+        "--seconds",
+        "0.01",
+        "--json",
+        js,
+    ];
+    for args in [&["info", "--backend", "cpu"][..], &queues, &matmul] {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_multiq"))
             .args(args)
             .stdout(full())
@@ -186,6 +228,12 @@ fn a_full_stdout_is_one_line_and_exit_1() {
         assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
         assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
         assert!(err.contains("standard output"), "{args:?}: {err}");
+        // The work finished and its results file was written all the same.
+        if args.contains(&"--json") {
+            let text = std::fs::read_to_string(&json).expect("--json written");
+            assert!(text.contains("\"runs\""), "{args:?}");
+            std::fs::remove_file(&json).unwrap();
+        }
     }
 }
 

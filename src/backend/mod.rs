@@ -558,6 +558,9 @@ pub fn open(opts: &DeviceOptions) -> Result<(Arc<dyn Backend>, Option<String>)> 
         Some(BackendKind::Cuda) => open_cuda(opts).map(|b| (b, None)),
         None => match open_cuda(opts) {
             Ok(b) => Ok((b, None)),
+            // A setting the caller got wrong (a `MULTIQ_*` knob it does not understand) is
+            // theirs to fix, on a GPU machine too: not a reason to run on the CPU instead.
+            Err(e @ Error::InvalidArgument(_)) => Err(e),
             Err(e) => {
                 let why = match e {
                     Error::BackendUnavailable { reason, .. } => reason,

@@ -194,13 +194,16 @@ pub fn command_line() -> String {
 /// through at the end.
 pub fn check_writable(path: &Path) -> Result<()> {
     let bad = |why: String| Err(Error::invalid(format!("--json {}: {why}", path.display())));
+    use crate::atomic_file::Target;
     let file = match crate::atomic_file::target(path) {
-        Ok(crate::atomic_file::Target::Stream(stream)) => {
+        Ok(Target::Descriptor(fd)) if crate::atomic_file::is_open(fd) => return Ok(()),
+        Ok(Target::Descriptor(fd)) => return bad(format!("descriptor {fd} is not open")),
+        Ok(Target::Stream(stream)) => {
             return std::fs::metadata(stream)
                 .map(drop)
                 .or_else(|e| bad(e.to_string()));
         }
-        Ok(crate::atomic_file::Target::File(file)) => file,
+        Ok(Target::File(file)) => file,
         Err(e) => return bad(e.to_string()),
     };
     if file.is_dir() {
@@ -226,6 +229,17 @@ fn tempfile_in(dir: &Path) -> std::io::Result<(std::fs::File, std::path::PathBuf
     let f = std::fs::File::create(&path)?;
     let _ = std::fs::remove_file(&path);
     Ok((f, path))
+}
+
+/// Prints `line` (what was written to `path`) on stdout, or on stderr when `path` is stdout
+/// itself, so the note never lands inside what was written (`--json /dev/stdout > file`).
+pub fn say_written(path: &Path, line: std::fmt::Arguments<'_>) -> Result<()> {
+    if crate::atomic_file::is_stdout(path) {
+        eprintln!("{line}");
+        Ok(())
+    } else {
+        crate::outln!("{line}")
+    }
 }
 
 /// Writes `results` to `path` atomically: a complete file or none (temp file, then rename).

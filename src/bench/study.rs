@@ -381,7 +381,7 @@ pub fn run(cfg: &StudyConfig) -> Result<StudyOutcome> {
     });
     if let Some(path) = &json {
         results::write_json(path, &file)?;
-        crate::outln!("results written to {}", path.display())?;
+        results::say_written(path, format_args!("results written to {}", path.display()))?;
     }
     if let (Some(dir), Some(path)) = (&cfg.report, &json) {
         let inputs = crate::report::Inputs {

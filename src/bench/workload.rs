@@ -223,9 +223,15 @@ pub fn run_threads<S: Send + 'static>(
                     loop {
                         match length {
                             Length::Ops(k) if n >= k => break,
-                            // Every thread times one op at least: a window too short for
-                            // any would report 0 ops/s for what was not measured.
-                            Length::Seconds(_) if n > 0 && stop.load(Ordering::Relaxed) => break,
+                            // Every thread times one op at least (a window too short for any
+                            // would report 0 ops/s for what was not measured), unless another
+                            // thread failed.
+                            Length::Seconds(_)
+                                if stop.load(Ordering::Relaxed)
+                                    && (n > 0 || failed.load(Ordering::Acquire)) =>
+                            {
+                                break
+                            }
                             _ => {}
                         }
                         let t0 = Instant::now();

@@ -229,7 +229,7 @@ fn finish(
     if let Some(path) = json {
         let file = WorkloadFile::new(device.info().clone(), started_at, Vec::new(), rows);
         results::write_json(path, &file)?;
-        multiq::outln!("results written to {}", path.display())?;
+        results::say_written(path, format_args!("results written to {}", path.display()))?;
     }
     if bad > 0 {
         eprintln!("multiq: FAILED: {bad} run(s) did not match the float64 reference");
@@ -293,21 +293,15 @@ pub fn run_matmul(a: &MatmulArgs) -> Result<i32, Error> {
     )?;
     let started_at = results::now_rfc3339();
     multiq::out!("{}", workload::table("matmul", &[]))?;
-    let mut out_error = None;
-    let rows = matmul::run(&device, &cfg, |r| live_row(r, &mut out_error))?;
-    if let Some(e) = out_error {
-        return Err(e);
-    }
+    let rows = matmul::run(&device, &cfg, live_row)?;
     finish(&device, started_at, &a.json, rows)
 }
 
 /// Prints a row of a workload table as it is measured (the table's header was printed
-/// before), unless a write to standard output already failed: `error` keeps the first failure.
-fn live_row(r: &WorkloadRow, error: &mut Option<Error>) {
-    if error.is_none() {
-        let row = workload::table("", &[r]);
-        *error = multiq::out!("{}\n", row.lines().nth(2).unwrap_or_default()).err();
-    }
+/// before; a failed write is `main`'s to report, see `multiq::stdout`).
+fn live_row(r: &WorkloadRow) {
+    let row = workload::table("", &[r]);
+    let _ = multiq::out!("{}\n", row.lines().nth(2).unwrap_or_default());
 }
 
 pub fn run_mlp(a: &MlpArgs) -> Result<i32, Error> {
@@ -367,11 +361,7 @@ pub fn run_mlp(a: &MlpArgs) -> Result<i32, Error> {
     )?;
     let started_at = results::now_rfc3339();
     multiq::out!("{}", workload::table("mlp", &[]))?;
-    let mut out_error = None;
-    let rows = mlp::run(&device, &cfg, |r| live_row(r, &mut out_error))?;
-    if let Some(e) = out_error {
-        return Err(e);
-    }
+    let rows = mlp::run(&device, &cfg, live_row)?;
     finish(&device, started_at, &a.json, rows)
 }
 
@@ -379,12 +369,15 @@ pub fn write_weights(a: &WeightsArgs) -> Result<i32, Error> {
     let spec = MlpSpec::default();
     let w = HostWeights::random(&spec, a.seed)?;
     weights::write(&a.out, &w)?;
-    multiq::outln!(
-        "wrote {} ({} MLP, {} parameters, seed {})",
-        a.out.display(),
-        spec.describe(),
-        spec.parameters(),
-        a.seed
+    results::say_written(
+        &a.out,
+        format_args!(
+            "wrote {} ({} MLP, {} parameters, seed {})",
+            a.out.display(),
+            spec.describe(),
+            spec.parameters(),
+            a.seed
+        ),
     )?;
     Ok(0)
 }

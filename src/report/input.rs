@@ -224,7 +224,9 @@ fn other_kind(text: &str) -> Option<String> {
         return Some("`multiq stress`".into());
     }
     let workload = v.get("runs")?.get(0)?.get("workload")?.as_str()?;
-    Some(format!("`multiq bench {workload}`"))
+    // Rows of `bench` and `bench queues` say "queues": such a file is one report reads, and
+    // its own parse error says what is wrong with it.
+    matches!(workload, "matmul" | "mlp").then(|| format!("`multiq bench {workload}`"))
 }
 
 impl StoredResults {
@@ -308,6 +310,11 @@ mod tests {
             (
                 "{\"multiq_version\": \"0.1.0\", \"runs\": [{\"workload\": \"matmul\"}]}",
                 "`multiq bench matmul` results, which report does not read",
+            ),
+            // A `bench queues` file with a problem: its own error, not "another kind".
+            (
+                "{\"multiq_version\": \"0.1.0\", \"runs\": [{\"workload\": \"queues\"}]}",
+                "missing field",
             ),
         ] {
             let e = StoredResults::parse(p, text).unwrap_err().to_string();

@@ -103,11 +103,16 @@ impl Drop for Admission<'_> {
 impl DeviceQueue {
     /// The device's queue, or `None` where the backend has none.
     pub(crate) fn new(device: &Device) -> Result<Option<Arc<DeviceQueue>>> {
+        let Some(backend) = device.backend().new_device_queue()? else {
+            return Ok(None);
+        };
         let min_load = queue_min_load()?;
-        Ok(device
-            .backend()
-            .new_device_queue()?
-            .map(|backend| DeviceQueue::on(backend, device.info().wait, device.id(), min_load)))
+        Ok(Some(DeviceQueue::on(
+            backend,
+            device.info().wait,
+            device.id(),
+            min_load,
+        )))
     }
 
     fn on(

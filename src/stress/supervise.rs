@@ -419,9 +419,6 @@ struct Aggregate<'c> {
     resources: Option<ResourceFigures>,
     started: Instant,
     last_progress: Instant,
-    /// The first failed write to standard output: the rounds go on (their results file is
-    /// still written), the command then fails with it.
-    stdout_error: Option<Error>,
 }
 
 impl<'c> Aggregate<'c> {
@@ -436,15 +433,13 @@ impl<'c> Aggregate<'c> {
             resources: None,
             started: Instant::now(),
             last_progress: Instant::now(),
-            stdout_error: None,
         }
     }
 
-    /// A line on standard output, unless a write there already failed.
+    /// A line on standard output (a failed write there is `main`'s to report, after the
+    /// rounds and their results file: see [`crate::stdout`]).
     fn say(&mut self, line: std::fmt::Arguments<'_>) {
-        if self.stdout_error.is_none() {
-            self.stdout_error = crate::outln!("{line}").err();
-        }
+        let _ = crate::outln!("{line}");
     }
 
     fn take(&mut self, m: Msg) {
@@ -616,10 +611,7 @@ pub fn run(cfg: &StressConfig) -> Result<i32> {
             summary_line: line.clone(),
         };
         results::write_json(path, &file)?;
-        agg.say(format_args!("results written to {}", path.display()));
-    }
-    if let Some(e) = agg.stdout_error.take() {
-        return Err(e);
+        let _ = results::say_written(path, format_args!("results written to {}", path.display()));
     }
     if agg.summary.rounds == 0 {
         eprintln!("multiq: stress: no round ran");

@@ -295,7 +295,7 @@ fn persistent_falls_back_to_host_coalescing_on_the_cpu() {
 /// all dropped, are still found complete, so a later waiter is not left sleeping. (Found by
 /// `multiq stress`.)
 /// A one-unit CPU device waiting by `block` (so the coalescer completes batches by events),
-/// and a pool coalescing up to 8 ops, one batch on the device at a time.
+/// and a pool of [`one_batch_at_a_time`].
 fn one_unit_in_event_mode(max_delay: Duration) -> (Device, StreamPool) {
     let dev = Device::open(&DeviceOptions {
         backend: Some(BackendKind::Cpu),
@@ -304,21 +304,22 @@ fn one_unit_in_event_mode(max_delay: Duration) -> (Device, StreamPool) {
         ..Default::default()
     })
     .unwrap();
-    let pool = StreamPool::new(
-        &dev,
-        PoolConfig {
-            streams: 2,
-            lock: LockMode::PerStream,
-            coalesce: CoalescePolicy::Fixed {
-                max_batch: 8,
-                max_delay,
-                depth: 1,
-            },
-        },
-    )
-    .unwrap();
+    let pool = StreamPool::new(&dev, one_batch_at_a_time(max_delay)).unwrap();
     assert_eq!(pool.coalesce_completion(), Some("event"));
     (dev, pool)
+}
+
+/// Two streams coalescing up to 8 ops, one batch on the device at a time.
+fn one_batch_at_a_time(max_delay: Duration) -> PoolConfig {
+    PoolConfig {
+        streams: 2,
+        lock: LockMode::PerStream,
+        coalesce: CoalescePolicy::Fixed {
+            max_batch: 8,
+            max_delay,
+            depth: 1,
+        },
+    }
 }
 
 #[test]
@@ -394,18 +395,7 @@ fn a_max_delay_past_the_limit_is_refused() {
         Duration::MAX,
         multiq::runtime::MAX_COALESCE_DELAY + Duration::from_nanos(1),
     ] {
-        let made = StreamPool::new(
-            &dev,
-            PoolConfig {
-                streams: 2,
-                lock: LockMode::PerStream,
-                coalesce: CoalescePolicy::Fixed {
-                    max_batch: 8,
-                    max_delay,
-                    depth: 1,
-                },
-            },
-        );
+        let made = StreamPool::new(&dev, one_batch_at_a_time(max_delay));
         let e = made.err().map(|e| e.to_string()).unwrap_or_default();
         assert!(
             e.contains("max delay must be at most 3600 s"),

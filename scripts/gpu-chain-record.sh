@@ -30,7 +30,13 @@ for f in glob.glob(d + "/bench-*-[0-9].json"):
         cells.setdefault((v, r["inflight"]), []).append(r["ops_per_sec"])
         verified[v] = verified.get(v, True) and bool(r["verified"])
 med = {k: statistics.median(x) for k, x in cells.items()}
+try:
+    errors = open(f"{d}/errors.txt").read()
+except OSError:
+    errors = ""
 def tests_ok(v):
+    if f"{v}: dropped after a failed run" in errors:
+        return False
     if v == "queue":
         return True
     try:

@@ -6,7 +6,7 @@
 # block) against the queue as it is, in one call (about 3 minutes):
 #   1. the GPU tests as built (tests.txt), then their device-queue cases with chaining on, in
 #      each variant below (tests-chain-*.txt);
-#   2. minimal at 16 threads, a wait per op and 8 in flight, interleaved over 3 rounds:
+#   2. minimal at 16 threads, a wait per op and 8 in flight, interleaved over 3 rounds (ROUNDS):
 #        off        coalescing off
 #        queue      the device queue (`persistent`), unchained
 #        chain      chained, each block counting a chunk before it starts the successor's
@@ -45,16 +45,23 @@ done
 grep -h -E "^test result|FAILED|panicked|exit|^chain (true|false)" "$out"/tests*.txt | tee "$out/tests-summary.txt"
 q=(bench queues --backend cuda --scenario per-thread --lock none --quiet)
 # run NAME "ENV" ARGS...: one bench call, in the environment ENV (assignments; may be empty).
+# Returns the call's status (after noting a failure in errors.txt).
 run() {
-  local name=$1 vars=$2; shift 2
-  env $vars timeout 60 "$bin" "${q[@]}" "$@" --json "$out/$name.json" > "$out/$name.txt" 2>&1 ||
-    echo "$name: exit $?" | tee -a "$out/errors.txt"
+  local name=$1 vars=$2 status; shift 2
+  env $vars timeout 60 "$bin" "${q[@]}" "$@" --json "$out/$name.json" > "$out/$name.txt" 2>&1
+  status=$?
+  [ $status -eq 0 ] || echo "$name: exit $status" | tee -a "$out/errors.txt"
+  return $status
 }
 minimal=(--preset minimal --threads 16 --iters 2000 --inflight 1,8)
-for round in 1 2 3; do
+for round in ${ROUNDS:-1 2 3}; do
   run bench-off-$round "" "${minimal[@]}" --coalesce off
   for v in "${variants[@]}"; do
-    [ -n "${passed[${v%%:*}]:-}" ] && run "bench-${v%%:*}-$round" "${v#*:}" "${minimal[@]}" --coalesce persistent
+    name=${v%%:*}
+    [ -n "${passed[$name]:-}" ] || continue
+    # A variant that fails or hangs once is not run again (nor in light or the trace).
+    run "bench-$name-$round" "${v#*:}" "${minimal[@]}" --coalesce persistent ||
+      { passed[$name]=""; echo "$name: dropped after a failed run" | tee -a "$out/errors.txt"; }
   done
 done
 light=(--preset light --threads 16 --iters 300 --inflight 8)

@@ -100,8 +100,8 @@ pub struct StressArgs {
     #[arg(long, allow_hyphen_values = true, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=1_000_000_000))]
     pub rounds: u64,
     /// Time limit in seconds: no round starts after it (the run ends within a round's time).
-    #[arg(long, allow_hyphen_values = true, value_name = "S", value_parser = clap::value_parser!(u64).range(1..=31_536_000))]
-    pub seconds: Option<u64>,
+    #[arg(long, allow_hyphen_values = true, value_name = "S", value_parser = parse_stress_seconds)]
+    pub seconds: Option<f64>,
     /// Threads of a mixed round.
     #[arg(long, allow_hyphen_values = true, value_name = "N", default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=1024))]
     pub threads: u64,
@@ -172,6 +172,14 @@ pub enum InjectChoice {
     Panic,
 }
 
+/// `--seconds` of stress: a number of seconds, fractions allowed, above 0 and at most a year.
+fn parse_stress_seconds(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if v > 0.0 && v <= 31_536_000.0 => Ok(v),
+        _ => Err(format!("`{s}` is not a number of seconds in (0, 31536000]")),
+    }
+}
+
 fn parse_seed_arg(s: &str) -> Result<u64, String> {
     multiq::stress::rng::parse_seed(s)
 }
@@ -188,7 +196,7 @@ impl StressArgs {
             wait: opts.wait,
             queue_chain: opts.queue_chain,
             rounds: self.rounds,
-            seconds: self.seconds.map(|s| s as f64),
+            seconds: self.seconds,
             threads: self.threads as usize,
             seed: self.seed,
             round_seed: self.round_seed,

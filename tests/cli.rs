@@ -93,6 +93,7 @@ fn other_usage_errors_are_one_line_exit_2() {
             "--kinds: mixed appears twice",
         ),
         (&["stress", "--seed", "-1"], "not a seed"),
+        (&["stress", "--seconds", "0"], "not a number of seconds"),
         (
             &["stress", "--round-seed", "0x1", "--seed", "3"],
             "--seed does not apply with --round-seed",

@@ -68,7 +68,7 @@ impl Progress {
     }
 
     /// Prints `text` to stdout (as `print!`), lifting the bar while it does; a failed write
-    /// is an error (see [`crate::stdout`]).
+    /// is kept for `main` to report once the work is done (see [`crate::stdout`]).
     pub fn print(&self, text: &str) -> crate::Result<()> {
         let out = || crate::out!("{text}");
         match &self.bar {

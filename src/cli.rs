@@ -389,9 +389,15 @@ pub struct QueuesArgs {
     /// --kernel-iters override their sizes.
     #[arg(long, value_enum, value_delimiter = ',')]
     pub preset: Vec<Preset>,
-    /// f32 elements per thread's buffer [default: 1048576].
+    /// f32 elements per thread's buffer [default: the preset's: 1048576, minimal 65536; on the
+    /// CPU backend scaled to its execution units, as `multiq bench` does, unless --full].
     #[arg(long, allow_hyphen_values = true, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=u32::MAX as u64))]
     pub data: Option<u64>,
+    /// CPU backend: run the presets' buffers at full size (1,048,576 elements) instead of
+    /// scaling them to the execution units. Slow: the default preset at full size takes about
+    /// 50 minutes on 2 cores. GPU backends always run full size; --data sets a size anywhere.
+    #[arg(long)]
+    pub full: bool,
     /// simple_compute iterations per element per op (0 = an empty kernel) [default: 100].
     #[arg(long, allow_hyphen_values = true, value_name = "K", value_parser = clap::value_parser!(u32))]
     pub kernel_iters: Option<u32>,

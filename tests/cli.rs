@@ -328,6 +328,57 @@ fn a_run_writes_the_json_contract() {
 }
 
 #[test]
+fn cpu_presets_are_scaled_to_the_units_unless_full_or_data_is_given() {
+    // (extra flags, expected data of the minimal preset, whether the scaling note is there)
+    let units2 = 2 * multiq::backend::cpu::BLOCK;
+    let cases: &[(&[&str], usize, bool)] = &[
+        (&[], units2 / 4, true),
+        (&["--full"], 65_536, false),
+        (&["--data", "3000"], 3000, false),
+        (&["--data", "3000", "--full"], 3000, false),
+    ];
+    for (i, (extra, data, note)) in cases.iter().enumerate() {
+        let json = tmp(&format!("scaled-{i}.json"));
+        let mut args = vec![
+            "bench",
+            "queues",
+            "--backend",
+            "cpu",
+            "--units",
+            "2",
+            "--preset",
+            "minimal",
+            "--threads",
+            "1",
+            "--iters",
+            "1",
+            "--scenario",
+            "per-thread",
+            "--json",
+            json.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let out = multiq(&args);
+        assert!(out.status.success(), "{extra:?}: {}", stderr(&out));
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        assert_eq!(v["runs"][0]["data"], *data as u64, "{extra:?}");
+        let notes = v["notes"].as_array().map_or(0, |n| {
+            n.iter()
+                .filter(|n| n.as_str().unwrap().contains("scaled for the CPU backend"))
+                .count()
+        });
+        assert_eq!(notes, usize::from(*note), "{extra:?}: {v}");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            stdout.contains("note: scaled"),
+            *note,
+            "{extra:?}: {stdout}"
+        );
+    }
+}
+
+#[test]
 fn verification_failure_exits_1_loudly() {
     let json = tmp("corrupt.json");
     let out = queues(&[

@@ -68,6 +68,17 @@ pub struct PresetPlan {
     pub iters: usize,
 }
 
+/// Elements per buffer of `preset` scaled for a CPU device of `units` execution units:
+/// `units × BLOCK` (minimal: a quarter, at least 1,024), so that one op of a large preset fills
+/// the device as 1M elements fill a GPU. `bench queues` scales its presets the same way.
+pub fn cpu_scaled_data(preset: Preset, units: usize) -> usize {
+    let big = units.max(1) * cpu::BLOCK;
+    match preset {
+        Preset::Heavy | Preset::Default | Preset::Light => big,
+        Preset::Minimal => (big / 4).max(1024),
+    }
+}
+
 /// The study's plan for a device: presets as run, and what was scaled, in words.
 pub fn plan(
     kind: BackendKind,
@@ -82,13 +93,12 @@ pub fn plan(
         .map(|&p| {
             let (data, k) = p.shape();
             let (data, default_iters) = if scaled {
-                let big = units * cpu::BLOCK;
-                match p {
-                    Preset::Heavy => (big, 4),
-                    Preset::Default => (big, 16),
-                    Preset::Light => (big, 60),
-                    Preset::Minimal => ((big / 4).max(1024), 60),
-                }
+                let iters = match p {
+                    Preset::Heavy => 4,
+                    Preset::Default => 16,
+                    Preset::Light | Preset::Minimal => 60,
+                };
+                (cpu_scaled_data(p, units), iters)
             } else {
                 (data, GPU_ITERS)
             };

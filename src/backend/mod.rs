@@ -1,7 +1,7 @@
 //! The backend contract: what a device must provide so that the rest of multiq can run on it.
 //!
 //! This file is the only place the runtime meets a backend. Each backend lives in its own
-//! folder (`cpu/`, `cuda/`) and is reached through [`open`]; nothing outside `backend/`
+//! folder (`cpu/`, `cuda/`) and is reached through `open`; nothing outside `backend/`
 //! names a concrete backend type.
 //!
 //! Division of labour: a backend provides *mechanism* (buffers, in-order streams, events,
@@ -15,6 +15,14 @@
 //!   submissions to one stream according to its lock mode, never relying on the backend for
 //!   launch/record atomicity.
 //! - Errors are returned, never panicked; a failed call leaves other streams usable.
+//!
+//! The traits are the crate's internal contract, not a safe public API: a backend's memory
+//! safety rests on the runtime's ownership rules (`docs/ARCHITECTURE.md`: a buffer is freed
+//! through the stream its last work was queued on, a host-mapped buffer is touched by one
+//! stream at a time, ...), which the trait methods themselves do not check. So no backend
+//! object can be made or reached outside the crate: `open` and the backends' constructors
+//! are crate-private, and the runtime's `Device`, `StreamPool`, `Buffer` and `Tensor` are
+//! the safe way in.
 
 use std::any::Any;
 use std::fmt;
@@ -552,7 +560,7 @@ pub(crate) fn downcast<'a, T: 'static>(any: &'a dyn Any, what: &'static str) -> 
 
 /// Opens the backend `opts` asks for. With `backend: None`, tries CUDA first and falls back
 /// to the CPU, returning the reason CUDA was not used as the second value.
-pub fn open(opts: &DeviceOptions) -> Result<(Arc<dyn Backend>, Option<String>)> {
+pub(crate) fn open(opts: &DeviceOptions) -> Result<(Arc<dyn Backend>, Option<String>)> {
     match opts.backend {
         Some(BackendKind::Cpu) => Ok((Arc::new(cpu::CpuBackend::new(opts)?), None)),
         Some(BackendKind::Cuda) => open_cuda(opts).map(|b| (b, None)),

@@ -48,7 +48,7 @@ impl std::fmt::Debug for CpuBackend {
 
 impl CpuBackend {
     /// Opens a CPU device with `opts.cpu_units` execution units (default: available cores).
-    pub fn new(opts: &DeviceOptions) -> Result<Self> {
+    pub(crate) fn new(opts: &DeviceOptions) -> Result<Self> {
         let units = match opts.cpu_units {
             Some(0) => return Err(Error::invalid("CPU execution units must be at least 1")),
             Some(n) if n > 1024 => {

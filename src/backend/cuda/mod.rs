@@ -87,7 +87,7 @@ fn unavailable(reason: impl Into<String>) -> Error {
 
 impl CudaBackend {
     /// Opens device `opts.ordinal`, or explains why CUDA cannot be used here.
-    pub fn new(opts: &DeviceOptions) -> Result<Self> {
+    pub(crate) fn new(opts: &DeviceOptions) -> Result<Self> {
         // SAFETY: `is_culib_present` only tries to dlopen the candidate library names and
         // closes what it opened; it calls no CUDA function.
         if !unsafe { sys::is_culib_present() } {

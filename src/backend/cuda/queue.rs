@@ -489,18 +489,26 @@ impl CudaDeviceQueue {
         // SAFETY: the context is current.
         queue.dev = unsafe { result::malloc_sync(DEV_BYTES) }
             .map_err(|e| driver_error("device queue", e))?;
-        // SAFETY: `dev` is a live allocation of `DEV_BYTES` bytes; synchronous memset.
-        unsafe { result::memset_d8_sync(queue.dev, 0, DEV_BYTES) }
+        // The memsets are queued on the queue's own stream and complete before `new` returns
+        // (synchronized below): the non-Async memsets would be asynchronous to the host for
+        // device memory, on the legacy default stream, unordered with the queue's non-blocking
+        // stream.
+        // SAFETY: `dev` is a live allocation of `DEV_BYTES` bytes; the stream is live.
+        unsafe { result::memset_d8_async(queue.dev, 0, DEV_BYTES, queue.stream.cu_stream()) }
             .map_err(|e| driver_error("device queue", e))?;
         if let Some(trace) = &mut queue.trace {
             let bytes = SLOTS * TRACE_STAMPS * 8;
             // SAFETY: the context is current.
             trace.dev = unsafe { result::malloc_sync(bytes) }
                 .map_err(|e| driver_error("device queue trace", e))?;
-            // SAFETY: `trace.dev` is a live allocation of `bytes` bytes; synchronous memset.
-            unsafe { result::memset_d8_sync(trace.dev, 0, bytes) }
+            // SAFETY: `trace.dev` is a live allocation of `bytes` bytes; the stream is live.
+            unsafe { result::memset_d8_async(trace.dev, 0, bytes, queue.stream.cu_stream()) }
                 .map_err(|e| driver_error("device queue trace", e))?;
         }
+        queue
+            .stream
+            .synchronize()
+            .map_err(|e| driver_error("device queue", e))?;
         Ok(queue)
     }
 

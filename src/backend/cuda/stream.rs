@@ -48,7 +48,10 @@ pub(super) struct CudaBuffer {
 // driver, and host memory (`host`) only by `upload_at`/`download_at` after the stream that
 // uses it synchronized (the runtime gives a buffer to one stream at a time).
 unsafe impl Send for CudaBuffer {}
-// SAFETY: as above: `&CudaBuffer` exposes only its address and length.
+// SAFETY: `&CudaBuffer` exposes its address and length, and through a stream's
+// `upload_at`/`download_at` the host memory of a mapped buffer. Those are called only by the
+// runtime, which gives a buffer to one stream (and one thread) at a time (ownership rules in
+// docs/ARCHITECTURE.md); the backend is not reachable from outside the crate.
 unsafe impl Sync for CudaBuffer {}
 
 impl CudaBuffer {
@@ -683,8 +686,12 @@ impl CudaSignal {
         // SAFETY: the context is current; the word is zeroed before any kernel can use it.
         signal.counter =
             unsafe { result::malloc_sync(4) }.map_err(|e| driver_error("signal", e))?;
-        // SAFETY: `counter` is a live 4-byte device allocation.
-        unsafe { sys::cuMemsetD32_v2(signal.counter, 0, 1) }
+        // SAFETY: `counter` is a live 4-byte device allocation; `stream` is live. The memset is
+        // queued on `stream`, which is synchronized below, so it has completed before any
+        // kernel can use the word. (The non-Async `cuMemsetD32` would be asynchronous to the
+        // host for device memory and run on the legacy default stream, which does not order
+        // with multiq's non-blocking streams.)
+        unsafe { sys::cuMemsetD32Async(signal.counter, 0, 1, stream.cu_stream()) }
             .result()
             .map_err(|e| driver_error("signal", e))?;
         // SAFETY: page-locked allocations are page-aligned, so the word is aligned for u64 and

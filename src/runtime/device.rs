@@ -333,9 +333,16 @@ impl Buffer {
 impl Drop for Buffer {
     fn drop(&mut self) {
         // A pending coalesced op must be queued, and a device-queue op finished, before the
-        // storage is handed back. (If the device failed, its error is the owner's to see
-        // elsewhere; the storage is freed after the wait returned either way.)
-        let _ = self.finish_queued();
+        // storage is handed back. If the wait for a device-queue op failed, the op may still
+        // be published (a failed relaunch need not be sticky, and the next launch would run
+        // it), so the storage is leaked rather than freed under it; the error is the owner's
+        // to see elsewhere.
+        if self.finish_queued().is_err() {
+            if let Some(raw) = self.raw.take() {
+                std::mem::forget(raw);
+            }
+            return;
+        }
         self.flush();
         if let Some(raw) = self.raw.take() {
             match (Arc::try_unwrap(raw), &self.last) {

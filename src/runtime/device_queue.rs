@@ -271,6 +271,53 @@ mod tests {
         }
     }
 
+    /// A queue whose completion check fails (a relaunch that did not succeed).
+    struct Failing;
+
+    impl BackendDeviceQueue for Failing {
+        fn supports(&self, _: Kernel) -> bool {
+            true
+        }
+        fn submit(&self, _: Kernel, _: &dyn BackendBuffer, _: [u64; 2]) -> Result<u64> {
+            unreachable!("the test publishes nothing")
+        }
+        fn is_done(&self, _: u64, _: bool) -> Result<bool> {
+            Err(crate::Error::Device {
+                op: "device queue",
+                message: "relaunch failed (test)".into(),
+            })
+        }
+        fn published(&self) -> u64 {
+            1
+        }
+        fn window(&self) -> u64 {
+            1
+        }
+        fn launches(&self) -> u64 {
+            1
+        }
+        fn fills_device(&self) -> usize {
+            1000
+        }
+    }
+
+    #[test]
+    fn a_buffer_whose_queued_op_cannot_be_waited_for_is_leaked_not_freed() {
+        let device = crate::Device::cpu(1).unwrap();
+        for (backend, freed) in [
+            (Arc::new(Fake) as Arc<dyn BackendDeviceQueue>, true),
+            (Arc::new(Failing), false),
+        ] {
+            let q = DeviceQueue::on(backend, WaitPolicy::Spin, device.id(), QUEUE_MIN_LOAD);
+            let mut buf = device.alloc(4).unwrap();
+            let storage = Arc::downgrade(&buf.shared_raw());
+            buf.set_queued(&q, 1);
+            drop(buf);
+            // Freed only once the op is known complete: the op may still run on the storage.
+            assert_eq!(storage.upgrade().is_none(), freed);
+        }
+    }
+
     #[test]
     fn small_ops_go_to_the_queue_only_under_other_streams_load_and_large_ones_never() {
         let q = DeviceQueue::on(Arc::new(Fake), WaitPolicy::Spin, 1, QUEUE_MIN_LOAD);

@@ -229,6 +229,9 @@ struct Blas {
     pinned_capacity: usize,
     pinned_event: sys::CUevent,
     pinned_pending: bool,
+    /// The last write of `pinned` was queued but its event could not be recorded: settling
+    /// waits for the stream instead of the event.
+    pinned_unrecorded: bool,
     /// Batched products recorded as graphs (pointer copy + batched sgemm), by call; `None`
     /// once recording failed for that call. Dropped whenever `pointers` or `pinned` move.
     batched_graphs: HashMap<(ColMajor, Precision, usize), Option<CudaGraph>>,
@@ -274,6 +277,7 @@ impl Blas {
             pinned_capacity: 0,
             pinned_event: std::ptr::null_mut(),
             pinned_pending: false,
+            pinned_unrecorded: false,
             batched_graphs: HashMap::new(),
             batched_warm: Default::default(),
             recording: None,
@@ -430,12 +434,17 @@ impl Blas {
                 self.queue_batched(&cm, count, own)
             }
         };
-        // The copy (if queued) reads `pinned` later: the next write waits for this event.
+        // The copy (if queued) reads `pinned` later: the next write waits for this event. It
+        // is pending from here on, whether or not the record succeeds: if it fails, the next
+        // write waits for the whole stream instead (`settle_pinned`).
+        self.pinned_pending = true;
         // SAFETY: `pinned_event` is a live event of this context (reserve_pinned); the
         // stream is live.
-        unsafe { result::event::record(self.pinned_event, self.stream.cu_stream()) }
-            .map_err(|e| driver_error("record", e))?;
-        self.pinned_pending = true;
+        let recorded = unsafe { result::event::record(self.pinned_event, self.stream.cu_stream()) };
+        if let Err(e) = recorded {
+            self.pinned_unrecorded = true;
+            return Err(driver_error("record", e));
+        }
         queued
     }
 
@@ -511,7 +520,14 @@ impl Blas {
 
     /// Waits until the last copy out of `pinned` ran.
     fn settle_pinned(&mut self) -> Result<()> {
-        if self.pinned_pending {
+        if self.pinned_unrecorded {
+            // The event does not cover the last copy: wait for everything on the stream.
+            self.stream
+                .synchronize()
+                .map_err(|e| driver_error("synchronize", e))?;
+            self.pinned_unrecorded = false;
+            self.pinned_pending = false;
+        } else if self.pinned_pending {
             // SAFETY: `pinned_event` is a live event of this context, recorded on this stream.
             unsafe { result::event::synchronize(self.pinned_event) }
                 .map_err(|e| driver_error("synchronize", e))?;

@@ -31,7 +31,10 @@ extern "C" __global__ void simple_compute(float* data, unsigned int n, unsigned 
 extern "C" __global__ void copy_f32(const float* src, float* dst, unsigned int n) {
     let_dependents_launch();
     wait_for_prerequisites();
-    for (unsigned int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
+    // 64-bit index: with n near 2^32, a 32-bit i + stride would wrap below n and never end.
+    const unsigned long long stride = (unsigned long long)gridDim.x * blockDim.x;
+    for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += stride)
         dst[i] = src[i];
 }
 

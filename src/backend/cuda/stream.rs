@@ -36,12 +36,17 @@ pub(super) fn bind(ctx: &CudaContext) -> Result<()> {
 ///
 /// Invariant: `ptr` is a live allocation of `len * 4` bytes in `ctx` until it is handed to
 /// [`BackendStream::free_after`] (which zeroes `ptr`) or freed by `Drop`. With `host`, it is
-/// the device alias of the `cuMemHostAlloc` allocation at `host` (same length).
+/// the device alias of the `cuMemHostAlloc` allocation at `host` (same length). With
+/// `pool_stream`, it came from the stream-ordered allocator on that stream.
 pub(super) struct CudaBuffer {
     ptr: sys::CUdeviceptr,
     len: usize,
     ctx: Arc<CudaContext>,
     host: Option<std::ptr::NonNull<f32>>,
+    /// The stream a stream-ordered allocation was made on; `Drop` frees it there, without
+    /// the device-wide synchronization of `cuMemFree` (which would wait for the device
+    /// queue's resident kernel, and so for other threads' load).
+    pool_stream: Option<Arc<CudaStream>>,
 }
 
 // SAFETY: the buffer is an allocation handle; device memory is only touched through the
@@ -57,7 +62,7 @@ unsafe impl Sync for CudaBuffer {}
 impl CudaBuffer {
     pub(super) fn alloc(
         ctx: &Arc<CudaContext>,
-        stream: &CudaStream,
+        stream: &Arc<CudaStream>,
         len: usize,
         device: &str,
     ) -> Result<Self> {
@@ -87,6 +92,7 @@ impl CudaBuffer {
                 len,
                 ctx: ctx.clone(),
                 host: None,
+                pool_stream: Some(stream.clone()),
             };
             stream.synchronize().map_err(|e| driver_error("alloc", e))?;
             return Ok(buf);
@@ -100,6 +106,7 @@ impl CudaBuffer {
             len,
             ctx: ctx.clone(),
             host: None,
+            pool_stream: None,
         })
     }
 
@@ -141,6 +148,7 @@ impl CudaBuffer {
             len,
             ctx: ctx.clone(),
             host: Some(nn),
+            pool_stream: None,
         })
     }
 }
@@ -169,11 +177,17 @@ impl Drop for CudaBuffer {
         if self.ptr != 0 && bind(&self.ctx).is_ok() {
             // Reached only for buffers no stream ever used (the runtime hands used buffers to
             // `free_after`) or whose streams were synchronized: no work can reference them.
-            match self.host {
+            match (self.host, &self.pool_stream) {
                 // SAFETY: `host` is the live page-locked allocation (invariant), unused.
-                Some(h) => drop(unsafe { result::free_host(h.as_ptr().cast()) }),
+                (Some(h), _) => drop(unsafe { result::free_host(h.as_ptr().cast()) }),
+                (None, Some(stream)) => {
+                    // SAFETY: `ptr` is a live stream-ordered allocation made on `stream`
+                    // (invariant), and no queued work uses it, so a free ordered on that
+                    // stream (behind nothing but other allocations and frees) is safe.
+                    let _ = unsafe { result::free_async(self.ptr, stream.cu_stream()) };
+                }
                 // SAFETY: `ptr` is live (invariant) and unused by any queued work.
-                None => drop(unsafe { result::free_sync(self.ptr) }),
+                (None, None) => drop(unsafe { result::free_sync(self.ptr) }),
             }
         }
     }

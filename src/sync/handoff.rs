@@ -33,7 +33,9 @@
 //!   Finishers: the batch's *watcher* (the first of its waiters, elected by `watched`), which
 //!   waits on its event and then finishes every batch up to it; or any *reaper* that finds
 //!   the front batch's event complete. A reaper skips an event that is locked: its watcher is
-//!   syncing it and will finish it.
+//!   syncing it and will finish it. A watcher whose event failed asks each earlier batch's
+//!   own event before finishing it (a device fault is sticky, so they may have failed too):
+//!   a batch is never finished as a success on another batch's word.
 //! - Batches nobody waits for are still finished: reaping happens before every launch, in
 //!   every poll, in `reap`, and, while the device looks full (in flight ≥ depth), in every
 //!   round of a waiter of a pending batch. Without that last rule, batches launched beyond
@@ -596,10 +598,13 @@ impl<L: Launcher> Handoff<L> {
         let queued = q.in_flight.iter().any(|b| std::ptr::eq(&**b, batch));
         while let Some(front) = q.in_flight.front().cloned().filter(|_| queued) {
             let mine = std::ptr::eq(&*front, batch);
-            let error = if mine {
-                r.as_ref().err().cloned()
-            } else {
-                None
+            let error = match &r {
+                Err(failure) if mine => Some(failure.clone()),
+                // A batch launched before a failed one may have failed too (a device fault
+                // is sticky): its own event says, not this one. (Finished as a success here,
+                // its own waiters, even its watcher, would have returned `Ok`.)
+                Err(failure) => self.earlier_failure(&front, failure),
+                Ok(()) => None,
             };
             self.finish_front(&mut q, error);
             if mine {
@@ -609,6 +614,19 @@ impl<L: Launcher> Handoff<L> {
         drop(q);
         self.kick();
         batch.result()
+    }
+
+    /// Event mode: the failure of `earlier`, launched before a batch whose event failed with
+    /// `later`. Waits for the event's lock (its watcher may be syncing it; it lets go before
+    /// taking the queue lock, so holding that here cannot deadlock).
+    fn earlier_failure(&self, earlier: &Batch<L>, later: &L::Failure) -> Option<L::Failure> {
+        let event = earlier.event.lock();
+        match event.as_ref().map(|ev| self.launcher.is_complete(ev)) {
+            None | Some(Ok(true)) => None,
+            // Not complete although a later batch is done: it cannot complete any more.
+            Some(Ok(false)) => Some(later.clone()),
+            Some(Err(failure)) => Some(failure),
+        }
     }
 
     /// True when `batch` is done (its error, if it failed). Never blocks; launches the
@@ -677,6 +695,8 @@ mod loom_tests {
         /// How many times each op (0, 1, …) was launched.
         ran: Mutex<Vec<u32>>,
         given_back: AtomicUsize,
+        /// Events of launch numbers >= this fail (a sticky device fault); 0: none.
+        fault_from: u64,
     }
 
     /// A batch's ops (their ids).
@@ -704,13 +724,20 @@ mod loom_tests {
         }
 
         fn is_complete(&self, event: &u64) -> Result<bool, &'static str> {
-            Ok(self.completed.load(Ordering::Acquire) >= *event)
+            let done = self.completed.load(Ordering::Acquire) >= *event;
+            if done && self.fault_from != 0 && *event >= self.fault_from {
+                return Err("device fault");
+            }
+            Ok(done)
         }
 
         fn wait(&self, event: &u64) -> Result<(), &'static str> {
             let mut stop = self.wake.lock();
             while self.completed.load(Ordering::Acquire) < *event {
                 stop = self.woken.wait(stop);
+            }
+            if self.fault_from != 0 && *event >= self.fault_from {
+                return Err("device fault");
             }
             Ok(())
         }
@@ -761,6 +788,7 @@ mod loom_tests {
             woken: Condvar::new(),
             ran: Mutex::new(vec![0; ops]),
             given_back: AtomicUsize::new(0),
+            fault_from: 0,
         };
         Handoff::new(device, depth, wait, false, ())
     }
@@ -927,6 +955,57 @@ mod loom_tests {
         check(
             2,
             || handoff(2, 2, 1, WaitPolicy::Block, 1),
+            vec![(|h: &Model| body(h, 0)) as Body, |h| body(h, 1)],
+        );
+    }
+
+    /// Batch 1 faults on the device (sticky: every event from launch 1 on fails), and the
+    /// watcher of batch 2 finishes it: the fault must reach batch 1's op too, not `Ok`.
+    /// (Finishing earlier batches without asking their events reported it as a success.)
+    #[test]
+    fn a_faulted_batch_finished_by_a_later_watcher_reports_the_fault() {
+        check(
+            2,
+            || {
+                let mut h = handoff(2, 1, 2, WaitPolicy::Block, 0);
+                h.launcher.fault_from = 1;
+                h
+            },
+            vec![
+                (|h: &Model| {
+                    let b1 = submit(h, 0);
+                    let b2 = submit(h, 1);
+                    let r2 = wait(h, &b2);
+                    let r1 = wait(h, &b1);
+                    assert_eq!(r2, Err("device fault"));
+                    assert_eq!(r1, Err("device fault"), "batch 1 faulted but its op got Ok");
+                    vec![b1, b2]
+                }) as Body,
+            ],
+        );
+    }
+
+    /// As above with two threads, one op each (batches of 1, depth 2): whichever of them
+    /// finishes the other's batch (the watcher of batch 2 may sweep batch 1 while batch 1's
+    /// own watcher is still syncing its event), both get the fault.
+    #[test]
+    fn a_fault_reaches_every_batch_whoever_finishes_it() {
+        fn body(h: &Model, op: usize) -> Vec<Arc<Batch<FakeDevice>>> {
+            let b = submit(h, op);
+            assert_eq!(
+                wait(h, &b),
+                Err("device fault"),
+                "op {op} faulted but got Ok"
+            );
+            vec![b]
+        }
+        check(
+            2,
+            || {
+                let mut h = handoff(2, 1, 2, WaitPolicy::Block, 0);
+                h.launcher.fault_from = 1;
+                h
+            },
             vec![(|h: &Model| body(h, 0)) as Body, |h| body(h, 1)],
         );
     }

@@ -116,6 +116,18 @@ impl<T> OrderedQueue<T> {
         self.completed.load(Ordering::Acquire) >= seq
     }
 
+    /// Whether task `seq` (and every task before it) completed, without waiting: the
+    /// failure of the first failed task up to `seq` once they have, as [`Self::wait_for`].
+    pub fn poll(&self, seq: u64) -> Result<bool, String> {
+        if !self.is_complete(seq) {
+            return Ok(false);
+        }
+        match &self.state.lock().failure {
+            Some((failed, msg)) if *failed <= seq => Err(msg.clone()),
+            _ => Ok(true),
+        }
+    }
+
     /// Waits until task `seq` (and every task before it) completed. Returns the failure of
     /// the first failed task up to `seq`, if any.
     pub fn wait_for(&self, seq: u64, policy: WaitPolicy) -> Result<(), String> {
@@ -289,6 +301,10 @@ mod tests {
         assert!(!q.complete(Some("failed".into())));
         assert_eq!(q.wait_for(1, WaitPolicy::Block), Ok(()));
         assert_eq!(q.wait_for(2, WaitPolicy::Yield), Err("failed".into()));
+        // Polling agrees with waiting: a failure is reported from its task on, not before.
+        assert_eq!(q.poll(1), Ok(true));
+        assert_eq!(q.poll(2), Err("failed".into()));
+        assert_eq!(q.poll(3), Ok(false), "not submitted yet");
         assert_eq!(
             q.push('c'),
             (3, true),

@@ -310,10 +310,14 @@ impl BackendEvent for CpuEvent {
     }
 
     fn is_complete(&self) -> Result<bool> {
-        Ok(match &*self.mark.lock() {
-            Some((queue, seq)) => queue.queue.is_complete(*seq),
-            None => true,
-        })
+        match &*self.mark.lock() {
+            // A failure at or before the mark is the event's, as `wait` reports it.
+            Some((queue, seq)) => queue.queue.poll(*seq).map_err(|message| Error::Device {
+                op: "wait",
+                message,
+            }),
+            None => Ok(true),
+        }
     }
 
     fn as_any(&self) -> &dyn Any {

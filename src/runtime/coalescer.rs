@@ -329,6 +329,8 @@ pub(crate) struct Engine {
     max_delay: Duration,
     /// Signal mode: the batch stream's error, once one was seen (sticky, as the stream's).
     fault: OnceLock<Failure>,
+    /// When a waiter of a pending batch last asked the stream for a fault (`Launcher::fault`).
+    fault_asked: Mutex<Instant>,
     /// Statistics.
     totals: StatTotals,
     wait: WaitPolicy,
@@ -416,6 +418,24 @@ impl Launcher for Engine {
             self.record_completion(latency);
             self.adapt(state, batch.len.load(Ordering::Relaxed) as u64, latency);
         }
+    }
+
+    /// Signal mode: the batch stream's fault, asking the stream at most every `FAULT_POLL`
+    /// (one waiter at a time) when none is known yet.
+    fn fault(&self) -> Option<Failure> {
+        if let Some(f) = self.fault.get() {
+            return Some(f.clone());
+        }
+        let mut asked = self.fault_asked.try_lock()?;
+        if asked.elapsed() < FAULT_POLL {
+            return None;
+        }
+        *asked = Instant::now();
+        drop(asked);
+        if let Err(e) = self.stream.query() {
+            let _ = self.fault.set(Failure::from(&e));
+        }
+        self.fault.get().cloned()
     }
 }
 
@@ -511,6 +531,7 @@ impl CoalescerShared {
             max_batch,
             max_delay,
             fault: OnceLock::new(),
+            fault_asked: Mutex::new(Instant::now()),
             totals: StatTotals::default(),
             wait,
         };
@@ -691,5 +712,66 @@ impl CoalescerShared {
         self.engine().stream.synchronize()?;
         self.handoff.reap();
         Ok(())
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use crate::backend::{BackendKind, DeviceOptions};
+
+    /// Signal mode: the batch stream faults with two batches launched beyond the depth and
+    /// nobody waiting for them, so the word never moves and "in flight" never falls. The
+    /// waiter of a later, pending batch must get the fault instead of waiting for room for
+    /// ever (it spun for ever before `Launcher::fault`).
+    #[test]
+    fn a_fault_ends_the_wait_of_a_pending_batch_while_the_device_looks_full() {
+        let device = Device::open(&DeviceOptions {
+            backend: Some(BackendKind::Cpu),
+            cpu_units: Some(1),
+            wait: Some(WaitPolicy::Yield),
+            ..DeviceOptions::default()
+        })
+        .unwrap();
+        let policy = CoalescePolicy::Fixed {
+            max_batch: 2,
+            max_delay: MAX_COALESCE_DELAY,
+            depth: 1,
+        };
+        let c = CoalescerShared::new(&device, policy).unwrap();
+        assert!(c.uses_signal());
+        crate::backend::cpu::fail_for_testing(&**c.stream());
+        let kernel = Kernel::SimpleCompute { iters: 1 };
+        let bufs: Vec<_> = (0..4).map(|_| device.alloc(4).unwrap()).collect();
+        // The first op launches at once (an idle device); the next two (streams 1 and 0)
+        // fill a batch, which launches at once too: 2 in flight at depth 1.
+        let launched: Vec<_> = [0, 1, 0]
+            .into_iter()
+            .zip(&bufs)
+            .map(|(stream, buf)| c.submit(kernel, buf.shared_raw(), stream).unwrap())
+            .collect();
+        assert!(launched.iter().all(|b| !b.is_pending()));
+        // One op, no deadline for an hour: pending until there is room.
+        let pending = c.submit(kernel, bufs[3].shared_raw(), 0).unwrap();
+        assert!(pending.is_pending());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let waiter = {
+            let c = c.clone();
+            let pending = pending.clone();
+            std::thread::spawn(move || {
+                let _ = tx.send(c.wait(&pending));
+            })
+        };
+        let waited = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the waiter of a pending batch hung after a device fault");
+        assert!(
+            waited.is_err(),
+            "a batch on a failed stream reported success"
+        );
+        waiter.join().unwrap();
+        for b in &launched {
+            assert!(c.wait(b).is_err());
+        }
     }
 }

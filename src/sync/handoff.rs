@@ -50,6 +50,9 @@
 //!   device completions nobody waits on).
 //! - A waiter of a pending batch launches it (through the combiner) once it is due, and a
 //!   flush ([`Handoff::flush`]) makes a batch due at once and returns once it left `pending`.
+//!   Signal mode: a device fault stops the word, so "in flight" never falls again; a waiter
+//!   of a pending batch then flushes it once [`Launcher::fault`] reports the fault, rather
+//!   than wait for room that never comes.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -69,6 +72,9 @@ const DONE: u8 = 2;
 
 /// Polls a `spin` waiter spins before it starts yielding between polls.
 const SPIN_POLLS: u32 = 16;
+
+/// Signal mode: polls between a pending batch's waiter's questions for a device fault.
+const FAULT_CHECK_POLLS: u32 = 256;
 
 /// What a [`Handoff`] needs from the device side: launching a batch, and (event mode) its
 /// completion. Called without the queue lock unless said otherwise.
@@ -104,6 +110,12 @@ pub trait Launcher {
     /// Event mode: `batch` completed (called once per launched batch, under the queue lock,
     /// before it is marked done).
     fn finished(&self, batch: &Self::Payload, state: &mut Self::State);
+    /// Signal mode: the device's fault, if it has failed (sticky: after it, no launched batch
+    /// completes, and the signal word stops). Asked by waiters of pending batches while the
+    /// device looks full; the launcher limits how often it asks the device itself.
+    fn fault(&self) -> Option<Self::Failure> {
+        None
+    }
 }
 
 /// A batch: the launcher's payload plus its hand-off state.
@@ -539,6 +551,15 @@ impl<L: Launcher> Handoff<L> {
                         // the launching thread serving requests instead of returning to its
                         // own op (16 threads on the H100 swung between 228k and 457k ops/s).
                         super::yield_now();
+                    } else if self.signalled
+                        && spins % FAULT_CHECK_POLLS == 0
+                        && self.launcher.fault().is_some()
+                    {
+                        // The word stopped with the device: "in flight" never falls, so the
+                        // batch would never be due. Launched now, it gets the fault (its
+                        // launch fails, or its wait sees the fault) instead of waiting for
+                        // ever.
+                        self.flush(batch);
                     } else {
                         match self.wait {
                             WaitPolicy::Spin | WaitPolicy::Yield => self.relax(spins),

@@ -11,6 +11,8 @@
 
 mod matmul;
 mod stream;
+#[cfg(all(test, not(loom)))]
+pub(crate) use stream::fail_for_testing;
 
 use std::any::Any;
 use std::sync::{Arc, Weak};

@@ -73,6 +73,18 @@ impl StreamQueue {
     }
 }
 
+/// Test hook: queues a task that panics on `stream` (a CPU stream), so the stream fails as a
+/// CUDA stream does after a device fault: later work reports the failure, signals stop.
+#[cfg(all(test, not(loom)))]
+pub(crate) fn fail_for_testing(stream: &dyn BackendStream) {
+    let cpu = stream
+        .as_any()
+        .downcast_ref::<CpuStream>()
+        .expect("a CPU stream");
+    cpu.queue
+        .push(Box::new(|| panic!("injected CPU kernel failure (test)")));
+}
+
 /// A CPU stream handle.
 pub(super) struct CpuStream {
     queue: Arc<StreamQueue>,

@@ -162,6 +162,64 @@ fn one_threads_async_ops_on_one_buffer_are_never_merged_or_reordered() {
     }
 }
 
+/// Stream order across the two paths of a coalescing pool: a coalesced `launch` runs on the
+/// coalescer's stream, `launch_many` (and `matmul`) on the stream itself. Whichever comes
+/// first on a stream completes first, even on other buffers: once the second op's ticket is
+/// waited for, the first's is complete. The first op is long and the second short, so
+/// without the ordering the second finishes first.
+#[test]
+fn coalesced_and_direct_launches_on_one_stream_keep_their_order() {
+    let long = Kernel::SimpleCompute { iters: 100 };
+    let short = Kernel::SimpleCompute { iters: 1 };
+    for (policy, wait) in policies().into_iter().flat_map(|p| WAITS.map(|w| (p, w))) {
+        let dev = cpu(wait);
+        let pool = StreamPool::new(
+            &dev,
+            PoolConfig {
+                coalesce: policy,
+                ..PoolConfig::default()
+            },
+        )
+        .unwrap();
+        let s = pool.current().unwrap();
+        let mut big = dev.buffer_from(&vec![0.001; 1 << 18]).unwrap();
+        let mut small = dev.buffer_from(&[0.001; 64]).unwrap();
+        // Coalesced, then direct.
+        let first = s.launch(long, &mut big).unwrap();
+        s.launch_many(short, &mut [&mut small])
+            .unwrap()
+            .wait()
+            .unwrap();
+        assert!(
+            first.is_complete().unwrap(),
+            "{policy:?}, {wait:?}: a direct launch ran before the coalesced op ahead of it"
+        );
+        first.wait().unwrap();
+        // Direct, then coalesced (on a fresh buffer: one last used on the stream would be
+        // waited for anyway, as it moves to the coalescer's stream).
+        let mut fresh = dev.buffer_from(&[0.001; 64]).unwrap();
+        let first = s.launch_many(long, &mut [&mut big]).unwrap();
+        s.launch(short, &mut fresh).unwrap().wait().unwrap();
+        assert!(
+            first.is_complete().unwrap(),
+            "{policy:?}, {wait:?}: a coalesced op ran before the direct launch ahead of it"
+        );
+        first.wait().unwrap();
+        let expect = simple_compute(0.001, 200);
+        assert!(big.read().unwrap().iter().all(|v| *v == expect));
+        assert!(small
+            .read()
+            .unwrap()
+            .iter()
+            .all(|v| *v == simple_compute(0.001, 1)));
+        assert!(fresh
+            .read()
+            .unwrap()
+            .iter()
+            .all(|v| *v == simple_compute(0.001, 1)));
+    }
+}
+
 #[test]
 fn dropped_tickets_leak_nothing_and_block_no_one() {
     for wait in WAITS {

@@ -34,6 +34,13 @@ pub(crate) struct StreamShared {
     /// With a device queue: this stream's ops in flight (their tickets alive), so that the
     /// queue's routing counts only other streams' ops ([`DeviceQueue::admit`]).
     queue_load: AtomicUsize,
+    /// With a coalescer: the batch of this stream's last coalesced op, until a launch on the
+    /// stream itself waited for it (batches run on the coalescer's stream, not ordered with
+    /// this one).
+    last_coalesced: parking_lot::Mutex<Option<Arc<Batch>>>,
+    /// With a coalescer: work was queued on this stream itself since its last coalesced op,
+    /// so the next coalesced op waits for the stream first.
+    launched_since_coalesced: AtomicBool,
     pub(crate) pool_id: u64,
     pub(crate) index: usize,
     pub(crate) device: Device,
@@ -60,6 +67,8 @@ impl StreamShared {
             queued_last: AtomicU64::new(0),
             launched_since_queued: AtomicBool::new(false),
             queue_load: AtomicUsize::new(0),
+            last_coalesced: parking_lot::Mutex::new(None),
+            launched_since_coalesced: AtomicBool::new(false),
             pool_id,
             index,
             device,
@@ -112,8 +121,17 @@ impl Stream {
         if let Some(c) = &s.coalescer {
             // The lock mode still decides who may submit (lock `none`: the owner only).
             drop(s.lock.enter()?);
+            // Stream order: work queued on this stream itself (`launch_many`, `matmul`)
+            // completes before the coalesced op, which runs on the coalescer's stream.
+            if s.launched_since_coalesced.swap(false, Ordering::AcqRel) {
+                if let Err(e) = s.backend.synchronize() {
+                    s.launched_since_coalesced.store(true, Ordering::Release);
+                    return Err(e);
+                }
+            }
             buf.bind(s.device.id(), c.stream())?;
             let batch = c.submit(kernel, buf.shared_raw(), Arc::as_ptr(&self.shared) as usize)?;
+            *s.last_coalesced.lock() = Some(batch.clone());
             buf.set_coalesced(batch.clone());
             s.submitted.fetch_add(1, Ordering::Relaxed);
             return Ok(Ticket {
@@ -175,6 +193,7 @@ impl Stream {
         enqueue: impl FnOnce(&dyn crate::backend::BackendStream) -> Result<()>,
     ) -> Result<Ticket> {
         let s = &*self.shared;
+        self.after_coalesced();
         let event = s.events.take(s.device.backend())?;
         let submitted = match s.lock.enter() {
             Ok(_guard) => self
@@ -197,6 +216,22 @@ impl Stream {
                 Err(e)
             }
         }
+    }
+
+    /// With a coalescer: launches the stream's last coalesced op if it is pending and waits
+    /// for it, so work queued on the stream itself runs after it (stream order), and marks
+    /// the stream as having work of its own. The op's error, if any, is its own ticket's.
+    fn after_coalesced(&self) {
+        let s = &*self.shared;
+        let Some(c) = &s.coalescer else {
+            return;
+        };
+        let last = s.last_coalesced.lock().take();
+        if let Some(batch) = last {
+            batch.ensure_launched();
+            let _ = c.wait(&batch);
+        }
+        s.launched_since_coalesced.store(true, Ordering::Release);
     }
 
     /// With a device queue: waits for the stream's last queued op and marks the stream as

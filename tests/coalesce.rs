@@ -7,7 +7,7 @@ use std::time::Duration;
 use multiq::kernel::{initial_value, simple_compute};
 use multiq::{
     BackendKind, CoalescePolicy, Device, DeviceOptions, Inflight, Kernel, LockMode, PoolConfig,
-    StreamPool, WaitPolicy,
+    Stream, StreamPool, WaitPolicy,
 };
 use proptest::prelude::*;
 
@@ -42,6 +42,22 @@ fn cpu(wait: WaitPolicy) -> Device {
 }
 
 const WAITS: [WaitPolicy; 3] = [WaitPolicy::Block, WaitPolicy::Yield, WaitPolicy::Spin];
+
+/// A CPU device (`cpu(wait)`), a default pool coalescing with `policy`, and the calling
+/// thread's stream of it.
+fn one_coalescing_stream(policy: CoalescePolicy, wait: WaitPolicy) -> (Device, StreamPool, Stream) {
+    let dev = cpu(wait);
+    let pool = StreamPool::new(
+        &dev,
+        PoolConfig {
+            coalesce: policy,
+            ..PoolConfig::default()
+        },
+    )
+    .unwrap();
+    let s = pool.current().unwrap();
+    (dev, pool, s)
+}
 
 fn random_mix(seed: u64, policy: CoalescePolicy, lock: LockMode, wait: WaitPolicy) {
     let dev = cpu(wait);
@@ -134,16 +150,7 @@ fn one_threads_async_ops_on_one_buffer_are_never_merged_or_reordered() {
     // Few iterations: values are still far from the fixed point, so a lost, merged (run
     // concurrently) or reordered op changes the result.
     for (policy, wait) in policies().into_iter().flat_map(|p| WAITS.map(|w| (p, w))) {
-        let dev = cpu(wait);
-        let pool = StreamPool::new(
-            &dev,
-            PoolConfig {
-                coalesce: policy,
-                ..PoolConfig::default()
-            },
-        )
-        .unwrap();
-        let s = pool.current().unwrap();
+        let (dev, _pool, s) = one_coalescing_stream(policy, wait);
         let mut buf = dev.buffer_from(&[0.001; 3000]).unwrap();
         let mut w = Inflight::new(8).unwrap();
         let mut total = 0;
@@ -172,16 +179,7 @@ fn coalesced_and_direct_launches_on_one_stream_keep_their_order() {
     let long = Kernel::SimpleCompute { iters: 100 };
     let short = Kernel::SimpleCompute { iters: 1 };
     for (policy, wait) in policies().into_iter().flat_map(|p| WAITS.map(|w| (p, w))) {
-        let dev = cpu(wait);
-        let pool = StreamPool::new(
-            &dev,
-            PoolConfig {
-                coalesce: policy,
-                ..PoolConfig::default()
-            },
-        )
-        .unwrap();
-        let s = pool.current().unwrap();
+        let (dev, _pool, s) = one_coalescing_stream(policy, wait);
         let mut big = dev.buffer_from(&vec![0.001; 1 << 18]).unwrap();
         let mut small = dev.buffer_from(&[0.001; 64]).unwrap();
         // Coalesced, then direct.

@@ -359,19 +359,24 @@ impl Launcher for Engine {
                 .stream
                 .launch_grouped_signalled(batch.kernel, &refs, &**signal, seq)
                 .map(|()| None),
-            None => self
-                .stream
-                .launch_grouped(batch.kernel, &refs)
-                .and_then(|()| {
-                    let event = self.events.take(self.device.backend())?;
-                    match self.stream.record(&*event) {
-                        Ok(()) => Ok(Some(event)),
-                        Err(e) => {
-                            self.events.give_back(event);
-                            Err(e)
-                        }
+            // The event is taken before the launch: once the kernel is queued the batch is
+            // not reported failed for want of an event. If the record fails, the stream's
+            // completion stands in for the event's (`None`: complete).
+            None => self.events.take(self.device.backend()).and_then(|event| {
+                match self.stream.launch_grouped(batch.kernel, &refs) {
+                    Err(e) => {
+                        self.events.give_back(event);
+                        Err(e)
                     }
-                }),
+                    Ok(()) => match self.stream.record(&*event) {
+                        Ok(()) => Ok(Some(event)),
+                        Err(_) => {
+                            self.events.give_back(event);
+                            self.stream.synchronize().map(|()| None)
+                        }
+                    },
+                }
+            }),
         };
         drop(refs);
         drop(raws);

@@ -389,7 +389,14 @@ impl BackendStream for CudaQueue {
             self.grouped(kernel, bufs, Some((sig, value)))
         } else {
             self.grouped(kernel, bufs, None)?;
-            self.signal(signal, value)
+            if self.signal(signal, value).is_err() {
+                // The kernels are queued, so the batch is not failed for want of the write:
+                // once the stream is idle, the host writes the word itself (later values
+                // come only from later launches on this stream).
+                self.synchronize()?;
+                sig.raise_from_host(value);
+            }
+            Ok(())
         }
     }
 
@@ -725,6 +732,14 @@ impl CudaSignal {
             .synchronize()
             .map_err(|e| driver_error("signal", e))?;
         Ok(signal)
+    }
+}
+
+impl CudaSignal {
+    /// Raises the word to `value` from the host (for a write the stream could not queue).
+    fn raise_from_host(&self, value: u64) {
+        // SAFETY: `host` is live and aligned (invariant); every host access is atomic.
+        unsafe { AtomicU64::from_ptr(self.host.as_ptr()) }.fetch_max(value, Ordering::AcqRel);
     }
 }
 

@@ -24,6 +24,10 @@
 //!   from its exit point on, a new kernel (next epoch) is launched from there. A kernel can
 //!   leave just after a submitter saw it running: the waiters' checks then relaunch it, so no
 //!   waiter waits for ever on an op published to a kernel that had left.
+//! - **A lost op breaks the ring.** A failed wait for a slot (the device failed, or a
+//!   relaunch did) still publishes its no-op, over an op that has not completed: that op is
+//!   lost. From it on no op reports done (its slot's done word could pass it through the
+//!   no-op) and no new op is taken: each gets [`RingDevice::lost`], never a false success.
 //! - **Stop.** [`OpRing::stop`] publishes a stop op and, relaunching as needed, waits until a
 //!   kernel left at that op with no kernel running after it.
 
@@ -60,6 +64,9 @@ pub trait RingDevice {
     fn launch(&self, epoch: u64, start: u64) -> Result<(), Self::Error>;
     /// The device's error, if it failed.
     fn failed(&self) -> Result<(), Self::Error>;
+    /// The error of every op from ticket `op` on once `op` was lost: a wait for its slot
+    /// failed, so a later op's no-op overwrote it unrun.
+    fn lost(&self, op: u64) -> Self::Error;
     /// Waits until every kernel launched so far has left.
     fn synchronize(&self) -> Result<(), Self::Error>;
 }
@@ -84,6 +91,10 @@ pub struct OpRing {
     next: CachePadded<AtomicU64>,
     /// Epoch of the kernel believed running (0: none): the submitters' lock-free check.
     live_epoch: AtomicU64,
+    /// The first op overwritten unrun by a failed wait's no-op (`u64::MAX`: none). From it
+    /// on the ring is broken (a kernel looks for that op in its slot for ever), so every op
+    /// from it on, and every later submission, fails with [`RingDevice::lost`].
+    lost: AtomicU64,
     runner: Mutex<Runner>,
 }
 
@@ -95,6 +106,7 @@ impl OpRing {
             slots,
             next: CachePadded::new(AtomicU64::new(1)),
             live_epoch: AtomicU64::new(0),
+            lost: AtomicU64::new(u64::MAX),
             runner: Mutex::new(Runner {
                 epoch: 0,
                 running: false,
@@ -112,6 +124,10 @@ impl OpRing {
     /// the ring and runs when a kernel does, so its submitter must keep its buffer for it, and
     /// waiting for it retries the launch and returns the device's error.
     pub fn submit<D: RingDevice>(&self, device: &D, op: &D::Op) -> Result<u64, D::Error> {
+        let lost = self.lost.load(Ordering::Acquire);
+        if lost != u64::MAX {
+            return Err(device.lost(lost));
+        }
         let t = self.publish(device, op)?;
         // A failed launch leaves `running` false: the waiters' checks launch again (and
         // report the error if it persists).
@@ -149,6 +165,11 @@ impl OpRing {
                 }
             }
         }
+        if freed.is_err() {
+            // Slot `t - slots` still holds an op that has not completed, and the no-op below
+            // overwrites it: that op never runs, and nothing from it on completes.
+            self.lost.fetch_min(t - self.slots, Ordering::AcqRel);
+        }
         device.write(self.index(t), t, op, freed.is_err());
         freed?;
         Ok(t)
@@ -162,6 +183,11 @@ impl OpRing {
         op: u64,
         check: bool,
     ) -> Result<bool, D::Error> {
+        let lost = self.lost.load(Ordering::Acquire);
+        if op >= lost {
+            // Its slot's done word may even pass it (the no-op that overwrote it).
+            return Err(device.lost(lost));
+        }
         if device.done(self.index(op)) >= op {
             return Ok(true);
         }
@@ -392,6 +418,8 @@ mod loom_tests {
             Ok(())
         }
 
+        fn lost(&self, _op: u64) {}
+
         fn synchronize(&self) -> Result<(), ()> {
             let mut s = self.stream.lock();
             while s.left < s.launched {
@@ -499,5 +527,69 @@ mod loom_tests {
     #[test]
     fn racing_submitters_share_one_slot() {
         check(1, &[100], &[200], 2);
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicBool;
+
+    /// A device that completes nothing and, once `failing`, reports a failure on every check.
+    #[derive(Default)]
+    struct Stuck {
+        failing: AtomicBool,
+        written: std::sync::Mutex<Vec<(u64, bool)>>,
+    }
+
+    impl RingDevice for Stuck {
+        type Op = ();
+        type Error = &'static str;
+
+        fn write(&self, _index: usize, t: u64, _op: &(), nop: bool) {
+            self.written.lock().unwrap().push((t, nop));
+        }
+        fn done(&self, _index: usize) -> u64 {
+            0
+        }
+        fn exit_record(&self) -> (u64, u64) {
+            (0, 0)
+        }
+        fn launch(&self, _epoch: u64, _start: u64) -> Result<(), &'static str> {
+            Ok(())
+        }
+        fn failed(&self) -> Result<(), &'static str> {
+            match self.failing.load(Ordering::Relaxed) {
+                true => Err("relaunch failed"),
+                false => Ok(()),
+            }
+        }
+        fn lost(&self, _op: u64) -> &'static str {
+            "lost"
+        }
+        fn synchronize(&self) -> Result<(), &'static str> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn an_op_overwritten_by_a_failed_waits_no_op_fails_from_it_on() {
+        let ring = OpRing::new(2);
+        let device = Stuck::default();
+        assert_eq!(ring.submit(&device, &()), Ok(1));
+        assert_eq!(ring.submit(&device, &()), Ok(2));
+        assert_eq!(ring.is_done(&device, 1, true), Ok(false));
+        // Ticket 3 needs op 1's slot; the wait fails, so a no-op goes over op 1.
+        device.failing.store(true, Ordering::Relaxed);
+        assert_eq!(ring.submit(&device, &()), Err("relaunch failed"));
+        assert_eq!(*device.written.lock().unwrap().last().unwrap(), (3, true));
+        // Op 1 never runs: it, every op after it and every new op fail, even once the device
+        // answers again (op 1's slot now holds op 3's no-op).
+        device.failing.store(false, Ordering::Relaxed);
+        for op in 1..=3 {
+            assert_eq!(ring.is_done(&device, op, false), Err("lost"), "op {op}");
+        }
+        assert_eq!(ring.submit(&device, &()), Err("lost"));
+        assert_eq!(ring.published(), 3, "no ticket taken after the loss");
     }
 }

@@ -632,6 +632,16 @@ impl RingDevice for CudaDeviceQueue {
             .synchronize()
             .map_err(|e| driver_error("device queue", e))
     }
+
+    fn lost(&self, op: u64) -> Error {
+        Error::Device {
+            op: "device queue",
+            message: format!(
+                "op {op} was overwritten before it ran, after a failed wait for its slot; \
+                 this device queue runs nothing more (open a new pool)"
+            ),
+        }
+    }
 }
 
 impl BackendDeviceQueue for CudaDeviceQueue {

@@ -709,6 +709,8 @@ impl Drop for CudaDeviceQueue {
         // If the device failed, a kernel might still read the memory: it is leaked instead.
         if self.published() == 0 || self.stop() {
             if let Some(trace) = &self.trace {
+                // The copy needs the context current (`stop` binds it only if it published).
+                let _ = bind(&self.ctx);
                 match trace.write() {
                     Ok(()) => eprintln!("multiq: queue trace written to {}", trace.path.display()),
                     Err(e) => eprintln!("multiq: queue trace {}: {e}", trace.path.display()),

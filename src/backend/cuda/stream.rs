@@ -372,6 +372,10 @@ impl BackendStream for CudaQueue {
         value: u64,
     ) -> Result<()> {
         let sig = downcast::<CudaSignal>(signal.as_any(), "signal")?;
+        if bufs.is_empty() {
+            // No kernel to write it: the word is still owed (its waiters poll for it).
+            return self.signal(signal, value);
+        }
         // The signalling kernel pays one atomic per 1,024-thread block: worth it for small
         // batches (it saves a driver call and a stream memory operation), not for grids
         // larger than one launch wave of SIGNAL_BLOCKS_PER_SM blocks per multiprocessor

@@ -14,7 +14,8 @@
 //! handed back to the caller ([`Waited::Launched`]), which polls the word and marks the batch
 //! done. *Event mode*: each launch records an event, and batches are finished here.
 //!
-//! Invariants (checked by the loom models below, event mode):
+//! Invariants (checked by the loom models below: event mode, and signal mode with the caller's
+//! polling of the word modelled as the coalescer does it):
 //! - A batch's state only moves forward: pending → launched → done, or pending → done when
 //!   its launch failed. Its launch number is stored before it is marked launched and its
 //!   error (if any) before it is marked done, so a waiter that sees the state sees them. In
@@ -73,8 +74,12 @@ const DONE: u8 = 2;
 /// Polls a `spin` waiter spins before it starts yielding between polls.
 const SPIN_POLLS: u32 = 16;
 
-/// Signal mode: polls between a pending batch's waiter's questions for a device fault.
+/// Signal mode: polls between a pending batch's waiter's questions for a device fault (fewer
+/// under loom, so the models reach a question).
+#[cfg(not(loom))]
 const FAULT_CHECK_POLLS: u32 = 256;
+#[cfg(loom)]
+const FAULT_CHECK_POLLS: u32 = 2;
 
 /// What a [`Handoff`] needs from the device side: launching a batch, and (event mode) its
 /// completion. Called without the queue lock unless said otherwise.
@@ -716,8 +721,13 @@ mod loom_tests {
         /// How many times each op (0, 1, …) was launched.
         ran: Mutex<Vec<u32>>,
         given_back: AtomicUsize,
-        /// Events of launch numbers >= this fail (a sticky device fault); 0: none.
+        /// Events of launch numbers >= this fail (a sticky device fault); 0: none. In signal
+        /// mode the device stops at that launch instead: the word never reaches it.
         fault_from: u64,
+        /// Signal mode (completion through the word, no events).
+        signalled: bool,
+        /// Signal mode: the device stopped at `fault_from` (what a stream query would say).
+        faulted: AtomicBool,
     }
 
     /// A batch's ops (their ids).
@@ -741,7 +751,7 @@ mod loom_tests {
             self.launched.store(seq, Ordering::Release);
             drop(stop);
             self.woken.notify_all();
-            Ok(Some(seq))
+            Ok((!self.signalled).then_some(seq))
         }
 
         fn is_complete(&self, event: &u64) -> Result<bool, &'static str> {
@@ -768,7 +778,14 @@ mod loom_tests {
         }
 
         fn signal(&self) -> u64 {
-            unreachable!("the models run in event mode")
+            assert!(self.signalled, "the word is read in signal mode only");
+            self.completed.load(Ordering::Acquire)
+        }
+
+        fn fault(&self) -> Option<&'static str> {
+            self.faulted
+                .load(Ordering::Acquire)
+                .then_some("device fault")
         }
 
         fn full(&self, batch: &Ops, _state: &()) -> bool {
@@ -792,14 +809,8 @@ mod loom_tests {
     /// A model thread's body; returns the batches it made.
     type Body = fn(&Model) -> Vec<Arc<Batch<FakeDevice>>>;
 
-    fn handoff(
-        ops: usize,
-        max_batch: usize,
-        depth: u64,
-        wait: WaitPolicy,
-        failing_call: u64,
-    ) -> Model {
-        let device = FakeDevice {
+    fn device(ops: usize, max_batch: usize, failing_call: u64) -> FakeDevice {
+        FakeDevice {
             max_batch,
             failing_call,
             calls: AtomicU64::new(0),
@@ -810,8 +821,28 @@ mod loom_tests {
             ran: Mutex::new(vec![0; ops]),
             given_back: AtomicUsize::new(0),
             fault_from: 0,
-        };
-        Handoff::new(device, depth, wait, false, ())
+            signalled: false,
+            faulted: AtomicBool::new(false),
+        }
+    }
+
+    fn handoff(
+        ops: usize,
+        max_batch: usize,
+        depth: u64,
+        wait: WaitPolicy,
+        failing_call: u64,
+    ) -> Model {
+        Handoff::new(device(ops, max_batch, failing_call), depth, wait, false, ())
+    }
+
+    /// As [`handoff`], in signal mode (`yield` waits), with the device stopping at launch
+    /// `fault_from` (0: never).
+    fn signalled_handoff(ops: usize, max_batch: usize, depth: u64, fault_from: u64) -> Model {
+        let mut device = device(ops, max_batch, 0);
+        device.signalled = true;
+        device.fault_from = fault_from;
+        Handoff::new(device, depth, WaitPolicy::Yield, true, ())
     }
 
     /// Submits op `op`: joins the first pending batch with room, else starts one.
@@ -824,10 +855,29 @@ mod loom_tests {
         )
     }
 
+    /// Waits as the coalescer does: in signal mode, a launched batch is polled through the
+    /// word (and failed on a fault, as the coalescer's watcher does), then marked done.
     fn wait(h: &Model, batch: &Batch<FakeDevice>) -> Result<(), &'static str> {
         match h.wait(batch) {
             Waited::Done(r) => r,
-            Waited::Launched => unreachable!("event mode"),
+            Waited::Launched => {
+                let d = h.launcher();
+                loop {
+                    if d.signal() >= batch.seq() {
+                        batch.complete();
+                        h.kick();
+                        return batch.result();
+                    }
+                    if let Some(fault) = d.fault() {
+                        batch.fail(fault);
+                        return batch.result();
+                    }
+                    let stop = d.wake.lock();
+                    if d.signal() < batch.seq() && d.fault().is_none() {
+                        drop(d.woken.wait(stop));
+                    }
+                }
+            }
         }
     }
 
@@ -838,7 +888,16 @@ mod loom_tests {
         let mut stop = d.wake.lock();
         loop {
             let completed = d.completed.load(Ordering::Relaxed);
-            if completed < d.launched.load(Ordering::Acquire) {
+            let stopped = d.signalled && d.fault_from != 0 && completed + 1 >= d.fault_from;
+            if completed < d.launched.load(Ordering::Acquire) && stopped {
+                // Signal mode: the device fails at this launch and writes nothing more.
+                d.faulted.store(true, Ordering::Release);
+                d.woken.notify_all();
+                while !*stop {
+                    stop = d.woken.wait(stop);
+                }
+                return;
+            } else if completed < d.launched.load(Ordering::Acquire) {
                 d.completed.store(completed + 1, Ordering::Release);
                 d.woken.notify_all();
             } else if *stop {
@@ -884,13 +943,17 @@ mod loom_tests {
                 h.lock().in_flight.is_empty(),
                 "a completed batch was never finished"
             );
-            assert_eq!(h.in_flight(), 0);
             let d = h.launcher();
-            assert_eq!(
-                d.given_back.load(Ordering::Relaxed) as u64,
-                d.launched.load(Ordering::Relaxed),
-                "every launched batch's event is given back once"
-            );
+            if !d.faulted.load(Ordering::Relaxed) {
+                assert_eq!(h.in_flight(), 0);
+            }
+            if !d.signalled {
+                assert_eq!(
+                    d.given_back.load(Ordering::Relaxed) as u64,
+                    d.launched.load(Ordering::Relaxed),
+                    "every launched batch's event is given back once"
+                );
+            }
             for b in &batches {
                 assert!(
                     !b.is_pending() && !b.is_launched(),
@@ -898,6 +961,18 @@ mod loom_tests {
                 );
             }
         });
+    }
+
+    /// Depth 1, batches of 2: op 0 launches at once (an idle device); op 1's batch is
+    /// flushed (two batches on the device); both tickets are dropped unwaited; op 2 then
+    /// starts a batch that stays pending while the device looks full. Returns that batch.
+    fn two_unwaited_then_a_pending_batch(h: &Model) -> Arc<Batch<FakeDevice>> {
+        let b0 = submit(h, 0);
+        drop(b0);
+        let b1 = submit(h, 1);
+        h.flush(&b1);
+        drop(b1);
+        submit(h, 2)
     }
 
     /// The hang fixed in 8a9e810. One thread (depth 1, batches of 2): op 0 launches at once;
@@ -914,12 +989,7 @@ mod loom_tests {
                 move || handoff(3, 2, 1, policy, 0),
                 vec![
                     (|h: &Model| {
-                        let b0 = submit(h, 0);
-                        drop(b0);
-                        let b1 = submit(h, 1);
-                        h.flush(&b1);
-                        drop(b1);
-                        let b2 = submit(h, 2);
+                        let b2 = two_unwaited_then_a_pending_batch(h);
                         assert_eq!(wait(h, &b2), Ok(()));
                         assert!(h.launcher().ran.lock().iter().all(|&n| n == 1));
                         vec![b2]
@@ -1028,6 +1098,44 @@ mod loom_tests {
                 h
             },
             vec![(|h: &Model| body(h, 0)) as Body, |h| body(h, 1)],
+        );
+    }
+
+    /// Signal mode: two threads each submit an op and wait for it (depth 1, batches of 2,
+    /// `yield`): a launched batch is handed back and polled through the word, then the next
+    /// pending batch is launched by `kick`. Both return `Ok`, each op launched exactly once.
+    #[test]
+    fn signal_mode_every_waiter_gets_its_batch_done() {
+        fn body(h: &Model, op: usize) -> Vec<Arc<Batch<FakeDevice>>> {
+            let b = submit(h, op);
+            assert_eq!(wait(h, &b), Ok(()));
+            assert_eq!(h.launcher().ran.lock()[op], 1);
+            vec![b]
+        }
+        check(
+            2,
+            || signalled_handoff(2, 2, 1, 0),
+            vec![(|h: &Model| body(h, 0)) as Body, |h| body(h, 1)],
+        );
+    }
+
+    /// Signal mode, the hang a host review found. One thread (depth 1, batches of 2): op 0
+    /// launches at once and its batch faults, so the word never moves; op 1's batch is
+    /// flushed (two on the device, depth 1) and both tickets are dropped; op 2 then waits in
+    /// a pending batch while the device looks full for ever. It must get the fault (through
+    /// `Launcher::fault`) instead of waiting for room (under loom: the branch limit).
+    #[test]
+    fn signal_mode_a_fault_ends_a_pending_waiters_wait() {
+        check(
+            3,
+            || signalled_handoff(3, 2, 1, 1),
+            vec![
+                (|h: &Model| {
+                    let b2 = two_unwaited_then_a_pending_batch(h);
+                    assert_eq!(wait(h, &b2), Err("device fault"));
+                    vec![b2]
+                }) as Body,
+            ],
         );
     }
 }

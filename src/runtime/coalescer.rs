@@ -778,5 +778,18 @@ mod tests {
         for b in &launched {
             assert!(c.wait(b).is_err());
         }
+        // Polling a pending batch gets there too (a loop on `is_complete` spun for ever).
+        let buf = device.alloc(4).unwrap();
+        let pending = c.submit(kernel, buf.shared_raw(), 0).unwrap();
+        assert!(pending.is_pending());
+        let started = Instant::now();
+        loop {
+            match c.poll(&pending) {
+                Err(_) => break,
+                Ok(done) => assert!(!done, "a batch on a failed stream reported success"),
+            }
+            assert!(started.elapsed() < Duration::from_secs(30), "polling hung");
+            std::thread::yield_now();
+        }
     }
 }

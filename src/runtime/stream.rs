@@ -123,7 +123,10 @@ impl Stream {
             drop(s.lock.enter()?);
             // Stream order: work queued on this stream itself (`launch_many`, `matmul`)
             // completes before the coalesced op, which runs on the coalescer's stream.
-            if s.launched_since_coalesced.swap(false, Ordering::AcqRel) {
+            // (A load first: the common case, no direct work, writes nothing shared.)
+            if s.launched_since_coalesced.load(Ordering::Acquire)
+                && s.launched_since_coalesced.swap(false, Ordering::AcqRel)
+            {
                 if let Err(e) = s.backend.synchronize() {
                     s.launched_since_coalesced.store(true, Ordering::Release);
                     return Err(e);
@@ -131,7 +134,14 @@ impl Stream {
             }
             buf.bind(s.device.id(), c.stream())?;
             let batch = c.submit(kernel, buf.shared_raw(), Arc::as_ptr(&self.shared) as usize)?;
-            *s.last_coalesced.lock() = Some(batch.clone());
+            {
+                // The newest batch is kept: a later op of this stream always goes to a later
+                // batch, but two threads sharing the stream may store out of order.
+                let mut last = s.last_coalesced.lock();
+                if !last.as_ref().is_some_and(|b| b.id() >= batch.id()) {
+                    *last = Some(batch.clone());
+                }
+            }
             buf.set_coalesced(batch.clone());
             s.submitted.fetch_add(1, Ordering::Relaxed);
             return Ok(Ticket {
@@ -199,6 +209,13 @@ impl Stream {
             Ok(_guard) => self
                 .after_queued()
                 .and_then(|()| enqueue(&*s.backend))
+                .inspect(|()| {
+                    // Set once the work is queued (under the lock), so a coalesced launch
+                    // that clears it synchronizes a stream that holds this work.
+                    if s.coalescer.is_some() {
+                        s.launched_since_coalesced.store(true, Ordering::Release);
+                    }
+                })
                 .and_then(|()| s.backend.record(&*event)),
             Err(e) => Err(e),
         };
@@ -219,19 +236,25 @@ impl Stream {
     }
 
     /// With a coalescer: launches the stream's last coalesced op if it is pending and waits
-    /// for it, so work queued on the stream itself runs after it (stream order), and marks
-    /// the stream as having work of its own. The op's error, if any, is its own ticket's.
+    /// for it, so work queued on the stream itself runs after it (stream order; batches
+    /// complete in launch order, so earlier ones are done too). A host wait: a thread that
+    /// alternates the two paths loses their pipelining. The op's error, if any, is its own
+    /// ticket's.
     fn after_coalesced(&self) {
         let s = &*self.shared;
         let Some(c) = &s.coalescer else {
             return;
         };
-        let last = s.last_coalesced.lock().take();
+        let last = s.last_coalesced.lock().clone();
         if let Some(batch) = last {
             batch.ensure_launched();
             let _ = c.wait(&batch);
+            // Forgotten only if no newer batch was stored meanwhile (another thread's).
+            let mut newest = s.last_coalesced.lock();
+            if newest.as_ref().is_some_and(|b| Arc::ptr_eq(b, &batch)) {
+                *newest = None;
+            }
         }
-        s.launched_since_coalesced.store(true, Ordering::Release);
     }
 
     /// With a device queue: waits for the stream's last queued op and marks the stream as

@@ -185,6 +185,11 @@ impl<L: Launcher> Batch<L> {
         self.seq.load(Ordering::Acquire)
     }
 
+    /// Creation order (1, 2, …): batches launch in this order.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
     /// True for the first caller only: that waiter watches the batch.
     pub fn watch(&self) -> bool {
         !self.watched.swap(true, Ordering::AcqRel)
@@ -644,7 +649,9 @@ impl<L: Launcher> Handoff<L> {
 
     /// Event mode: the failure of `earlier`, launched before a batch whose event failed with
     /// `later`. Waits for the event's lock (its watcher may be syncing it; it lets go before
-    /// taking the queue lock, so holding that here cannot deadlock).
+    /// taking the queue lock, so holding that here cannot deadlock). Other threads wait on
+    /// the queue lock meanwhile: on this fault path only, and briefly (the later event
+    /// completed, so the earlier one's wait returns).
     fn earlier_failure(&self, earlier: &Batch<L>, later: &L::Failure) -> Option<L::Failure> {
         let event = earlier.event.lock();
         match event.as_ref().map(|ev| self.launcher.is_complete(ev)) {
@@ -673,6 +680,9 @@ impl<L: Launcher> Handoff<L> {
             _pending => {
                 if self.pending_due(batch, 0) {
                     self.launch_due();
+                } else if self.signalled && self.launcher.fault().is_some() {
+                    // As in `wait`: the device will never look less full.
+                    self.flush(batch);
                 }
                 Ok(false)
             }

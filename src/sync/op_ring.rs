@@ -91,9 +91,10 @@ pub struct OpRing {
     next: CachePadded<AtomicU64>,
     /// Epoch of the kernel believed running (0: none): the submitters' lock-free check.
     live_epoch: AtomicU64,
-    /// The first op overwritten unrun by a failed wait's no-op (`u64::MAX`: none). From it
-    /// on the ring is broken (a kernel looks for that op in its slot for ever), so every op
-    /// from it on, and every later submission, fails with [`RingDevice::lost`].
+    /// The first op overwritten by a failed wait's no-op before it completed (`u64::MAX`:
+    /// none). From it on the ring is broken (that op may never run, and a kernel relaunched
+    /// from before it looks for it in its slot for ever), so every op from it on, and every
+    /// later submission, fails with [`RingDevice::lost`] (conservatively: some may have run).
     lost: AtomicU64,
     runner: Mutex<Runner>,
 }
@@ -183,12 +184,15 @@ impl OpRing {
         op: u64,
         check: bool,
     ) -> Result<bool, D::Error> {
+        // `lost` is read after the done word: the no-op that overwrote a lost op can lift
+        // its slot's done word past it, and `lost` was set before that no-op was written,
+        // so a done word that passed the op shows the loss with it.
+        let done = device.done(self.index(op)) >= op;
         let lost = self.lost.load(Ordering::Acquire);
         if op >= lost {
-            // Its slot's done word may even pass it (the no-op that overwrote it).
             return Err(device.lost(lost));
         }
-        if device.done(self.index(op)) >= op {
+        if done {
             return Ok(true);
         }
         if check {

@@ -305,10 +305,12 @@ mod loom_tests {
         changed: Condvar,
         /// `(ticket, op value)` of every op the device ran, in order.
         ran: Mutex<Vec<(u64, u64)>>,
+        /// Launches that fail (the first ones) before launches succeed.
+        failing_launches: AtomicU64,
     }
 
     impl FakeDevice {
-        fn new(slots: usize) -> Self {
+        fn new(slots: usize, failing_launches: u64) -> Self {
             let words = || (0..slots).map(|_| AtomicU64::new(0)).collect();
             FakeDevice {
                 seq: words(),
@@ -321,6 +323,7 @@ mod loom_tests {
                 }),
                 changed: Condvar::new(),
                 ran: Mutex::new(Vec::new()),
+                failing_launches: AtomicU64::new(failing_launches),
             }
         }
 
@@ -411,6 +414,14 @@ mod loom_tests {
 
         fn launch(&self, epoch: u64, start: u64) -> Result<(), ()> {
             let mut s = self.stream.lock();
+            let failing = self.failing_launches.load(Ordering::Relaxed);
+            if failing > 0 {
+                // Nothing is queued; the change wakes waiters to check (and relaunch) again.
+                self.failing_launches.store(failing - 1, Ordering::Relaxed);
+                s.changes += 1;
+                self.changed.notify_all();
+                return Err(());
+            }
             s.queued.push_back((epoch, start));
             s.launched += 1;
             s.changes += 1;
@@ -437,10 +448,12 @@ mod loom_tests {
     /// `CHECK_EVERY`; how often is timing, not protocol). It polls again after each change
     /// of the device's state rather than spinning: the real waiters spin, yielding, but
     /// under loom two spinning threads can starve the device thread for ever.
+    /// A failed relaunch is the waiter's error (the real waiter returns it); this one waits
+    /// on, as a caller waiting again would.
     fn wait(ring: &OpRing, device: &FakeDevice, t: u64) {
         loop {
             let seen = device.stream.lock().changes;
-            if ring.is_done(device, t, true).unwrap() {
+            if ring.is_done(device, t, true) == Ok(true) {
                 return;
             }
             let mut s = device.stream.lock();
@@ -455,6 +468,17 @@ mod loom_tests {
     /// stopped. Every op ran exactly once, with the value its submitter wrote, in ticket
     /// order; every waiter returned; the stop op ended the last kernel.
     fn check(slots: u64, main: &'static [u64], other: &'static [u64], preemptions: usize) {
+        check_failing(slots, main, other, preemptions, 0);
+    }
+
+    /// As [`check`], with the first `failing_launches` kernel launches failing.
+    fn check_failing(
+        slots: u64,
+        main: &'static [u64],
+        other: &'static [u64],
+        preemptions: usize,
+        failing_launches: u64,
+    ) {
         fn submit_and_wait(ring: &OpRing, device: &FakeDevice, ops: &[u64]) -> Vec<(u64, u64)> {
             let tickets: Vec<(u64, u64)> = ops
                 .iter()
@@ -469,7 +493,7 @@ mod loom_tests {
         model.preemption_bound = Some(preemptions);
         model.check(move || {
             let ring = Arc::new(OpRing::new(slots));
-            let device = Arc::new(FakeDevice::new(slots as usize));
+            let device = Arc::new(FakeDevice::new(slots as usize, failing_launches));
             let runner = {
                 let device = device.clone();
                 loom::thread::spawn(move || device.run())
@@ -531,6 +555,15 @@ mod loom_tests {
     #[test]
     fn racing_submitters_share_one_slot() {
         check(1, &[100], &[200], 2);
+    }
+
+    /// The submitter's launch fails (and so may the next): the op stays published with no
+    /// kernel running, and the waiters' checks launch one once the device takes it. Every op
+    /// still runs once, in order.
+    #[test]
+    fn a_failed_launch_is_retried_by_the_waiters() {
+        check_failing(4, &[100], &[], 3, 2);
+        check_failing(4, &[100], &[200], 2, 1);
     }
 }
 

@@ -89,14 +89,26 @@ mod loom_tests {
     /// nothing was drained twice.
     #[test]
     fn no_request_is_lost() {
+        requests_from(&[1, 2], 3);
+    }
+
+    /// As above with three requesters: the third can find the word already "busy,
+    /// requested" and return at once, relying on the run promised to the second.
+    #[test]
+    fn no_request_is_lost_with_three_requesters() {
+        requests_from(&[1, 2, 3], 2);
+    }
+
+    fn requests_from(ids: &'static [u32], preemptions: usize) {
         let mut model = loom::model::Builder::new();
-        model.preemption_bound = Some(3);
-        model.check(|| {
+        model.preemption_bound = Some(preemptions);
+        model.check(move || {
             let c = Arc::new(Combiner::new());
             let queue = Arc::new(crate::sync::Mutex::new(Vec::new()));
             let done = Arc::new(crate::sync::Mutex::new(Vec::new()));
-            let threads: Vec<_> = [1u32, 2]
-                .into_iter()
+            let threads: Vec<_> = ids
+                .iter()
+                .copied()
                 .map(|id| {
                     let (c, queue, done) = (c.clone(), queue.clone(), done.clone());
                     loom::thread::spawn(move || {
@@ -112,7 +124,7 @@ mod loom_tests {
                 t.join().unwrap();
             }
             assert!(queue.lock().is_empty(), "a request was lost");
-            assert_eq!(done.lock().len(), 2);
+            assert_eq!(done.lock().len(), ids.len());
         });
     }
 }

@@ -314,10 +314,10 @@ pub struct DeviceArgs {
     /// How a thread waits for its op: spin, yield or block (default: the backend's).
     #[arg(long, value_enum)]
     pub wait: Option<WaitPolicy>,
-    /// CUDA, coalescing `persistent`: `on` lets the GPU run an op that follows another on the
-    /// same buffer chunk by chunk right after it, on the same blocks, instead of queueing it
-    /// (experimental; off by default until measured; without the flag MULTIQ_QUEUE_CHAIN=1
-    /// turns it on, and stress rounds draw it).
+    /// CUDA, coalescing `persistent`: `on` (the default) lets the GPU run an op that follows
+    /// another on the same buffer chunk by chunk right after it, on the same blocks, instead of
+    /// queueing it; `off` queues it (without the flag MULTIQ_QUEUE_CHAIN=0 turns it off, and
+    /// stress rounds draw it).
     #[arg(long, value_name = "on|off", value_parser = parse_on_off)]
     pub queue_chain: Option<bool>,
 }

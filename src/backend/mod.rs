@@ -90,8 +90,8 @@ pub struct DeviceOptions {
     pub wait: Option<WaitPolicy>,
     /// CUDA device queue (coalescing `persistent`): run an op whose one pending dependency is
     /// the previous op on its buffer chunk by chunk right after that op, on the same blocks,
-    /// instead of queueing it behind it. `None`: on if `MULTIQ_QUEUE_CHAIN=1`, else off (the
-    /// default until it has been measured on a GPU).
+    /// instead of queueing it behind it. `None`: on, unless `MULTIQ_QUEUE_CHAIN=0` (the
+    /// default since it was measured on the H200).
     pub queue_chain: Option<bool>,
 }
 

@@ -19,8 +19,8 @@
 //!   compute block claims the next chunk (one atomic add), waits on that chunk's own word
 //!   and for the op's dependencies, runs it, and counts it; the block finishing an op's last
 //!   chunk writes `t` into the op's done words (device and host) after one system-wide fence.
-//! - **Chaining** (`DeviceOptions::queue_chain`, `--queue-chain on` or `MULTIQ_QUEUE_CHAIN=1`;
-//!   off by default until measured). An op whose one pending dependency is the previous op
+//! - **Chaining** (on by default since measured on the H200; `DeviceOptions::queue_chain`,
+//!   `--queue-chain off` or `MULTIQ_QUEUE_CHAIN=0` turn it off). An op whose one pending dependency is the previous op
 //!   on its buffer is flagged `FLAG_CHAIN`; the dispatcher may park it on that op's count
 //!   word instead of queueing its chunks, and each block that finishes a chunk of the
 //!   predecessor runs the same chunk of it next (`sync/chunk_chain.rs` models the hand-off).
@@ -223,9 +223,10 @@ pub(super) struct QueueSettings {
 }
 
 impl QueueSettings {
-    /// The settings for `chain` (`None`: on if `MULTIQ_QUEUE_CHAIN=1`; off by default until
-    /// measured on a GPU: it was built, and model-checked in `sync::chunk_chain`, in sessions
-    /// without one), with the diagnostic knobs for comparing variants on a GPU:
+    /// The settings for `chain` (`None`: on unless `MULTIQ_QUEUE_CHAIN=0`; on by default since
+    /// the H200 call of 2026-12-05 at `845214b`: with early start, 1.18x the unchained queue at
+    /// 8 in flight and 1.19x with a wait per op, medians of 3 interleaved rounds,
+    /// `bench/results/h200/chain/`), with the diagnostic knobs for comparing variants on a GPU:
     /// `MULTIQ_QUEUE_CHUNK_TILES`, `MULTIQ_QUEUE_CHAIN_TILES` (1..=1024; default: the chunk
     /// size) and `MULTIQ_QUEUE_CHAIN_EARLY=0` (or `off`, `false`: early start off);
     /// `MULTIQ_QUEUE_CHAIN` takes 1, on or true (0, off, false: off). A value not understood
@@ -234,7 +235,7 @@ impl QueueSettings {
         use crate::env_knob::{read, switch, SWITCH};
         let chain = match chain {
             Some(c) => c,
-            None => read("MULTIQ_QUEUE_CHAIN", SWITCH, switch)?.unwrap_or(false),
+            None => read("MULTIQ_QUEUE_CHAIN", SWITCH, switch)?.unwrap_or(true),
         };
         let chunk_tiles =
             tiles_from_env("MULTIQ_QUEUE_CHUNK_TILES")?.unwrap_or(DEFAULT_CHUNK_TILES);

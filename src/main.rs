@@ -245,15 +245,7 @@ fn run_queues(a: QueuesArgs) -> Result<i32, Error> {
             sizes.join(", ")
         ));
     }
-    multiq::outln!(
-        "multiq bench queues on {} ({} backend, wait {})",
-        info.name,
-        info.backend,
-        info.wait
-    )?;
-    for n in &notes {
-        multiq::outln!("note: {n}")?;
-    }
+    study::print_header("multiq bench queues", &info, &notes)?;
     let started_at = results::now_rfc3339();
     let mut runner = Runner::new(&device);
     runner.repeat = a.repeat as usize;

@@ -138,6 +138,21 @@ pub fn plan(
     (plans, notes)
 }
 
+/// A run's first lines on stdout: what runs on which device and wait policy, then each note
+/// (what was scaled or changed) as `note: …`.
+pub fn print_header(what: &str, info: &crate::backend::DeviceInfo, notes: &[String]) -> Result<()> {
+    crate::outln!(
+        "{what} on {} ({} backend, wait {})",
+        info.name,
+        info.backend,
+        info.wait
+    )?;
+    for n in notes {
+        crate::outln!("note: {n}")?;
+    }
+    Ok(())
+}
+
 /// Refuses sizes the device cannot hold: `threads` buffers of `data` f32 (plus host copies).
 pub fn check_memory(device: &Device, data: usize, threads: usize) -> Result<()> {
     let need = (data as u64)
@@ -315,15 +330,7 @@ pub fn run(cfg: &StudyConfig) -> Result<StudyOutcome> {
     for p in &plans {
         check_memory(&device, p.data, *THREADS.iter().max().expect("threads"))?;
     }
-    crate::outln!(
-        "multiq study on {} ({} backend, wait {})",
-        info.name,
-        info.backend,
-        info.wait
-    )?;
-    for n in &notes {
-        crate::outln!("note: {n}")?;
-    }
+    print_header("multiq study", &info, &notes)?;
     let specs: Vec<Vec<QueuesSpec>> = plans.iter().map(preset_specs).collect();
     let mut progress = Progress::new(cfg.quiet);
     let costs = if progress.enabled() {

@@ -4,14 +4,19 @@
 #   1. tests (GPU + CPU unit/pool/coalesce) from carry/tests;
 #   2. anchors: mq.cu (one launch per op) and launch.cu (the coalesced-launch ceiling);
 #   3. multiq, stream per thread, lock none: coalesce off / fixed / adaptive / persistent,
-#      inflight 1 and 8, 1-16 threads: minimal and light as the median of 3; heavy and default
-#      at 1 and 16 threads;
+#      inflight 1 and 8, 1-16 threads: minimal and light as the median of 3 interleaved rounds
+#      of SMALL_ITERS ops per thread (default 10,000); heavy and default at 1 and 16 threads;
 #   4. depth 1 (fixed) and wait yield (off, fixed, persistent) at 16 threads.
 set -u -o pipefail
 out=${1:-${OUT:-out}}
 mkdir -p "$out"
 res=$(mktemp -d)/coalesce && mkdir -p "$res"
 bin=carry/bin/multiq
+# Ops per thread for minimal and light. At 1,000 a cell could last 6 ms (1 thread, minimal,
+# 8 in flight), and its off/persistent ratio moved between 0.81 and 1.15 from call to call
+# although both modes launch a lone thread's ops the same way. 10,000 makes every cell last
+# about 50 ms or more.
+small_iters=${SMALL_ITERS:-10000}
 step() { echo "== $* ($(date -u +%T))" | tee -a "$res/summary.txt"; }
 
 step environment
@@ -29,7 +34,7 @@ cat "$res/anchor-launch.txt" >> "$res/summary.txt"
 
 common=(--backend cuda --scenario per-thread --lock none --coalesce off,fixed,adaptive,persistent --inflight 1,8)
 step "multiq minimal, light (median of 3)"
-"$bin" bench queues "${common[@]}" --preset minimal,light --iters 1000 --repeat 3 \
+"$bin" bench queues "${common[@]}" --preset minimal,light --iters "$small_iters" --repeat 3 \
   --json "$res/coalesce-small.json" > "$res/coalesce-small.txt" 2>&1; echo "exit $?" >> "$res/summary.txt"
 step "multiq heavy, default (1 and 16 threads)"
 "$bin" bench queues "${common[@]}" --preset heavy,default --threads 1,16 --iters 300 \

@@ -203,8 +203,8 @@ extern "C" __global__ void bias_act(float* y, const float* bias, unsigned int ro
 "#;
 
 fn bias_act_kernel(ctx: &Arc<CudaContext>) -> Result<CudaFunction> {
-    let mut f = super::kernels::compiled(ctx, "bias_act", BIAS_ACT_SOURCE, &["bias_act"])?;
-    Ok(f.remove(0))
+    let f = super::kernels::compiled(ctx, "bias_act", BIAS_ACT_SOURCE, &["bias_act"])?;
+    Ok(f[0].clone())
 }
 
 /// The handles and memory of one stream.

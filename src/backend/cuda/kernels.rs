@@ -240,17 +240,27 @@ pub fn for_device(ctx: &Arc<CudaContext>, ordinal: usize) -> Result<Arc<Kernels>
 
 /// Plain-fp32 kernels (no fast math) other than `simple_compute`: `source` compiled by NVRTC
 /// for this device once per context, its functions `names` loaded, cached by `key`.
+///
+/// Asked on every small product (`skinny`, `bias_act`): a hit takes a read lock and clones one
+/// `Arc`, so threads launching at once do not serialize here. A miss compiles under a mutex of
+/// its own (one compile per key, however many threads miss together).
 pub fn compiled(
     ctx: &Arc<CudaContext>,
     key: &'static str,
     source: &str,
     names: &[&str],
-) -> Result<Vec<CudaFunction>> {
-    type Cache = HashMap<(usize, &'static str), Vec<CudaFunction>>;
-    static CACHE: OnceLock<Mutex<Cache>> = OnceLock::new();
+) -> Result<Arc<[CudaFunction]>> {
+    type Cache = HashMap<(usize, &'static str), Arc<[CudaFunction]>>;
+    static CACHE: OnceLock<RwLock<Cache>> = OnceLock::new();
+    static COMPILING: Mutex<()> = Mutex::new(());
+    let cache = CACHE.get_or_init(|| RwLock::new(HashMap::new()));
     let id = (ctx.cu_ctx() as usize, key);
-    let mut cache = CACHE.get_or_init(|| Mutex::new(HashMap::new())).lock();
-    if let Some(f) = cache.get(&id) {
+    if let Some(f) = cache.read().get(&id) {
+        return Ok(f.clone());
+    }
+    let _compiling = COMPILING.lock();
+    // Another thread may have compiled it while this one waited.
+    if let Some(f) = cache.read().get(&id) {
         return Ok(f.clone());
     }
     let (major, minor) = ctx
@@ -274,8 +284,8 @@ pub fn compiled(
                 .load_function(n)
                 .map_err(|e| driver_error("load function", e))
         })
-        .collect::<Result<Vec<_>>>()?;
-    cache.insert(id, functions.clone());
+        .collect::<Result<Arc<[CudaFunction]>>>()?;
+    cache.write().insert(id, functions.clone());
     Ok(functions)
 }
 

@@ -7,7 +7,10 @@
 #      16 threads over 8 and over 4 streams (two/four threads share a stream, lock per-stream:
 #      at most 8/4 light kernels on the device at once);
 #   3. minimal, 8 in flight, persistent, 10,000 ops per thread: 8, 12, 15 and 16 threads,
-#      wait spin and yield.
+#      wait spin and yield;
+#   4. light, 16 threads, persistent with light ops sent to the device queue
+#      (MULTIQ_QUEUE_MAX_ELEMENTS; by default an op that fills the device launches alone),
+#      a wait per op and 8 in flight, against off.
 # Results: $OUT/probe.tgz + summary.txt.
 set -u -o pipefail
 out=${1:-${OUT:-out}}
@@ -23,6 +26,11 @@ for r in 1 2 3; do
     "$b" "${q[@]}" --lock per-stream --streams $s --coalesce off --preset light --threads 16 --iters 3000 \
       --json "$res/light-s$s-$r.json" > /dev/null 2>&1 || echo "light-s$s $r exit $?" >> "$res/summary.txt"
   done
+  "$b" "${q[@]}" --lock none --coalesce off --preset light --threads 16 --iters 3000 --inflight 1,8 \
+    --json "$res/light-off-$r.json" > /dev/null 2>&1 || echo "light-off $r exit $?" >> "$res/summary.txt"
+  MULTIQ_QUEUE_MAX_ELEMENTS=1000000000 "$b" "${q[@]}" --lock none --coalesce persistent --preset light \
+    --threads 16 --iters 3000 --inflight 1,8 \
+    --json "$res/light-queued-$r.json" > /dev/null 2>&1 || echo "light-queued $r exit $?" >> "$res/summary.txt"
   for w in spin yield; do
     "$b" "${q[@]}" --lock none --wait $w --coalesce persistent --inflight 8 --preset minimal \
       --threads 8,12,15,16 --iters 10000 --json "$res/min8-$w-$r.json" > /dev/null 2>&1 || echo "min8-$w $r exit $?" >> "$res/summary.txt"

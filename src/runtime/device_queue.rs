@@ -47,6 +47,19 @@ pub const SPIN_FOR: Duration = Duration::from_micros(200);
 /// bench/results/h200/coalesce/26dd781/.)
 pub const QUEUE_MIN_LOAD: usize = 8;
 
+/// The largest op (elements) that may go to the queue: by default one that leaves room for
+/// other ops ([`BackendDeviceQueue::fills_device`]); `MULTIQ_QUEUE_MAX_ELEMENTS` overrides it
+/// (diagnostics: light ops fill the device, and whether they gain from the queue is measured
+/// with it).
+fn queue_max_elements(backend: &dyn BackendDeviceQueue) -> Result<usize> {
+    let max = crate::env_knob::read(
+        "MULTIQ_QUEUE_MAX_ELEMENTS",
+        "a whole number of elements",
+        |v| v.parse::<usize>().ok(),
+    )?;
+    Ok(max.unwrap_or_else(|| backend.fills_device().saturating_sub(1)))
+}
+
 fn queue_min_load() -> Result<usize> {
     let load = crate::env_knob::read("MULTIQ_QUEUE_MIN_LOAD", "a whole number of ops", |v| {
         v.parse::<usize>().ok()
@@ -63,6 +76,8 @@ pub(crate) struct DeviceQueue {
     /// its own: every op of every thread adds and subtracts here.
     load: CachePadded<AtomicUsize>,
     min_load: usize,
+    /// The largest op that may go to the queue (elements).
+    max_elements: usize,
     /// Ops launched alone.
     direct: AtomicU64,
 }
@@ -107,11 +122,13 @@ impl DeviceQueue {
             return Ok(None);
         };
         let min_load = queue_min_load()?;
+        let max_elements = queue_max_elements(&*backend)?;
         Ok(Some(DeviceQueue::on(
             backend,
             device.info().wait,
             device.id(),
             min_load,
+            max_elements,
         )))
     }
 
@@ -120,8 +137,10 @@ impl DeviceQueue {
         wait: WaitPolicy,
         device_id: u64,
         min_load: usize,
+        max_elements: usize,
     ) -> Arc<Self> {
         Arc::new(DeviceQueue {
+            max_elements,
             backend,
             wait,
             device_id,
@@ -158,7 +177,7 @@ impl DeviceQueue {
         // Counters of concurrent submitters move meanwhile: a routing hint, never a
         // correctness matter (both paths keep every ordering promise).
         let others = before.saturating_sub(own);
-        let queued = others >= self.min_load && elements < self.backend.fills_device();
+        let queued = others >= self.min_load && elements <= self.max_elements;
         if !queued {
             self.direct.fetch_add(1, Ordering::Relaxed);
         }
@@ -308,7 +327,7 @@ mod tests {
             (Arc::new(Fake) as Arc<dyn BackendDeviceQueue>, true),
             (Arc::new(Failing), false),
         ] {
-            let q = DeviceQueue::on(backend, WaitPolicy::Spin, device.id(), QUEUE_MIN_LOAD);
+            let q = DeviceQueue::on(backend, WaitPolicy::Spin, device.id(), QUEUE_MIN_LOAD, 999);
             let mut buf = device.alloc(4).unwrap();
             let storage = Arc::downgrade(&buf.shared_raw());
             buf.set_queued(&q, 1);
@@ -320,7 +339,7 @@ mod tests {
 
     #[test]
     fn small_ops_go_to_the_queue_only_under_other_streams_load_and_large_ones_never() {
-        let q = DeviceQueue::on(Arc::new(Fake), WaitPolicy::Spin, 1, QUEUE_MIN_LOAD);
+        let q = DeviceQueue::on(Arc::new(Fake), WaitPolicy::Spin, 1, QUEUE_MIN_LOAD, 999);
         let min = q.min_load;
         let streams: Vec<Arc<AtomicUsize>> = (0..=min).map(|_| Arc::default()).collect();
         // A quiet pool: every op alone, until `min` ops of other streams are in flight.
@@ -353,7 +372,7 @@ mod tests {
 
     #[test]
     fn a_streams_own_ops_never_send_it_to_the_queue() {
-        let q = DeviceQueue::on(Arc::new(Fake), WaitPolicy::Spin, 1, QUEUE_MIN_LOAD);
+        let q = DeviceQueue::on(Arc::new(Fake), WaitPolicy::Spin, 1, QUEUE_MIN_LOAD, 999);
         let (one, other) = (AtomicUsize::new(0), AtomicUsize::new(0));
         // One stream with many ops in flight (a thread with a deep window) launches alone...
         let mut held: Vec<LoadToken> = Vec::new();
@@ -374,7 +393,7 @@ mod tests {
 
     #[test]
     fn an_op_that_fails_before_it_is_submitted_gives_its_load_back() {
-        let q = DeviceQueue::on(Arc::new(Fake), WaitPolicy::Spin, 1, QUEUE_MIN_LOAD);
+        let q = DeviceQueue::on(Arc::new(Fake), WaitPolicy::Spin, 1, QUEUE_MIN_LOAD, 999);
         let stream = AtomicUsize::new(0);
         for _ in 0..3 * q.min_load {
             // An error (or a panic) between admission and submission drops the admission.

@@ -693,3 +693,74 @@ fn ops_on_one_buffer_in_flight(dev: &Device, chain: bool) {
         );
     }
 }
+
+/// Device-filling ops (1M elements: more threads than an H100/H200 holds) from 16 threads, a
+/// stream each, half with 8 in flight: they pass the context's fill gate (at most 8 such
+/// kernels on the device at once, `MULTIQ_FILL_GATE`), which only adds device-side waits.
+/// Every buffer equals the same ops run by one thread alone, bit for bit, and nothing hangs.
+#[test]
+fn device_filling_ops_from_many_threads_pass_the_fill_gate() {
+    let Some(dev) = cuda("device_filling_ops_from_many_threads_pass_the_fill_gate") else {
+        return;
+    };
+    let gate = dev
+        .info()
+        .extra
+        .iter()
+        .find(|(k, _)| k == "fill_gate")
+        .map(|(_, v)| v.clone());
+    if std::env::var_os("MULTIQ_FILL_GATE").is_none() {
+        assert_eq!(
+            gate.as_deref(),
+            Some("8 kernels"),
+            "the gate is on by default"
+        );
+    }
+    const N: usize = 1 << 20;
+    const OPS: usize = 24;
+    let k = Kernel::SimpleCompute { iters: 3 };
+    let pool = StreamPool::new(
+        &dev,
+        PoolConfig {
+            streams: 16,
+            lock: LockMode::None,
+            ..PoolConfig::default()
+        },
+    )
+    .unwrap();
+    let start = Arc::new(Barrier::new(16));
+    let handles: Vec<_> = (0..16)
+        .map(|t| {
+            let (pool, start) = (pool.clone(), start.clone());
+            std::thread::spawn(move || {
+                let s = pool.current().unwrap();
+                let init: Vec<f32> = (0..N).map(|i| initial_value(t, i)).collect();
+                let mut buf = pool.device().buffer_from(&init).unwrap();
+                start.wait();
+                let mut w = Inflight::new(if t % 2 == 0 { 8 } else { 1 }).unwrap();
+                for _ in 0..OPS {
+                    w.submit(|| s.launch(k, &mut buf)).unwrap();
+                }
+                w.drain().unwrap();
+                buf.read().unwrap()
+            })
+        })
+        .collect();
+    let results: Vec<Vec<f32>> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let s = pool.current().unwrap();
+    for (t, got) in results.iter().enumerate() {
+        let init: Vec<f32> = (0..N).map(|i| initial_value(t, i)).collect();
+        let mut alone = dev.buffer_from(&init).unwrap();
+        for _ in 0..OPS {
+            s.launch(k, &mut alone).unwrap().wait().unwrap();
+        }
+        assert!(
+            *got == alone.read().unwrap(),
+            "thread {t}: differs from the same ops run alone"
+        );
+        assert_eq!(
+            verify_buffer(t, got, (OPS * 3) as u64, tolerance()).first_mismatch,
+            None
+        );
+    }
+}

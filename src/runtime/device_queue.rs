@@ -33,8 +33,18 @@ pub const CHECK_EVERY: Duration = Duration::from_micros(100);
 /// How long a waiter with wait policy `spin` polls without yielding its CPU: an op's round
 /// trip through the queue is a few tens of microseconds, and a yield in the middle of it
 /// costs a system call (more where other threads want the core) before the completion is
-/// seen. Past this, the waiter yields between polls.
+/// seen. Past this, the waiter yields between polls. `MULTIQ_QUEUE_SPIN_US` overrides it
+/// (diagnostics; 0 yields from the first poll, as policy `yield` does).
 pub const SPIN_FOR: Duration = Duration::from_micros(200);
+
+fn queue_spin_for() -> Result<Duration> {
+    let us = crate::env_knob::read(
+        "MULTIQ_QUEUE_SPIN_US",
+        "a whole number of microseconds",
+        |v| v.parse::<u64>().ok(),
+    )?;
+    Ok(us.map_or(SPIN_FOR, Duration::from_micros))
+}
 
 /// Ops of the pool's *other* streams in flight (tickets alive) from which a small op goes to
 /// the queue rather than to a launch of its own (`MULTIQ_QUEUE_MIN_LOAD` overrides it;
@@ -78,6 +88,8 @@ pub(crate) struct DeviceQueue {
     min_load: usize,
     /// The largest op that may go to the queue (elements).
     max_elements: usize,
+    /// How long a `spin` waiter polls before it yields between polls.
+    spin_for: Duration,
     /// Ops launched alone.
     direct: AtomicU64,
 }
@@ -123,13 +135,15 @@ impl DeviceQueue {
         };
         let min_load = queue_min_load()?;
         let max_elements = queue_max_elements(&*backend)?;
-        Ok(Some(DeviceQueue::on(
+        let mut queue = DeviceQueue::on(
             backend,
             device.info().wait,
             device.id(),
             min_load,
             max_elements,
-        )))
+        );
+        queue.spin_for = queue_spin_for()?;
+        Ok(Some(Arc::new(queue)))
     }
 
     fn on(
@@ -138,16 +152,17 @@ impl DeviceQueue {
         device_id: u64,
         min_load: usize,
         max_elements: usize,
-    ) -> Arc<Self> {
-        Arc::new(DeviceQueue {
+    ) -> Self {
+        DeviceQueue {
             max_elements,
+            spin_for: SPIN_FOR,
             backend,
             wait,
             device_id,
             load: CachePadded::new(AtomicUsize::new(0)),
             min_load,
             direct: AtomicU64::new(0),
-        })
+        }
     }
 
     pub(crate) fn device_id(&self) -> u64 {
@@ -218,18 +233,22 @@ impl DeviceQueue {
         let mut polls = 0u32;
         let started = Instant::now();
         let mut checked = started;
-        let mut spinning = self.wait == WaitPolicy::Spin;
+        let mut spinning = self.wait == WaitPolicy::Spin && !self.spin_for.is_zero();
         loop {
-            let check = polls % 64 == 63 && checked.elapsed() >= CHECK_EVERY;
-            if check {
-                checked = Instant::now();
-                spinning &= checked - started < SPIN_FOR;
+            let mut check = false;
+            if polls % 64 == 63 {
+                let now = Instant::now();
+                spinning &= now - started < self.spin_for;
+                if now - checked >= CHECK_EVERY {
+                    check = true;
+                    checked = now;
+                }
             }
             if self.backend.is_done(op, check)? {
                 return Ok(());
             }
             polls = polls.wrapping_add(1);
-            // Policy `yield` yields between polls from the first; `spin` after SPIN_FOR.
+            // Policy `yield` yields between polls from the first; `spin` after `spin_for`.
             if spinning {
                 std::hint::spin_loop();
             } else {
@@ -327,7 +346,13 @@ mod tests {
             (Arc::new(Fake) as Arc<dyn BackendDeviceQueue>, true),
             (Arc::new(Failing), false),
         ] {
-            let q = DeviceQueue::on(backend, WaitPolicy::Spin, device.id(), QUEUE_MIN_LOAD, 999);
+            let q = Arc::new(DeviceQueue::on(
+                backend,
+                WaitPolicy::Spin,
+                device.id(),
+                QUEUE_MIN_LOAD,
+                999,
+            ));
             let mut buf = device.alloc(4).unwrap();
             let storage = Arc::downgrade(&buf.shared_raw());
             buf.set_queued(&q, 1);
@@ -339,7 +364,13 @@ mod tests {
 
     #[test]
     fn small_ops_go_to_the_queue_only_under_other_streams_load_and_large_ones_never() {
-        let q = DeviceQueue::on(Arc::new(Fake), WaitPolicy::Spin, 1, QUEUE_MIN_LOAD, 999);
+        let q = Arc::new(DeviceQueue::on(
+            Arc::new(Fake),
+            WaitPolicy::Spin,
+            1,
+            QUEUE_MIN_LOAD,
+            999,
+        ));
         let min = q.min_load;
         let streams: Vec<Arc<AtomicUsize>> = (0..=min).map(|_| Arc::default()).collect();
         // A quiet pool: every op alone, until `min` ops of other streams are in flight.
@@ -372,7 +403,13 @@ mod tests {
 
     #[test]
     fn a_streams_own_ops_never_send_it_to_the_queue() {
-        let q = DeviceQueue::on(Arc::new(Fake), WaitPolicy::Spin, 1, QUEUE_MIN_LOAD, 999);
+        let q = Arc::new(DeviceQueue::on(
+            Arc::new(Fake),
+            WaitPolicy::Spin,
+            1,
+            QUEUE_MIN_LOAD,
+            999,
+        ));
         let (one, other) = (AtomicUsize::new(0), AtomicUsize::new(0));
         // One stream with many ops in flight (a thread with a deep window) launches alone...
         let mut held: Vec<LoadToken> = Vec::new();
@@ -393,7 +430,13 @@ mod tests {
 
     #[test]
     fn an_op_that_fails_before_it_is_submitted_gives_its_load_back() {
-        let q = DeviceQueue::on(Arc::new(Fake), WaitPolicy::Spin, 1, QUEUE_MIN_LOAD, 999);
+        let q = Arc::new(DeviceQueue::on(
+            Arc::new(Fake),
+            WaitPolicy::Spin,
+            1,
+            QUEUE_MIN_LOAD,
+            999,
+        ));
         let stream = AtomicUsize::new(0);
         for _ in 0..3 * q.min_load {
             // An error (or a panic) between admission and submission drops the admission.

@@ -16,6 +16,7 @@
 //!   the whole process); `yield` polls `cuEventQuery` and yields between polls.
 
 mod blas;
+mod fill_gate;
 mod kernels;
 mod queue;
 mod skinny;
@@ -51,6 +52,8 @@ pub struct CudaBackend {
     wait: WaitPolicy,
     /// How device queues split and chain ops ([`DeviceOptions::queue_chain`]).
     queue: queue::QueueSettings,
+    /// Device-filling kernels on the device at once, shared by every stream ([`fill_gate`]).
+    gate: Option<Arc<fill_gate::FillGate>>,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -135,6 +138,24 @@ impl CudaBackend {
         let queue = queue::QueueSettings::new(opts.queue_chain)?;
         let mut info = device_info(&ctx, wait)?;
         info.extra.extend(queue.describe());
+        let gate = match fill_gate::width_from_env()? {
+            Some(width) => {
+                let per_sm = ctx
+                    .attribute(
+                        sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_THREADS_PER_MULTIPROCESSOR,
+                    )
+                    .map_err(|e| driver_error("info", e))?
+                    .max(1) as usize;
+                let fills = per_sm * kernels.multiprocessors as usize;
+                Some(Arc::new(fill_gate::FillGate::new(&ctx, width, fills)?))
+            }
+            None => None,
+        };
+        info.extra.push((
+            "fill_gate".into(),
+            gate.as_ref()
+                .map_or("off".into(), |g| format!("{} kernels", g.width())),
+        ));
         Ok(CudaBackend {
             ctx,
             alloc_stream,
@@ -142,6 +163,7 @@ impl CudaBackend {
             info,
             wait,
             queue,
+            gate,
         })
     }
 }
@@ -210,7 +232,11 @@ impl Backend for CudaBackend {
             .ctx
             .new_stream()
             .map_err(|e| driver_error("stream", e))?;
-        Ok(Arc::new(CudaQueue::new(stream, self.kernels.clone())))
+        Ok(Arc::new(CudaQueue::new(
+            stream,
+            self.kernels.clone(),
+            self.gate.clone(),
+        )))
     }
 
     fn new_event(&self) -> Result<Box<dyn BackendEvent>> {

@@ -199,15 +199,22 @@ pub(super) struct CudaQueue {
     kernels: Arc<Kernels>,
     /// cuBLAS/cuBLASLt state of this stream, made on its first matrix product.
     math: super::blas::StreamMath,
+    /// The context's gate for device-filling kernels, if on.
+    gate: Option<Arc<super::fill_gate::FillGate>>,
 }
 
 impl CudaQueue {
-    pub(super) fn new(stream: Arc<CudaStream>, kernels: Arc<Kernels>) -> Self {
+    pub(super) fn new(
+        stream: Arc<CudaStream>,
+        kernels: Arc<Kernels>,
+        gate: Option<Arc<super::fill_gate::FillGate>>,
+    ) -> Self {
         let math = super::blas::StreamMath::new(stream.clone());
         CudaQueue {
             stream,
             kernels,
             math,
+            gate,
         }
     }
 
@@ -342,22 +349,29 @@ impl BackendStream for CudaQueue {
             (&mut n as *mut u32).cast(),
             (&mut iters as *mut u32).cast(),
         ];
-        // SAFETY: the function takes (float*, unsigned int, unsigned int), matching `params`,
-        // whose pointees live until the call returns (the driver copies them at launch);
-        // `ptr` is a live allocation of `n` floats in this stream's context (CudaBuffer
-        // invariant; the runtime keeps it alive until work on it completed); the grid covers
-        // `n` with `BLOCK_THREADS` threads per block and the kernel bounds-checks `i < n`.
-        unsafe {
-            result::launch_kernel(
-                self.kernels.simple_compute.cu_function(),
-                (grid, 1, 1),
-                (BLOCK_THREADS, 1, 1),
-                0,
-                self.stream.cu_stream(),
-                &mut params,
-            )
+        let mut launch = || {
+            // SAFETY: the function takes (float*, unsigned int, unsigned int), matching
+            // `params`, whose pointees live until the call returns (the driver copies them at
+            // launch); `ptr` is a live allocation of `n` floats in this stream's context
+            // (CudaBuffer invariant; the runtime keeps it alive until work on it completed);
+            // the grid covers `n` with `BLOCK_THREADS` threads per block and the kernel
+            // bounds-checks `i < n`.
+            unsafe {
+                result::launch_kernel(
+                    self.kernels.simple_compute.cu_function(),
+                    (grid, 1, 1),
+                    (BLOCK_THREADS, 1, 1),
+                    0,
+                    self.stream.cu_stream(),
+                    &mut params,
+                )
+            }
+            .map_err(|e| driver_error("launch", e))
+        };
+        match &self.gate {
+            Some(gate) if gate.applies(buf.len) => gate.through(&self.stream, &mut launch),
+            _ => launch(),
         }
-        .map_err(|e| driver_error("launch", e))
     }
 
     fn launch_grouped(&self, kernel: Kernel, bufs: &[&dyn BackendBuffer]) -> Result<()> {

@@ -6,6 +6,12 @@
 //! and the same 16 threads over 8 streams (so at most 8 of those kernels at once) 191,400
 //! (`bench/results/h200/probe-16t/86ba135/`).
 //!
+//! **Off by default.** Measured against no gate in one call, 3 interleaved rounds
+//! (`bench/results/h200/coalesce/0414dcb/choose/`): light at 16 threads 1.020 × with a wait per
+//! op and 1.018 × with 8 in flight, but 0.985 × at 8 threads with 8 in flight, and the rounds
+//! spread wider than the gain (155k–191k with the gate), so the rule stated before the call
+//! left it off. `MULTIQ_FILL_GATE=8` turns it on.
+//!
 //! Promises:
 //! - **Device-side only.** A gated launch makes its stream wait (`cuStreamWaitEvent`) for
 //!   the gated launch `K` before it, of any stream of the context, then records that slot's
@@ -15,7 +21,7 @@
 //! - **Advisory.** If recording a slot's event fails after the kernel was queued, the launch
 //!   still succeeded (the kernel runs): the slot keeps its earlier record, which only lets a
 //!   later launch start sooner.
-//! - `MULTIQ_FILL_GATE=K` sets `K` (0 turns the gate off; diagnostics).
+//! - `MULTIQ_FILL_GATE=K` sets `K` (0, the default, turns the gate off).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -27,8 +33,9 @@ use super::driver_error;
 use super::stream::bind;
 use crate::error::Result;
 
-/// Device-filling kernels on the device at once, unless `MULTIQ_FILL_GATE` says otherwise.
-pub const DEFAULT_FILL_GATE: usize = 8;
+/// Device-filling kernels on the device at once, unless `MULTIQ_FILL_GATE` says otherwise
+/// (0: no gate; see the module doc for why it is off).
+pub const DEFAULT_FILL_GATE: usize = 0;
 
 /// The gate's width from the environment: `Some(K)`, or `None` for off.
 pub(super) fn width_from_env() -> Result<Option<usize>> {

@@ -37,6 +37,18 @@ pub const CHECK_EVERY: Duration = Duration::from_micros(100);
 /// (diagnostics; 0 yields from the first poll, as policy `yield` does).
 pub const SPIN_FOR: Duration = Duration::from_micros(200);
 
+/// Whether a spinning waiter executes the CPU's spin-wait hint (x86 `pause`) between polls;
+/// `MULTIQ_QUEUE_PAUSE=off` polls without it (diagnostics: in a virtual machine a long run of
+/// `pause` can make the hypervisor take the CPU away, pause-loop exiting).
+fn queue_pause() -> Result<bool> {
+    let pause = crate::env_knob::read(
+        "MULTIQ_QUEUE_PAUSE",
+        crate::env_knob::SWITCH,
+        crate::env_knob::switch,
+    )?;
+    Ok(pause.unwrap_or(true))
+}
+
 fn queue_spin_for() -> Result<Duration> {
     let us = crate::env_knob::read(
         "MULTIQ_QUEUE_SPIN_US",
@@ -90,6 +102,8 @@ pub(crate) struct DeviceQueue {
     max_elements: usize,
     /// How long a `spin` waiter polls before it yields between polls.
     spin_for: Duration,
+    /// Whether a spinning waiter pauses (spin-wait hint) between polls.
+    pause: bool,
     /// Ops launched alone.
     direct: AtomicU64,
 }
@@ -143,6 +157,7 @@ impl DeviceQueue {
             max_elements,
         );
         queue.spin_for = queue_spin_for()?;
+        queue.pause = queue_pause()?;
         Ok(Some(Arc::new(queue)))
     }
 
@@ -156,6 +171,7 @@ impl DeviceQueue {
         DeviceQueue {
             max_elements,
             spin_for: SPIN_FOR,
+            pause: true,
             backend,
             wait,
             device_id,
@@ -250,7 +266,9 @@ impl DeviceQueue {
             polls = polls.wrapping_add(1);
             // Policy `yield` yields between polls from the first; `spin` after `spin_for`.
             if spinning {
-                std::hint::spin_loop();
+                if self.pause {
+                    std::hint::spin_loop();
+                }
             } else {
                 std::thread::yield_now();
             }

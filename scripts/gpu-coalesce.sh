@@ -6,7 +6,7 @@
 #   3. multiq, stream per thread, lock none: coalesce off / fixed / adaptive / persistent,
 #      inflight 1 and 8, 1-16 threads: minimal and light as the median of 3 interleaved rounds
 #      of SMALL_ITERS ops per thread (default 10,000); heavy and default at 1 and 16 threads;
-#   4. depth 1 (fixed) and wait yield (off, fixed, persistent) at 16 threads.
+#   4. depth 1 (fixed) and wait yield (off, fixed, persistent) at 16 threads (EXTRA=0 skips it).
 set -u -o pipefail
 out=${1:-${OUT:-out}}
 mkdir -p "$out"
@@ -41,6 +41,7 @@ step "multiq minimal, light (median of 3)"
 step "multiq heavy, default (1 and 16 threads)"
 "$bin" bench queues "${common[@]}" --preset heavy,default --threads 1,16 --iters 300 \
   --json "$res/coalesce-large.json" > "$res/coalesce-large.txt" 2>&1; echo "exit $?" >> "$res/summary.txt"
+if [ "${EXTRA:-1}" = 1 ]; then  # EXTRA=0 skips this step (a call short of device time)
 step "depth 1, and wait yield (minimal, light, default; 16 threads)"
 for d in 1; do
   "$bin" bench queues --backend cuda --scenario per-thread --lock none --coalesce fixed --coalesce-depth $d \
@@ -50,6 +51,7 @@ done
 "$bin" bench queues --backend cuda --wait yield --scenario per-thread --lock none --coalesce off,fixed,persistent \
   --inflight 1,8 --preset minimal,light --threads 16 --iters 1000 --repeat 3 \
   --json "$res/wait-yield.json" > "$res/wait-yield.txt" 2>&1; echo "exit $?" >> "$res/summary.txt"
+fi
 # Optional (CHUNK_TILES="1 2 4"): the device queue's chunk size on a busy device, minimal at 16
 # threads, the variants interleaved over 3 rounds (MULTIQ_QUEUE_CHUNK_TILES, diagnostics).
 for round in 1 2 3; do

@@ -4,10 +4,10 @@
 # 1. The device queue's spinning waiters with the CPU's spin-wait hint between polls (x86
 #    `pause`, the default) against without it (MULTIQ_QUEUE_PAUSE=off), and, for reference,
 #    wait policy `yield`: persistent, minimal at 4, 15 and 16 threads, a wait per op and 8 in
-#    flight, 10,000 ops per thread, interleaved over 5 rounds. (The GPU machine is a virtual
+#    flight, 10,000 ops per thread, interleaved over 4 rounds. (The GPU machine is a virtual
 #    machine with 16 cores; a long run of `pause` can make the hypervisor take the CPU away.)
 # 2. Picks by the rule below (OUTDIR/choose/choice.txt), then scripts/gpu-coalesce.sh into
-#    OUTDIR/record under the pick.
+#    OUTDIR/record under the pick (without its depth and wait-yield step: EXTRA=0).
 # Rule, stated before the call: no pause if, at 16 threads with 8 in flight, its median is
 # >= 1.05 x the pause's and none of its other cells is below 0.97 x; otherwise the pause stays.
 # Nothing here changes the library's defaults: a pick becomes the default in the code
@@ -21,7 +21,7 @@ q=(bench queues --backend cuda --scenario per-thread --lock none --quiet --coale
    --preset minimal --threads 4,15,16 --inflight 1,8 --iters 10000)
 { cat carry/BUILD; date -u +%FT%TZ; env | grep "^MULTIQ_" | sort; } > "$res/env.txt"
 echo "== variants ($(date -u +%T))"
-for r in 1 2 3 4 5; do
+for r in 1 2 3 4; do
   MULTIQ_QUEUE_PAUSE=on "$b" "${q[@]}" --json "$res/pause-on-$r.json" > /dev/null 2>&1 || echo "pause-on $r: exit $?" >> "$res/errors.txt"
   MULTIQ_QUEUE_PAUSE=off "$b" "${q[@]}" --json "$res/pause-off-$r.json" > /dev/null 2>&1 || echo "pause-off $r: exit $?" >> "$res/errors.txt"
   "$b" "${q[@]}" --wait yield --json "$res/yield-x-$r.json" > /dev/null 2>&1 || echo "yield $r: exit $?" >> "$res/errors.txt"
@@ -49,7 +49,7 @@ PY
 cat "$res/choice.txt"
 pause=$(sed -n 's/^PAUSE=//p' "$res/choice.txt")
 echo "== record under MULTIQ_QUEUE_PAUSE=${pause:-on} ($(date -u +%T))"
-MULTIQ_QUEUE_PAUSE=${pause:-on} bash scripts/gpu-coalesce.sh "$out/record" > "$out/record.log" 2>&1
+MULTIQ_QUEUE_PAUSE=${pause:-on} EXTRA=0 bash scripts/gpu-coalesce.sh "$out/record" > "$out/record.log" 2>&1
 tail -3 "$out/record.log"
 grep -E " 16T | 1T " "$out/record/summary.txt" | grep -E "coalesce-small" | grep -E "persistent|off" | grep minimal
 tar czf "$out/choose.tgz" -C "$out" choose && rm -rf "$res"

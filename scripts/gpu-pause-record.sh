@@ -11,7 +11,9 @@
 # Rule, stated before the call: no pause if, at 16 threads with 8 in flight, its median is
 # >= 1.05 x the pause's and none of its other cells is below 0.97 x; otherwise the pause stays.
 # Nothing here changes the library's defaults: a pick becomes the default in the code
-# afterwards.
+# afterwards. ROUNDS (default 4) sets the rounds; RECORD=0 stops after the pick (a call short
+# of device time), and then also runs the fill gate against none (light, 16 threads, a wait
+# per op and 8 in flight, 3,000 ops per thread) in the same rounds.
 set -u -o pipefail
 out=${1:-${OUT:-out}}
 mkdir -p "$out/choose" "$out/record"
@@ -21,10 +23,17 @@ q=(bench queues --backend cuda --scenario per-thread --lock none --quiet --coale
    --preset minimal --threads 4,15,16 --inflight 1,8 --iters 10000)
 { cat carry/BUILD; date -u +%FT%TZ; env | grep "^MULTIQ_" | sort; } > "$res/env.txt"
 echo "== variants ($(date -u +%T))"
-for r in 1 2 3 4; do
+for r in $(seq "${ROUNDS:-4}"); do
   MULTIQ_QUEUE_PAUSE=on "$b" "${q[@]}" --json "$res/pause-on-$r.json" > /dev/null 2>&1 || echo "pause-on $r: exit $?" >> "$res/errors.txt"
   MULTIQ_QUEUE_PAUSE=off "$b" "${q[@]}" --json "$res/pause-off-$r.json" > /dev/null 2>&1 || echo "pause-off $r: exit $?" >> "$res/errors.txt"
   "$b" "${q[@]}" --wait yield --json "$res/yield-x-$r.json" > /dev/null 2>&1 || echo "yield $r: exit $?" >> "$res/errors.txt"
+  if [ "${RECORD:-1}" = 0 ]; then
+    for g in 0 8; do
+      MULTIQ_FILL_GATE=$g "$b" bench queues --backend cuda --scenario per-thread --lock none --quiet --coalesce off \
+        --preset light --threads 16 --inflight 1,8 --iters 3000 --json "$res/gate$g-light-$r.json" > /dev/null 2>&1 \
+        || echo "gate $g $r: exit $?" >> "$res/errors.txt"
+    done
+  fi
 done
 python3 - "$res" <<'PY' > "$res/choice.txt"
 import glob, json, re, statistics, sys
@@ -32,6 +41,11 @@ d = sys.argv[1]
 cells, ok = {}, True
 for f in glob.glob(d + "/*-[0-9].json"):
     v = re.match(r"(.*)-\d+\.json$", f.split("/")[-1])[1]
+    if v.startswith("gate"):
+        for r in json.load(open(f))["runs"]:
+            ok &= bool(r["verified"])
+            cells.setdefault((v, r["threads"], r["inflight"]), []).append(r["ops_per_sec"])
+        continue
     for r in json.load(open(f))["runs"]:
         ok &= bool(r["verified"])
         cells.setdefault((v, r["threads"], r["inflight"]), []).append(r["ops_per_sec"])
@@ -47,6 +61,7 @@ pick = ok and rel.get((16, 8), 0) >= 1.05 and all(x >= 0.97 for c, x in rel.item
 print(f"PAUSE={'off' if pick else 'on'}")
 PY
 cat "$res/choice.txt"
+if [ "${RECORD:-1}" = 0 ]; then tar czf "$out/choose.tgz" -C "$out" choose && rm -rf "$res"; exit 0; fi
 pause=$(sed -n 's/^PAUSE=//p' "$res/choice.txt")
 echo "== record under MULTIQ_QUEUE_PAUSE=${pause:-on} ($(date -u +%T))"
 MULTIQ_QUEUE_PAUSE=${pause:-on} EXTRA=0 bash scripts/gpu-coalesce.sh "$out/record" > "$out/record.log" 2>&1

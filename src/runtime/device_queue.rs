@@ -474,4 +474,78 @@ mod tests {
         assert!(unwound.is_err());
         assert_eq!(q.load.load(Ordering::Relaxed), 0);
     }
+
+    /// A queue whose op completes after `polls` completion checks, or fails at the first
+    /// device check (`check == true`) when `fault` is set.
+    struct Slow {
+        polls: AtomicU64,
+        checks: AtomicU64,
+        done_after: u64,
+        fault: bool,
+    }
+
+    impl BackendDeviceQueue for Slow {
+        fn supports(&self, _: Kernel) -> bool {
+            true
+        }
+        fn submit(&self, _: Kernel, _: &dyn BackendBuffer, _: [u64; 2]) -> Result<u64> {
+            unreachable!("the test publishes nothing")
+        }
+        fn is_done(&self, _: u64, check: bool) -> Result<bool> {
+            if check {
+                self.checks.fetch_add(1, Ordering::Relaxed);
+                if self.fault {
+                    return Err(crate::Error::Device {
+                        op: "device queue",
+                        message: "fault (test)".into(),
+                    });
+                }
+            }
+            Ok(self.polls.fetch_add(1, Ordering::Relaxed) + 1 >= self.done_after)
+        }
+        fn published(&self) -> u64 {
+            1
+        }
+        fn window(&self) -> u64 {
+            1
+        }
+        fn launches(&self) -> u64 {
+            1
+        }
+        fn fills_device(&self) -> usize {
+            1000
+        }
+    }
+
+    /// Every way of waiting (policy spin or yield, spinning 0 or 200 µs before yielding, with
+    /// or without the spin-wait hint) returns once the op is done, and a device fault reaches
+    /// the waiter instead of a hang: the device is asked every `CHECK_EVERY` however it waits.
+    #[test]
+    fn every_way_of_waiting_returns_when_done_and_reports_a_fault() {
+        for policy in [WaitPolicy::Spin, WaitPolicy::Yield] {
+            for spin_for in [Duration::ZERO, SPIN_FOR] {
+                for pause in [true, false] {
+                    for fault in [false, true] {
+                        let slow = Arc::new(Slow {
+                            polls: AtomicU64::new(0),
+                            checks: AtomicU64::new(0),
+                            done_after: if fault { u64::MAX } else { 5_000 },
+                            fault,
+                        });
+                        let mut q = DeviceQueue::on(slow.clone(), policy, 1, QUEUE_MIN_LOAD, 999);
+                        q.spin_for = spin_for;
+                        q.pause = pause;
+                        let waited = q.wait(1);
+                        let case = format!("{policy:?} spin {spin_for:?} pause {pause}");
+                        assert_eq!(waited.is_err(), fault, "{case}");
+                        if fault {
+                            assert_eq!(slow.checks.load(Ordering::Relaxed), 1, "{case}");
+                        } else {
+                            assert!(slow.polls.load(Ordering::Relaxed) >= 5_000, "{case}");
+                        }
+                    }
+                }
+            }
+        }
+    }
 }

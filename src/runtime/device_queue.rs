@@ -300,70 +300,54 @@ impl DeviceQueue {
 mod tests {
     use super::*;
 
-    /// A queue whose device holds 1,000 threads; only the routing is exercised.
-    struct Fake;
+    /// A device queue for the host side's tests: its device holds 1,000 threads, nothing is
+    /// ever published, and its completion check answers with `done(check)` (`check`: the
+    /// device was asked too).
+    struct Scripted<F>(F);
 
-    impl BackendDeviceQueue for Fake {
+    impl<F: Fn(bool) -> Result<bool> + Send + Sync> BackendDeviceQueue for Scripted<F> {
         fn supports(&self, _: Kernel) -> bool {
             true
         }
         fn submit(&self, _: Kernel, _: &dyn BackendBuffer, _: [u64; 2]) -> Result<u64> {
-            unreachable!("routing only")
+            unreachable!("the tests publish nothing")
         }
-        fn is_done(&self, _: u64, _: bool) -> Result<bool> {
-            Ok(true)
+        fn is_done(&self, _: u64, check: bool) -> Result<bool> {
+            (self.0)(check)
         }
         fn published(&self) -> u64 {
-            0
+            1
         }
         fn window(&self) -> u64 {
             1
         }
         fn launches(&self) -> u64 {
-            0
+            1
         }
         fn fills_device(&self) -> usize {
             1000
         }
     }
 
-    /// A queue whose completion check fails (a relaunch that did not succeed).
-    struct Failing;
+    /// A queue whose ops are all done; only the routing is exercised.
+    fn fake() -> Arc<dyn BackendDeviceQueue> {
+        Arc::new(Scripted(|_| Ok(true)))
+    }
 
-    impl BackendDeviceQueue for Failing {
-        fn supports(&self, _: Kernel) -> bool {
-            true
-        }
-        fn submit(&self, _: Kernel, _: &dyn BackendBuffer, _: [u64; 2]) -> Result<u64> {
-            unreachable!("the test publishes nothing")
-        }
-        fn is_done(&self, _: u64, _: bool) -> Result<bool> {
+    /// A queue whose completion check fails (a relaunch that did not succeed).
+    fn failing() -> Arc<dyn BackendDeviceQueue> {
+        Arc::new(Scripted(|_| {
             Err(crate::Error::Device {
                 op: "device queue",
                 message: "relaunch failed (test)".into(),
             })
-        }
-        fn published(&self) -> u64 {
-            1
-        }
-        fn window(&self) -> u64 {
-            1
-        }
-        fn launches(&self) -> u64 {
-            1
-        }
-        fn fills_device(&self) -> usize {
-            1000
-        }
+        }))
     }
 
     #[test]
     fn a_buffer_whose_queued_op_cannot_be_waited_for_is_leaked_not_freed() {
         let device = crate::Device::cpu(1).unwrap();
-        for (backend, freed) in [
-            (Arc::new(Fake) as Arc<dyn BackendDeviceQueue>, true),
-            (Arc::new(Failing), false),
-        ] {
+        for (backend, freed) in [(fake(), true), (failing(), false)] {
             let q = Arc::new(DeviceQueue::on(
                 backend,
                 WaitPolicy::Spin,
@@ -383,7 +367,7 @@ mod tests {
     #[test]
     fn small_ops_go_to_the_queue_only_under_other_streams_load_and_large_ones_never() {
         let q = Arc::new(DeviceQueue::on(
-            Arc::new(Fake),
+            fake(),
             WaitPolicy::Spin,
             1,
             QUEUE_MIN_LOAD,
@@ -422,7 +406,7 @@ mod tests {
     #[test]
     fn a_streams_own_ops_never_send_it_to_the_queue() {
         let q = Arc::new(DeviceQueue::on(
-            Arc::new(Fake),
+            fake(),
             WaitPolicy::Spin,
             1,
             QUEUE_MIN_LOAD,
@@ -449,7 +433,7 @@ mod tests {
     #[test]
     fn an_op_that_fails_before_it_is_submitted_gives_its_load_back() {
         let q = Arc::new(DeviceQueue::on(
-            Arc::new(Fake),
+            fake(),
             WaitPolicy::Spin,
             1,
             QUEUE_MIN_LOAD,
@@ -475,48 +459,6 @@ mod tests {
         assert_eq!(q.load.load(Ordering::Relaxed), 0);
     }
 
-    /// A queue whose op completes after `polls` completion checks, or fails at the first
-    /// device check (`check == true`) when `fault` is set.
-    struct Slow {
-        polls: AtomicU64,
-        checks: AtomicU64,
-        done_after: u64,
-        fault: bool,
-    }
-
-    impl BackendDeviceQueue for Slow {
-        fn supports(&self, _: Kernel) -> bool {
-            true
-        }
-        fn submit(&self, _: Kernel, _: &dyn BackendBuffer, _: [u64; 2]) -> Result<u64> {
-            unreachable!("the test publishes nothing")
-        }
-        fn is_done(&self, _: u64, check: bool) -> Result<bool> {
-            if check {
-                self.checks.fetch_add(1, Ordering::Relaxed);
-                if self.fault {
-                    return Err(crate::Error::Device {
-                        op: "device queue",
-                        message: "fault (test)".into(),
-                    });
-                }
-            }
-            Ok(self.polls.fetch_add(1, Ordering::Relaxed) + 1 >= self.done_after)
-        }
-        fn published(&self) -> u64 {
-            1
-        }
-        fn window(&self) -> u64 {
-            1
-        }
-        fn launches(&self) -> u64 {
-            1
-        }
-        fn fills_device(&self) -> usize {
-            1000
-        }
-    }
-
     /// Every way of waiting (policy spin or yield, spinning 0 or 200 µs before yielding, with
     /// or without the spin-wait hint) returns once the op is done, and a device fault reaches
     /// the waiter instead of a hang: the device is asked every `CHECK_EVERY` however it waits.
@@ -526,22 +468,32 @@ mod tests {
             for spin_for in [Duration::ZERO, SPIN_FOR] {
                 for pause in [true, false] {
                     for fault in [false, true] {
-                        let slow = Arc::new(Slow {
-                            polls: AtomicU64::new(0),
-                            checks: AtomicU64::new(0),
-                            done_after: if fault { u64::MAX } else { 5_000 },
-                            fault,
-                        });
-                        let mut q = DeviceQueue::on(slow.clone(), policy, 1, QUEUE_MIN_LOAD, 999);
+                        // Done at the 5,000th poll, or failing at the first device check.
+                        let polls = Arc::new(AtomicU64::new(0));
+                        let checks = Arc::new(AtomicU64::new(0));
+                        let (p, c) = (polls.clone(), checks.clone());
+                        let slow = Arc::new(Scripted(move |check| {
+                            if check {
+                                c.fetch_add(1, Ordering::Relaxed);
+                                if fault {
+                                    return Err(crate::Error::Device {
+                                        op: "device queue",
+                                        message: "fault (test)".into(),
+                                    });
+                                }
+                            }
+                            Ok(p.fetch_add(1, Ordering::Relaxed) + 1 >= 5_000 && !fault)
+                        }));
+                        let mut q = DeviceQueue::on(slow, policy, 1, QUEUE_MIN_LOAD, 999);
                         q.spin_for = spin_for;
                         q.pause = pause;
                         let waited = q.wait(1);
                         let case = format!("{policy:?} spin {spin_for:?} pause {pause}");
                         assert_eq!(waited.is_err(), fault, "{case}");
                         if fault {
-                            assert_eq!(slow.checks.load(Ordering::Relaxed), 1, "{case}");
+                            assert_eq!(checks.load(Ordering::Relaxed), 1, "{case}");
                         } else {
-                            assert!(slow.polls.load(Ordering::Relaxed) >= 5_000, "{case}");
+                            assert!(polls.load(Ordering::Relaxed) >= 5_000, "{case}");
                         }
                     }
                 }

@@ -33,6 +33,37 @@ fn tolerance() -> f32 {
     multiq::backend::cuda::SIMPLE_COMPUTE_TOLERANCE
 }
 
+/// 16 threads on `pool`, each with its own stream (`pool.current()`) and a buffer of `n`
+/// elements seeded for it (`initial_value(thread, i)`), released together; even threads keep
+/// 8 ops in flight, odd ones wait for each. Each runs `ops` launches of `kernel`; returns each
+/// thread's buffer contents and its stream's events created.
+fn sixteen_threads(
+    pool: &StreamPool,
+    n: usize,
+    ops: usize,
+    kernel: Kernel,
+) -> Vec<(Vec<f32>, u64)> {
+    let start = Arc::new(Barrier::new(16));
+    let handles: Vec<_> = (0..16)
+        .map(|t| {
+            let (pool, start) = (pool.clone(), start.clone());
+            std::thread::spawn(move || {
+                let s = pool.current().unwrap();
+                let init: Vec<f32> = (0..n).map(|i| initial_value(t, i)).collect();
+                let mut buf = pool.device().buffer_from(&init).unwrap();
+                start.wait();
+                let mut w = Inflight::new(if t % 2 == 0 { 8 } else { 1 }).unwrap();
+                for _ in 0..ops {
+                    w.submit(|| s.launch(kernel, &mut buf)).unwrap();
+                }
+                w.drain().unwrap();
+                (buf.read().unwrap(), s.stats().events_created)
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
 #[test]
 fn simple_compute_matches_the_host_reference() {
     let Some(dev) = cuda("simple_compute_matches_the_host_reference") else {
@@ -84,31 +115,11 @@ fn sixteen_threads_each_lock_mode_and_inflight() {
             },
         )
         .unwrap();
-        let start = Arc::new(Barrier::new(16));
-        let handles: Vec<_> = (0..16)
-            .map(|t| {
-                let (pool, start) = (pool.clone(), start.clone());
-                std::thread::spawn(move || {
-                    let s = pool.current().unwrap();
-                    let init: Vec<f32> = (0..65_536).map(|i| initial_value(t, i)).collect();
-                    let mut buf = pool.device().buffer_from(&init).unwrap();
-                    start.wait();
-                    let mut w = Inflight::new(if t % 2 == 0 { 8 } else { 1 }).unwrap();
-                    for _ in 0..200 {
-                        w.submit(|| s.launch(Kernel::SimpleCompute { iters: 10 }, &mut buf))
-                            .unwrap();
-                    }
-                    w.drain().unwrap();
-                    let out = buf.read().unwrap();
-                    let v = verify_buffer(t, &out, 2000, tolerance());
-                    (v.first_mismatch, s.stats().events_created)
-                })
-            })
-            .collect();
-        for h in handles {
-            let (mismatch, events) = h.join().unwrap();
-            assert_eq!(mismatch, None, "{lock}");
-            assert!(events <= 9, "{lock}: events are pooled ({events} created)");
+        let results = sixteen_threads(&pool, 65_536, 200, Kernel::SimpleCompute { iters: 10 });
+        for (t, (out, events)) in results.iter().enumerate() {
+            let v = verify_buffer(t, out, 2000, tolerance());
+            assert_eq!(v.first_mismatch, None, "{lock}");
+            assert!(*events <= 9, "{lock}: events are pooled ({events} created)");
         }
     }
 }
@@ -731,27 +742,9 @@ fn device_filling_ops_from_many_threads_pass_the_fill_gate() {
         },
     )
     .unwrap();
-    let start = Arc::new(Barrier::new(16));
-    let handles: Vec<_> = (0..16)
-        .map(|t| {
-            let (pool, start) = (pool.clone(), start.clone());
-            std::thread::spawn(move || {
-                let s = pool.current().unwrap();
-                let init: Vec<f32> = (0..N).map(|i| initial_value(t, i)).collect();
-                let mut buf = pool.device().buffer_from(&init).unwrap();
-                start.wait();
-                let mut w = Inflight::new(if t % 2 == 0 { 8 } else { 1 }).unwrap();
-                for _ in 0..OPS {
-                    w.submit(|| s.launch(k, &mut buf)).unwrap();
-                }
-                w.drain().unwrap();
-                buf.read().unwrap()
-            })
-        })
-        .collect();
-    let results: Vec<Vec<f32>> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let results = sixteen_threads(&pool, N, OPS, k);
     let s = pool.current().unwrap();
-    for (t, got) in results.iter().enumerate() {
+    for (t, (got, _)) in results.iter().enumerate() {
         let init: Vec<f32> = (0..N).map(|i| initial_value(t, i)).collect();
         let mut alone = dev.buffer_from(&init).unwrap();
         for _ in 0..OPS {

@@ -41,11 +41,6 @@ d = sys.argv[1]
 cells, ok = {}, True
 for f in glob.glob(d + "/*-[0-9].json"):
     v = re.match(r"(.*)-\d+\.json$", f.split("/")[-1])[1]
-    if v.startswith("gate"):
-        for r in json.load(open(f))["runs"]:
-            ok &= bool(r["verified"])
-            cells.setdefault((v, r["threads"], r["inflight"]), []).append(r["ops_per_sec"])
-        continue
     for r in json.load(open(f))["runs"]:
         ok &= bool(r["verified"])
         cells.setdefault((v, r["threads"], r["inflight"]), []).append(r["ops_per_sec"])
@@ -56,6 +51,9 @@ for k in sorted(med):
 for v in ("pause-off", "yield-x"):
     rel = {k[1:]: med[k] / med[("pause-on",) + k[1:]] for k in med if k[0] == v}
     print(f"{v} / pause-on: " + ", ".join(f"{t}T if{i} {x:.3f}" for (t, i), x in sorted(rel.items())))
+gate = {k[1:]: med[k] / med[("gate0-light",) + k[1:]] for k in med if k[0] == "gate8-light"}
+if gate:
+    print("gate 8 / gate 0 (light): " + ", ".join(f"{t}T if{i} {x:.3f}" for (t, i), x in sorted(gate.items())))
 rel = {k[1:]: med[k] / med[("pause-on",) + k[1:]] for k in med if k[0] == "pause-off"}
 pick = ok and rel.get((16, 8), 0) >= 1.05 and all(x >= 0.97 for c, x in rel.items() if c != (16, 8))
 print(f"PAUSE={'off' if pick else 'on'}")

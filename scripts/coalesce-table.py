@@ -104,3 +104,16 @@ for preset, inflight, want in [("minimal", 1, 900000), ("minimal", 8, 2000000), 
     print(f"- {preset}, inflight {inflight}: {b['ops_per_sec']:,.0f} ({b['file']}, {b['coalesce']}, wait {b['wait']}, depth {b.get('coalesce_depth')}, "
           f"{b['ops_per_sec']/want:.2f} of the target; p99 {b['latency_us']['p99']:.0f} µs)")
 print(f"- for reference, launch.cu in the same run: 16 minimal ops coalesced per launch from one thread: {ceiling16:,.0f} ops/s")
+hosted = [r for r in runs if r.get("each_repeat") and r["file"] == "coalesce-small" and r["threads"] == 16]
+if hosted:
+    print("\n## The host's CPUs, per repeat (16 threads, minimal and light)\n")
+    print("Steal: CPU time the hypervisor took from the machine during the run (all CPUs, at the kernel's 10 ms tick); "
+          "preempted: times the scheduler took a submitting thread's CPU away; CPU/op: the submitting threads' CPU time per op.\n")
+    print("| preset | inflight | coalesce | ops/s, each repeat (steal ms, preempted, CPU/op µs) |")
+    print("|---|---|---|---|")
+    for r in hosted:
+        cells = []
+        for e in r["each_repeat"]:
+            h = e.get("host") or {}
+            cells.append(f"{e['ops_per_sec']:,.0f} ({h.get('steal_ms')}, {h.get('involuntary_switches')}, {h.get('cpu_per_op_us')})")
+        print(f"| {r['preset']} | {r['inflight']} | {r['coalesce']} | {'; '.join(cells)} |")

@@ -38,12 +38,16 @@ done
 python3 - "$res" <<'PY' > "$res/choice.txt"
 import glob, json, re, statistics, sys
 d = sys.argv[1]
-cells, ok = {}, True
-for f in glob.glob(d + "/*-[0-9].json"):
+cells, host, ok = {}, {}, True
+for f in sorted(glob.glob(d + "/*-[0-9].json")):
     v = re.match(r"(.*)-\d+\.json$", f.split("/")[-1])[1]
     for r in json.load(open(f))["runs"]:
         ok &= bool(r["verified"])
         cells.setdefault((v, r["threads"], r["inflight"]), []).append(r["ops_per_sec"])
+        h = r.get("host") or {}
+        host.setdefault((v, r["threads"], r["inflight"]), []).append(
+            f'{r["ops_per_sec"]:,.0f} (steal {h.get("steal_ms")} ms, '
+            f'preempted {h.get("involuntary_switches")}, cpu/op {h.get("cpu_per_op_us")} us)')
 med = {k: statistics.median(x) for k, x in cells.items()}
 print("verified:", ok)
 for k in sorted(med):
@@ -51,6 +55,9 @@ for k in sorted(med):
 for v in ("pause-off", "yield-x"):
     rel = {k[1:]: med[k] / med[("pause-on",) + k[1:]] for k in med if k[0] == v}
     print(f"{v} / pause-on: " + ", ".join(f"{t}T if{i} {x:.3f}" for (t, i), x in sorted(rel.items())))
+print("each run, with the host's counters (hypervisor steal; times the scheduler took a submitting thread's CPU; its CPU time per op):")
+for k in sorted(host):
+    print(f"  {k[0]:<10} {k[1]:>2}T if{k[2]}: " + "; ".join(host[k]))
 gate = {k[1:]: med[k] / med[("gate0-light",) + k[1:]] for k in med if k[0] == "gate8-light"}
 if gate:
     print("gate 8 / gate 0 (light): " + ", ".join(f"{t}T if{i} {x:.3f}" for (t, i), x in sorted(gate.items())))

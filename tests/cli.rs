@@ -322,6 +322,16 @@ fn a_run_writes_the_json_contract() {
         assert_eq!(r["ops"], r["threads"].as_u64().unwrap() * 3);
         assert!(["shared", "per-thread"].contains(&r["scenario"].as_str().unwrap()));
         assert!(r["ops_per_sec"].as_f64().unwrap() > 0.0);
+        // The host's counters: the submitting threads did work, so they used CPU time.
+        if cfg!(target_os = "linux") {
+            let host = &r["host"];
+            assert!(host["worker_cpu_ms"].as_f64().unwrap() > 0.0, "{r}");
+            assert!(host["cpu_per_op_us"].as_f64().unwrap() > 0.0, "{r}");
+            assert!(host["steal_ms"].as_f64().unwrap() >= 0.0, "{r}");
+            assert!(host["involuntary_switches"].is_u64(), "{r}");
+        }
+        // One run per configuration: no per-repeat list.
+        assert!(r.get("each_repeat").is_none(), "{r}");
     }
     let one = runs.iter().find(|r| r["threads"] == 1).unwrap();
     assert_eq!(one["speedup"], 1.0);

@@ -9,6 +9,7 @@
 //! - `matmul`, `mlp`: the model workloads (`multiq bench matmul`, `multiq bench mlp`), with
 //!   their rows, file and thread harness in `workload`.
 
+pub mod host_sched;
 pub mod matmul;
 pub mod mlp;
 pub mod progress;
@@ -23,7 +24,7 @@ pub mod workload_study;
 use crate::error::{Error, Result};
 use crate::runtime::Device;
 use queues::QueuesSpec;
-use results::{RunRow, Skipped};
+use results::{RepeatRun, RunRow, Skipped};
 
 /// Runs specs on one device, sorting outcomes into rows, rejected combinations (usage errors
 /// such as lock `none` on a shared stream) and verification mismatches, which are reported
@@ -143,12 +144,22 @@ impl<'d> Runner<'d> {
         }
         self.mismatches += usize::from(mismatched);
         let rates: Vec<f64> = outcomes.iter().map(|o| o.row.ops_per_sec).collect();
+        let each_repeat: Vec<RepeatRun> = outcomes
+            .iter()
+            .map(|o| RepeatRun {
+                ops_per_sec: o.row.ops_per_sec,
+                host: o.row.host,
+            })
+            .collect();
         outcomes.sort_by(|a, b| a.row.ops_per_sec.total_cmp(&b.row.ops_per_sec));
         let mut row = outcomes.swap_remove(outcomes.len() / 2).row;
         row.verified = !mismatched;
         row.repeats = rates.len();
         row.ops_per_sec_min = rates.iter().copied().fold(f64::INFINITY, f64::min);
         row.ops_per_sec_max = rates.iter().copied().fold(0.0, f64::max);
+        if each_repeat.len() > 1 {
+            row.each_repeat = each_repeat;
+        }
         self.rows.push(row);
     }
 }
@@ -320,6 +331,12 @@ mod tests {
         for r in &runner.rows {
             assert!(r.verified);
             assert!(r.ops_per_sec_min <= r.ops_per_sec && r.ops_per_sec <= r.ops_per_sec_max);
+            // Every repeat is listed, the row's own among them, with its host counters.
+            let each: Vec<f64> = r.each_repeat.iter().map(|e| e.ops_per_sec).collect();
+            assert_eq!(each.len(), 3);
+            assert!(each.contains(&r.ops_per_sec));
+            assert!(each.contains(&r.ops_per_sec_min) && each.contains(&r.ops_per_sec_max));
+            assert!(r.each_repeat.iter().all(|e| e.host.is_some()));
         }
     }
 

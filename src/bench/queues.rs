@@ -16,6 +16,7 @@ use rayon::prelude::*;
 
 use hdrhistogram::Histogram;
 
+use super::host_sched::{RunSched, ThreadUsage};
 use super::results::{LatencyUs, RunRow};
 use super::Scenario;
 use crate::error::{Error, Result};
@@ -145,6 +146,8 @@ struct ThreadDone {
     started: Instant,
     finished: Instant,
     latency: Histogram<u64>,
+    /// The thread's CPU use over the timed part (`None`: not reported here).
+    usage: Option<ThreadUsage>,
 }
 
 /// Runs one configuration on `device`.
@@ -208,6 +211,7 @@ pub fn run_queues(device: &Device, spec: &QueuesSpec) -> Result<RunOutcome> {
                     };
                     start.wait();
                     let started = Instant::now();
+                    let usage_before = ThreadUsage::now();
                     if setup_error.lock().is_some() {
                         return Ok(None);
                     }
@@ -217,6 +221,9 @@ pub fn run_queues(device: &Device, spec: &QueuesSpec) -> Result<RunOutcome> {
                     }
                     window.drain()?;
                     let finished = Instant::now();
+                    let usage = usage_before
+                        .zip(ThreadUsage::now())
+                        .map(|(before, after)| after.since(&before));
                     let latency = window.latency().cloned().expect("made with_latency");
                     Ok(Some(ThreadDone {
                         thread: t,
@@ -224,12 +231,14 @@ pub fn run_queues(device: &Device, spec: &QueuesSpec) -> Result<RunOutcome> {
                         started,
                         finished,
                         latency,
+                        usage,
                     }))
                 })
                 .map_err(|e| Error::invalid(format!("cannot start thread {t}: {e}")))
         })
         .collect::<Result<_>>()?;
 
+    let sched = RunSched::start();
     start.wait();
     let t0 = Instant::now();
     let mut done = Vec::with_capacity(spec.threads);
@@ -258,6 +267,8 @@ pub fn run_queues(device: &Device, spec: &QueuesSpec) -> Result<RunOutcome> {
     let finished = done.iter().map(|d| d.finished).max().unwrap_or(t0);
     let seconds = finished.duration_since(t0).as_secs_f64().max(1e-9);
     let ops = (spec.threads * spec.iters) as u64;
+    let usages: Vec<Option<ThreadUsage>> = done.iter().map(|d| d.usage).collect();
+    let host = sched.finish(&usages, ops);
     let mut latency = Histogram::<u64>::new_with_bounds(1, 3_600_000_000_000, 3)
         .map_err(|e| Error::invalid(format!("latency histogram: {e}")))?;
     for d in &done {
@@ -357,6 +368,8 @@ pub fn run_queues(device: &Device, spec: &QueuesSpec) -> Result<RunOutcome> {
         coalesce_depth: spec.coalesce.depth(),
         coalesce_completion: pool.coalesce_completion().unwrap_or(""),
         coalesce_stats: pool.coalesce_stats(),
+        host: Some(host),
+        each_repeat: Vec::new(),
     };
     Ok(RunOutcome { row, mismatch })
 }

@@ -141,6 +141,23 @@ pub struct RunRow {
     /// With coalescing on: launches, ops and the average time breakdown of a batch (pending,
     /// launch call, launch-to-completion), warm-up included.
     pub coalesce_stats: Option<crate::runtime::CoalesceStats>,
+    /// What the host's CPUs did during the run: the submitting threads' CPU time and context
+    /// switches, the hypervisor's steal (`null` fields where the system does not say).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host: Option<super::host_sched::HostSched>,
+    /// With repeats: every repeat's ops/s and host counters, in the order they ran (the row
+    /// itself is the median one).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub each_repeat: Vec<RepeatRun>,
+}
+
+/// One repeat of a run.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct RepeatRun {
+    /// Its ops/s.
+    pub ops_per_sec: f64,
+    /// Its host counters.
+    pub host: Option<super::host_sched::HostSched>,
 }
 
 /// Latency percentiles in microseconds.

@@ -11,7 +11,8 @@
 # Rule, stated before the call: no pause if, at 16 threads with 8 in flight, its median is
 # >= 1.05 x the pause's and none of its other cells is below 0.97 x; otherwise the pause stays.
 # Nothing here changes the library's defaults: a pick becomes the default in the code
-# afterwards. ROUNDS (default 4) sets the rounds; RECORD=0 stops after the pick (a call short
+# afterwards. runs.txt lists every run with the host's counters (steal, preemptions, CPU per op)
+# and the GPU's SM clock while it ran (scripts/gpu-clocks.sh samples it, read-only). ROUNDS (default 4) sets the rounds; RECORD=0 stops after the pick (a call short
 # of device time), and then also runs the fill gate against none (light, 16 threads, a wait
 # per op and 8 in flight, 3,000 ops per thread) in the same rounds.
 set -u -o pipefail
@@ -23,6 +24,8 @@ q=(bench queues --backend cuda --scenario per-thread --lock none --quiet --coale
    --preset minimal --threads 4,15,16 --inflight 1,8 --iters 10000)
 { cat carry/BUILD; date -u +%FT%TZ; env | grep "^MULTIQ_" | sort; } > "$res/env.txt"
 echo "== variants ($(date -u +%T))"
+. scripts/gpu-clocks.sh
+gpu_clocks_start "$res/gpu-clocks.csv"
 for r in $(seq "${ROUNDS:-4}"); do
   MULTIQ_QUEUE_PAUSE=on "$b" "${q[@]}" --json "$res/pause-on-$r.json" > /dev/null 2>&1 || echo "pause-on $r: exit $?" >> "$res/errors.txt"
   MULTIQ_QUEUE_PAUSE=off "$b" "${q[@]}" --json "$res/pause-off-$r.json" > /dev/null 2>&1 || echo "pause-off $r: exit $?" >> "$res/errors.txt"
@@ -35,19 +38,18 @@ for r in $(seq "${ROUNDS:-4}"); do
     done
   fi
 done
+gpu_clocks_stop
+# Every run beside the host's counters and the GPU's clocks while it ran (runs.txt).
+python3 scripts/runs-beside-gpu.py --clocks "$res/gpu-clocks.csv" "$res"/*-[0-9].json > "$res/runs.txt" 2>&1
 python3 - "$res" <<'PY' > "$res/choice.txt"
 import glob, json, re, statistics, sys
 d = sys.argv[1]
-cells, host, ok = {}, {}, True
-for f in sorted(glob.glob(d + "/*-[0-9].json")):
+cells, ok = {}, True
+for f in glob.glob(d + "/*-[0-9].json"):
     v = re.match(r"(.*)-\d+\.json$", f.split("/")[-1])[1]
     for r in json.load(open(f))["runs"]:
         ok &= bool(r["verified"])
         cells.setdefault((v, r["threads"], r["inflight"]), []).append(r["ops_per_sec"])
-        h = r.get("host") or {}
-        host.setdefault((v, r["threads"], r["inflight"]), []).append(
-            f'{r["ops_per_sec"]:,.0f} (steal {h.get("steal_ms")} ms, '
-            f'preempted {h.get("involuntary_switches")}, cpu/op {h.get("cpu_per_op_us")} us)')
 med = {k: statistics.median(x) for k, x in cells.items()}
 print("verified:", ok)
 for k in sorted(med):
@@ -55,9 +57,6 @@ for k in sorted(med):
 for v in ("pause-off", "yield-x"):
     rel = {k[1:]: med[k] / med[("pause-on",) + k[1:]] for k in med if k[0] == v}
     print(f"{v} / pause-on: " + ", ".join(f"{t}T if{i} {x:.3f}" for (t, i), x in sorted(rel.items())))
-print("each run, with the host's counters (hypervisor steal; times the scheduler took a submitting thread's CPU; its CPU time per op):")
-for k in sorted(host):
-    print(f"  {k[0]:<10} {k[1]:>2}T if{k[2]}: " + "; ".join(host[k]))
 gate = {k[1:]: med[k] / med[("gate0-light",) + k[1:]] for k in med if k[0] == "gate8-light"}
 if gate:
     print("gate 8 / gate 0 (light): " + ", ".join(f"{t}T if{i} {x:.3f}" for (t, i), x in sorted(gate.items())))

@@ -149,6 +149,7 @@ impl<'d> Runner<'d> {
             .map(|o| RepeatRun {
                 ops_per_sec: o.row.ops_per_sec,
                 host: o.row.host,
+                when: o.row.when,
             })
             .collect();
         outcomes.sort_by(|a, b| a.row.ops_per_sec.total_cmp(&b.row.ops_per_sec));

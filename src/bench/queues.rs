@@ -9,7 +9,7 @@
 //! sequence (warm-up included).
 
 use std::sync::{Arc, Barrier};
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use parking_lot::Mutex;
 use rayon::prelude::*;
@@ -17,7 +17,7 @@ use rayon::prelude::*;
 use hdrhistogram::Histogram;
 
 use super::host_sched::{RunSched, ThreadUsage};
-use super::results::{LatencyUs, RunRow};
+use super::results::{LatencyUs, RunRow, RunWhen};
 use super::Scenario;
 use crate::error::{Error, Result};
 use crate::kernel::{initial_value, simple_compute, Kernel};
@@ -266,6 +266,7 @@ pub fn run_queues(device: &Device, spec: &QueuesSpec) -> Result<RunOutcome> {
     let t0 = done.iter().map(|d| d.started).min().unwrap_or(t0).min(t0);
     let finished = done.iter().map(|d| d.finished).max().unwrap_or(t0);
     let seconds = finished.duration_since(t0).as_secs_f64().max(1e-9);
+    let when = RunWhen::between(t0, finished, SystemTime::now(), Instant::now());
     let ops = (spec.threads * spec.iters) as u64;
     let usages: Vec<Option<ThreadUsage>> = done.iter().map(|d| d.usage).collect();
     let host = sched.finish(&usages, ops);
@@ -369,6 +370,7 @@ pub fn run_queues(device: &Device, spec: &QueuesSpec) -> Result<RunOutcome> {
         coalesce_completion: pool.coalesce_completion().unwrap_or(""),
         coalesce_stats: pool.coalesce_stats(),
         host: Some(host),
+        when,
         each_repeat: Vec::new(),
     };
     Ok(RunOutcome { row, mismatch })

@@ -145,6 +145,9 @@ pub struct RunRow {
     /// switches, the hypervisor's steal (`null` fields where the system does not say).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub host: Option<super::host_sched::HostSched>,
+    /// When the timed part ran, to line the run up with samples taken beside it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub when: Option<RunWhen>,
     /// With repeats: every repeat's ops/s and host counters, in the order they ran (the row
     /// itself is the median one).
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -158,6 +161,40 @@ pub struct RepeatRun {
     pub ops_per_sec: f64,
     /// Its host counters.
     pub host: Option<super::host_sched::HostSched>,
+    /// When it ran.
+    pub when: Option<RunWhen>,
+}
+
+/// When a run's timed part ran, in milliseconds since the Unix epoch by the host's clock: a
+/// run can be lined up with what was sampled beside it (the GPU's clocks, say).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct RunWhen {
+    /// The start signal.
+    pub start_unix_ms: f64,
+    /// The last thread's last completion.
+    pub end_unix_ms: f64,
+}
+
+impl RunWhen {
+    /// The span from `start` to `end` (`start` ≤ `end`), placed on the wall clock by one
+    /// reading of both clocks, `now` and `now_instant`, taken at the same moment after `end`.
+    pub fn between(
+        start: std::time::Instant,
+        end: std::time::Instant,
+        now: std::time::SystemTime,
+        now_instant: std::time::Instant,
+    ) -> Option<RunWhen> {
+        let at = |i: std::time::Instant| {
+            let ago = now_instant.checked_duration_since(i)?;
+            let t = now.checked_sub(ago)?;
+            let since = t.duration_since(std::time::UNIX_EPOCH).ok()?;
+            Some(since.as_secs_f64() * 1e3)
+        };
+        Some(RunWhen {
+            start_unix_ms: at(start)?,
+            end_unix_ms: at(end)?,
+        })
+    }
 }
 
 /// Latency percentiles in microseconds.
@@ -264,4 +301,33 @@ pub fn write_json<T: Serialize>(path: &Path, results: &T) -> Result<()> {
     let mut text = serde_json::to_string_pretty(results).expect("results serialize");
     text.push('\n');
     crate::atomic_file::write(path, text.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+    #[test]
+    fn a_run_is_placed_on_the_wall_clock_by_one_reading_taken_after_it() {
+        let start = Instant::now();
+        let end = start + Duration::from_millis(250);
+        let now_instant = end + Duration::from_millis(1000);
+        let now = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let when = RunWhen::between(start, end, now, now_instant).unwrap();
+        assert_eq!(when.end_unix_ms, 1_800_000_000_000.0 - 1000.0);
+        assert_eq!(when.start_unix_ms, when.end_unix_ms - 250.0);
+        // A reading taken before the run ended cannot place it.
+        assert_eq!(RunWhen::between(start, end, now, start), None);
+        // Nor can a clock before the epoch.
+        assert_eq!(RunWhen::between(start, end, UNIX_EPOCH, now_instant), None);
+        // The real clocks put a run that just ended at about now.
+        let real = RunWhen::between(start, start, SystemTime::now(), Instant::now()).unwrap();
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64()
+            * 1e3;
+        assert!((now_ms - real.end_unix_ms).abs() < 60_000.0);
+    }
 }

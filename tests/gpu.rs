@@ -760,3 +760,147 @@ fn device_filling_ops_from_many_threads_pass_the_fill_gate() {
         );
     }
 }
+
+/// A pool made and dropped while another pool's device queue is busy never waits for that
+/// queue: its kernel stays on the device for as long as work arrives, so anything that waits
+/// for the whole device (releasing page-locked memory, destroying a cuBLAS handle,
+/// synchronizing the context) would wait for as long as the other pool's threads submit. Here
+/// they never stop until the churn is done or a minute has passed: pools with host-side
+/// coalescing (a signal word), with their own device queue, and with a matrix product (cuBLAS
+/// handles, workspace, page-locked pointer arrays) are made, used, checked and dropped three
+/// times each, and the second and third rounds reuse what the first gave back.
+#[test]
+fn pools_come_and_go_while_another_pools_device_queue_is_busy() {
+    use multiq::tensor::{check_matmul, seeded_values};
+    use multiq::{Precision, Tensor};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::{Duration, Instant};
+    let Some(dev) = cuda("pools_come_and_go_while_another_pools_device_queue_is_busy") else {
+        return;
+    };
+    let busy = StreamPool::new(
+        &dev,
+        PoolConfig {
+            streams: 16,
+            lock: LockMode::PerStream,
+            coalesce: CoalescePolicy::Persistent,
+        },
+    )
+    .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let kernel = Kernel::SimpleCompute { iters: 10 };
+    // 16 threads with 8 ops each in flight: every op finds the pool's other streams loaded,
+    // so all go through the queue, whose kernel never runs out of work while they run.
+    let workers: Vec<_> = (0..16)
+        .map(|_| {
+            let (pool, stop) = (busy.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let s = pool.current().unwrap();
+                let mut b = pool.device().buffer_from(&vec![0.25f32; 65_536]).unwrap();
+                let mut w = Inflight::new(8).unwrap();
+                while !stop.load(Ordering::Acquire) {
+                    w.submit(|| s.launch(kernel, &mut b)).unwrap();
+                }
+                w.drain().unwrap();
+            })
+        })
+        .collect();
+    let queued = || busy.coalesce_stats().map_or(0, |s| s.ops);
+    let warm = Instant::now();
+    while queued() < 20_000 && warm.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let before = queued();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let churn_dev = dev.clone();
+    let churn = std::thread::spawn(move || {
+        let dev = churn_dev;
+        let mut drops: Vec<(&'static str, Duration)> = Vec::new();
+        for round in 0..3 {
+            // Host-side coalescing: the pool's coalescer writes a signal word.
+            let fixed = StreamPool::new(
+                &dev,
+                PoolConfig {
+                    lock: LockMode::PerStream,
+                    coalesce: CoalescePolicy::Fixed {
+                        max_batch: 16,
+                        max_delay: Duration::from_micros(20),
+                        depth: 2,
+                    },
+                    ..PoolConfig::default()
+                },
+            )
+            .unwrap();
+            let init: Vec<f32> = (0..4096).map(|i| initial_value(round, i)).collect();
+            let mut buf = dev.buffer_from(&init).unwrap();
+            let s = fixed.current().unwrap();
+            s.launch(kernel, &mut buf).unwrap().wait().unwrap();
+            let v = verify_buffer(round, &buf.read().unwrap(), 10, tolerance());
+            assert_eq!(v.first_mismatch, None, "fixed pool, round {round}");
+            drop((s, buf));
+            let t = Instant::now();
+            drop(fixed);
+            drops.push(("coalescing pool", t.elapsed()));
+            // A pool with its own device queue.
+            let own = StreamPool::new(
+                &dev,
+                PoolConfig {
+                    coalesce: CoalescePolicy::Persistent,
+                    ..PoolConfig::default()
+                },
+            )
+            .unwrap();
+            let mut buf = dev.buffer_from(&init).unwrap();
+            let s = own.current().unwrap();
+            s.launch(kernel, &mut buf).unwrap().wait().unwrap();
+            let v = verify_buffer(round, &buf.read().unwrap(), 10, tolerance());
+            assert_eq!(v.first_mismatch, None, "persistent pool, round {round}");
+            drop((s, buf));
+            let t = Instant::now();
+            drop(own);
+            drops.push(("device-queue pool", t.elapsed()));
+            // A matrix product: cuBLAS handles, workspace, pointer arrays.
+            let plain = StreamPool::new(&dev, PoolConfig::default()).unwrap();
+            let mnk = (256, 256, 256);
+            let (av, bv) = (seeded_values(7, 256 * 256), seeded_values(8, 256 * 256));
+            let mut a = Tensor::from_slice(&dev, &[256, 256], &av).unwrap();
+            let mut b = Tensor::from_slice(&dev, &[256, 256], &bv).unwrap();
+            let mut c = Tensor::zeros(&dev, &[256, 256]).unwrap();
+            let s = plain.current().unwrap();
+            s.matmul(&mut a, &mut b, &mut c, Precision::Strict)
+                .unwrap()
+                .wait()
+                .unwrap();
+            let check = check_matmul(
+                &c.to_vec().unwrap(),
+                &av,
+                &bv,
+                mnk,
+                false,
+                Precision::Strict,
+            );
+            assert!(check.within, "round {round}: {check:?}");
+            drop((s, a, b, c));
+            let t = Instant::now();
+            drop(plain);
+            drops.push(("matmul pool", t.elapsed()));
+        }
+        tx.send(drops).unwrap();
+    });
+    let churned = rx.recv_timeout(Duration::from_secs(60));
+    let during = queued() - before;
+    stop.store(true, Ordering::Release);
+    for w in workers {
+        w.join().unwrap();
+    }
+    churn.join().unwrap();
+    let drops = churned.expect(
+        "pools made and dropped beside a busy device queue did not finish in 60 s: \
+         something waited for the whole device",
+    );
+    eprintln!("gpu: drops beside a busy device queue ({during} queued ops meanwhile): {drops:?}");
+    assert!(during > 0, "the other pool's queue ran nothing meanwhile");
+    for (what, took) in drops {
+        assert!(took < Duration::from_secs(5), "{what}: dropped in {took:?}");
+    }
+}

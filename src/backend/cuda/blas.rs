@@ -1,6 +1,8 @@
 //! Matrix products on CUDA streams: cuBLAS (sgemm, batched sgemm over pointer arrays) and
 //! cuBLASLt (products with the bias and ReLU fused into the epilogue), one handle pair and
-//! one workspace per stream, created on the stream's first product.
+//! one workspace per stream, created on the stream's first product (or taken over from a
+//! stream dropped earlier: destroying a cuBLAS handle waits for the whole device, see
+//! `reuse`).
 //!
 //! Layering, as cudarc's: raw calls (`cudarc::cublas::sys`, `cudarc::cublaslt::sys`) appear
 //! only inside the small `unsafe` blocks of [`Blas`]; [`StreamMath`] is the safe layer that
@@ -32,6 +34,7 @@ use cudarc::driver::{result, sys, CudaContext, CudaFunction, CudaGraph, CudaStre
 use parking_lot::Mutex;
 
 use super::driver_error;
+use super::reuse::{BlasKit, PinnedBlock, Reuse};
 use super::skinny;
 use super::stream::{bind, capture, cuda_buffer};
 use crate::backend::{check_gemm, GemmOperands, GemmSpec, MatRef, Precision};
@@ -213,7 +216,9 @@ fn bias_act_kernel(ctx: &Arc<CudaContext>) -> Result<CudaFunction> {
 /// and to the stream a cuBLAS call queues on whenever one runs (`with` rebinds it to `stream`
 /// first, `queue_batched` to the stream it is given); `workspace` is a live
 /// allocation of `workspace_bytes`, and `pointers` one of `pointer_capacity` u64 (or 0 with
-/// capacity 0), all in `ctx`; all are released only by `Drop`, after the stream finished.
+/// capacity 0), all in `ctx`; all leave only by `Drop`, after the stream finished: the
+/// handles, the workspace and the page-locked block go back to the context's [`Reuse`] for the
+/// next stream's state, the pointer arrays are freed in stream order.
 struct Blas {
     handle: cb::cublasHandle_t,
     lt: lt::cublasLtHandle_t,
@@ -222,10 +227,12 @@ struct Blas {
     math: Precision,
     pointers: sys::CUdeviceptr,
     pointer_capacity: usize,
-    /// Host copy of the last pointer arrays: page-locked, `pinned_capacity` u64 (null with
-    /// capacity 0), copied to `pointers` by the stream; written only once `pinned_event`
+    /// Host copy of the last pointer arrays: page-locked (`pinned_block`, from the context's
+    /// [`Reuse`]), `pinned_capacity` u64 (null with capacity 0), copied to `pointers` by the
+    /// stream; written only once `pinned_event`
     /// (recorded after every copy out of it) completed.
     pinned: *mut u64,
+    pinned_block: Option<PinnedBlock>,
     pinned_capacity: usize,
     pinned_event: sys::CUevent,
     pinned_pending: bool,
@@ -247,13 +254,26 @@ struct Blas {
     /// Keys whose cuBLASLt plan failed: those products use sgemm and a separate pass.
     unfusable: std::collections::HashSet<PlanKey>,
     stream: Arc<CudaStream>,
+    /// Where the handles, the workspace and the page-locked block go when this state is
+    /// dropped, and come from when one is made (destroying a cuBLAS handle waits for the whole
+    /// device, other pools' busy device queues included).
+    reuse: Arc<Reuse>,
 }
 
 impl Blas {
-    fn new(stream: &Arc<CudaStream>) -> Result<Blas> {
+    fn new(stream: &Arc<CudaStream>, reuse: &Arc<Reuse>) -> Result<Blas> {
         libraries_present()?;
         let ctx = stream.context();
         bind(ctx)?;
+        if let Some(kit) = reuse.take_blas() {
+            // Handles and workspace of a stream dropped earlier: `StreamMath::with` binds the
+            // handle to this stream, with the workspace, before any call.
+            let mut blas = Blas::empty(stream, reuse, kit.workspace, kit.workspace_bytes);
+            blas.handle = kit.handle;
+            blas.lt = kit.lt;
+            blas.math = kit.math;
+            return Ok(blas);
+        }
         let major = ctx
             .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
             .map_err(|e| driver_error("info", e))?;
@@ -265,15 +285,34 @@ impl Blas {
             device: "cuda".into(),
             reason: driver_error("alloc", e).to_string(),
         })?;
-        let mut blas = Blas {
+        let mut blas = Blas::empty(stream, reuse, workspace, bytes);
+        // cudarc panics when a symbol is missing from the loaded library: contain that.
+        let made = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| blas.init()));
+        match made {
+            Ok(r) => r.map(|()| blas),
+            Err(_) => Err(unavailable(
+                "the cuBLAS/cuBLASLt libraries found lack a function multiq needs",
+            )),
+        }
+    }
+
+    /// A state with `workspace` and no handles yet.
+    fn empty(
+        stream: &Arc<CudaStream>,
+        reuse: &Arc<Reuse>,
+        workspace: sys::CUdeviceptr,
+        workspace_bytes: usize,
+    ) -> Blas {
+        Blas {
             handle: std::ptr::null_mut(),
             lt: std::ptr::null_mut(),
             workspace,
-            workspace_bytes: bytes,
+            workspace_bytes,
             math: Precision::Strict,
             pointers: 0,
             pointer_capacity: 0,
             pinned: std::ptr::null_mut(),
+            pinned_block: None,
             pinned_capacity: 0,
             pinned_event: std::ptr::null_mut(),
             pinned_pending: false,
@@ -285,14 +324,7 @@ impl Blas {
             plans: HashMap::new(),
             unfusable: Default::default(),
             stream: stream.clone(),
-        };
-        // cudarc panics when a symbol is missing from the loaded library: contain that.
-        let made = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| blas.init()));
-        match made {
-            Ok(r) => r.map(|()| blas),
-            Err(_) => Err(unavailable(
-                "the cuBLAS/cuBLASLt libraries found lack a function multiq needs",
-            )),
+            reuse: reuse.clone(),
         }
     }
 
@@ -547,26 +579,18 @@ impl Blas {
         }
         self.settle_pinned()?;
         self.batched_graphs.clear();
-        if !self.pinned.is_null() {
-            // SAFETY: no copy reads the old buffer any more (settled); graphs that referred
-            // to it are gone (cleared above).
-            unsafe { result::free_host(self.pinned.cast()) }
-                .map_err(|e| driver_error("free", e))?;
+        if let Some(old) = self.pinned_block.take() {
+            // No copy reads the old block any more (settled), and graphs that referred to it
+            // are gone (cleared above).
+            self.reuse.give_pinned(old);
             self.pinned = std::ptr::null_mut();
             self.pinned_capacity = 0;
         }
         let capacity = needed.next_power_of_two().max(64);
-        // SAFETY: the context is current (the caller bound it); the memory is written before
-        // any copy reads it.
-        let raw = unsafe { result::malloc_host(capacity * 8, sys::CU_MEMHOSTALLOC_PORTABLE) }
-            .map_err(|e| driver_error("alloc", e))?;
-        if raw.is_null() {
-            return Err(driver_error(
-                "alloc",
-                cudarc::driver::DriverError(sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY),
-            ));
-        }
-        self.pinned = raw.cast();
+        // Page-aligned (so aligned for u64) and zeroed; written before any copy reads it.
+        let block = self.reuse.take_pinned(capacity * 8)?;
+        self.pinned = block.host().as_ptr().cast();
+        self.pinned_block = Some(block);
         self.pinned_capacity = capacity;
         Ok(())
     }
@@ -593,15 +617,22 @@ impl Blas {
             self.pointers = 0;
             self.pointer_capacity = 0;
         }
-        // SAFETY: the context is current (the caller bound it); the memory is written by a
-        // stream-ordered copy before any read.
-        self.pointers =
-            unsafe { result::malloc_sync(capacity * 8) }.map_err(|e| Error::OutOfMemory {
-                elements: capacity * 2,
-                bytes: (capacity * 8) as u64,
-                device: "cuda".into(),
-                reason: driver_error("alloc", e).to_string(),
-            })?;
+        // Stream-ordered where the device can (freed the same way, so neither waits for the
+        // whole device); only this stream's work (and graphs replayed on it) uses the arrays.
+        let allocated = if self.stream.context().has_async_alloc() {
+            // SAFETY: the context is current (the caller bound it) and the stream live; the
+            // memory is written by a copy ordered on that stream before any read.
+            unsafe { result::malloc_async(self.stream.cu_stream(), capacity * 8) }
+        } else {
+            // SAFETY: as above, without the stream.
+            unsafe { result::malloc_sync(capacity * 8) }
+        };
+        self.pointers = allocated.map_err(|e| Error::OutOfMemory {
+            elements: capacity * 2,
+            bytes: (capacity * 8) as u64,
+            device: "cuda".into(),
+            reason: driver_error("alloc", e).to_string(),
+        })?;
         self.pointer_capacity = capacity;
         Ok(())
     }
@@ -869,9 +900,47 @@ impl Blas {
 impl Drop for Blas {
     fn drop(&mut self) {
         self.plans.clear();
+        // Graphs refer to the handle, the workspace and the pinned block: gone before those
+        // are handed on.
+        self.batched_graphs.clear();
         if bind(self.stream.context()).is_err() || self.stream.synchronize().is_err() {
             return; // the context failed: leak rather than free under queued work
         }
+        // Nothing below waits for the whole device, so a pool dropped beside another pool's
+        // busy device queue is not held up by it (see `reuse`).
+        if self.pointers != 0 {
+            if self.stream.context().has_async_alloc() {
+                // SAFETY: the stream finished every call that read the arrays, a stream-ordered
+                // allocation of this stream (`reserve_pointers`), and we own it.
+                let _ = unsafe { result::free_async(self.pointers, self.stream.cu_stream()) };
+            } else {
+                // SAFETY: as above; allocated with `cuMemAlloc`.
+                let _ = unsafe { result::free_sync(self.pointers) };
+            }
+            self.pointers = 0;
+        }
+        if let Some(block) = self.pinned_block.take() {
+            // The stream finished every copy out of it.
+            self.reuse.give_pinned(block);
+        }
+        if !self.pinned_event.is_null() {
+            // SAFETY: a live event of this context (invariant), recorded only on this stream,
+            // which is idle.
+            let _ = unsafe { result::event::destroy(self.pinned_event) };
+        }
+        if !self.handle.is_null() && !self.lt.is_null() {
+            // The stream finished every call that used the handles and the workspace.
+            self.reuse.give_blas(BlasKit {
+                handle: self.handle,
+                lt: self.lt,
+                workspace: self.workspace,
+                workspace_bytes: self.workspace_bytes,
+                math: self.math,
+            });
+            return;
+        }
+        // A state whose making failed halfway: release what it has (an error path; this may
+        // wait for the device).
         // SAFETY: the stream finished every call that used the handles and memory, which are
         // live (invariant) and ours.
         unsafe {
@@ -882,15 +951,6 @@ impl Drop for Blas {
                 let _ = cb::cublasDestroy_v2(self.handle);
             }
             let _ = result::free_sync(self.workspace);
-            if self.pointers != 0 {
-                let _ = result::free_sync(self.pointers);
-            }
-            if !self.pinned.is_null() {
-                let _ = result::free_host(self.pinned.cast());
-            }
-            if !self.pinned_event.is_null() {
-                let _ = result::event::destroy(self.pinned_event);
-            }
         }
     }
 }
@@ -903,13 +963,15 @@ unsafe impl Send for Blas {}
 pub(super) struct StreamMath {
     stream: Arc<CudaStream>,
     blas: Mutex<Option<Blas>>,
+    reuse: Arc<Reuse>,
 }
 
 impl StreamMath {
-    pub(super) fn new(stream: Arc<CudaStream>) -> Self {
+    pub(super) fn new(stream: Arc<CudaStream>, reuse: Arc<Reuse>) -> Self {
         StreamMath {
             stream,
             blas: Mutex::new(None),
+            reuse,
         }
     }
 
@@ -917,7 +979,7 @@ impl StreamMath {
         bind(self.stream.context())?;
         let mut guard = self.blas.lock();
         if guard.is_none() {
-            *guard = Some(Blas::new(&self.stream)?);
+            *guard = Some(Blas::new(&self.stream, &self.reuse)?);
         }
         let blas = guard.as_mut().expect("made above");
         blas.bind_if_needed(blas.stream.cu_stream())?;

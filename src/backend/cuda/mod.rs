@@ -19,6 +19,7 @@ mod blas;
 mod fill_gate;
 mod kernels;
 mod queue;
+mod reuse;
 mod skinny;
 mod stream;
 
@@ -54,6 +55,9 @@ pub struct CudaBackend {
     queue: queue::QueueSettings,
     /// Device-filling kernels on the device at once, shared by every stream ([`fill_gate`]).
     gate: Option<Arc<fill_gate::FillGate>>,
+    /// Page-locked blocks and cuBLAS handles kept for reuse: releasing them would wait for the
+    /// whole device ([`reuse`]).
+    reuse: Arc<reuse::Reuse>,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -157,6 +161,7 @@ impl CudaBackend {
                 .map_or("off".into(), |g| format!("{} kernels", g.width())),
         ));
         Ok(CudaBackend {
+            reuse: Arc::new(reuse::Reuse::new(&ctx)),
             ctx,
             alloc_stream,
             kernels,
@@ -236,6 +241,7 @@ impl Backend for CudaBackend {
             stream,
             self.kernels.clone(),
             self.gate.clone(),
+            self.reuse.clone(),
         )))
     }
 
@@ -250,7 +256,7 @@ impl Backend for CudaBackend {
         }
         // cudarc panics when the driver lacks a symbol: treat that as "no signals".
         let made = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            CudaSignal::new(&self.ctx, &self.alloc_stream)
+            CudaSignal::new(&self.ctx, &self.alloc_stream, &self.reuse)
         }));
         match made {
             Ok(Ok(signal)) => Ok(Some(Arc::new(signal))),
@@ -264,6 +270,7 @@ impl Backend for CudaBackend {
             self.kernels.simple_compute_queue.clone(),
             self.kernels.multiprocessors,
             self.queue,
+            &self.reuse,
         )?;
         Ok(Some(Arc::new(queue)))
     }

@@ -49,9 +49,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use cudarc::driver::{result, sys, CudaContext, CudaFunction, CudaStream};
+use cudarc::driver::{result, sys, CudaContext, CudaFunction, CudaStream, DriverError};
 
 use super::driver_error;
+use super::reuse::{PinnedBlock, Reuse};
 use super::stream::{bind, CudaBuffer};
 use crate::backend::{downcast, BackendBuffer, BackendDeviceQueue};
 use crate::error::{Error, Result};
@@ -400,13 +401,19 @@ pub(super) struct SlotOp {
 
 /// A device queue on one CUDA context.
 ///
-/// Invariants: `host` is a live, zeroed-at-creation `cuMemHostAlloc` mapping of a
-/// `HostRegion` whose device alias is `host_dev`; `dev` is a live device allocation of
-/// `DEV_BYTES` bytes, zeroed at creation. Both are freed only by `Drop`, after the
-/// queue's stream is known idle, so no kernel can touch freed memory.
+/// Invariants: `host` is the start of `block`, a live page-locked block (from the context's
+/// [`Reuse`]) zeroed at creation, holding a `HostRegion`, whose device alias is `host_dev`;
+/// `dev` is a live device allocation of `DEV_BYTES` bytes (stream-ordered on the queue's stream
+/// where the device has them), zeroed at creation. Both leave only by `Drop`, after the queue's
+/// stream is known idle, so no kernel can touch them afterwards: the block goes back for reuse
+/// and `dev` is freed. Neither waits for the whole device (another pool's busy queue may keep
+/// it busy for as long as work arrives).
 pub(super) struct CudaDeviceQueue {
     host: std::ptr::NonNull<HostRegion>,
     host_dev: sys::CUdeviceptr,
+    /// The page-locked block `host` lives in (`None` once given back).
+    block: Option<PinnedBlock>,
+    reuse: Arc<Reuse>,
     dev: sys::CUdeviceptr,
     stream: Arc<CudaStream>,
     function: CudaFunction,
@@ -433,6 +440,7 @@ impl CudaDeviceQueue {
         function: CudaFunction,
         multiprocessors: u32,
         settings: QueueSettings,
+        reuse: &Arc<Reuse>,
     ) -> Result<Self> {
         bind(ctx)?;
         let per_sm = function
@@ -454,25 +462,14 @@ impl CudaDeviceQueue {
         let stream = ctx
             .new_stream()
             .map_err(|e| driver_error("device queue", e))?;
-        let bytes = std::mem::size_of::<HostRegion>();
-        let mut host: *mut c_void = std::ptr::null_mut();
-        let flags = sys::CU_MEMHOSTALLOC_DEVICEMAP | sys::CU_MEMHOSTALLOC_PORTABLE;
-        // SAFETY: `host` is a valid out-pointer; the context is current.
-        unsafe { sys::cuMemHostAlloc(&mut host, bytes, flags) }
-            .result()
-            .map_err(|e| driver_error("device queue", e))?;
-        let Some(host) = std::ptr::NonNull::new(host.cast::<HostRegion>()) else {
-            return Err(Error::Device {
-                op: "device queue",
-                message: "cuMemHostAlloc returned null".into(),
-            });
-        };
-        // SAFETY: the allocation is `bytes` long and nothing else uses it yet; all-zero bytes
-        // are a valid `HostRegion` (atomics and integers).
-        unsafe { std::ptr::write_bytes(host.as_ptr().cast::<u8>(), 0, bytes) };
+        // Zeroed (all-zero bytes are a valid `HostRegion`: atomics and integers), page-aligned
+        // (so aligned for it), at least its size.
+        let block = reuse.take_pinned(std::mem::size_of::<HostRegion>())?;
         let mut queue = CudaDeviceQueue {
-            host,
-            host_dev: 0,
+            host: block.host().cast::<HostRegion>(),
+            host_dev: block.device(),
+            block: Some(block),
+            reuse: reuse.clone(),
             dev: 0,
             stream,
             function,
@@ -483,12 +480,8 @@ impl CudaDeviceQueue {
             ctx: ctx.clone(),
         };
         // From here on, `Drop` frees what was made (the stream has run nothing yet).
-        // SAFETY: `host` is a mapped page-locked allocation of this context; out-pointer valid.
-        unsafe { sys::cuMemHostGetDevicePointer_v2(&mut queue.host_dev, host.as_ptr().cast(), 0) }
-            .result()
-            .map_err(|e| driver_error("device queue", e))?;
-        // SAFETY: the context is current.
-        queue.dev = unsafe { result::malloc_sync(DEV_BYTES) }
+        queue.dev = queue
+            .device_alloc(DEV_BYTES)
             .map_err(|e| driver_error("device queue", e))?;
         // The memsets are queued on the queue's own stream and complete before `new` returns
         // (synchronized below): the non-Async memsets would be asynchronous to the host for
@@ -497,13 +490,16 @@ impl CudaDeviceQueue {
         // SAFETY: `dev` is a live allocation of `DEV_BYTES` bytes; the stream is live.
         unsafe { result::memset_d8_async(queue.dev, 0, DEV_BYTES, queue.stream.cu_stream()) }
             .map_err(|e| driver_error("device queue", e))?;
-        if let Some(trace) = &mut queue.trace {
+        if queue.trace.is_some() {
             let bytes = SLOTS * TRACE_STAMPS * 8;
-            // SAFETY: the context is current.
-            trace.dev = unsafe { result::malloc_sync(bytes) }
+            let dev = queue
+                .device_alloc(bytes)
                 .map_err(|e| driver_error("device queue trace", e))?;
-            // SAFETY: `trace.dev` is a live allocation of `bytes` bytes; the stream is live.
-            unsafe { result::memset_d8_async(trace.dev, 0, bytes, queue.stream.cu_stream()) }
+            if let Some(trace) = &mut queue.trace {
+                trace.dev = dev;
+            }
+            // SAFETY: `dev` is a live allocation of `bytes` bytes; the stream is live.
+            unsafe { result::memset_d8_async(dev, 0, bytes, queue.stream.cu_stream()) }
                 .map_err(|e| driver_error("device queue trace", e))?;
         }
         queue
@@ -511,6 +507,34 @@ impl CudaDeviceQueue {
             .synchronize()
             .map_err(|e| driver_error("device queue", e))?;
         Ok(queue)
+    }
+
+    /// `bytes` of device memory for the queue's kernels: stream-ordered on the queue's stream
+    /// where the device has that (freed the same way, so neither waits for the whole device;
+    /// usable by the kernels, which run on that stream), `cuMemAlloc` otherwise.
+    fn device_alloc(&self, bytes: usize) -> std::result::Result<sys::CUdeviceptr, DriverError> {
+        if self.ctx.has_async_alloc() {
+            // SAFETY: the context is current (bound by `new`) and the stream live.
+            unsafe { result::malloc_async(self.stream.cu_stream(), bytes) }
+        } else {
+            // SAFETY: the context is current.
+            unsafe { result::malloc_sync(bytes) }
+        }
+    }
+
+    /// Frees `ptr`, made by `device_alloc`, once the queue's stream is idle.
+    fn device_free(&self, ptr: sys::CUdeviceptr) {
+        if ptr == 0 {
+            return;
+        }
+        if self.ctx.has_async_alloc() {
+            // SAFETY: the stream is idle (the caller's duty) and nothing else uses `ptr`, a
+            // stream-ordered allocation of this stream that we own.
+            let _ = unsafe { result::free_async(ptr, self.stream.cu_stream()) };
+        } else {
+            // SAFETY: as above; allocated with `cuMemAlloc`.
+            let _ = unsafe { result::free_sync(ptr) };
+        }
     }
 
     fn region(&self) -> &HostRegion {
@@ -736,21 +760,19 @@ impl CudaDeviceQueue {
         self.ring.stop(self, &stop)
     }
 
-    /// Frees the queue's memory; only once its stream is idle.
+    /// Releases the queue's memory; only once its stream is idle and no kernel of this queue
+    /// will run again, so nothing reads it any more.
     fn free(&mut self) {
         if bind(&self.ctx).is_err() {
             return;
         }
-        // SAFETY: the stream is idle and no kernel of this queue will run again, so nothing
-        // reads these allocations; we own them.
-        unsafe {
-            let _ = sys::cuMemFreeHost(self.host.as_ptr().cast());
-            if self.dev != 0 {
-                let _ = result::free_sync(self.dev);
-            }
-            if let Some(trace) = self.trace.as_ref().filter(|t| t.dev != 0) {
-                let _ = result::free_sync(trace.dev);
-            }
+        self.device_free(self.dev);
+        self.dev = 0;
+        if let Some(trace) = &self.trace {
+            self.device_free(trace.dev);
+        }
+        if let Some(block) = self.block.take() {
+            self.reuse.give_pinned(block);
         }
     }
 }

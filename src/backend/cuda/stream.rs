@@ -14,6 +14,7 @@ use super::kernels::{
     Group, Kernels, Segment, SignalParam, BLOCK_THREADS, GROUP_SIZES, MAX_SEGMENTS,
     SIGNAL_BLOCKS_PER_SM, SIGNAL_BLOCK_THREADS,
 };
+use super::reuse::{PinnedBlock, Reuse};
 use super::{driver_error, MAX_ELEMENTS};
 use crate::backend::{
     downcast, BackendBuffer, BackendEvent, BackendProgram, BackendSignal, BackendStream, WaitPolicy,
@@ -208,8 +209,9 @@ impl CudaQueue {
         stream: Arc<CudaStream>,
         kernels: Arc<Kernels>,
         gate: Option<Arc<super::fill_gate::FillGate>>,
+        reuse: Arc<super::reuse::Reuse>,
     ) -> Self {
-        let math = super::blas::StreamMath::new(stream.clone());
+        let math = super::blas::StreamMath::new(stream.clone(), reuse);
         CudaQueue {
             stream,
             kernels,
@@ -237,6 +239,10 @@ impl CudaQueue {
             .collect::<Result<_>>()?;
         if signal.is_some() && bufs.len() > MAX_SEGMENTS {
             return Err(Error::invalid("a signalled grouped launch holds one chunk"));
+        }
+        if let Some((sig, _)) = signal {
+            // Before the launch, so the signal's `Drop` waits for this stream.
+            sig.note_writer(&self.stream);
         }
         bind(self.ctx())?;
         for chunk in bufs.chunks(MAX_SEGMENTS) {
@@ -480,8 +486,10 @@ impl BackendStream for CudaQueue {
     fn signal(&self, signal: &dyn BackendSignal, value: u64) -> Result<()> {
         let sig = downcast::<CudaSignal>(signal.as_any(), "signal")?;
         bind(self.ctx())?;
+        sig.note_writer(&self.stream);
         // SAFETY: `sig.device_ptr` maps the signal's live, 8-byte-aligned host word (CudaSignal
-        // invariant: it stays allocated until every queued write landed); the stream is live.
+        // invariant: it stays allocated until every queued write landed, this stream being
+        // noted as a writer); the stream is live.
         // Default flags: the write waits for earlier work on the stream and is preceded by a
         // memory barrier, so that work's results are visible once the value is.
         unsafe { sys::cuStreamWriteValue64_v2(self.stream.cu_stream(), sig.device_ptr, value, 0) }
@@ -682,49 +690,76 @@ fn check_range(offset: usize, len: usize, size: usize) -> Result<()> {
 /// A host-visible progress word: 8 bytes of page-locked host memory, mapped into the device's
 /// address space, written by `cuStreamWriteValue64` and read by the host with atomic loads.
 ///
-/// Invariant: `host` points to a live, 8-byte-aligned allocation from `cuMemHostAlloc` whose
-/// device alias is `device_ptr`; it is freed only by `Drop`, after the context synchronized
-/// (so no queued write can land in freed memory). The host only ever reads it atomically.
+/// Invariant: `host` points into `block`, a live page-locked block (from the context's
+/// [`Reuse`]) whose device alias is `device_ptr`; `counter` is a live 4-byte device allocation.
+/// Every stream that queues a write to either is `home` or is noted as a writer before it
+/// queues it ([`CudaSignal::note_writer`]), so `Drop`, which waits for those streams only (not the whole
+/// device: another pool's busy device queue may keep it busy for as long as work arrives),
+/// knows no write can land afterwards; only then does the block go back for reuse and the
+/// counter get freed. The host only ever reads the word atomically.
 pub(super) struct CudaSignal {
     host: std::ptr::NonNull<u64>,
     device_ptr: sys::CUdeviceptr,
-    /// A zeroed device word for the signalled kernels' block count (live until `Drop`).
+    /// A zeroed device word for the signalled kernels' block count.
     counter: sys::CUdeviceptr,
+    /// The page-locked block holding the word (`None` only inside `Drop`).
+    block: Option<PinnedBlock>,
+    /// The stream `counter` was allocated and zeroed on, and the word first written from
+    /// (synchronized by `new`; `Drop` waits for it too, for a `new` that failed half-way).
+    home: Arc<CudaStream>,
+    /// The first stream that wrote the signal, and any others (a pool's coalescer has one).
+    first_writer: std::sync::OnceLock<Arc<CudaStream>>,
+    more_writers: parking_lot::Mutex<Vec<Arc<CudaStream>>>,
+    reuse: Arc<Reuse>,
     ctx: Arc<CudaContext>,
 }
 
 // SAFETY: the word is plain host memory, valid from any thread until Drop, and only accessed
-// through atomic loads on the host (and DMA writes from the device).
+// through atomic loads on the host (and DMA writes from the device); the rest is handles and
+// integers usable from any thread, and the writer list is behind a `OnceLock` and a mutex.
 unsafe impl Send for CudaSignal {}
-// SAFETY: as above: `&CudaSignal` only allows atomic reads.
+// SAFETY: as above: `&CudaSignal` only allows atomic reads of the word and noting writers.
 unsafe impl Sync for CudaSignal {}
 
 impl CudaSignal {
     /// A new signal reading 0, checked with one write through `stream` (so a driver without
     /// stream memory operations is found here, not in the middle of a batch).
-    pub(super) fn new(ctx: &Arc<CudaContext>, stream: &CudaStream) -> Result<Self> {
+    pub(super) fn new(
+        ctx: &Arc<CudaContext>,
+        stream: &Arc<CudaStream>,
+        reuse: &Arc<Reuse>,
+    ) -> Result<Self> {
         bind(ctx)?;
-        let mut host: *mut c_void = std::ptr::null_mut();
-        let flags = sys::CU_MEMHOSTALLOC_DEVICEMAP | sys::CU_MEMHOSTALLOC_PORTABLE;
-        // SAFETY: `host` is a valid out-pointer; the context is current.
-        unsafe { sys::cuMemHostAlloc(&mut host, 8, flags) }
-            .result()
-            .map_err(|e| driver_error("signal", e))?;
-        let Some(host) = std::ptr::NonNull::new(host.cast::<u64>()) else {
-            return Err(Error::Device {
-                op: "signal",
-                message: "cuMemHostAlloc returned null".into(),
-            });
+        // Zeroed, page-aligned (so aligned for u64), at least 8 bytes.
+        let block = reuse.take_pinned(8)?;
+        let counter = if ctx.has_async_alloc() {
+            // SAFETY: the context is current and `stream` live; the word is used by other
+            // streams only after `stream` is synchronized below.
+            unsafe { result::malloc_async(stream.cu_stream(), 4) }
+        } else {
+            // SAFETY: the context is current.
+            unsafe { result::malloc_sync(4) }
         };
-        let mut signal = CudaSignal {
-            host,
-            device_ptr: 0,
-            counter: 0,
+        let counter = match counter {
+            Ok(c) => c,
+            Err(e) => {
+                reuse.give_pinned(block); // nothing queued uses it yet
+                return Err(driver_error("signal", e));
+            }
+        };
+        let signal = CudaSignal {
+            host: block.host().cast::<u64>(),
+            device_ptr: block.device(),
+            counter,
+            block: Some(block),
+            home: stream.clone(),
+            first_writer: std::sync::OnceLock::new(),
+            more_writers: parking_lot::Mutex::new(Vec::new()),
+            reuse: reuse.clone(),
             ctx: ctx.clone(),
         };
-        // SAFETY: the context is current; the word is zeroed before any kernel can use it.
-        signal.counter =
-            unsafe { result::malloc_sync(4) }.map_err(|e| driver_error("signal", e))?;
+        // From here on, `Drop` releases what was made, after `home` (which writes the word
+        // below) and the writers noted later are idle.
         // SAFETY: `counter` is a live 4-byte device allocation; `stream` is live. The memset is
         // queued on `stream`, which is synchronized below, so it has completed before any
         // kernel can use the word. (The non-Async `cuMemsetD32` would be asynchronous to the
@@ -733,16 +768,8 @@ impl CudaSignal {
         unsafe { sys::cuMemsetD32Async(signal.counter, 0, 1, stream.cu_stream()) }
             .result()
             .map_err(|e| driver_error("signal", e))?;
-        // SAFETY: page-locked allocations are page-aligned, so the word is aligned for u64 and
-        // 8 bytes long; nothing else accesses it yet.
-        unsafe { AtomicU64::from_ptr(signal.host.as_ptr()) }.store(0, Ordering::Release);
-        // SAFETY: `host` is a mapped page-locked allocation of this context; out-pointer valid.
-        unsafe {
-            sys::cuMemHostGetDevicePointer_v2(&mut signal.device_ptr, host.as_ptr().cast(), 0)
-        }
-        .result()
-        .map_err(|e| driver_error("signal", e))?;
-        // SAFETY: as in `CudaQueue::signal`: live word, live stream.
+        // SAFETY: as in `CudaQueue::signal`: live word, live stream (`home`, which `Drop`
+        // waits for).
         unsafe { sys::cuStreamWriteValue64_v2(stream.cu_stream(), signal.device_ptr, 0, 0) }
             .result()
             .map_err(|e| driver_error("signal", e))?;
@@ -751,9 +778,21 @@ impl CudaSignal {
             .map_err(|e| driver_error("signal", e))?;
         Ok(signal)
     }
-}
 
-impl CudaSignal {
+    /// Records that `stream` is about to queue a write to the word or a kernel counting on
+    /// `counter`: `Drop` waits for it. Lock-free once the first writer is known and writes
+    /// again (a pool's coalescer writes from one stream).
+    fn note_writer(&self, stream: &Arc<CudaStream>) {
+        let first = self.first_writer.get_or_init(|| stream.clone());
+        if Arc::ptr_eq(first, stream) {
+            return;
+        }
+        let mut more = self.more_writers.lock();
+        if !more.iter().any(|s| Arc::ptr_eq(s, stream)) {
+            more.push(stream.clone());
+        }
+    }
+
     /// Raises the word to `value` from the host (for a write the stream could not queue).
     fn raise_from_host(&self, value: u64) {
         // SAFETY: `host` is live and aligned (invariant); every host access is atomic.
@@ -774,15 +813,29 @@ impl BackendSignal for CudaSignal {
 
 impl Drop for CudaSignal {
     fn drop(&mut self) {
-        if bind(&self.ctx).is_ok() && self.ctx.synchronize().is_ok() {
-            // SAFETY: after the context synchronized no queued write targets the word, and
-            // we own the allocation. (If the context failed, the memory is leaked rather than
-            // freed under a write the driver may still perform.)
-            let _ = unsafe { sys::cuMemFreeHost(self.host.as_ptr().cast()) };
-            if self.counter != 0 {
-                // SAFETY: as above; the counter is ours and no queued kernel uses it.
-                let _ = unsafe { result::free_sync(self.counter) };
+        if bind(&self.ctx).is_err() {
+            return; // the context is gone: leak rather than free under a pending write
+        }
+        let first = self.first_writer.get().cloned();
+        let more = std::mem::take(self.more_writers.get_mut());
+        let home = Some(self.home.clone());
+        for stream in home.iter().chain(first.iter()).chain(more.iter()) {
+            if stream.synchronize().is_err() {
+                // The device failed: a queued write may still land. Leak the memory.
+                return;
             }
+        }
+        if self.ctx.has_async_alloc() {
+            // SAFETY: every stream that used the counter is idle (invariant: all are writers,
+            // synchronized above), it is a stream-ordered allocation, and we own it.
+            let _ = unsafe { result::free_async(self.counter, self.home.cu_stream()) };
+        } else {
+            // SAFETY: as above; allocated with `cuMemAlloc`.
+            let _ = unsafe { result::free_sync(self.counter) };
+        }
+        if let Some(block) = self.block.take() {
+            // Every stream that wrote the word is idle.
+            self.reuse.give_pinned(block);
         }
     }
 }

@@ -9,7 +9,9 @@
 //!   `t % SLOTS` is free (op `t - SLOTS` completed), and writes the slot's three words, each
 //!   carrying `t`'s tag, the last with release: the op is published once all three carry it.
 //!   Between taking `t` and publishing, nothing can fail or panic without publishing: every
-//!   later op waits for `t`, so a failed submission publishes a no-op.
+//!   later op waits for `t`, so a failed submission publishes a no-op. For the same reason the
+//!   window is kept short: whether the op's dependencies are done is read before `t` is taken,
+//!   so inside it a submitter only stores (a thread descheduled there holds up every thread).
 //! - **Run.** The kernel's dispatcher warp reads up to 32 slots per round trip over the bus
 //!   (all three words of each at once), copies published ops to device memory in order, and
 //!   splits each into chunks of whole 1,024-element tiles (up to [`DEFAULT_CHUNK_TILES`]
@@ -396,6 +398,8 @@ pub(super) struct SlotOp {
     n: u32,
     iters: u32,
     after: [u64; 2],
+    /// Whether this host saw each of `after` complete before the op took its ticket.
+    seen_done: [bool; 2],
     flags: u32,
 }
 
@@ -599,16 +603,25 @@ impl CudaDeviceQueue {
 }
 
 impl CudaDeviceQueue {
-    /// The slot field for dependency `after` of ticket `t`: its [`distance`], or 0 when this
-    /// host already saw it complete (its done word; the device wrote it after a system-wide
-    /// fence, so its results are visible to whatever runs `t`). The blocks that run an op
-    /// whose dependencies are all done read no done words before they start.
-    fn pending(&self, t: u64, after: u64) -> u64 {
-        let d = distance(t, after);
-        if d != 0 && self.done((after % SLOTS as u64) as usize) >= after {
-            return 0;
-        }
-        d
+    /// Whether this host has seen op `after` complete (0: no such op): its slot's done word
+    /// reached it. (The slot's later ops are written only after it completed, so a done word
+    /// past it means it completed too.) The device wrote the word after a system-wide fence, so
+    /// the op's results are visible to whatever runs after it.
+    fn seen_done(&self, after: u64) -> bool {
+        after != 0 && self.done((after % SLOTS as u64) as usize) >= after
+    }
+}
+
+/// The slot field for dependency `after` of ticket `t`: its [`distance`], or 0 when the host
+/// saw it complete before `t` was taken (`seen_done`). The blocks that run an op whose
+/// dependencies are all done read no done words before they start. Read before the ticket is
+/// taken, so that between taking it and publishing (a window in which every later op of every
+/// thread waits for this one) a submitter only stores, and reads nothing the device writes.
+fn pending_field(t: u64, after: u64, seen_done: bool) -> u64 {
+    if seen_done {
+        0
+    } else {
+        distance(t, after)
     }
 }
 
@@ -618,7 +631,10 @@ impl RingDevice for CudaDeviceQueue {
 
     fn write(&self, index: usize, t: u64, op: &SlotOp, nop: bool) {
         let slot = &self.region().ring[index];
-        let pending = [self.pending(t, op.after[0]), self.pending(t, op.after[1])];
+        let pending = [
+            pending_field(t, op.after[0], op.seen_done[0]),
+            pending_field(t, op.after[1], op.seen_done[1]),
+        ];
         let words = slot_words(t, op, pending, nop, self.settings.chain);
         slot.w[0].store(words[0], Ordering::Relaxed);
         slot.w[1].store(words[1], Ordering::Relaxed);
@@ -693,6 +709,7 @@ impl BackendDeviceQueue for CudaDeviceQueue {
             n,
             iters,
             after,
+            seen_done: after.map(|a| self.seen_done(a)),
             flags: 0,
         };
         self.ring.submit(self, &op)
@@ -755,6 +772,7 @@ impl CudaDeviceQueue {
             n: 0,
             iters: 0,
             after: [0, 0],
+            seen_done: [false, false],
             flags: FLAG_STOP,
         };
         self.ring.stop(self, &stop)
@@ -832,8 +850,19 @@ mod tests {
             n: 65536,
             iters: 10,
             after,
+            seen_done: [false, false],
             flags: 0,
         }
+    }
+
+    #[test]
+    fn a_dependency_seen_done_before_the_ticket_is_not_pending() {
+        let t = 3 * SLOTS as u64 + 5;
+        assert_eq!(pending_field(t, t - 2, false), 2);
+        assert_eq!(pending_field(t, t - 2, true), 0);
+        // No dependency, or one a whole ring back: nothing pending either way.
+        assert_eq!(pending_field(t, 0, false), 0);
+        assert_eq!(pending_field(t, t - SLOTS as u64, false), 0);
     }
 
     #[test]

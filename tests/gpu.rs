@@ -33,6 +33,15 @@ fn tolerance() -> f32 {
     multiq::backend::cuda::SIMPLE_COMPUTE_TOLERANCE
 }
 
+/// Held by every test that keeps a device queue busy for long: a queue's kernel fills the
+/// device, so another busy queue's kernel waits for it to leave (it leaves when idle), and
+/// tests with deadlines would measure each other. (A test that failed while holding it
+/// poisons it; the others go on.)
+fn device_queue_tests() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// 16 threads on `pool`, each with its own stream (`pool.current()`) and a buffer of `n`
 /// elements seeded for it (`initial_value(thread, i)`), released together; even threads keep
 /// 8 ops in flight, odd ones wait for each. Each runs `ops` launches of `kernel`; returns each
@@ -361,6 +370,7 @@ fn coalesced_ops_are_bit_identical_to_single_launches() {
 /// one chain), and buffers read back, dropped and reused across pools stay correct.
 #[test]
 fn device_queue_ops_are_bit_identical_to_single_launches() {
+    let _serial = device_queue_tests();
     let test = "device_queue_ops_are_bit_identical_to_single_launches";
     let Some(probe) = cuda(test) else {
         return;
@@ -502,6 +512,7 @@ fn device_queue_ops_are_bit_identical_to_single_launches() {
 /// loses an op: buffers read afterwards hold every op's result.
 #[test]
 fn device_queue_drops_with_ops_in_flight() {
+    let _serial = device_queue_tests();
     let Some(dev) = cuda("device_queue_drops_with_ops_in_flight") else {
         return;
     };
@@ -550,6 +561,7 @@ fn device_queue_drops_with_ops_in_flight() {
 fn ordinary_launches_run_while_the_device_queue_is_busy() {
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     use std::time::Duration;
+    let _serial = device_queue_tests();
     let Some(dev) = cuda("ordinary_launches_run_while_the_device_queue_is_busy") else {
         return;
     };
@@ -621,6 +633,7 @@ fn ordinary_launches_run_while_the_device_queue_is_busy() {
 /// dropped tickets.
 #[test]
 fn device_queue_ops_on_one_buffer_in_flight_together_are_bit_identical() {
+    let _serial = device_queue_tests();
     let test = "device_queue_ops_on_one_buffer_in_flight_together_are_bit_identical";
     let Some(probe) = cuda(test) else {
         return;
@@ -761,23 +774,128 @@ fn device_filling_ops_from_many_threads_pass_the_fill_gate() {
     }
 }
 
+/// One round of pools made, used, checked and dropped: a pool with host-side coalescing (its
+/// coalescer writes a signal word), a pool whose 16 threads send their ops through its own
+/// device queue, and a matmul coalescer whose 8 threads' products run as batched cuBLAS calls
+/// (handles, workspace, page-locked pointer arrays). Returns how long each drop took.
+fn pools_come_and_go(dev: &Device, round: usize) -> Vec<(&'static str, std::time::Duration)> {
+    use multiq::tensor::{check_matmul, seeded_values};
+    use multiq::{MatmulCoalescer, MatmulCoalescerConfig, Precision, Tensor};
+    use std::time::{Duration, Instant};
+    let kernel = Kernel::SimpleCompute { iters: 10 };
+    let mut drops = Vec::new();
+    let fixed = StreamPool::new(
+        dev,
+        PoolConfig {
+            lock: LockMode::PerStream,
+            coalesce: CoalescePolicy::Fixed {
+                max_batch: 16,
+                max_delay: Duration::from_micros(20),
+                depth: 2,
+            },
+            ..PoolConfig::default()
+        },
+    )
+    .unwrap();
+    let init: Vec<f32> = (0..4096).map(|i| initial_value(round, i)).collect();
+    let mut buf = dev.buffer_from(&init).unwrap();
+    let s = fixed.current().unwrap();
+    s.launch(kernel, &mut buf).unwrap().wait().unwrap();
+    let v = verify_buffer(round, &buf.read().unwrap(), 10, tolerance());
+    assert_eq!(v.first_mismatch, None, "coalescing pool, round {round}");
+    drop((s, buf));
+    let t = Instant::now();
+    drop(fixed);
+    drops.push(("coalescing pool", t.elapsed()));
+
+    let own = StreamPool::new(
+        dev,
+        PoolConfig {
+            streams: 16,
+            lock: LockMode::PerStream,
+            coalesce: CoalescePolicy::Persistent,
+        },
+    )
+    .unwrap();
+    let ops = 200;
+    for (t, (out, _)) in sixteen_threads(&own, 65_536, ops, kernel)
+        .iter()
+        .enumerate()
+    {
+        let v = verify_buffer(t, out, ops as u64 * 10, tolerance());
+        assert_eq!(
+            v.first_mismatch, None,
+            "device-queue pool, round {round}, thread {t}"
+        );
+    }
+    let queued = own.coalesce_stats().map_or(0, |s| s.ops);
+    assert!(
+        queued > 0,
+        "round {round}: no op went through the pool's device queue"
+    );
+    let t = Instant::now();
+    drop(own);
+    drops.push(("device-queue pool", t.elapsed()));
+
+    let mc = Arc::new(
+        MatmulCoalescer::new(
+            dev,
+            MatmulCoalescerConfig {
+                max_batch: 8,
+                depth: 2,
+                precision: Precision::Strict,
+            },
+        )
+        .unwrap(),
+    );
+    let handles: Vec<_> = (0..8u64)
+        .map(|t| {
+            let (dev, mc) = (dev.clone(), mc.clone());
+            std::thread::spawn(move || {
+                let (m, n, k) = (64, 64, 64);
+                let av = seeded_values(100 + t, m * k);
+                let mut a = Tensor::from_slice(&dev, &[m, k], &av).unwrap();
+                let mut c = Tensor::zeros(&dev, &[m, n]).unwrap();
+                for i in 0..20u64 {
+                    let bv = seeded_values(1000 * t + i, k * n);
+                    let mut b = Tensor::from_slice(&dev, &[k, n], &bv).unwrap();
+                    mc.matmul(&mut a, &mut b, &mut c).unwrap();
+                    let got = c.to_vec().unwrap();
+                    let check = check_matmul(&got, &av, &bv, (m, n, k), false, Precision::Strict);
+                    assert!(
+                        check.within,
+                        "round {round}, thread {t}, product {i}: {check:?}"
+                    );
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    let mc = Arc::into_inner(mc).expect("the threads are done with it");
+    let t = Instant::now();
+    drop(mc);
+    drops.push(("matmul coalescer", t.elapsed()));
+    drops
+}
+
 /// A pool made and dropped while another pool's device queue is busy never waits for that
 /// queue: its kernel stays on the device for as long as work arrives, so anything that waits
 /// for the whole device (releasing page-locked memory, destroying a cuBLAS handle,
 /// synchronizing the context) would wait for as long as the other pool's threads submit. Here
-/// they never stop until the churn is done or a minute has passed: pools with host-side
-/// coalescing (a signal word), with their own device queue, and with a matrix product (cuBLAS
-/// handles, workspace, page-locked pointer arrays) are made, used, checked and dropped three
-/// times each, and the second and third rounds reuse what the first gave back.
+/// they never stop until three rounds of `pools_come_and_go` are done or a minute has passed.
+/// A first round runs before the busy pool starts: first uses (module loading, cuBLAS set-up)
+/// may wait for the device, and its pools fill the reuse cache the later rounds take from.
 #[test]
 fn pools_come_and_go_while_another_pools_device_queue_is_busy() {
-    use multiq::tensor::{check_matmul, seeded_values};
-    use multiq::{Precision, Tensor};
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::time::{Duration, Instant};
+    let _serial = device_queue_tests();
     let Some(dev) = cuda("pools_come_and_go_while_another_pools_device_queue_is_busy") else {
         return;
     };
+    pools_come_and_go(&dev, 0);
     let busy = StreamPool::new(
         &dev,
         PoolConfig {
@@ -814,78 +932,11 @@ fn pools_come_and_go_while_another_pools_device_queue_is_busy() {
     let (tx, rx) = std::sync::mpsc::channel();
     let churn_dev = dev.clone();
     let churn = std::thread::spawn(move || {
-        let dev = churn_dev;
-        let mut drops: Vec<(&'static str, Duration)> = Vec::new();
-        for round in 0..3 {
-            // Host-side coalescing: the pool's coalescer writes a signal word.
-            let fixed = StreamPool::new(
-                &dev,
-                PoolConfig {
-                    lock: LockMode::PerStream,
-                    coalesce: CoalescePolicy::Fixed {
-                        max_batch: 16,
-                        max_delay: Duration::from_micros(20),
-                        depth: 2,
-                    },
-                    ..PoolConfig::default()
-                },
-            )
-            .unwrap();
-            let init: Vec<f32> = (0..4096).map(|i| initial_value(round, i)).collect();
-            let mut buf = dev.buffer_from(&init).unwrap();
-            let s = fixed.current().unwrap();
-            s.launch(kernel, &mut buf).unwrap().wait().unwrap();
-            let v = verify_buffer(round, &buf.read().unwrap(), 10, tolerance());
-            assert_eq!(v.first_mismatch, None, "fixed pool, round {round}");
-            drop((s, buf));
-            let t = Instant::now();
-            drop(fixed);
-            drops.push(("coalescing pool", t.elapsed()));
-            // A pool with its own device queue.
-            let own = StreamPool::new(
-                &dev,
-                PoolConfig {
-                    coalesce: CoalescePolicy::Persistent,
-                    ..PoolConfig::default()
-                },
-            )
-            .unwrap();
-            let mut buf = dev.buffer_from(&init).unwrap();
-            let s = own.current().unwrap();
-            s.launch(kernel, &mut buf).unwrap().wait().unwrap();
-            let v = verify_buffer(round, &buf.read().unwrap(), 10, tolerance());
-            assert_eq!(v.first_mismatch, None, "persistent pool, round {round}");
-            drop((s, buf));
-            let t = Instant::now();
-            drop(own);
-            drops.push(("device-queue pool", t.elapsed()));
-            // A matrix product: cuBLAS handles, workspace, pointer arrays.
-            let plain = StreamPool::new(&dev, PoolConfig::default()).unwrap();
-            let mnk = (256, 256, 256);
-            let (av, bv) = (seeded_values(7, 256 * 256), seeded_values(8, 256 * 256));
-            let mut a = Tensor::from_slice(&dev, &[256, 256], &av).unwrap();
-            let mut b = Tensor::from_slice(&dev, &[256, 256], &bv).unwrap();
-            let mut c = Tensor::zeros(&dev, &[256, 256]).unwrap();
-            let s = plain.current().unwrap();
-            s.matmul(&mut a, &mut b, &mut c, Precision::Strict)
-                .unwrap()
-                .wait()
-                .unwrap();
-            let check = check_matmul(
-                &c.to_vec().unwrap(),
-                &av,
-                &bv,
-                mnk,
-                false,
-                Precision::Strict,
-            );
-            assert!(check.within, "round {round}: {check:?}");
-            drop((s, a, b, c));
-            let t = Instant::now();
-            drop(plain);
-            drops.push(("matmul pool", t.elapsed()));
-        }
-        tx.send(drops).unwrap();
+        let drops: Vec<_> = (1..=3)
+            .flat_map(|round| pools_come_and_go(&churn_dev, round))
+            .collect();
+        // The receiver may have given up: then nobody reads this.
+        let _ = tx.send(drops);
     });
     let churned = rx.recv_timeout(Duration::from_secs(60));
     let during = queued() - before;
@@ -893,11 +944,19 @@ fn pools_come_and_go_while_another_pools_device_queue_is_busy() {
     for w in workers {
         w.join().unwrap();
     }
+    let drops = match churned {
+        Ok(drops) => drops,
+        // A panic in the churn (a wrong result): its own message.
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+            std::panic::resume_unwind(churn.join().expect_err("it sent nothing"))
+        }
+        // Not joined: if something there waits for ever, the test must still end.
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => panic!(
+            "pools made and dropped beside a busy device queue did not finish in 60 s: \
+             something waited for the whole device"
+        ),
+    };
     churn.join().unwrap();
-    let drops = churned.expect(
-        "pools made and dropped beside a busy device queue did not finish in 60 s: \
-         something waited for the whole device",
-    );
     eprintln!("gpu: drops beside a busy device queue ({during} queued ops meanwhile): {drops:?}");
     assert!(during > 0, "the other pool's queue ran nothing meanwhile");
     for (what, took) in drops {

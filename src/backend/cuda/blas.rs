@@ -590,8 +590,9 @@ impl Blas {
         // Page-aligned (so aligned for u64) and zeroed; written before any copy reads it.
         let block = self.reuse.take_pinned(capacity * 8)?;
         self.pinned = block.host().as_ptr().cast();
+        // The whole block: it is at least a page, more than small batches ask for.
+        self.pinned_capacity = block.bytes() / 8;
         self.pinned_block = Some(block);
-        self.pinned_capacity = capacity;
         Ok(())
     }
 

@@ -13,9 +13,12 @@
 //!   the streams that used it), so whoever takes it may use it at once.
 //! - A block taken is zeroed and at least as large as asked.
 //! - A giver whose streams failed gives nothing back (the device might still write): it leaks.
-//! - What the cache holds is bounded by the most that was ever in use at once.
+//! - What the cache holds is bounded by the most that was ever in use at once (a block is
+//!   reused for requests down to half its size); it is released with the device. A cuBLAS kit
+//!   holds its stream's workspace (32 MiB on Hopper), so a pool of many streams doing products
+//!   leaves that much reserved for the next pool.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::ffi::c_void;
 use std::sync::Arc;
 
@@ -52,6 +55,11 @@ impl PinnedBlock {
     pub(super) fn device(&self) -> sys::CUdeviceptr {
         self.device
     }
+
+    /// The block's size in bytes (a whole number of pages, at least what was asked).
+    pub(super) fn bytes(&self) -> usize {
+        self.bytes
+    }
 }
 
 /// A cuBLAS handle, a cuBLASLt handle and the workspace a stream's products use.
@@ -69,7 +77,8 @@ pub(super) struct BlasKit {
 /// The cache of one CUDA context.
 pub(super) struct Reuse {
     ctx: Arc<CudaContext>,
-    pinned: Mutex<HashMap<usize, Vec<PinnedBlock>>>,
+    /// Blocks given back, by size.
+    pinned: Mutex<BTreeMap<usize, Vec<PinnedBlock>>>,
     blas: Mutex<Vec<BlasKit>>,
 }
 
@@ -88,15 +97,23 @@ impl Reuse {
     pub(super) fn new(ctx: &Arc<CudaContext>) -> Self {
         Reuse {
             ctx: ctx.clone(),
-            pinned: Mutex::new(HashMap::new()),
+            pinned: Mutex::new(BTreeMap::new()),
             blas: Mutex::new(Vec::new()),
         }
     }
 
-    /// A zeroed block of at least `bytes` bytes: one given back earlier, or a new one.
+    /// A zeroed block of at least `bytes` bytes: the smallest given back earlier that is no
+    /// more than twice as large, or a new one.
     pub(super) fn take_pinned(&self, bytes: usize) -> Result<PinnedBlock> {
         let bytes = bytes.max(1).next_multiple_of(PAGE);
-        let cached = self.pinned.lock().get_mut(&bytes).and_then(Vec::pop);
+        let cached = {
+            let mut pinned = self.pinned.lock();
+            let fits = pinned
+                .range_mut(bytes..=bytes.saturating_mul(2))
+                .find(|(_, blocks)| !blocks.is_empty())
+                .and_then(|(_, blocks)| blocks.pop());
+            fits
+        };
         let block = match cached {
             Some(b) => b,
             None => self.alloc_pinned(bytes)?,
@@ -173,7 +190,10 @@ impl Drop for Reuse {
         if bind(&self.ctx).is_err() {
             return; // the context is gone: so is what it allocated
         }
-        for block in self.pinned.get_mut().drain().flat_map(|(_, v)| v) {
+        for block in std::mem::take(self.pinned.get_mut())
+            .into_values()
+            .flatten()
+        {
             // SAFETY: the block is live and unused (given back after its streams were idle),
             // and the cache owns it.
             let _ = unsafe { result::free_host(block.host.as_ptr().cast::<c_void>()) };

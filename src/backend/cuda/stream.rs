@@ -704,9 +704,12 @@ pub(super) struct CudaSignal {
     counter: sys::CUdeviceptr,
     /// The page-locked block holding the word (`None` only inside `Drop`).
     block: Option<PinnedBlock>,
-    /// The stream `counter` was allocated and zeroed on, and the word first written from
-    /// (synchronized by `new`; `Drop` waits for it too, for a `new` that failed half-way).
+    /// The stream `counter` was allocated and zeroed on, and the word first written from (the
+    /// backend's allocation stream, shared by every pool).
     home: Arc<CudaStream>,
+    /// `new` saw `home` idle after its writes; otherwise (a `new` that failed half-way) `Drop`
+    /// waits for it too.
+    home_idle: bool,
     /// The first stream that wrote the signal, and any others (a pool's coalescer has one).
     first_writer: std::sync::OnceLock<Arc<CudaStream>>,
     more_writers: parking_lot::Mutex<Vec<Arc<CudaStream>>>,
@@ -747,12 +750,13 @@ impl CudaSignal {
                 return Err(driver_error("signal", e));
             }
         };
-        let signal = CudaSignal {
+        let mut signal = CudaSignal {
             host: block.host().cast::<u64>(),
             device_ptr: block.device(),
             counter,
             block: Some(block),
             home: stream.clone(),
+            home_idle: false,
             first_writer: std::sync::OnceLock::new(),
             more_writers: parking_lot::Mutex::new(Vec::new()),
             reuse: reuse.clone(),
@@ -776,6 +780,7 @@ impl CudaSignal {
         stream
             .synchronize()
             .map_err(|e| driver_error("signal", e))?;
+        signal.home_idle = true;
         Ok(signal)
     }
 
@@ -818,7 +823,7 @@ impl Drop for CudaSignal {
         }
         let first = self.first_writer.get().cloned();
         let more = std::mem::take(self.more_writers.get_mut());
-        let home = Some(self.home.clone());
+        let home = Some(self.home.clone()).filter(|_| !self.home_idle);
         for stream in home.iter().chain(first.iter()).chain(more.iter()) {
             if stream.synchronize().is_err() {
                 // The device failed: a queued write may still land. Leak the memory.

@@ -42,6 +42,75 @@ fn device_queue_tests() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// A `persistent` pool of 16 streams, lock per stream.
+fn persistent_pool_of_16(dev: &Device) -> StreamPool {
+    StreamPool::new(
+        dev,
+        PoolConfig {
+            streams: 16,
+            lock: LockMode::PerStream,
+            coalesce: CoalescePolicy::Persistent,
+        },
+    )
+    .unwrap()
+}
+
+/// 16 threads keeping 8 ops each in flight through a `persistent` pool until stopped: every op
+/// finds the pool's other streams loaded, so all go through its device queue, whose kernel
+/// never runs out of work (so never leaves the device) while they run.
+struct BusyQueue {
+    pool: StreamPool,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    workers: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl BusyQueue {
+    /// Starts the threads; returns once 20,000 ops went through the queue (or 30 s passed).
+    fn start(dev: &Device) -> BusyQueue {
+        use std::sync::atomic::Ordering;
+        let pool = persistent_pool_of_16(dev);
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let workers = (0..16)
+            .map(|_| {
+                let (pool, stop) = (pool.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    let kernel = Kernel::SimpleCompute { iters: 10 };
+                    let s = pool.current().unwrap();
+                    let mut b = pool.device().buffer_from(&vec![0.25f32; 65_536]).unwrap();
+                    let mut w = Inflight::new(8).unwrap();
+                    while !stop.load(Ordering::Acquire) {
+                        w.submit(|| s.launch(kernel, &mut b)).unwrap();
+                    }
+                    w.drain().unwrap();
+                })
+            })
+            .collect();
+        let busy = BusyQueue {
+            pool,
+            stop,
+            workers,
+        };
+        let warm = std::time::Instant::now();
+        while busy.queued() < 20_000 && warm.elapsed() < std::time::Duration::from_secs(30) {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        busy
+    }
+
+    /// Ops published to the queue so far.
+    fn queued(&self) -> u64 {
+        self.pool.coalesce_stats().map_or(0, |s| s.ops)
+    }
+
+    /// Stops the threads and joins them.
+    fn stop(self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        for w in self.workers {
+            w.join().unwrap();
+        }
+    }
+}
+
 /// 16 threads on `pool`, each with its own stream (`pool.current()`) and a buffer of `n`
 /// elements seeded for it (`initial_value(thread, i)`), released together; even threads keep
 /// 8 ops in flight, odd ones wait for each. Each runs `ops` launches of `kernel`; returns each
@@ -559,48 +628,16 @@ fn device_queue_drops_with_ops_in_flight() {
 /// runs and gives the right result, instead of waiting until the busy threads stop.
 #[test]
 fn ordinary_launches_run_while_the_device_queue_is_busy() {
-    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     use std::time::Duration;
     let _serial = device_queue_tests();
     let Some(dev) = cuda("ordinary_launches_run_while_the_device_queue_is_busy") else {
         return;
     };
-    let queued = StreamPool::new(
-        &dev,
-        PoolConfig {
-            streams: 8,
-            lock: LockMode::PerStream,
-            coalesce: CoalescePolicy::Persistent,
-        },
-    )
-    .unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let ops = Arc::new(AtomicU64::new(0));
-    let busy: Vec<_> = (0..8)
-        .map(|t| {
-            let (pool, stop, ops) = (queued.clone(), stop.clone(), ops.clone());
-            std::thread::spawn(move || {
-                let s = pool.current().unwrap();
-                let mut b = pool.device().buffer_from(&vec![0.25f32; 65_536]).unwrap();
-                while !stop.load(Ordering::Acquire) {
-                    s.launch(Kernel::SimpleCompute { iters: 10 }, &mut b)
-                        .unwrap()
-                        .wait()
-                        .unwrap();
-                    ops.fetch_add(1, Ordering::Relaxed);
-                }
-                t
-            })
-        })
-        .collect();
-    // The queue is busy once ops flow.
-    while ops.load(Ordering::Relaxed) < 2_000 {
-        std::thread::yield_now();
-    }
+    let busy = BusyQueue::start(&dev);
     let plain = StreamPool::new(&dev, PoolConfig::default()).unwrap();
     let init: Vec<f32> = (0..1 << 20).map(|i| initial_value(5, i)).collect();
     let mut buf = dev.buffer_from(&init).unwrap();
-    let before = ops.load(Ordering::Relaxed);
+    let before = busy.queued();
     let (tx, rx) = std::sync::mpsc::channel();
     let waiter = std::thread::spawn(move || {
         let s = plain.current().unwrap();
@@ -611,15 +648,16 @@ fn ordinary_launches_run_while_the_device_queue_is_busy() {
         r.map(|()| buf)
     });
     let finished = rx.recv_timeout(Duration::from_secs(5)).is_ok();
-    let during = ops.load(Ordering::Relaxed) - before;
-    stop.store(true, Ordering::Release);
-    for h in busy {
-        h.join().unwrap();
-    }
+    let during = busy.queued() - before;
+    busy.stop();
     let mut buf = waiter.join().unwrap().unwrap();
     assert!(
         finished,
         "the ordinary launch did not finish in 5 s while the queue was busy ({during} queued ops ran meanwhile)"
+    );
+    assert!(
+        during > 0,
+        "the queue ran nothing meanwhile: it was not busy"
     );
     let v = verify_buffer(5, &buf.read().unwrap(), 20, tolerance());
     assert_eq!(v.first_mismatch, None);
@@ -778,12 +816,18 @@ fn device_filling_ops_from_many_threads_pass_the_fill_gate() {
 /// coalescer writes a signal word), a pool whose 16 threads send their ops through its own
 /// device queue, and a matmul coalescer whose 8 threads' products run as batched cuBLAS calls
 /// (handles, workspace, page-locked pointer arrays). Returns how long each drop took.
-fn pools_come_and_go(dev: &Device, round: usize) -> Vec<(&'static str, std::time::Duration)> {
+/// `note` is told each step before it starts.
+fn pools_come_and_go(
+    dev: &Device,
+    round: usize,
+    note: &(dyn Fn(&str) + Sync),
+) -> Vec<(&'static str, std::time::Duration)> {
     use multiq::tensor::{check_matmul, seeded_values};
     use multiq::{MatmulCoalescer, MatmulCoalescerConfig, Precision, Tensor};
     use std::time::{Duration, Instant};
     let kernel = Kernel::SimpleCompute { iters: 10 };
     let mut drops = Vec::new();
+    note(&format!("round {round}: coalescing pool, made and used"));
     let fixed = StreamPool::new(
         dev,
         PoolConfig {
@@ -804,19 +848,13 @@ fn pools_come_and_go(dev: &Device, round: usize) -> Vec<(&'static str, std::time
     let v = verify_buffer(round, &buf.read().unwrap(), 10, tolerance());
     assert_eq!(v.first_mismatch, None, "coalescing pool, round {round}");
     drop((s, buf));
+    note(&format!("round {round}: coalescing pool, dropped"));
     let t = Instant::now();
     drop(fixed);
     drops.push(("coalescing pool", t.elapsed()));
 
-    let own = StreamPool::new(
-        dev,
-        PoolConfig {
-            streams: 16,
-            lock: LockMode::PerStream,
-            coalesce: CoalescePolicy::Persistent,
-        },
-    )
-    .unwrap();
+    note(&format!("round {round}: device-queue pool, made and used"));
+    let own = persistent_pool_of_16(dev);
     let ops = 200;
     for (t, (out, _)) in sixteen_threads(&own, 65_536, ops, kernel)
         .iter()
@@ -833,10 +871,12 @@ fn pools_come_and_go(dev: &Device, round: usize) -> Vec<(&'static str, std::time
         queued > 0,
         "round {round}: no op went through the pool's device queue"
     );
+    note(&format!("round {round}: device-queue pool, dropped"));
     let t = Instant::now();
     drop(own);
     drops.push(("device-queue pool", t.elapsed()));
 
+    note(&format!("round {round}: matmul coalescer, made and used"));
     let mc = Arc::new(
         MatmulCoalescer::new(
             dev,
@@ -874,6 +914,7 @@ fn pools_come_and_go(dev: &Device, round: usize) -> Vec<(&'static str, std::time
         h.join().unwrap();
     }
     let mc = Arc::into_inner(mc).expect("the threads are done with it");
+    note(&format!("round {round}: matmul coalescer, dropped"));
     let t = Instant::now();
     drop(mc);
     drops.push(("matmul coalescer", t.elapsed()));
@@ -889,61 +930,29 @@ fn pools_come_and_go(dev: &Device, round: usize) -> Vec<(&'static str, std::time
 /// may wait for the device, and its pools fill the reuse cache the later rounds take from.
 #[test]
 fn pools_come_and_go_while_another_pools_device_queue_is_busy() {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
     let _serial = device_queue_tests();
     let Some(dev) = cuda("pools_come_and_go_while_another_pools_device_queue_is_busy") else {
         return;
     };
-    pools_come_and_go(&dev, 0);
-    let busy = StreamPool::new(
-        &dev,
-        PoolConfig {
-            streams: 16,
-            lock: LockMode::PerStream,
-            coalesce: CoalescePolicy::Persistent,
-        },
-    )
-    .unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let kernel = Kernel::SimpleCompute { iters: 10 };
-    // 16 threads with 8 ops each in flight: every op finds the pool's other streams loaded,
-    // so all go through the queue, whose kernel never runs out of work while they run.
-    let workers: Vec<_> = (0..16)
-        .map(|_| {
-            let (pool, stop) = (busy.clone(), stop.clone());
-            std::thread::spawn(move || {
-                let s = pool.current().unwrap();
-                let mut b = pool.device().buffer_from(&vec![0.25f32; 65_536]).unwrap();
-                let mut w = Inflight::new(8).unwrap();
-                while !stop.load(Ordering::Acquire) {
-                    w.submit(|| s.launch(kernel, &mut b)).unwrap();
-                }
-                w.drain().unwrap();
-            })
-        })
-        .collect();
-    let queued = || busy.coalesce_stats().map_or(0, |s| s.ops);
-    let warm = Instant::now();
-    while queued() < 20_000 && warm.elapsed() < Duration::from_secs(30) {
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    let before = queued();
+    pools_come_and_go(&dev, 0, &|_| ());
+    let busy = BusyQueue::start(&dev);
+    let before = busy.queued();
+    let at = Arc::new(std::sync::Mutex::new(String::from("starting")));
     let (tx, rx) = std::sync::mpsc::channel();
-    let churn_dev = dev.clone();
+    let (churn_dev, churn_at) = (dev.clone(), at.clone());
     let churn = std::thread::spawn(move || {
+        let note = |step: &str| *churn_at.lock().unwrap() = step.to_string();
         let drops: Vec<_> = (1..=3)
-            .flat_map(|round| pools_come_and_go(&churn_dev, round))
+            .flat_map(|round| pools_come_and_go(&churn_dev, round, &note))
             .collect();
         // The receiver may have given up: then nobody reads this.
         let _ = tx.send(drops);
     });
     let churned = rx.recv_timeout(Duration::from_secs(60));
-    let during = queued() - before;
-    stop.store(true, Ordering::Release);
-    for w in workers {
-        w.join().unwrap();
-    }
+    let during = busy.queued() - before;
+    let stuck_at = at.lock().map(|s| s.clone()).unwrap_or_default();
+    busy.stop();
     let drops = match churned {
         Ok(drops) => drops,
         // A panic in the churn (a wrong result): its own message.
@@ -952,8 +961,8 @@ fn pools_come_and_go_while_another_pools_device_queue_is_busy() {
         }
         // Not joined: if something there waits for ever, the test must still end.
         Err(std::sync::mpsc::RecvTimeoutError::Timeout) => panic!(
-            "pools made and dropped beside a busy device queue did not finish in 60 s: \
-             something waited for the whole device"
+            "pools made and dropped beside a busy device queue did not finish in 60 s \
+             ({during} queued ops meanwhile); stuck at: {stuck_at}"
         ),
     };
     churn.join().unwrap();

@@ -188,9 +188,12 @@ impl Trace {
 /// Blocks of the queue's kernel per multiprocessor, given how many fit (`occupancy`): all of
 /// them, unless `MULTIQ_QUEUE_BLOCKS_PER_SM` (diagnostics) asks for fewer. Leaving one slot
 /// per multiprocessor to other kernels was measured on the H100 and lost (`default` ops at
-/// 0.93 × off instead of 0.99; bench/results/h100/coalesce/b7f359a/), and other streams'
-/// launches were not held back by a busy queue at full occupancy there (the GPU test
-/// `ordinary_launches_run_while_the_device_queue_is_busy` passes both ways).
+/// 0.93 × off instead of 0.99; bench/results/h100/coalesce/b7f359a/). Whether other streams'
+/// kernels run beside a busy queue at full occupancy is what the GPU tests
+/// `ordinary_launches_run_while_the_device_queue_is_busy` and
+/// `pools_come_and_go_while_another_pools_device_queue_is_busy` check. (Until the session of
+/// 2026-12-05 the first of them kept 8 threads waiting for each op, whose ops the routing rule
+/// sends to launches of their own, not to the queue: it showed nothing about a busy queue.)
 fn blocks_per_sm(occupancy: u32) -> u32 {
     std::env::var("MULTIQ_QUEUE_BLOCKS_PER_SM")
         .ok()

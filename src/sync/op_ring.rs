@@ -287,6 +287,9 @@ mod loom_tests {
         shut: bool,
         /// Idle exits the kernels may still make (see [`FakeDevice::run_kernel`]).
         idle_exits: u32,
+        /// Times a kernel may still give the device up (leave with the next op published,
+        /// as the CUDA kernel does when another kernel asks for the device).
+        yields: u32,
         /// Changes of the device's state (publications, completions, launches, exits), for
         /// the model's waiters (see [`wait`]).
         changes: u64,
@@ -307,10 +310,13 @@ mod loom_tests {
         ran: Mutex<Vec<(u64, u64)>>,
         /// Launches that fail (the first ones) before launches succeed.
         failing_launches: AtomicU64,
+        /// Whether kernels give the device up (`Stream::yields` times, each after running
+        /// at least one op).
+        yielding: bool,
     }
 
     impl FakeDevice {
-        fn new(slots: usize, failing_launches: u64) -> Self {
+        fn new(slots: usize, failing_launches: u64, yields: u32) -> Self {
             let words = || (0..slots).map(|_| AtomicU64::new(0)).collect();
             FakeDevice {
                 seq: words(),
@@ -319,11 +325,13 @@ mod loom_tests {
                 exit: [AtomicU64::new(0), AtomicU64::new(0)],
                 stream: Mutex::new(Stream {
                     idle_exits: IDLE_EXITS,
+                    yields,
                     ..Stream::default()
                 }),
                 changed: Condvar::new(),
                 ran: Mutex::new(Vec::new()),
                 failing_launches: AtomicU64::new(failing_launches),
+                yielding: yields > 0,
             }
         }
 
@@ -342,6 +350,14 @@ mod loom_tests {
             let mut t = start;
             loop {
                 let i = (t % slots) as usize;
+                if self.yielding && t > start {
+                    // Gives the device up whether or not op `t` is published.
+                    let mut s = self.stream.lock();
+                    if s.yields > 0 {
+                        s.yields -= 1;
+                        break;
+                    }
+                }
                 if self.seq[i].load(Ordering::Acquire) != t {
                     let mut s = self.stream.lock();
                     if s.idle_exits > 0 {
@@ -468,7 +484,7 @@ mod loom_tests {
     /// stopped. Every op ran exactly once, with the value its submitter wrote, in ticket
     /// order; every waiter returned; the stop op ended the last kernel.
     fn check(slots: u64, main: &'static [u64], other: &'static [u64], preemptions: usize) {
-        check_failing(slots, main, other, preemptions, 0);
+        check_device(slots, main, other, preemptions, 0, 0);
     }
 
     /// As [`check`], with the first `failing_launches` kernel launches failing.
@@ -478,6 +494,19 @@ mod loom_tests {
         other: &'static [u64],
         preemptions: usize,
         failing_launches: u64,
+    ) {
+        check_device(slots, main, other, preemptions, failing_launches, 0);
+    }
+
+    /// As [`check`], with the first `failing_launches` kernel launches failing and kernels
+    /// giving the device up `yields` times.
+    fn check_device(
+        slots: u64,
+        main: &'static [u64],
+        other: &'static [u64],
+        preemptions: usize,
+        failing_launches: u64,
+        yields: u32,
     ) {
         fn submit_and_wait(ring: &OpRing, device: &FakeDevice, ops: &[u64]) -> Vec<(u64, u64)> {
             let tickets: Vec<(u64, u64)> = ops
@@ -493,7 +522,7 @@ mod loom_tests {
         model.preemption_bound = Some(preemptions);
         model.check(move || {
             let ring = Arc::new(OpRing::new(slots));
-            let device = Arc::new(FakeDevice::new(slots as usize, failing_launches));
+            let device = Arc::new(FakeDevice::new(slots as usize, failing_launches, yields));
             let runner = {
                 let device = device.clone();
                 loom::thread::spawn(move || device.run())
@@ -560,6 +589,15 @@ mod loom_tests {
     /// The submitter's launch fails (and so may the next): the op stays published with no
     /// kernel running, and the waiters' checks launch one once the device takes it. Every op
     /// still runs once, in order.
+    /// A kernel gives the device up (another kernel asked for it) after running one op,
+    /// whether the next is published or not: the ops left in the ring run in a relaunched
+    /// kernel, each once, in order, and every waiter returns.
+    #[test]
+    fn a_kernel_that_gives_the_device_up_is_relaunched_for_the_ops_left() {
+        check_device(4, &[100, 101, 102], &[], 2, 0, 1);
+        check_device(4, &[100], &[200], 2, 0, 1);
+    }
+
     #[test]
     fn a_failed_launch_is_retried_by_the_waiters() {
         check_failing(4, &[100], &[], 3, 2);

@@ -58,6 +58,8 @@ pub struct CudaBackend {
     /// Page-locked blocks and cuBLAS handles kept for reuse: releasing them would wait for the
     /// whole device ([`reuse`]).
     reuse: Arc<reuse::Reuse>,
+    /// Raised after every kernel the context's streams queue; device queues leave for it.
+    queue_yield: Arc<queue::QueueYield>,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -160,8 +162,10 @@ impl CudaBackend {
             gate.as_ref()
                 .map_or("off".into(), |g| format!("{} kernels", g.width())),
         ));
+        let reuse = Arc::new(reuse::Reuse::new(&ctx));
         Ok(CudaBackend {
-            reuse: Arc::new(reuse::Reuse::new(&ctx)),
+            queue_yield: Arc::new(queue::QueueYield::new(&reuse)?),
+            reuse,
             ctx,
             alloc_stream,
             kernels,
@@ -242,6 +246,7 @@ impl Backend for CudaBackend {
             self.kernels.clone(),
             self.gate.clone(),
             self.reuse.clone(),
+            self.queue_yield.clone(),
         )))
     }
 
@@ -271,6 +276,7 @@ impl Backend for CudaBackend {
             self.kernels.multiprocessors,
             self.queue,
             &self.reuse,
+            &self.queue_yield,
         )?;
         Ok(Some(Arc::new(queue)))
     }

@@ -226,7 +226,18 @@ pub(super) struct QueueSettings {
     /// Whether a block starts a parked successor's chunk before counting its predecessor's
     /// (the kernel's early start).
     pub chain_early: bool,
+    /// Whether a busy queue gives the device up when another kernel is launched on the
+    /// context ([`QueueYield`]).
+    pub yield_device: bool,
+    /// The longest a queue's kernel stays on the device (zero: no limit).
+    pub slice: Duration,
 }
+
+/// The longest a device queue's kernel stays on the device before it leaves (and is launched
+/// again at the next publication or check): the bound on how long another kernel can wait for
+/// the device where the yield word missed it (`queue_kernel.cu`). Leaving costs a relaunch, a
+/// few tens of microseconds without service, so it is long next to that.
+pub const QUEUE_SLICE: Duration = Duration::from_millis(50);
 
 impl QueueSettings {
     /// The settings for `chain` (`None`: on unless `MULTIQ_QUEUE_CHAIN=0`; on by default since
@@ -235,8 +246,10 @@ impl QueueSettings {
     /// `bench/results/h200/chain/`), with the diagnostic knobs for comparing variants on a GPU:
     /// `MULTIQ_QUEUE_CHUNK_TILES`, `MULTIQ_QUEUE_CHAIN_TILES` (1..=1024; default: the chunk
     /// size) and `MULTIQ_QUEUE_CHAIN_EARLY=0` (or `off`, `false`: early start off);
-    /// `MULTIQ_QUEUE_CHAIN` takes 1, on or true (0, off, false: off). A value not understood
-    /// is an error naming the variable. [`QueueSettings::describe`] records the values used.
+    /// `MULTIQ_QUEUE_CHAIN` takes 1, on or true (0, off, false: off); `MULTIQ_QUEUE_YIELD=off`
+    /// keeps a busy queue on the device whatever else is launched, `MULTIQ_QUEUE_SLICE_MS`
+    /// sets [`QUEUE_SLICE`] (0: no limit). A value not understood is an error naming the
+    /// variable. [`QueueSettings::describe`] records the values used.
     pub fn new(chain: Option<bool>) -> Result<QueueSettings> {
         use crate::env_knob::{read, switch, SWITCH};
         let chain = match chain {
@@ -250,6 +263,13 @@ impl QueueSettings {
             chain,
             chain_tiles: tiles_from_env("MULTIQ_QUEUE_CHAIN_TILES")?.unwrap_or(chunk_tiles),
             chain_early: read("MULTIQ_QUEUE_CHAIN_EARLY", SWITCH, switch)?.unwrap_or(true),
+            yield_device: read("MULTIQ_QUEUE_YIELD", SWITCH, switch)?.unwrap_or(true),
+            slice: read(
+                "MULTIQ_QUEUE_SLICE_MS",
+                "a whole number of milliseconds (0: no limit)",
+                |v| v.parse::<u64>().ok(),
+            )?
+            .map_or(QUEUE_SLICE, Duration::from_millis),
         })
     }
 
@@ -267,6 +287,9 @@ impl QueueSettings {
             let early = if self.chain_early { "on" } else { "off" };
             out.push(("queue_chain_early".into(), early.into()));
         }
+        let yield_device = if self.yield_device { "on" } else { "off" };
+        out.push(("queue_yield".into(), yield_device.into()));
+        out.push(("queue_slice_ms".into(), self.slice.as_millis().to_string()));
         out
     }
 }
@@ -392,6 +415,9 @@ struct QueueParams {
     chained_start: u64,
     chain_tiles: u32,
     chain_early: u32,
+    yield_word: u64,
+    yield_base: u64,
+    slice_ns: u64,
 }
 
 /// One op's fields, as written into a `HostSlot`; `after`: the stream's previous op and the
@@ -404,6 +430,65 @@ pub(super) struct SlotOp {
     /// Whether this host saw each of `after` complete before the op took its ticket.
     seen_done: [bool; 2],
     flags: u32,
+}
+
+/// The context's yield word: a counter in page-locked memory that the context's streams raise
+/// after every kernel they queue, while the context has a device queue, and that the queues'
+/// kernels read to leave the device to it (`queue_kernel.cu`: a queue's grid fills every
+/// multiprocessor, so while it runs no other kernel gets a block).
+pub(super) struct QueueYield {
+    /// The word (`None` only inside `Drop`).
+    block: Option<PinnedBlock>,
+    reuse: Arc<Reuse>,
+    /// Device queues alive on the context: without one, nothing reads the word.
+    queues: std::sync::atomic::AtomicUsize,
+}
+
+// SAFETY: shared access to the block goes only through atomic operations on its word (and the
+// device reads it); the block itself moves only in `new` and `Drop`, which own the value.
+unsafe impl Sync for QueueYield {}
+
+impl QueueYield {
+    pub(super) fn new(reuse: &Arc<Reuse>) -> Result<Self> {
+        Ok(QueueYield {
+            block: Some(reuse.take_pinned(8)?),
+            reuse: reuse.clone(),
+            queues: std::sync::atomic::AtomicUsize::new(0),
+        })
+    }
+
+    fn word(&self) -> &AtomicU64 {
+        let block = self.block.as_ref().expect("taken only by Drop");
+        // SAFETY: the block is live, page-aligned (so aligned for u64) and at least 8 bytes
+        // (`Reuse` invariant) until `Drop`; the host only accesses it atomically.
+        unsafe { AtomicU64::from_ptr(block.host().as_ptr().cast::<u64>()) }
+    }
+
+    /// After a kernel was queued on the context: raises the word if a device queue exists.
+    pub(super) fn kernel_launched(&self) {
+        if self.queues.load(Ordering::Relaxed) != 0 {
+            self.word().fetch_add(1, Ordering::Release);
+        }
+    }
+
+    fn value(&self) -> u64 {
+        self.word().load(Ordering::Acquire)
+    }
+
+    fn device(&self) -> sys::CUdeviceptr {
+        self.block.as_ref().map_or(0, PinnedBlock::device)
+    }
+}
+
+impl Drop for QueueYield {
+    fn drop(&mut self) {
+        // Every queue holding this is gone, and each waited for its kernel to leave (one that
+        // could not, after a device fault, might still read the word: reading is harmless to
+        // the block's next owner).
+        if let Some(block) = self.block.take() {
+            self.reuse.give_pinned(block);
+        }
+    }
 }
 
 /// A device queue on one CUDA context.
@@ -421,6 +506,8 @@ pub(super) struct CudaDeviceQueue {
     /// The page-locked block `host` lives in (`None` once given back).
     block: Option<PinnedBlock>,
     reuse: Arc<Reuse>,
+    /// The context's yield word (counted in while this queue lives).
+    queue_yield: Arc<QueueYield>,
     dev: sys::CUdeviceptr,
     stream: Arc<CudaStream>,
     function: CudaFunction,
@@ -448,6 +535,7 @@ impl CudaDeviceQueue {
         multiprocessors: u32,
         settings: QueueSettings,
         reuse: &Arc<Reuse>,
+        queue_yield: &Arc<QueueYield>,
     ) -> Result<Self> {
         bind(ctx)?;
         let per_sm = function
@@ -477,6 +565,7 @@ impl CudaDeviceQueue {
             host_dev: block.device(),
             block: Some(block),
             reuse: reuse.clone(),
+            queue_yield: queue_yield.clone(),
             dev: 0,
             stream,
             function,
@@ -486,7 +575,9 @@ impl CudaDeviceQueue {
             trace: Trace::from_env(),
             ctx: ctx.clone(),
         };
-        // From here on, `Drop` frees what was made (the stream has run nothing yet).
+        // From here on, `Drop` frees what was made (the stream has run nothing yet) and counts
+        // the queue out of the context's yield word.
+        queue_yield.queues.fetch_add(1, Ordering::Relaxed);
         queue.dev = queue
             .device_alloc(DEV_BYTES)
             .map_err(|e| driver_error("device queue", e))?;
@@ -572,6 +663,15 @@ impl CudaDeviceQueue {
             chained_start: self.region().chained.0.load(Ordering::Acquire),
             chain_tiles: self.settings.chain_tiles,
             chain_early: u32::from(self.settings.chain && self.settings.chain_early),
+            // Read before the launch: a kernel launched on the context after this read raises
+            // the word past it, and this kernel leaves for it.
+            yield_base: self.queue_yield.value(),
+            yield_word: if self.settings.yield_device {
+                self.queue_yield.device()
+            } else {
+                0
+            },
+            slice_ns: u64::try_from(self.settings.slice.as_nanos()).unwrap_or(u64::MAX),
         };
         bind(&self.ctx)?;
         // SAFETY: the chunk queue is within the live allocation (invariant); the memset is
@@ -587,7 +687,8 @@ impl CudaDeviceQueue {
         .map_err(|e| driver_error("device queue launch", e))?;
         let mut args: [*mut c_void; 1] = [(&mut params as *mut QueueParams).cast()];
         // SAFETY: the function takes one `QueueParams` by value, laid out as `QueueParams`
-        // here (eleven u64, two u32, four u64, two u32); `args` points to a live local for the duration of the
+        // here (eleven u64, two u32, four u64, two u32, three u64; the layout test checks it
+        // against the kernel's source); `args` points to a live local for the duration of the
         // call (the driver copies it). Every pointer in it is live until `Drop` has seen the
         // stream idle (invariant); the kernel needs blockDim = 1,024 (its chunk size) and a
         // grid no larger than what the occupancy calculator says fits at once.
@@ -751,6 +852,7 @@ impl BackendDeviceQueue for CudaDeviceQueue {
 
 impl Drop for CudaDeviceQueue {
     fn drop(&mut self) {
+        self.queue_yield.queues.fetch_sub(1, Ordering::Relaxed);
         // If the device failed, a kernel might still read the memory: it is leaked instead.
         if self.published() == 0 || self.stop() {
             if let Some(trace) = &self.trace {
@@ -993,19 +1095,24 @@ mod tests {
             host_chained,
             chained_start,
             chain_tiles,
-            chain_early
+            chain_early,
+            yield_word,
+            yield_base,
+            slice_ns
         );
         assert_eq!(kernel_params(), host);
         assert_eq!(std::mem::size_of::<QueueParams>() % 8, 0);
     }
 
     #[test]
-    fn results_record_the_chain_settings_only_where_ops_chain() {
+    fn results_record_the_chain_settings_only_where_ops_chain_and_always_the_yield() {
         let mut s = QueueSettings {
             chunk_tiles: 2,
             chain: false,
             chain_tiles: 4,
             chain_early: true,
+            yield_device: true,
+            slice: QUEUE_SLICE,
         };
         let keys = |s: &QueueSettings| {
             s.describe()
@@ -1013,15 +1120,27 @@ mod tests {
                 .map(|(k, v)| format!("{k}={v}"))
                 .collect::<Vec<_>>()
         };
-        assert_eq!(keys(&s), ["queue_chain=off", "queue_chunk_tiles=2"]);
+        assert_eq!(
+            keys(&s),
+            [
+                "queue_chain=off",
+                "queue_chunk_tiles=2",
+                "queue_yield=on",
+                "queue_slice_ms=50"
+            ]
+        );
         s.chain = true;
+        s.yield_device = false;
+        s.slice = Duration::ZERO;
         assert_eq!(
             keys(&s),
             [
                 "queue_chain=on",
                 "queue_chunk_tiles=2",
                 "queue_chain_tiles=4",
-                "queue_chain_early=on"
+                "queue_chain_early=on",
+                "queue_yield=off",
+                "queue_slice_ms=0"
             ]
         );
     }

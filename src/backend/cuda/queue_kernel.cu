@@ -52,6 +52,15 @@
 // park carries the op's lap (COUNT_LAP), and a word left by the slot's previous op has
 // another. A park is never undone while the op is incomplete, and the op cannot complete
 // before this block counts its chunk, so the count's add finds the same successor.
+//
+// Giving the device up: the grid fills every multiprocessor (all its blocks resident), so while
+// it runs no other kernel of the device gets a block. The host raises a counter (yield_word)
+// after every other kernel it launches on this context; the dispatcher reads it with each
+// round's slots and, once it moved past its value at this kernel's launch, leaves as on an
+// idle exit (the ops it forwarded complete first; the rest wait in the ring for the relaunch,
+// which the host makes on its next publication or check, after the kernel that asked). A
+// kernel launched before the value was read but scheduled after this one is covered by the
+// slice: the kernel also leaves once it has run slice_ns.
 #define QUEUE_TILE 1024u  // one element per thread of a block
 // Chunk words: larger than the chunks of a whole host ring of ops plus one set of exit words
 // (QUEUE_SLOTS * MAX_OP_CHUNKS + grid), so a word is never rewritten before the block that
@@ -96,6 +105,10 @@ struct QueueParams {
     // Least tiles per chunk of an op flagged FLAG_CHAIN (and of a layout chained to); whether
     // blocks start a parked successor early (see the top of this file).
     unsigned int chain_tiles, chain_early;
+    // Giving the device up (see the top of this file): a host-mapped counter that every other
+    // kernel launch of this context raises (null: never), its value when this kernel was
+    // launched, and the longest this kernel stays on the device (0: no limit).
+    unsigned long long* yield_word; unsigned long long yield_base, slice_ns;
 };
 __device__ __forceinline__ unsigned long long ld_acquire_sys(const unsigned long long* p) {
     unsigned long long v; asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory"); return v;
@@ -176,6 +189,7 @@ __device__ void queue_dispatch(const QueueParams& q) {
     const unsigned int lane = threadIdx.x, mask = q.slots - 1u;
     const unsigned long long blocks = gridDim.x - 1u;
     unsigned long long t = q.start, last = now_ns();
+    const unsigned long long launched = last;
     ChunkQueue cq = {0ull, 0ull};
     unsigned long long chained = q.chained_start;
     // The chain table: per slot, the chunk layout of the last op this launch forwarded in it
@@ -193,12 +207,21 @@ __device__ void queue_dispatch(const QueueParams& q) {
         // stores it last, with release); each must carry this op's tag.
         const unsigned long long w0 = ld_relaxed_sys(&hs->w[0]), w1 = ld_relaxed_sys(&hs->w[1]);
         const unsigned long long w2 = ld_acquire_sys(&hs->w[2]);
+        // In flight together with the slots: whether another kernel asked for the device.
+        const unsigned long long yield_read =
+            lane == 0u && q.yield_word != 0 ? ld_relaxed_sys(q.yield_word) : q.yield_base;
         const unsigned long long finished = __shfl_sync(0xffffffffu, finished_read, 0);
         const unsigned long long tag = slot_tag(want, q.slots);
         const bool published = (w0 >> TAG_SHIFT) == tag && (w1 >> TAG_SHIFT) == tag && (w2 >> TAG_SHIFT) == tag;
         const unsigned int ballot = __ballot_sync(0xffffffffu, published);
         unsigned int n = ballot == 0xffffffffu ? 32u : (unsigned int)(__ffs(~ballot) - 1);
         if (finished > cq.finished) cq.finished = finished;
+        const unsigned long long yield_now = __shfl_sync(0xffffffffu, yield_read, 0);
+        if (yield_now != q.yield_base || (q.slice_ns != 0ull && now_ns() - launched > q.slice_ns)) {
+            // Nothing of this round is forwarded: the relaunch starts at t.
+            leave(q, cq, t);
+            return;
+        }
         if (n == 0u) {
             const unsigned long long idle = now_ns() - last;
             if (idle > q.idle_ns) {

@@ -202,6 +202,9 @@ pub(super) struct CudaQueue {
     math: super::blas::StreamMath,
     /// The context's gate for device-filling kernels, if on.
     gate: Option<Arc<super::fill_gate::FillGate>>,
+    /// Raised after every kernel queued here: a busy device queue, whose kernel fills the
+    /// device, leaves for it (`queue::QueueYield`).
+    queue_yield: Arc<super::queue::QueueYield>,
 }
 
 impl CudaQueue {
@@ -210,6 +213,7 @@ impl CudaQueue {
         kernels: Arc<Kernels>,
         gate: Option<Arc<super::fill_gate::FillGate>>,
         reuse: Arc<super::reuse::Reuse>,
+        queue_yield: Arc<super::queue::QueueYield>,
     ) -> Self {
         let math = super::blas::StreamMath::new(stream.clone(), reuse);
         CudaQueue {
@@ -217,6 +221,7 @@ impl CudaQueue {
             kernels,
             math,
             gate,
+            queue_yield,
         }
     }
 
@@ -330,8 +335,18 @@ impl CudaQueue {
                 )
             }
             .map_err(|e| driver_error("launch", e))?;
+            self.queue_yield.kernel_launched();
         }
         Ok(())
+    }
+
+    /// Passes on the result of queuing a kernel (or work made of kernels), first raising the
+    /// context's yield word if it was queued, so a busy device queue gives the device up.
+    fn launched(&self, queued: Result<()>) -> Result<()> {
+        if queued.is_ok() {
+            self.queue_yield.kernel_launched();
+        }
+        queued
     }
 }
 
@@ -374,10 +389,11 @@ impl BackendStream for CudaQueue {
             }
             .map_err(|e| driver_error("launch", e))
         };
-        match &self.gate {
+        let launched = match &self.gate {
             Some(gate) if gate.applies(buf.len) => gate.through(&self.stream, &mut launch),
             _ => launch(),
-        }
+        };
+        self.launched(launched)
     }
 
     fn launch_grouped(&self, kernel: Kernel, bufs: &[&dyn BackendBuffer]) -> Result<()> {
@@ -502,7 +518,7 @@ impl BackendStream for CudaQueue {
         spec: &crate::backend::GemmSpec,
         ops: &crate::backend::GemmOperands<'_>,
     ) -> Result<()> {
-        self.math.gemm(spec, ops)
+        self.launched(self.math.gemm(spec, ops))
     }
 
     fn gemm_batched(
@@ -510,7 +526,7 @@ impl BackendStream for CudaQueue {
         spec: &crate::backend::GemmSpec,
         ops: &[crate::backend::GemmOperands<'_>],
     ) -> Result<()> {
-        self.math.gemm_batched(spec, ops)
+        self.launched(self.math.gemm_batched(spec, ops))
     }
 
     fn upload_at(&self, buf: &dyn BackendBuffer, offset: usize, src: &[f32]) -> Result<()> {
@@ -609,8 +625,11 @@ impl BackendStream for CudaQueue {
         // inside live allocations of this context (checked above; device memory or mapped
         // page-locked memory), in distinct buffers, and the kernel touches i < n only, after
         // `wait_for_prerequisites()` (so a programmatic launch is sound).
-        unsafe { super::kernels::launch(&self.kernels.copy_f32, &self.stream, shape, &mut params) }
-            .map_err(|e| driver_error("copy", e))
+        let launched = unsafe {
+            super::kernels::launch(&self.kernels.copy_f32, &self.stream, shape, &mut params)
+        }
+        .map_err(|e| driver_error("copy", e));
+        self.launched(launched)
     }
 
     fn record_program(
@@ -633,10 +652,12 @@ impl BackendStream for CudaQueue {
                 "a program replayed on a stream it was not recorded on",
             ));
         }
-        p.graph
+        let launched = p
+            .graph
             .lock()
             .launch()
-            .map_err(|e| driver_error("launch graph", e))
+            .map_err(|e| driver_error("launch graph", e));
+        self.launched(launched)
     }
 
     fn free_after(&self, buf: Box<dyn BackendBuffer>) {

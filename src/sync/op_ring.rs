@@ -176,8 +176,9 @@ impl OpRing {
         Ok(t)
     }
 
-    /// True once op `op` completed. With `check`, also returns the device's error if it
-    /// failed, and relaunches the kernel if it left with ops outstanding.
+    /// True once op `op` completed. Relaunches the kernel if it left with ops outstanding; with
+    /// `check`, also when no kernel is believed running (a failed launch), and returns the
+    /// device's error if it failed.
     pub fn is_done<D: RingDevice>(
         &self,
         device: &D,
@@ -198,8 +199,18 @@ impl OpRing {
         if check {
             device.failed()?;
             self.ensure_running(device)?;
+        } else if self.kernel_left(device) {
+            // The kernel left with ops outstanding (it gave the device up, or an idle exit
+            // raced a publication): relaunched now, not at the next check.
+            self.ensure_running(device)?;
         }
         Ok(false)
+    }
+
+    /// Whether the kernel believed running has left (two loads; no lock).
+    fn kernel_left<D: RingDevice>(&self, device: &D) -> bool {
+        let live = self.live_epoch.load(Ordering::Acquire);
+        live != 0 && device.exit_record().1 == live
     }
 
     /// Makes sure a kernel will run every published op: relaunches from the exit point when
@@ -589,6 +600,12 @@ mod loom_tests {
     /// The submitter's launch fails (and so may the next): the op stays published with no
     /// kernel running, and the waiters' checks launch one once the device takes it. Every op
     /// still runs once, in order.
+    #[test]
+    fn a_failed_launch_is_retried_by_the_waiters() {
+        check_failing(4, &[100], &[], 3, 2);
+        check_failing(4, &[100], &[200], 2, 1);
+    }
+
     /// A kernel gives the device up (another kernel asked for it) after running one op,
     /// whether the next is published or not: the ops left in the ring run in a relaunched
     /// kernel, each once, in order, and every waiter returns.
@@ -596,12 +613,6 @@ mod loom_tests {
     fn a_kernel_that_gives_the_device_up_is_relaunched_for_the_ops_left() {
         check_device(4, &[100, 101, 102], &[], 2, 0, 1);
         check_device(4, &[100], &[200], 2, 0, 1);
-    }
-
-    #[test]
-    fn a_failed_launch_is_retried_by_the_waiters() {
-        check_failing(4, &[100], &[], 3, 2);
-        check_failing(4, &[100], &[200], 2, 1);
     }
 }
 

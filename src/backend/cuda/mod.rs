@@ -58,7 +58,8 @@ pub struct CudaBackend {
     /// Page-locked blocks and cuBLAS handles kept for reuse: releasing them would wait for the
     /// whole device ([`reuse`]).
     reuse: Arc<reuse::Reuse>,
-    /// Raised after every kernel the context's streams queue; device queues leave for it.
+    /// Raised after every kernel queued on the device; device queues leave for it (one per GPU
+    /// in the process).
     queue_yield: Arc<queue::QueueYield>,
 }
 
@@ -164,7 +165,7 @@ impl CudaBackend {
         ));
         let reuse = Arc::new(reuse::Reuse::new(&ctx));
         Ok(CudaBackend {
-            queue_yield: Arc::new(queue::QueueYield::new(&reuse)?),
+            queue_yield: queue::QueueYield::for_device(opts.ordinal, &reuse)?,
             reuse,
             ctx,
             alloc_stream,

@@ -239,6 +239,16 @@ pub(super) struct QueueSettings {
 /// few tens of microseconds without service, so it is long next to that.
 pub const QUEUE_SLICE: Duration = Duration::from_millis(50);
 
+/// The least a device queue's kernel runs before it leaves for another kernel: every launch
+/// makes progress, and kernels launched back to back cost it one relaunch per this much time
+/// at most.
+pub const QUEUE_MIN_RUN: Duration = Duration::from_micros(200);
+
+/// A kernel launched on the device this recently may not have started yet (it can wait behind
+/// work of its own stream): a queue kernel launched now leaves once more after
+/// [`QUEUE_MIN_RUN`] for it.
+pub const QUEUE_RECENT: Duration = Duration::from_millis(2);
+
 impl QueueSettings {
     /// The settings for `chain` (`None`: on unless `MULTIQ_QUEUE_CHAIN=0`; on by default since
     /// the H200 call of 2026-12-05 at `845214b`: with early start, 1.18x the unchained queue at
@@ -417,6 +427,7 @@ struct QueueParams {
     chain_early: u32,
     yield_word: u64,
     yield_base: u64,
+    min_run_ns: u64,
     slice_ns: u64,
 }
 
@@ -432,16 +443,29 @@ pub(super) struct SlotOp {
     flags: u32,
 }
 
-/// The context's yield word: a counter in page-locked memory that the context's streams raise
-/// after every kernel they queue, while the context has a device queue, and that the queues'
-/// kernels read to leave the device to it (`queue_kernel.cu`: a queue's grid fills every
-/// multiprocessor, so while it runs no other kernel gets a block).
+/// A device's yield word: a counter in page-locked memory that streams raise after every
+/// kernel they queue on the device, while it has a device queue, and that the queues' kernels
+/// read to leave the device to those kernels (`queue_kernel.cu`: a queue's grid fills every
+/// multiprocessor, so while it runs no other kernel gets a block). One per device ordinal in
+/// the process ([`QueueYield::for_device`]): every `Device` opened on a GPU shares its primary
+/// context, and so its multiprocessors.
 pub(super) struct QueueYield {
     /// The word (`None` only inside `Drop`).
     block: Option<PinnedBlock>,
     reuse: Arc<Reuse>,
-    /// Device queues alive on the context: without one, nothing reads the word.
+    /// Device queues alive on the device: without one, nothing reads the word.
     queues: std::sync::atomic::AtomicUsize,
+    /// When a kernel was last launched ([`since_start`] nanoseconds; 0: never).
+    last_launch: AtomicU64,
+}
+
+/// Nanoseconds since the first call in this process (at least 1).
+fn since_start() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let start = *START.get_or_init(std::time::Instant::now);
+    u64::try_from(start.elapsed().as_nanos())
+        .unwrap_or(u64::MAX)
+        .max(1)
 }
 
 // SAFETY: shared access to the block goes only through atomic operations on its word (and the
@@ -449,12 +473,25 @@ pub(super) struct QueueYield {
 unsafe impl Sync for QueueYield {}
 
 impl QueueYield {
-    pub(super) fn new(reuse: &Arc<Reuse>) -> Result<Self> {
-        Ok(QueueYield {
+    /// The yield word of device `ordinal`: the one in use, or a new one from `reuse`.
+    pub(super) fn for_device(ordinal: usize, reuse: &Arc<Reuse>) -> Result<Arc<Self>> {
+        use std::collections::HashMap;
+        use std::sync::Weak;
+        static WORDS: parking_lot::Mutex<Option<HashMap<usize, Weak<QueueYield>>>> =
+            parking_lot::Mutex::new(None);
+        let mut words = WORDS.lock();
+        let words = words.get_or_insert_with(HashMap::new);
+        if let Some(word) = words.get(&ordinal).and_then(Weak::upgrade) {
+            return Ok(word);
+        }
+        let word = Arc::new(QueueYield {
             block: Some(reuse.take_pinned(8)?),
             reuse: reuse.clone(),
             queues: std::sync::atomic::AtomicUsize::new(0),
-        })
+            last_launch: AtomicU64::new(0),
+        });
+        words.insert(ordinal, Arc::downgrade(&word));
+        Ok(word)
     }
 
     fn word(&self) -> &AtomicU64 {
@@ -464,15 +501,27 @@ impl QueueYield {
         unsafe { AtomicU64::from_ptr(block.host().as_ptr().cast::<u64>()) }
     }
 
-    /// After a kernel was queued on the context: raises the word if a device queue exists.
+    /// After a kernel was queued on the device: raises the word if a device queue exists.
     pub(super) fn kernel_launched(&self) {
         if self.queues.load(Ordering::Relaxed) != 0 {
             self.word().fetch_add(1, Ordering::Release);
+            self.last_launch.store(since_start(), Ordering::Relaxed);
         }
     }
 
-    fn value(&self) -> u64 {
-        self.word().load(Ordering::Acquire)
+    /// What a queue kernel launched now compares the word with: its value, or one less when
+    /// a kernel was launched within [`QUEUE_RECENT`] (so the queue kernel leaves once for it
+    /// after [`QUEUE_MIN_RUN`]: it may not have started yet).
+    fn base(&self) -> u64 {
+        let value = self.word().load(Ordering::Acquire);
+        let last = self.last_launch.load(Ordering::Relaxed);
+        let recent =
+            last != 0 && since_start().saturating_sub(last) < QUEUE_RECENT.as_nanos() as u64;
+        if recent {
+            value.wrapping_sub(1)
+        } else {
+            value
+        }
     }
 
     fn device(&self) -> sys::CUdeviceptr {
@@ -506,7 +555,7 @@ pub(super) struct CudaDeviceQueue {
     /// The page-locked block `host` lives in (`None` once given back).
     block: Option<PinnedBlock>,
     reuse: Arc<Reuse>,
-    /// The context's yield word (counted in while this queue lives).
+    /// The device's yield word (counted in while this queue lives).
     queue_yield: Arc<QueueYield>,
     dev: sys::CUdeviceptr,
     stream: Arc<CudaStream>,
@@ -576,7 +625,7 @@ impl CudaDeviceQueue {
             ctx: ctx.clone(),
         };
         // From here on, `Drop` frees what was made (the stream has run nothing yet) and counts
-        // the queue out of the context's yield word.
+        // the queue out of the device's yield word.
         queue_yield.queues.fetch_add(1, Ordering::Relaxed);
         queue.dev = queue
             .device_alloc(DEV_BYTES)
@@ -663,9 +712,10 @@ impl CudaDeviceQueue {
             chained_start: self.region().chained.0.load(Ordering::Acquire),
             chain_tiles: self.settings.chain_tiles,
             chain_early: u32::from(self.settings.chain && self.settings.chain_early),
-            // Read before the launch: a kernel launched on the context after this read raises
+            // Read before the launch: a kernel launched on the device after this read raises
             // the word past it, and this kernel leaves for it.
-            yield_base: self.queue_yield.value(),
+            yield_base: self.queue_yield.base(),
+            min_run_ns: QUEUE_MIN_RUN.as_nanos() as u64,
             yield_word: if self.settings.yield_device {
                 self.queue_yield.device()
             } else {
@@ -852,9 +902,11 @@ impl BackendDeviceQueue for CudaDeviceQueue {
 
 impl Drop for CudaDeviceQueue {
     fn drop(&mut self) {
-        self.queue_yield.queues.fetch_sub(1, Ordering::Relaxed);
         // If the device failed, a kernel might still read the memory: it is leaked instead.
-        if self.published() == 0 || self.stop() {
+        let stopped = self.published() == 0 || self.stop();
+        // Counted out only now: while it drains, the queue's kernel still leaves for others.
+        self.queue_yield.queues.fetch_sub(1, Ordering::Relaxed);
+        if stopped {
             if let Some(trace) = &self.trace {
                 // The copy needs the context current (`stop` binds it only if it published).
                 let _ = bind(&self.ctx);
@@ -1098,10 +1150,14 @@ mod tests {
             chain_early,
             yield_word,
             yield_base,
+            min_run_ns,
             slice_ns
         );
         assert_eq!(kernel_params(), host);
-        assert_eq!(std::mem::size_of::<QueueParams>() % 8, 0);
+        // The last field ends where the struct does (no field left out at the end).
+        let (last, at) = kernel_params().last().cloned().expect("fields");
+        assert_eq!(last, "slice_ns");
+        assert_eq!(std::mem::size_of::<QueueParams>(), at + 8);
     }
 
     #[test]

@@ -55,12 +55,15 @@
 //
 // Giving the device up: the grid fills every multiprocessor (all its blocks resident), so while
 // it runs no other kernel of the device gets a block. The host raises a counter (yield_word)
-// after every other kernel it launches on this context; the dispatcher reads it with each
-// round's slots and, once it moved past its value at this kernel's launch, leaves as on an
-// idle exit (the ops it forwarded complete first; the rest wait in the ring for the relaunch,
-// which the host makes on its next publication or check, after the kernel that asked). A
-// kernel launched before the value was read but scheduled after this one is covered by the
-// slice: the kernel also leaves once it has run slice_ns.
+// after every other kernel it launches on the device; the dispatcher reads it with each
+// round's slots and, once it differs from yield_base and this kernel has run min_run_ns (so
+// every launch makes progress), leaves as on an idle exit: the ops it forwarded complete
+// first; the rest wait in the ring for the relaunch, which the host makes at its next
+// publication or poll, queued after the kernels that asked. yield_base is the counter's value
+// when the host launched this kernel, or one less when another kernel was launched shortly
+// before (it may still wait behind work of its own stream, so this kernel leaves once again
+// after min_run_ns). Anything the counter misses is covered by the slice: the kernel also
+// leaves once it has run slice_ns.
 #define QUEUE_TILE 1024u  // one element per thread of a block
 // Chunk words: larger than the chunks of a whole host ring of ops plus one set of exit words
 // (QUEUE_SLOTS * MAX_OP_CHUNKS + grid), so a word is never rewritten before the block that
@@ -106,9 +109,9 @@ struct QueueParams {
     // blocks start a parked successor early (see the top of this file).
     unsigned int chain_tiles, chain_early;
     // Giving the device up (see the top of this file): a host-mapped counter that every other
-    // kernel launch of this context raises (null: never), its value when this kernel was
-    // launched, and the longest this kernel stays on the device (0: no limit).
-    unsigned long long* yield_word; unsigned long long yield_base, slice_ns;
+    // kernel launch on the device raises (null: never), the value this kernel compares it with,
+    // the least time it runs before it may leave for it, and the longest it stays (0: no limit).
+    unsigned long long* yield_word; unsigned long long yield_base, min_run_ns, slice_ns;
 };
 __device__ __forceinline__ unsigned long long ld_acquire_sys(const unsigned long long* p) {
     unsigned long long v; asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory"); return v;
@@ -199,17 +202,18 @@ __device__ void queue_dispatch(const QueueParams& q) {
     // block has it: 8 KiB of shared memory).
     __shared__ unsigned long long chain_lay[QUEUE_SLOTS];
     for (;;) {
-        // Read while the bus read is in flight: the chunks finished (how busy the blocks are).
+        // Read while the bus read is in flight: the chunks finished (how busy the blocks are),
+        // and whether another kernel asked for the device (before the slots' acquire load,
+        // which would hold it back until the slots arrived).
         const unsigned long long finished_read = ld_relaxed_gpu(&q.ctr[CTR_FINISHED]);
+        const unsigned long long yield_read =
+            lane == 0u && q.yield_word != 0 ? ld_relaxed_sys(q.yield_word) : q.yield_base;
         const unsigned long long want = t + lane;
         const HostSlot* hs = &q.ring[want & mask];
         // One round trip: the three words together, the last one with acquire (the host
         // stores it last, with release); each must carry this op's tag.
         const unsigned long long w0 = ld_relaxed_sys(&hs->w[0]), w1 = ld_relaxed_sys(&hs->w[1]);
         const unsigned long long w2 = ld_acquire_sys(&hs->w[2]);
-        // In flight together with the slots: whether another kernel asked for the device.
-        const unsigned long long yield_read =
-            lane == 0u && q.yield_word != 0 ? ld_relaxed_sys(q.yield_word) : q.yield_base;
         const unsigned long long finished = __shfl_sync(0xffffffffu, finished_read, 0);
         const unsigned long long tag = slot_tag(want, q.slots);
         const bool published = (w0 >> TAG_SHIFT) == tag && (w1 >> TAG_SHIFT) == tag && (w2 >> TAG_SHIFT) == tag;
@@ -217,7 +221,8 @@ __device__ void queue_dispatch(const QueueParams& q) {
         unsigned int n = ballot == 0xffffffffu ? 32u : (unsigned int)(__ffs(~ballot) - 1);
         if (finished > cq.finished) cq.finished = finished;
         const unsigned long long yield_now = __shfl_sync(0xffffffffu, yield_read, 0);
-        if (yield_now != q.yield_base || (q.slice_ns != 0ull && now_ns() - launched > q.slice_ns)) {
+        const unsigned long long ran = now_ns() - launched;
+        if ((yield_now != q.yield_base && ran >= q.min_run_ns) || (q.slice_ns != 0ull && ran > q.slice_ns)) {
             // Nothing of this round is forwarded: the relaunch starts at t.
             leave(q, cq, t);
             return;

@@ -341,7 +341,7 @@ impl CudaQueue {
     }
 
     /// Passes on the result of queuing a kernel (or work made of kernels), first raising the
-    /// context's yield word if it was queued, so a busy device queue gives the device up.
+    /// device's yield word if it was queued, so a busy device queue gives the device up.
     fn launched(&self, queued: Result<()>) -> Result<()> {
         if queued.is_ok() {
             self.queue_yield.kernel_launched();

@@ -509,19 +509,16 @@ impl QueueYield {
         }
     }
 
-    /// What a queue kernel launched now compares the word with: its value, or one less when
-    /// a kernel was launched within [`QUEUE_RECENT`] (so the queue kernel leaves once for it
-    /// after [`QUEUE_MIN_RUN`]: it may not have started yet).
-    fn base(&self) -> u64 {
-        let value = self.word().load(Ordering::Acquire);
+    /// Before a device queue's kernel is launched: raises the word, so the other queues'
+    /// kernels (each filling the device) leave for it, and returns the value the new kernel
+    /// compares the word with (its own raise included, so it does not leave for itself), and
+    /// when another kernel was last launched, if that was within [`QUEUE_RECENT`].
+    fn queue_launching(&self) -> (u64, Option<u64>) {
+        let value = self.word().fetch_add(1, Ordering::AcqRel).wrapping_add(1);
         let last = self.last_launch.load(Ordering::Relaxed);
         let recent =
             last != 0 && since_start().saturating_sub(last) < QUEUE_RECENT.as_nanos() as u64;
-        if recent {
-            value.wrapping_sub(1)
-        } else {
-            value
-        }
+        (value, recent.then_some(last))
     }
 
     fn device(&self) -> sys::CUdeviceptr {
@@ -557,6 +554,8 @@ pub(super) struct CudaDeviceQueue {
     reuse: Arc<Reuse>,
     /// The device's yield word (counted in while this queue lives).
     queue_yield: Arc<QueueYield>,
+    /// The launch (its time stamp) for which a kernel of this queue last got the extra exit.
+    straggler_exit: AtomicU64,
     dev: sys::CUdeviceptr,
     stream: Arc<CudaStream>,
     function: CudaFunction,
@@ -615,6 +614,7 @@ impl CudaDeviceQueue {
             block: Some(block),
             reuse: reuse.clone(),
             queue_yield: queue_yield.clone(),
+            straggler_exit: AtomicU64::new(u64::MAX),
             dev: 0,
             stream,
             function,
@@ -684,6 +684,22 @@ impl CudaDeviceQueue {
         }
     }
 
+    /// The value a kernel launched now compares the yield word with ([`QueueYield`]): the
+    /// word's value, or one less (so the kernel leaves once more after [`QUEUE_MIN_RUN`]) when
+    /// another kernel was launched within [`QUEUE_RECENT`] (it may still wait behind work of its
+    /// own stream) and no earlier kernel of this queue got that exit for the same launch (so a
+    /// launch costs this queue at most two exits).
+    fn yield_base(&self) -> u64 {
+        match self.queue_yield.queue_launching() {
+            (value, Some(launch))
+                if self.straggler_exit.swap(launch, Ordering::Relaxed) != launch =>
+            {
+                value.wrapping_sub(1)
+            }
+            (value, _) => value,
+        }
+    }
+
     fn region(&self) -> &HostRegion {
         // SAFETY: `host` is live until `Drop` (invariant) and only accessed through atomics.
         unsafe { self.host.as_ref() }
@@ -714,7 +730,7 @@ impl CudaDeviceQueue {
             chain_early: u32::from(self.settings.chain && self.settings.chain_early),
             // Read before the launch: a kernel launched on the device after this read raises
             // the word past it, and this kernel leaves for it.
-            yield_base: self.queue_yield.base(),
+            yield_base: self.yield_base(),
             min_run_ns: QUEUE_MIN_RUN.as_nanos() as u64,
             yield_word: if self.settings.yield_device {
                 self.queue_yield.device()

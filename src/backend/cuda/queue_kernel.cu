@@ -55,7 +55,8 @@
 //
 // Giving the device up: the grid fills every multiprocessor (all its blocks resident), so while
 // it runs no other kernel of the device gets a block. The host raises a counter (yield_word)
-// after every other kernel it launches on the device; the dispatcher reads it with each
+// after every other kernel it launches on the device (and before launching another queue's
+// kernel, so two busy queues take turns); the dispatcher reads it with each
 // round's slots and, once it differs from yield_base and this kernel has run min_run_ns (so
 // every launch makes progress), leaves as on an idle exit: the ops it forwarded complete
 // first; the rest wait in the ring for the relaunch, which the host makes at its next

@@ -22,8 +22,9 @@ step() { echo "== $* ($(date -u +%T))" | tee -a "$res/summary.txt"; }
 step environment
 { cat carry/BUILD; date -u +%FT%TZ; env | grep "^MULTIQ_" | sort; nvidia-smi; } > "$res/env.txt" 2>&1
 step tests
-{ for t in carry/tests/*; do echo "--- $t"; "$t" 2>&1; echo "exit $?"; done
-  echo "--- carry/tests/gpu with the fill gate on"; MULTIQ_FILL_GATE=8 carry/tests/gpu device_filling 2>&1; echo "exit $?"
+# Each test binary gets 4 minutes (a hang must not eat the call: exit 124 says it ran out).
+{ for t in carry/tests/*; do echo "--- $t"; timeout 240 "$t" 2>&1; echo "exit $?"; done
+  echo "--- carry/tests/gpu with the fill gate on"; MULTIQ_FILL_GATE=8 timeout 120 carry/tests/gpu device_filling 2>&1; echo "exit $?"
 } > "$res/tests.txt" 2>&1
 grep -E "^test result|FAILED|panicked" "$res/tests.txt" | tee -a "$res/summary.txt"
 

@@ -16,10 +16,13 @@
 //!   device that reads the ticket there (acquire) reads the op. Between
 //!   taking a ticket and publishing it nothing can fail or panic without publishing: every
 //!   later op of the ring waits for it, so a failed wait publishes a no-op instead.
-//! - **A kernel runs while ops are outstanding.** The kernel leaves only when it finds
-//!   nothing published, recording `{first ticket not taken, its epoch}`. Every submitter,
-//!   after publishing, and every waiter now and then ([`OpRing::is_done`] with `check`),
-//!   calls [`OpRing::ensure_running`]: under one lock, if the kernel believed running has
+//! - **A kernel runs while ops are outstanding.** The kernel leaves when it finds nothing
+//!   published, or when it gives the device up to other kernels (then with ops published
+//!   after the ones it took), recording `{first ticket not taken, its epoch}`. Every
+//!   submitter, after publishing, every waiter that sees the exit record of the kernel
+//!   believed running ([`OpRing::is_done`]), and every waiter now and then (`check`: also with
+//!   no kernel believed running, after a failed launch), calls [`OpRing::ensure_running`]:
+//!   under one lock, if the kernel believed running has
 //!   left (the exit record carries its epoch) it is forgotten, and if tickets were taken
 //!   from its exit point on, a new kernel (next epoch) is launched from there. A kernel can
 //!   leave just after a submitter saw it running: the waiters' checks then relaunch it, so no
@@ -201,8 +204,10 @@ impl OpRing {
             self.ensure_running(device)?;
         } else if self.kernel_left(device) {
             // The kernel left with ops outstanding (it gave the device up, or an idle exit
-            // raced a publication): relaunched now, not at the next check.
-            self.ensure_running(device)?;
+            // raced a publication): relaunched now, not at the next check. A failed relaunch
+            // is left to the checks to report (here it would fail a slot wait, which breaks the
+            // ring: a lost op).
+            let _ = self.ensure_running(device);
         }
         Ok(false)
     }
@@ -471,16 +476,19 @@ mod loom_tests {
         }
     }
 
-    /// A waiter of op `t`, checking the device on every poll (the real waiters check every
-    /// `CHECK_EVERY`; how often is timing, not protocol). It polls again after each change
-    /// of the device's state rather than spinning: the real waiters spin, yielding, but
-    /// under loom two spinning threads can starve the device thread for ever.
+    /// A waiter of op `t`: a plain poll (which relaunches a kernel that left), then a check
+    /// (which also launches one after a failed launch and reports a fault; the real waiters
+    /// check every `CHECK_EVERY`: how often is timing, not protocol). It polls again after
+    /// each change of the device's state rather than spinning: the real waiters spin,
+    /// yielding, but under loom two spinning threads can starve the device thread for ever.
     /// A failed relaunch is the waiter's error (the real waiter returns it); this one waits
     /// on, as a caller waiting again would.
     fn wait(ring: &OpRing, device: &FakeDevice, t: u64) {
         loop {
             let seen = device.stream.lock().changes;
-            if ring.is_done(device, t, true) == Ok(true) {
+            if ring.is_done(device, t, false) == Ok(true)
+                || ring.is_done(device, t, true) == Ok(true)
+            {
                 return;
             }
             let mut s = device.stream.lock();

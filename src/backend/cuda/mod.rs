@@ -262,7 +262,12 @@ impl Backend for CudaBackend {
         }
         // cudarc panics when the driver lacks a symbol: treat that as "no signals".
         let made = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            CudaSignal::new(&self.ctx, &self.alloc_stream, &self.reuse)
+            CudaSignal::new(
+                &self.ctx,
+                &self.alloc_stream,
+                &self.reuse,
+                &self.queue_yield,
+            )
         }));
         match made {
             Ok(Ok(signal)) => Ok(Some(Arc::new(signal))),

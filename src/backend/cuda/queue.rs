@@ -509,16 +509,23 @@ impl QueueYield {
         }
     }
 
-    /// Before a device queue's kernel is launched: raises the word, so the other queues'
-    /// kernels (each filling the device) leave for it, and returns the value the new kernel
-    /// compares the word with (its own raise included, so it does not leave for itself), and
-    /// when another kernel was last launched, if that was within [`QUEUE_RECENT`].
+    /// Before a device queue's kernel is launched: the value the new kernel compares the word
+    /// with (the raise [`QueueYield::queue_launched`] makes after its launch included, so it
+    /// does not leave for itself), and when another kernel was last launched, if that was
+    /// within [`QUEUE_RECENT`].
     fn queue_launching(&self) -> (u64, Option<u64>) {
-        let value = self.word().fetch_add(1, Ordering::AcqRel).wrapping_add(1);
+        let value = self.word().load(Ordering::Acquire).wrapping_add(1);
         let last = self.last_launch.load(Ordering::Relaxed);
         let recent =
             last != 0 && since_start().saturating_sub(last) < QUEUE_RECENT.as_nanos() as u64;
         (value, recent.then_some(last))
+    }
+
+    /// After a device queue's kernel was launched: raises the word, so the other queues'
+    /// kernels (each filling the device) leave for it. (No time stamp: a queue's relaunch is
+    /// not a kernel waiting behind its stream.)
+    fn queue_launched(&self) {
+        self.word().fetch_add(1, Ordering::Release);
     }
 
     fn device(&self) -> sys::CUdeviceptr {
@@ -649,6 +656,8 @@ impl CudaDeviceQueue {
             unsafe { result::memset_d8_async(dev, 0, bytes, queue.stream.cu_stream()) }
                 .map_err(|e| driver_error("device queue trace", e))?;
         }
+        // Memsets of device memory may run on the multiprocessors: a busy queue leaves for them.
+        queue_yield.kernel_launched();
         queue
             .stream
             .synchronize()
@@ -768,7 +777,12 @@ impl CudaDeviceQueue {
                 &mut args,
             )
         }
-        .map_err(|e| driver_error("device queue launch", e))
+        .map_err(|e| driver_error("device queue launch", e))?;
+        // After the launch (the base above anticipated it): another queue's kernel that sees
+        // the raise leaves for this one, and a relaunch of it pushed before this launch was
+        // read the word before the raise, so it leaves too.
+        self.queue_yield.queue_launched();
+        Ok(())
     }
 }
 

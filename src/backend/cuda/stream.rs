@@ -752,6 +752,7 @@ impl CudaSignal {
         ctx: &Arc<CudaContext>,
         stream: &Arc<CudaStream>,
         reuse: &Arc<Reuse>,
+        queue_yield: &super::queue::QueueYield,
     ) -> Result<Self> {
         bind(ctx)?;
         // Zeroed, page-aligned (so aligned for u64), at least 8 bytes.
@@ -793,6 +794,9 @@ impl CudaSignal {
         unsafe { sys::cuMemsetD32Async(signal.counter, 0, 1, stream.cu_stream()) }
             .result()
             .map_err(|e| driver_error("signal", e))?;
+        // A memset of device memory may run on the multiprocessors: a busy device queue
+        // leaves for it (`new` waits for it below).
+        queue_yield.kernel_launched();
         // SAFETY: as in `CudaQueue::signal`: live word, live stream (`home`, which `Drop`
         // waits for).
         unsafe { sys::cuStreamWriteValue64_v2(stream.cu_stream(), signal.device_ptr, 0, 0) }

@@ -22,8 +22,8 @@ step() { echo "== $* ($(date -u +%T))" | tee -a "$res/summary.txt"; }
 step environment
 { cat carry/BUILD; date -u +%FT%TZ; env | grep "^MULTIQ_" | sort; nvidia-smi; } > "$res/env.txt" 2>&1
 step tests
-# Each test binary gets 4 minutes (a hang must not eat the call: exit 124 says it ran out).
-{ for t in carry/tests/*; do echo "--- $t"; timeout 240 "$t" 2>&1; echo "exit $?"; done
+# Each test binary gets 3 minutes (a hang must not eat the call: exit 124 says it ran out).
+{ for t in carry/tests/*; do echo "--- $t"; timeout 180 "$t" 2>&1; echo "exit $?"; done
   echo "--- carry/tests/gpu with the fill gate on"; MULTIQ_FILL_GATE=8 timeout 120 carry/tests/gpu device_filling 2>&1; echo "exit $?"
 } > "$res/tests.txt" 2>&1
 grep -E "^test result|FAILED|panicked" "$res/tests.txt" | tee -a "$res/summary.txt"

@@ -39,13 +39,13 @@ common=(--backend cuda --scenario per-thread --lock none --coalesce off,fixed,ad
 step "multiq minimal, light (median of 3)"
 . scripts/gpu-clocks.sh
 gpu_clocks_start "$res/gpu-clocks.csv"
-"$bin" bench queues "${common[@]}" --preset minimal,light --iters "$small_iters" --repeat 3 \
+timeout 300 "$bin" bench queues "${common[@]}" --preset minimal,light --iters "$small_iters" --repeat 3 \
   --json "$res/coalesce-small.json" > "$res/coalesce-small.txt" 2>&1; echo "exit $?" >> "$res/summary.txt"
 gpu_clocks_stop
 # Every repeat beside the host's counters and the GPU's clocks while it ran.
 python3 scripts/runs-beside-gpu.py --clocks "$res/gpu-clocks.csv" "$res/coalesce-small.json" > "$res/runs.txt" 2>&1
 step "multiq heavy, default (1 and 16 threads)"
-"$bin" bench queues "${common[@]}" --preset heavy,default --threads 1,16 --iters 300 \
+timeout 150 "$bin" bench queues "${common[@]}" --preset heavy,default --threads 1,16 --iters 300 \
   --json "$res/coalesce-large.json" > "$res/coalesce-large.txt" 2>&1; echo "exit $?" >> "$res/summary.txt"
 if [ "${EXTRA:-1}" = 1 ]; then  # EXTRA=0 skips this step (a call short of device time)
 step "depth 1, and wait yield (minimal, light, default; 16 threads)"

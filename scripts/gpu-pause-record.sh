@@ -4,7 +4,9 @@
 # 1. The device queue's spinning waiters with the CPU's spin-wait hint between polls (x86
 #    `pause`, the default) against without it (MULTIQ_QUEUE_PAUSE=off), and, for reference,
 #    wait policy `yield`: persistent, minimal at 4, 15 and 16 threads, a wait per op and 8 in
-#    flight, 10,000 ops per thread, interleaved over 4 rounds. (The GPU machine is a virtual
+#    flight, 10,000 ops per thread, interleaved over 4 rounds; and the queue kernel kept on the
+#    device whatever else is launched (MULTIQ_QUEUE_YIELD=off, "stay-x"), to see what giving
+#    it up costs where nothing else runs. (The GPU machine is a virtual
 #    machine with 16 cores; a long run of `pause` can make the hypervisor take the CPU away.)
 # 2. Picks by the rule below (OUTDIR/choose/choice.txt), then scripts/gpu-coalesce.sh into
 #    OUTDIR/record under the pick (without its depth and wait-yield step: EXTRA=0).
@@ -26,15 +28,30 @@ q=(bench queues --backend cuda --scenario per-thread --lock none --quiet --coale
 echo "== variants ($(date -u +%T))"
 . scripts/gpu-clocks.sh
 gpu_clocks_start "$res/gpu-clocks.csv"
+# One run, at most 2 minutes (a run takes seconds): one that runs out marks the device queue
+# as hanging, and the rest of the call is skipped (its results so far are kept).
+hung=0
+go() {  # go NAME JSON ENV... -- ARGS...
+  local name=$1 json=$2; shift 2
+  local envs=(); while [ "$1" != -- ]; do envs+=("$1"); shift; done; shift
+  env "${envs[@]}" timeout 120 "$b" "$@" --json "$json" > /dev/null 2>&1
+  local rc=$?
+  [ $rc = 0 ] || echo "$name: exit $rc" >> "$res/errors.txt"
+  [ $rc = 124 ] && hung=1
+  return 0
+}
 for r in $(seq "${ROUNDS:-4}"); do
-  MULTIQ_QUEUE_PAUSE=on "$b" "${q[@]}" --json "$res/pause-on-$r.json" > /dev/null 2>&1 || echo "pause-on $r: exit $?" >> "$res/errors.txt"
-  MULTIQ_QUEUE_PAUSE=off "$b" "${q[@]}" --json "$res/pause-off-$r.json" > /dev/null 2>&1 || echo "pause-off $r: exit $?" >> "$res/errors.txt"
-  "$b" "${q[@]}" --wait yield --json "$res/yield-x-$r.json" > /dev/null 2>&1 || echo "yield $r: exit $?" >> "$res/errors.txt"
+  [ $hung = 0 ] || break
+  go "pause-on $r" "$res/pause-on-$r.json" MULTIQ_QUEUE_PAUSE=on -- "${q[@]}"
+  go "pause-off $r" "$res/pause-off-$r.json" MULTIQ_QUEUE_PAUSE=off -- "${q[@]}"
+  go "yield $r" "$res/yield-x-$r.json" -- "${q[@]}" --wait yield
+  # The queue kernel giving the device up to other kernels (on by default since cd2fd34) against
+  # staying on it: its cost where nothing else runs (direct launches at a run's start and end).
+  go "stay $r" "$res/stay-x-$r.json" MULTIQ_QUEUE_YIELD=off -- "${q[@]}"
   if [ "${RECORD:-1}" = 0 ]; then
     for g in 0 8; do
-      MULTIQ_FILL_GATE=$g "$b" bench queues --backend cuda --scenario per-thread --lock none --quiet --coalesce off \
-        --preset light --threads 16 --inflight 1,8 --iters 3000 --json "$res/gate$g-light-$r.json" > /dev/null 2>&1 \
-        || echo "gate $g $r: exit $?" >> "$res/errors.txt"
+      go "gate $g $r" "$res/gate$g-light-$r.json" MULTIQ_FILL_GATE=$g -- bench queues --backend cuda \
+        --scenario per-thread --lock none --quiet --coalesce off --preset light --threads 16 --inflight 1,8 --iters 3000
     done
   fi
 done
@@ -54,7 +71,7 @@ med = {k: statistics.median(x) for k, x in cells.items()}
 print("verified:", ok)
 for k in sorted(med):
     print(f"{k[0]:<10} {k[1]:>2}T if{k[2]}  median {med[k]:>12,.0f}  rounds {', '.join(f'{x:,.0f}' for x in cells[k])}")
-for v in ("pause-off", "yield-x"):
+for v in ("pause-off", "yield-x", "stay-x"):
     rel = {k[1:]: med[k] / med[("pause-on",) + k[1:]] for k in med if k[0] == v}
     print(f"{v} / pause-on: " + ", ".join(f"{t}T if{i} {x:.3f}" for (t, i), x in sorted(rel.items())))
 gate = {k[1:]: med[k] / med[("gate0-light",) + k[1:]] for k in med if k[0] == "gate8-light"}
@@ -65,7 +82,10 @@ pick = ok and rel.get((16, 8), 0) >= 1.05 and all(x >= 0.97 for c, x in rel.item
 print(f"PAUSE={'off' if pick else 'on'}")
 PY
 cat "$res/choice.txt"
-if [ "${RECORD:-1}" = 0 ]; then tar czf "$out/choose.tgz" -C "$out" choose && rm -rf "$res"; exit 0; fi
+if [ "${RECORD:-1}" = 0 ] || [ $hung = 1 ]; then
+  [ $hung = 0 ] || echo "A run ran out of time: no record (errors.txt)."
+  tar czf "$out/choose.tgz" -C "$out" choose && rm -rf "$res"; exit 0
+fi
 pause=$(sed -n 's/^PAUSE=//p' "$res/choice.txt")
 echo "== record under MULTIQ_QUEUE_PAUSE=${pause:-on} ($(date -u +%T))"
 MULTIQ_QUEUE_PAUSE=${pause:-on} EXTRA=0 bash scripts/gpu-coalesce.sh "$out/record" > "$out/record.log" 2>&1

@@ -90,6 +90,17 @@ fn report_of_a_file_older_than_coalescing_and_latency() {
     assert!(md.contains("No run in these results has coalescing on"));
     assert!(md.contains("no latency percentiles"));
     assert!(!out_dir.join("coalescing-minimal.svg").exists());
+    // Nor has it the host's counters: every run says so rather than showing a number.
+    let every_run = &md[md.find("## Every run").unwrap()..];
+    let rows: Vec<&str> = every_run
+        .lines()
+        .filter(|l| l.contains("| yes |"))
+        .collect();
+    assert!(!rows.is_empty());
+    assert!(
+        rows.iter().all(|l| l.ends_with("| - | - | - |")),
+        "{rows:?}"
+    );
 }
 
 #[test]
@@ -160,6 +171,24 @@ fn report_of_a_fresh_run_with_coalescing_and_latency() {
         md.contains("](../fresh.json)"),
         "linked relative to the report: {md}"
     );
+    // A fresh run has the host's counters: every run shows numbers, not dashes.
+    if cfg!(target_os = "linux") {
+        let every_run = &md[md.find("## Every run").unwrap()..];
+        let rows: Vec<&str> = every_run
+            .lines()
+            .filter(|l| l.contains("| yes |"))
+            .collect();
+        assert_eq!(rows.len(), 4, "{every_run}");
+        for row in rows {
+            let cells: Vec<&str> = row.trim_matches('|').split('|').map(str::trim).collect();
+            let cpu: f64 = cells[12].parse().unwrap_or_else(|_| panic!("{row}"));
+            assert!(cpu >= 0.0, "{row}");
+            assert!(
+                cells[13].parse::<u64>().is_ok() && cells[14].parse::<f64>().is_ok(),
+                "{row}"
+            );
+        }
+    }
 }
 
 #[test]

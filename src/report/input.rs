@@ -147,6 +147,23 @@ pub struct StoredRun {
     /// Repeats the row is the median of.
     #[serde(default = "one")]
     pub repeats: usize,
+    /// What the host's CPUs did during the run (absent in files older than these counters).
+    #[serde(default)]
+    pub host: Option<StoredHost>,
+}
+
+/// `host` of a run, as stored: each count `None` where the measuring system did not give it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Deserialize)]
+pub struct StoredHost {
+    /// The submitting threads' CPU time per op, µs.
+    #[serde(default)]
+    pub cpu_per_op_us: Option<f64>,
+    /// Times the scheduler took a submitting thread's CPU away.
+    #[serde(default)]
+    pub involuntary_switches: Option<u64>,
+    /// CPU time the hypervisor took from the machine during the run, ms.
+    #[serde(default)]
+    pub steal_ms: Option<f64>,
 }
 
 /// A combination that was not run, as stored.

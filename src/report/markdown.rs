@@ -613,17 +613,25 @@ fn provenance_section(s: &mut String, a: &Analysis, dir: &Path) {
 fn runs_section(s: &mut String, a: &Analysis) {
     s.push_str("## Every run\n\n");
     s.push_str(
-        "| file | op | streams | lock | in flight | coalescing | threads | ops/s | speedup | \
-         p50 µs | p99 µs | verified |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "Host: the submitting threads' CPU time per op, how often the scheduler took their \
+         CPUs away (preempted), and the CPU time the hypervisor took from the machine (steal) \
+         during the run; \"-\" where the file has no such counters.\n\n",
     );
+    s.push_str(
+        "| file | op | streams | lock | in flight | coalescing | threads | ops/s | speedup | \
+         p50 µs | p99 µs | verified | host CPU/op µs | preempted | steal ms |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    let or_dash = |v: Option<String>| v.unwrap_or_else(|| "-".into());
     for (i, src) in a.inputs.sources.iter().enumerate() {
         for r in &src.results.runs {
             let (p50, p99) = r.latency_us.map_or(("-".into(), "-".into()), |l| {
                 (format!("{:.1}", l.p50), format!("{:.1}", l.p99))
             });
+            let host = r.host.unwrap_or_default();
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {:.2} | {p50} | {p99} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {:.2} | {p50} | {p99} | {} | {} | {} | {} |",
                 a.files[i],
                 r.preset,
                 r.scenario,
@@ -633,7 +641,10 @@ fn runs_section(s: &mut String, a: &Analysis) {
                 r.threads,
                 thousands(r.ops_per_sec),
                 r.speedup,
-                if r.verified { "yes" } else { "**no**" }
+                if r.verified { "yes" } else { "**no**" },
+                or_dash(host.cpu_per_op_us.map(|v| format!("{v:.1}"))),
+                or_dash(host.involuntary_switches.map(|v| v.to_string())),
+                or_dash(host.steal_ms.map(|v| format!("{v:.0}"))),
             );
         }
     }

@@ -289,6 +289,7 @@ mod tests {
                 p999: 3e6 / ops * threads as f64,
             }),
             repeats: 1,
+            host: None,
         }
     }
 

@@ -15,7 +15,7 @@
 //! (see `Inner::forward`).
 //!
 //! Dynamic batching ([`ModelOptions::batching`]): concurrent `infer` calls are queued in a
-//! [`Batcher`]; whichever caller leads concatenates the queued inputs (up to `max_rows` rows)
+//! `Batcher`; whichever caller leads concatenates the queued inputs (up to `max_rows` rows)
 //! into its context's host staging buffer (host memory the device reads in place), queues the
 //! forward as one recorded program (copy in, the products, copy out into the host staging
 //! output), waits, splits the output by rows and hands each caller exactly its rows, then

@@ -4,7 +4,7 @@
 //! stores its parameters as `0.weight [1024, 512]`, `0.bias [1024]`, `2.weight [1024, 1024]`,
 //! `2.bias [1024]`, `4.weight [512, 1024]`, `4.bias [512]` (a `Linear`'s weight is
 //! `[out, in]`; the ReLUs at 1 and 3 have none). [`load`] checks every name, dtype and shape
-//! against the architecture and names the tensor in its error; [`write`] writes that layout,
+//! against the architecture and names the tensor in its error; [`write()`] writes that layout,
 //! so `torch.nn.Sequential(...).load_state_dict(safetensors.torch.load_file(path))` reads it.
 
 use std::collections::HashSet;

@@ -92,7 +92,7 @@ pub enum CoalescePolicy {
     /// Coalescing on the device: ops are published to a kernel that stays on the device
     /// while work arrives and runs concurrent ops side by side (no launch per op, no host
     /// batching; see `runtime::device_queue`). Where the backend has no device queue (CPU),
-    /// the pool coalesces on the host as [`PERSISTENT_FALLBACK`] instead.
+    /// the pool coalesces on the host as `PERSISTENT_FALLBACK` instead.
     Persistent,
 }
 

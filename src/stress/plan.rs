@@ -6,7 +6,7 @@
 //! round with `--round-seed`) does not.
 //!
 //! New op kinds (matmul, MLP) plug in as an [`Op`] variant with its weight in
-//! [`op_weights`], a branch in `mixed::Worker::run_op`, and a serial reference in `model`.
+//! `op_weights`, a branch in `mixed::Worker::run_op`, and a serial reference in `model`.
 
 use std::fmt::Write as _;
 use std::time::Duration;

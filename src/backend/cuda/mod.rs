@@ -3,7 +3,7 @@
 //! - Libraries are probed before first use (cudarc panics when one is missing; multiq returns
 //!   [`Error::BackendUnavailable`] naming it).
 //! - Kernels are CUDA C compiled by NVRTC with fast math, once per device per process
-//!   ([`kernels`]).
+//!   (`kernels`).
 //! - Streams are non-blocking CUDA streams. cudarc's automatic event tracking is disabled
 //!   before any stream exists: multiq never hands cudarc a `CudaSlice`, it owns raw device
 //!   allocations and orders them explicitly by the runtime's ownership rules (a buffer is

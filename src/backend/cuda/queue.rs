@@ -227,7 +227,7 @@ pub(super) struct QueueSettings {
     /// (the kernel's early start).
     pub chain_early: bool,
     /// Whether a busy queue gives the device up when another kernel is launched on the
-    /// context ([`QueueYield`]).
+    /// device ([`QueueYield`]).
     pub yield_device: bool,
     /// The longest a queue's kernel stays on the device (zero: no limit).
     pub slice: Duration,

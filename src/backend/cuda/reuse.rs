@@ -106,14 +106,11 @@ impl Reuse {
     /// more than twice as large, or a new one.
     pub(super) fn take_pinned(&self, bytes: usize) -> Result<PinnedBlock> {
         let bytes = bytes.max(1).next_multiple_of(PAGE);
-        let cached = {
-            let mut pinned = self.pinned.lock();
-            let fits = pinned
-                .range_mut(bytes..=bytes.saturating_mul(2))
-                .find(|(_, blocks)| !blocks.is_empty())
-                .and_then(|(_, blocks)| blocks.pop());
-            fits
-        };
+        let cached = self
+            .pinned
+            .lock()
+            .range_mut(bytes..=bytes.saturating_mul(2))
+            .find_map(|(_, blocks)| blocks.pop());
         let block = match cached {
             Some(b) => b,
             None => self.alloc_pinned(bytes)?,

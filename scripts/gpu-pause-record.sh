@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run ON THE GPU MACHINE (after scripts/gpu-prepare.sh here), in one call of about 5 minutes:
+# Run ON THE GPU MACHINE (after scripts/gpu-prepare.sh here), in one call of about 7 minutes:
 #   run(command="bash scripts/gpu-pause-record.sh \"$OUT\"", carry=["carry"])
 # 1. The device queue's spinning waiters with the CPU's spin-wait hint between polls (x86
 #    `pause`, the default) against without it (MULTIQ_QUEUE_PAUSE=off), and, for reference,
@@ -8,6 +8,8 @@
 #    device whatever else is launched (MULTIQ_QUEUE_YIELD=off, "stay-x"), to see what giving
 #    it up costs where nothing else runs. (The GPU machine is a virtual
 #    machine with 16 cores; a long run of `pause` can make the hypervisor take the CPU away.)
+#    Before them, scripts/probes/spin-gaps.c spins 15 and 16 threads with and without `pause`
+#    on the host alone (choose/spin-gaps.txt): time taken from spinning threads, each way.
 # 2. Picks by the rule below (OUTDIR/choose/choice.txt), then scripts/gpu-coalesce.sh into
 #    OUTDIR/record under the pick (without its depth and wait-yield step: EXTRA=0).
 # Rule, stated before the call: no pause if, at 16 threads with 8 in flight, its median is
@@ -25,6 +27,13 @@ b=carry/bin/multiq
 q=(bench queues --backend cuda --scenario per-thread --lock none --quiet --coalesce persistent
    --preset minimal --threads 4,15,16 --inflight 1,8 --iters 10000)
 { cat carry/BUILD; date -u +%FT%TZ; env | grep "^MULTIQ_" | sort; } > "$res/env.txt"
+# The host alone first (about 20 s): do threads that spin with `pause` lose their CPU to the
+# hypervisor, and those that spin without it not? (scripts/probes/spin-gaps.c; one line each)
+echo "== spin-gaps ($(date -u +%T))"
+for r in 1 2; do for t in 16 15; do for p in 1 0; do
+  timeout 30 carry/bin/spin-gaps $t $p 2 >> "$res/spin-gaps.txt" 2>&1 || echo "spin-gaps $t $p: exit $?" >> "$res/spin-gaps.txt"
+done; done; done
+cat "$res/spin-gaps.txt"
 echo "== variants ($(date -u +%T))"
 . scripts/gpu-clocks.sh
 gpu_clocks_start "$res/gpu-clocks.csv"
@@ -61,14 +70,16 @@ python3 scripts/runs-beside-gpu.py --clocks "$res/gpu-clocks.csv" "$res"/*-[0-9]
 python3 - "$res" <<'PY' > "$res/choice.txt"
 import glob, json, re, statistics, sys
 d = sys.argv[1]
-cells, ok = {}, True
+cells, ok, runs = {}, True, 0
 for f in glob.glob(d + "/*-[0-9].json"):
     v = re.match(r"(.*)-\d+\.json$", f.split("/")[-1])[1]
     for r in json.load(open(f))["runs"]:
         ok &= bool(r["verified"])
+        runs += 1
         cells.setdefault((v, r["threads"], r["inflight"]), []).append(r["ops_per_sec"])
 med = {k: statistics.median(x) for k, x in cells.items()}
-print("verified:", ok)
+ok &= runs > 0
+print(f"verified: {ok} ({runs} runs)")
 for k in sorted(med):
     print(f"{k[0]:<10} {k[1]:>2}T if{k[2]}  median {med[k]:>12,.0f}  rounds {', '.join(f'{x:,.0f}' for x in cells[k])}")
 for v in ("pause-off", "yield-x", "stay-x"):

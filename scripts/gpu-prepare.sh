@@ -23,6 +23,8 @@ for line in sys.stdin:
         name = "unit" if t["kind"] == ["lib"] else t["name"]
         shutil.copy(m["executable"], "carry/tests/" + name)
 '
+# The host probe of spinning with and without `pause` (scripts/probes/spin-gaps.c).
+gcc -O2 -pthread scripts/probes/spin-gaps.c -o carry/bin/spin-gaps
 strip carry/bin/* carry/tests/*  # debug info would push the carry past its 64 MiB limit
 # torch_mt.py (the PyTorch peer of bench matmul/mlp) travels with the anchors: ../shared does
 # not reach the GPU machine.

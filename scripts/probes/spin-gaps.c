@@ -3,17 +3,21 @@
 // The device queue's waiters poll a word in a tight loop with the CPU's spin-wait hint
 // (x86 `pause`) between polls. Under KVM a long run of `pause` can trigger pause-loop exiting:
 // the hypervisor takes the virtual CPU away, on the guess that it spins on a lock held by a
-// descheduled one. This probe spins THREADS threads on a shared word, with or without `pause`,
-// for SECONDS, and counts the time each thread lost: gaps between consecutive TSC reads of
-// more than 10 us. A gap with no involuntary context switch of the thread in the guest is time
-// the hypervisor took (the guest's scheduler did not); /proc/stat's steal column is its view.
+// descheduled one. Each such exit costs the spinning thread a few microseconds even where the
+// hypervisor has nothing else to run; where it has, the thread loses its CPU for longer. This
+// probe spins THREADS threads on a shared word, with or without `pause`, for SECONDS, and counts
+// the time each thread lost: gaps between consecutive TSC reads of more than 1 us (a poll takes
+// well under 0.2 us), and of more than 10 us. A gap with no involuntary context switch of the
+// thread in the guest is time the hypervisor took (the guest's scheduler did not);
+// /proc/stat's steal column is its view.
 //
 //   gcc -O2 -pthread spin-gaps.c -o spin-gaps      (scripts/gpu-prepare.sh builds it)
 //   spin-gaps THREADS PAUSE(0|1) SECONDS
 //
-// One line per run: lost % of the spin time (mean over threads, and the worst thread), gaps of
-// more than 100 us and 1 ms per thread-second, the longest gap, the guest's involuntary context
-// switches of the spinning threads, and the steal the guest saw over the run (ms, all CPUs).
+// One line per run: gaps of more than 1 us per thread-second and the time they lost (% of the
+// spin time, mean over threads); the same for gaps of more than 10 us, with the worst thread;
+// gaps of more than 100 us and 1 ms per thread-second, the longest gap, the guest's involuntary
+// context switches of the spinning threads, and the steal the guest saw (ms, all CPUs).
 #define _GNU_SOURCE
 #include <pthread.h>
 #include <stdatomic.h>
@@ -31,8 +35,8 @@ static double seconds;
 static _Atomic unsigned long word;
 
 struct result {
-    unsigned long gaps_100us, gaps_1ms, iterations;
-    double lost_us, max_us;
+    unsigned long gaps_1us, gaps_10us, gaps_100us, gaps_1ms, iterations;
+    double lost_1us, lost_us, max_us;
     long involuntary;
 };
 
@@ -46,7 +50,12 @@ static void* spin(void* arg) {
         if (use_pause) _mm_pause();
         const unsigned long now = __rdtsc();
         const double us = (double)(now - prev) / ticks_per_us;
+        if (us > 1.0) {
+            r->gaps_1us++;
+            r->lost_1us += us;
+        }
         if (us > 10.0) {
+            r->gaps_10us++;
             r->lost_us += us;
             r->gaps_100us += us > 100.0;
             r->gaps_1ms += us > 1000.0;
@@ -103,12 +112,15 @@ int main(int argc, char** argv) {
     for (int i = 0; i < threads; i++) pthread_join(th[i], NULL);
     const long long steal1 = steal_ticks();
 
-    double lost = 0, worst = 0, max_us = 0, per_us = 0;
-    unsigned long g100 = 0, g1ms = 0;
+    double lost1 = 0, lost = 0, worst = 0, max_us = 0, per_us = 0;
+    unsigned long g1 = 0, g10 = 0, g100 = 0, g1ms = 0;
     long involuntary = 0;
     for (int i = 0; i < threads; i++) {
         const double pct = r[i].lost_us / (seconds * 1e4);
         lost += pct / threads;
+        lost1 += r[i].lost_1us / (seconds * 1e4) / threads;
+        g1 += r[i].gaps_1us;
+        g10 += r[i].gaps_10us;
         if (pct > worst) worst = pct;
         if (r[i].max_us > max_us) max_us = r[i].max_us;
         g100 += r[i].gaps_100us;
@@ -117,10 +129,12 @@ int main(int argc, char** argv) {
         per_us += r[i].iterations / (seconds * 1e6) / threads;
     }
     const double tick_ms = 1000.0 / sysconf(_SC_CLK_TCK);
-    printf("spin-gaps threads=%d pause=%d seconds=%.1f polls/us=%.1f lost=%.2f%% worst=%.2f%% "
-           "gaps>100us/s=%.1f gaps>1ms/s=%.2f max_gap_us=%.0f involuntary=%ld steal_ms=%.0f\n",
-           threads, use_pause, seconds, per_us, lost, worst, g100 / (seconds * threads),
-           g1ms / (seconds * threads), max_us, involuntary,
+    const double ts = seconds * threads;
+    printf("spin-gaps threads=%d pause=%d seconds=%.1f polls/us=%.1f gaps>1us/s=%.0f lost>1us=%.2f%% "
+           "gaps>10us/s=%.1f lost>10us=%.2f%% worst=%.2f%% gaps>100us/s=%.1f gaps>1ms/s=%.2f "
+           "max_gap_us=%.0f involuntary=%ld steal_ms=%.0f\n",
+           threads, use_pause, seconds, per_us, g1 / ts, lost1, g10 / ts, lost, worst, g100 / ts,
+           g1ms / ts, max_us, involuntary,
            steal0 >= 0 && steal1 >= 0 ? (steal1 - steal0) * tick_ms : -1.0);
     free(th);
     free(r);

@@ -15,7 +15,7 @@
 # Rule, stated before the call: no pause if, at 16 threads with 8 in flight, its median is
 # >= 1.05 x the pause's and none of its other cells is below 0.97 x; otherwise the pause stays.
 # Nothing here changes the library's defaults: a pick becomes the default in the code
-# afterwards. runs.txt lists every run with the host's counters (steal, preemptions, CPU per op)
+# afterwards. Back here, `bash scripts/land-coalesce.sh FILES_AT` lands the record and variants. runs.txt lists every run with the host's counters (steal, preemptions, CPU per op)
 # and the GPU's SM clock while it ran (scripts/gpu-clocks.sh samples it, read-only). ROUNDS (default 4) sets the rounds; RECORD=0 stops after the pick (a call short
 # of device time), and then also runs the fill gate against none (light, 16 threads, a wait
 # per op and 8 in flight, 3,000 ops per thread) in the same rounds.

@@ -5,7 +5,9 @@ usage: runs-beside-gpu.py [--clocks gpu-clocks.csv] RESULTS.json...
 
 Per run (each repeat of a row with --repeat, in the order they ran): ops/s; the host's counters
 from the row's "host" (hypervisor steal over the machine, times the scheduler took a submitting
-thread's CPU, the submitting threads' CPU time per op); and, with --clocks, the GPU's SM clock
+thread's CPU, the submitting threads' CPU time per op); the threads one by one (how much later than
+the median thread the last one finished, and that thread's median latency, CPU time and
+preemptions beside the median thread's: a run lasts until its last thread finishes); and, with --clocks, the GPU's SM clock
 (mean, min and max of the samples inside the run's "when" span) and its clock-event reasons.
 The clock file is what scripts/gpu-clocks.sh records: nvidia-smi's CSV with a header, its first
 column `timestamp` in the machine's local time (so read this on the machine that sampled, or in
@@ -46,10 +48,28 @@ def during(clocks, when):
     return f"; SM clock {sum(sm) / len(sm):,.0f} MHz (min {min(sm):,.0f}, max {max(sm):,.0f}, {len(sm)} samples{why})"
 
 
-def describe(rate, host, when, clocks):
+def threads(per):
+    """The run's threads: how much later than the median thread the last one finished, and
+    that thread against the median one (its median latency, CPU time, preemptions)."""
+    if not per or not per.get("finished_ms"):
+        return ""
+    f = per["finished_ms"]
+    order = sorted(range(len(f)), key=lambda i: f[i])
+    last, mid = order[-1], order[(len(order) - 1) // 2]
+    if f[mid] <= 0:
+        return ""
+    def at(key, i):
+        v = per.get(key, [None] * len(f))[i]
+        return "-" if v is None else f"{v:g}"
+    return (f"; last thread {f[last] / f[mid]:.2f} x the median's finish (thread {last}: p50 {at('p50_us', last)} us, "
+            f"cpu {at('cpu_ms', last)} ms, preempted {at('involuntary_switches', last)}; median thread: "
+            f"p50 {at('p50_us', mid)} us, cpu {at('cpu_ms', mid)} ms, preempted {at('involuntary_switches', mid)})")
+
+
+def describe(rate, host, when, clocks, per=None):
     h = host or {}
     return (f"{rate:>12,.0f} ops/s; steal {h.get('steal_ms')} ms, preempted {h.get('involuntary_switches')}, "
-            f"cpu/op {h.get('cpu_per_op_us')} us" + during(clocks, when))
+            f"cpu/op {h.get('cpu_per_op_us')} us" + threads(per) + during(clocks, when))
 
 
 def main(argv):
@@ -66,10 +86,11 @@ def main(argv):
         for r in json.load(open(path))["runs"]:
             name = (f"{path.split('/')[-1]}: {r.get('coalesce', '')} {r['preset']} {r['threads']}T "
                     f"if{r['inflight']} wait {r.get('wait', '')}")
-            each = r.get("each_repeat") or [{"ops_per_sec": r["ops_per_sec"], "host": r.get("host"), "when": r.get("when")}]
+            each = r.get("each_repeat") or [{"ops_per_sec": r["ops_per_sec"], "host": r.get("host"),
+                                              "when": r.get("when"), "per_thread": r.get("per_thread")}]
             print(name)
             for e in each:
-                print("  " + describe(e["ops_per_sec"], e.get("host"), e.get("when"), clocks))
+                print("  " + describe(e["ops_per_sec"], e.get("host"), e.get("when"), clocks, e.get("per_thread")))
 
 
 if __name__ == "__main__":

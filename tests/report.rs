@@ -90,7 +90,8 @@ fn report_of_a_file_older_than_coalescing_and_latency() {
     assert!(md.contains("No run in these results has coalescing on"));
     assert!(md.contains("no latency percentiles"));
     assert!(!out_dir.join("coalescing-minimal.svg").exists());
-    // Nor has it the host's counters: every run says so rather than showing a number.
+    // Nor has it the host's counters or the threads one by one: every run says so rather
+    // than showing a number.
     let every_run = &md[md.find("## Every run").unwrap()..];
     let rows: Vec<&str> = every_run
         .lines()
@@ -98,7 +99,7 @@ fn report_of_a_file_older_than_coalescing_and_latency() {
         .collect();
     assert!(!rows.is_empty());
     assert!(
-        rows.iter().all(|l| l.ends_with("| - | - | - |")),
+        rows.iter().all(|l| l.ends_with("| - | - | - | - |")),
         "{rows:?}"
     );
 }
@@ -187,6 +188,9 @@ fn report_of_a_fresh_run_with_coalescing_and_latency() {
                 cells[13].parse::<u64>().is_ok() && cells[14].parse::<f64>().is_ok(),
                 "{row}"
             );
+            // The last thread never finished before the median one.
+            let last: f64 = cells[15].parse().unwrap_or_else(|_| panic!("{row}"));
+            assert!(last >= 1.0, "{row}");
         }
     }
 }

@@ -150,6 +150,7 @@ impl<'d> Runner<'d> {
                 ops_per_sec: o.row.ops_per_sec,
                 host: o.row.host,
                 when: o.row.when,
+                per_thread: o.row.per_thread.clone(),
             })
             .collect();
         outcomes.sort_by(|a, b| a.row.ops_per_sec.total_cmp(&b.row.ops_per_sec));
@@ -338,6 +339,12 @@ mod tests {
             assert!(each.contains(&r.ops_per_sec));
             assert!(each.contains(&r.ops_per_sec_min) && each.contains(&r.ops_per_sec_max));
             assert!(r.each_repeat.iter().all(|e| e.host.is_some()));
+            // And its threads, each on its own.
+            for p in r.each_repeat.iter().map(|e| e.per_thread.as_ref().unwrap()) {
+                assert_eq!(p.finished_ms.len(), r.threads);
+                assert_eq!(p.p50_us.len(), r.threads);
+                assert!(p.straggle().unwrap() >= 1.0);
+            }
         }
     }
 

@@ -17,7 +17,7 @@ use rayon::prelude::*;
 use hdrhistogram::Histogram;
 
 use super::host_sched::{RunSched, ThreadUsage};
-use super::results::{LatencyUs, RunRow, RunWhen};
+use super::results::{LatencyUs, PerThread, RunRow, RunWhen};
 use super::Scenario;
 use crate::error::{Error, Result};
 use crate::kernel::{initial_value, simple_compute, Kernel};
@@ -270,6 +270,7 @@ pub fn run_queues(device: &Device, spec: &QueuesSpec) -> Result<RunOutcome> {
     let ops = (spec.threads * spec.iters) as u64;
     let usages: Vec<Option<ThreadUsage>> = done.iter().map(|d| d.usage).collect();
     let host = sched.finish(&usages, ops);
+    let per_thread = per_thread(&done, t0);
     let mut latency = Histogram::<u64>::new_with_bounds(1, 3_600_000_000_000, 3)
         .map_err(|e| Error::invalid(format!("latency histogram: {e}")))?;
     for d in &done {
@@ -371,9 +372,36 @@ pub fn run_queues(device: &Device, spec: &QueuesSpec) -> Result<RunOutcome> {
         coalesce_stats: pool.coalesce_stats(),
         host: Some(host),
         when,
+        per_thread: Some(per_thread),
         each_repeat: Vec::new(),
     };
     Ok(RunOutcome { row, mismatch })
+}
+
+/// Each thread's finish (from the start signal `t0`), median latency and CPU counters, in
+/// thread order.
+fn per_thread(done: &[ThreadDone], t0: Instant) -> PerThread {
+    let mut by_thread: Vec<&ThreadDone> = done.iter().collect();
+    by_thread.sort_by_key(|d| d.thread);
+    let round = |x: f64| (x * 1e3).round() / 1e3;
+    PerThread {
+        finished_ms: by_thread
+            .iter()
+            .map(|d| round(d.finished.duration_since(t0).as_secs_f64() * 1e3))
+            .collect(),
+        p50_us: by_thread
+            .iter()
+            .map(|d| round(d.latency.value_at_quantile(0.5) as f64 / 1e3))
+            .collect(),
+        cpu_ms: by_thread
+            .iter()
+            .map(|d| d.usage.map(|u| round(u.cpu.as_secs_f64() * 1e3)))
+            .collect(),
+        involuntary_switches: by_thread
+            .iter()
+            .map(|d| d.usage.map(|u| u.involuntary))
+            .collect(),
+    }
 }
 
 /// Fills in `speedup` for rows of one configuration (same preset, scenario, lock, inflight):

@@ -148,14 +148,46 @@ pub struct RunRow {
     /// When the timed part ran, to line the run up with samples taken beside it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub when: Option<RunWhen>,
+    /// Each submitting thread's own part of the run (absent where a workload does not
+    /// measure it): a run lasts until its last thread's last op, so one slow thread lowers
+    /// ops/s however fast the others were, and this shows which.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub per_thread: Option<PerThread>,
     /// With repeats: every repeat's ops/s and host counters, in the order they ran (the row
     /// itself is the median one).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub each_repeat: Vec<RepeatRun>,
 }
 
+/// Each submitting thread of a run, one entry per thread in thread order (every list is as
+/// long as the run's threads).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct PerThread {
+    /// Milliseconds from the run's start signal to the thread's last op's completion.
+    pub finished_ms: Vec<f64>,
+    /// The thread's median latency, microseconds.
+    pub p50_us: Vec<f64>,
+    /// The thread's CPU time over its timed part, milliseconds (`null` where not reported).
+    pub cpu_ms: Vec<Option<f64>>,
+    /// Times the scheduler took the thread's CPU away (`null` where not reported).
+    pub involuntary_switches: Vec<Option<u64>>,
+}
+
+impl PerThread {
+    /// The last thread's finish over the median thread's, the lower middle one of an even
+    /// count (1.0: all finished together; 1.25: the run lasted a quarter longer than its
+    /// median thread). `None` without threads.
+    pub fn straggle(&self) -> Option<f64> {
+        let mut f = self.finished_ms.clone();
+        f.sort_by(f64::total_cmp);
+        let (last, median) = (*f.last()?, f[(f.len() - 1) / 2]);
+        (median > 0.0).then(|| last / median)
+    }
+}
+
 /// One repeat of a run.
-#[derive(Clone, Copy, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize)]
 pub struct RepeatRun {
     /// Its ops/s.
     pub ops_per_sec: f64,
@@ -163,6 +195,9 @@ pub struct RepeatRun {
     pub host: Option<super::host_sched::HostSched>,
     /// When it ran.
     pub when: Option<RunWhen>,
+    /// Its threads, each on its own.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub per_thread: Option<PerThread>,
 }
 
 /// When a run's timed part ran, in milliseconds since the Unix epoch by the host's clock: a
@@ -307,6 +342,21 @@ pub fn write_json<T: Serialize>(path: &Path, results: &T) -> Result<()> {
 mod tests {
     use super::*;
     use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+    #[test]
+    fn straggle_is_the_last_thread_over_the_median_one() {
+        let p = |f: &[f64]| PerThread {
+            finished_ms: f.to_vec(),
+            ..PerThread::default()
+        };
+        assert_eq!(p(&[10.0, 10.0, 10.0]).straggle(), Some(1.0));
+        // Thread order does not matter; the median of four is the lower middle one.
+        assert_eq!(p(&[10.0, 12.0]).straggle(), Some(1.2));
+        assert_eq!(p(&[12.5, 10.0, 10.0, 10.0]).straggle(), Some(1.25));
+        assert_eq!(p(&[8.0, 10.0, 20.0, 10.0]).straggle(), Some(2.0));
+        assert_eq!(p(&[]).straggle(), None);
+        assert_eq!(p(&[0.0]).straggle(), None, "nothing to divide by");
+    }
 
     #[test]
     fn a_run_is_placed_on_the_wall_clock_by_one_reading_taken_after_it() {

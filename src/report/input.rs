@@ -150,6 +150,9 @@ pub struct StoredRun {
     /// What the host's CPUs did during the run (absent in files older than these counters).
     #[serde(default)]
     pub host: Option<StoredHost>,
+    /// Each submitting thread on its own (absent in files older than it).
+    #[serde(default)]
+    pub per_thread: Option<crate::bench::results::PerThread>,
 }
 
 /// `host` of a run, as stored: each count `None` where the measuring system did not give it.

@@ -615,12 +615,15 @@ fn runs_section(s: &mut String, a: &Analysis) {
     s.push_str(
         "Host: the submitting threads' CPU time per op, how often the scheduler took their \
          CPUs away (preempted), and the CPU time the hypervisor took from the machine (steal) \
-         during the run; \"-\" where the file has no such counters.\n\n",
+         during the run. Last thread: when the last submitting thread finished, over when the \
+         median one did (a run lasts until its last thread's last op, so one thread that fell \
+         behind lowers ops/s however fast the others were). \"-\" where the file has no such \
+         counters.\n\n",
     );
     s.push_str(
         "| file | op | streams | lock | in flight | coalescing | threads | ops/s | speedup | \
-         p50 µs | p99 µs | verified | host CPU/op µs | preempted | steal ms |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+         p50 µs | p99 µs | verified | host CPU/op µs | preempted | steal ms | last thread ÷ median |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     let or_dash = |v: Option<String>| v.unwrap_or_else(|| "-".into());
     for (i, src) in a.inputs.sources.iter().enumerate() {
@@ -631,7 +634,7 @@ fn runs_section(s: &mut String, a: &Analysis) {
             let host = r.host.unwrap_or_default();
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {:.2} | {p50} | {p99} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {:.2} | {p50} | {p99} | {} | {} | {} | {} | {} |",
                 a.files[i],
                 r.preset,
                 r.scenario,
@@ -645,6 +648,12 @@ fn runs_section(s: &mut String, a: &Analysis) {
                 or_dash(host.cpu_per_op_us.map(|v| format!("{v:.1}"))),
                 or_dash(host.involuntary_switches.map(|v| v.to_string())),
                 or_dash(host.steal_ms.map(|v| format!("{v:.0}"))),
+                or_dash(
+                    r.per_thread
+                        .as_ref()
+                        .and_then(|p| p.straggle())
+                        .map(|v| format!("{v:.2}"))
+                ),
             );
         }
     }

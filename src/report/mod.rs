@@ -290,6 +290,7 @@ mod tests {
             }),
             repeats: 1,
             host: None,
+            per_thread: None,
         }
     }
 

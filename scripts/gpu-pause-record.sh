@@ -6,7 +6,9 @@
 #    wait policy `yield`: persistent, minimal at 4, 15 and 16 threads, a wait per op and 8 in
 #    flight, 10,000 ops per thread, interleaved over 4 rounds; and the queue kernel kept on the
 #    device whatever else is launched (MULTIQ_QUEUE_YIELD=off, "stay-x"), to see what giving
-#    it up costs where nothing else runs. (The GPU machine is a virtual
+#    it up costs where nothing else runs; and with each thread pinned to its own CPU
+#    (--pin-threads, "pin-x": diagnostic only, the record runs unpinned as mq.cu does).
+#    (The GPU machine is a virtual
 #    machine with 16 cores; a long run of `pause` can make the hypervisor take the CPU away.)
 #    Before them, scripts/probes/spin-gaps.c spins 15 and 16 threads with and without `pause`
 #    on the host alone (choose/spin-gaps.txt): time taken from spinning threads, each way.
@@ -57,6 +59,10 @@ for r in $(seq "${ROUNDS:-4}"); do
   # The queue kernel giving the device up to other kernels (on by default since cd2fd34) against
   # staying on it: its cost where nothing else runs (direct launches at a run's start and end).
   go "stay $r" "$res/stay-x-$r.json" MULTIQ_QUEUE_YIELD=off -- "${q[@]}"
+  # Each submitting thread pinned to its own CPU: if the slow runs are threads the scheduler
+  # moved or doubled up on a CPU, pinned runs do not have them (diagnostic only: the record runs
+  # unpinned, as the peer mq.cu does).
+  go "pin $r" "$res/pin-x-$r.json" -- "${q[@]}" --pin-threads
   if [ "${RECORD:-1}" = 0 ]; then
     for g in 0 8; do
       go "gate $g $r" "$res/gate$g-light-$r.json" MULTIQ_FILL_GATE=$g -- bench queues --backend cuda \
@@ -82,7 +88,7 @@ ok &= runs > 0
 print(f"verified: {ok} ({runs} runs)")
 for k in sorted(med):
     print(f"{k[0]:<10} {k[1]:>2}T if{k[2]}  median {med[k]:>12,.0f}  rounds {', '.join(f'{x:,.0f}' for x in cells[k])}")
-for v in ("pause-off", "yield-x", "stay-x"):
+for v in ("pause-off", "yield-x", "stay-x", "pin-x"):
     rel = {k[1:]: med[k] / med[("pause-on",) + k[1:]] for k in med if k[0] == v}
     print(f"{v} / pause-on: " + ", ".join(f"{t}T if{i} {x:.3f}" for (t, i), x in sorted(rel.items())))
 gate = {k[1:]: med[k] / med[("gate0-light",) + k[1:]] for k in med if k[0] == "gate8-light"}

@@ -446,6 +446,13 @@ pub struct QueuesArgs {
     /// tables follow the last round.
     #[arg(long, allow_hyphen_values = true, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=100))]
     pub repeat: u64,
+    /// Pin each submitting thread to its own CPU: thread t to the t-th CPU this process may
+    /// run on, wrapping around with more threads than CPUs. Off by default, as in the CUDA C++
+    /// peer mq.cu. Pinned, the operating system cannot move a thread, and with no more threads
+    /// than CPUs no two submitting threads share one, so a run shows the runtime more than the
+    /// scheduler's placement. Recorded in the JSON (`pinned`, each thread's `per_thread.cpu`).
+    #[arg(long)]
+    pub pin_threads: bool,
     /// Write the runs as JSON to FILE (written whole at the end, or not at all).
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,

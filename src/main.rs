@@ -261,11 +261,16 @@ fn run_queues(a: QueuesArgs) -> Result<i32, Error> {
                 let header = format!(
                     "\npreset {preset}: {} elements x {kernel_iters} kernel iterations; {} ops \
                      per thread; inflight {inflight}; lock {lock}; coalesce {}; pool of {} \
-                     streams\n",
+                     streams{}\n",
                     table::thousands(*data as f64),
                     a.iters,
                     coalesce.name(),
-                    a.streams
+                    a.streams,
+                    if a.pin_threads {
+                        "; threads pinned, one per CPU"
+                    } else {
+                        ""
+                    }
                 );
                 let mut specs = Vec::new();
                 for scenario in a.scenario.scenarios() {
@@ -281,6 +286,7 @@ fn run_queues(a: QueuesArgs) -> Result<i32, Error> {
                             threads: t,
                             pool_size: a.streams as usize,
                             coalesce,
+                            pin: a.pin_threads,
                             corrupt: a.corrupt_for_testing,
                         });
                     }

@@ -332,9 +332,73 @@ fn a_run_writes_the_json_contract() {
         }
         // One run per configuration: no per-repeat list.
         assert!(r.get("each_repeat").is_none(), "{r}");
+        // Each thread on its own, none pinned (the default).
+        assert_eq!(r["pinned"], false, "{r}");
+        let per = &r["per_thread"];
+        let threads = r["threads"].as_u64().unwrap() as usize;
+        for key in [
+            "finished_ms",
+            "p50_us",
+            "cpu_ms",
+            "involuntary_switches",
+            "cpu",
+        ] {
+            assert_eq!(per[key].as_array().unwrap().len(), threads, "{key}: {r}");
+        }
+        let finished: Vec<f64> = per["finished_ms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        // No thread finished after the run did.
+        let seconds = r["seconds"].as_f64().unwrap();
+        assert!(
+            finished
+                .iter()
+                .all(|&f| f > 0.0 && f <= seconds * 1e3 + 1e-3),
+            "{r}"
+        );
+        assert!(per["cpu"].as_array().unwrap().iter().all(|c| c.is_null()));
     }
     let one = runs.iter().find(|r| r["threads"] == 1).unwrap();
     assert_eq!(one["speedup"], 1.0);
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn pinned_threads_run_one_per_cpu_wrapping_around() {
+    let allowed: Vec<usize> = core_affinity::get_core_ids()
+        .unwrap()
+        .into_iter()
+        .map(|c| c.id)
+        .collect();
+    // One thread more than there are CPUs: the last one shares the first CPU.
+    let threads = allowed.len() + 1;
+    let json = tmp("pinned.json");
+    let out = queues(&[
+        "--threads",
+        &threads.to_string(),
+        "--scenario",
+        "per-thread",
+        "--pin-threads",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let r = &v["runs"][0];
+    assert_eq!(r["pinned"], true, "{r}");
+    assert_eq!(r["verified"], true, "{r}");
+    let cpus: Vec<usize> = r["per_thread"]["cpu"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_u64().expect("every thread pinned") as usize)
+        .collect();
+    let expected: Vec<usize> = (0..threads).map(|t| allowed[t % allowed.len()]).collect();
+    assert_eq!(cpus, expected);
 }
 
 #[test]

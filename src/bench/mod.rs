@@ -286,6 +286,7 @@ mod tests {
             threads,
             pool_size: 4,
             coalesce: crate::CoalescePolicy::Off,
+            pin: false,
             corrupt: false,
         }
     }

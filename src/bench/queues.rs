@@ -57,8 +57,29 @@ pub struct QueuesSpec {
     pub pool_size: usize,
     /// Cross-thread coalescing.
     pub coalesce: CoalescePolicy,
+    /// Pin each submitting thread to its own CPU ([`cpu_for_thread`]).
+    pub pin: bool,
     /// Test hook: corrupt one element of thread 0's buffer before verification.
     pub corrupt: bool,
+}
+
+/// The CPU thread `thread` of a pinned run runs on: the `thread`-th of the CPUs the process
+/// may run on (`cpus`, in order), wrapping around when there are more threads than CPUs.
+/// `None` when `cpus` is empty.
+pub fn cpu_for_thread(thread: usize, cpus: &[usize]) -> Option<usize> {
+    (!cpus.is_empty()).then(|| cpus[thread % cpus.len()])
+}
+
+/// The CPUs this process may run on (Linux: its affinity mask), for `--pin-threads`.
+fn allowed_cpus() -> Result<Vec<usize>> {
+    core_affinity::get_core_ids()
+        .map(|ids| ids.into_iter().map(|c| c.id).collect::<Vec<_>>())
+        .filter(|ids| !ids.is_empty())
+        .ok_or_else(|| {
+            Error::invalid(
+                "--pin-threads: this system does not say which CPUs the process may run on",
+            )
+        })
 }
 
 /// Outcome of checking one buffer against the reference.
@@ -142,6 +163,8 @@ pub struct RunOutcome {
 
 struct ThreadDone {
     thread: usize,
+    /// The CPU it was pinned to (`None`: not pinned).
+    cpu: Option<usize>,
     buf: Buffer,
     started: Instant,
     finished: Instant,
@@ -181,6 +204,11 @@ pub fn run_queues(device: &Device, spec: &QueuesSpec) -> Result<RunOutcome> {
         )));
     }
 
+    let cpus = if spec.pin {
+        allowed_cpus()?
+    } else {
+        Vec::new()
+    };
     let start = Arc::new(Barrier::new(spec.threads + 1));
     let setup_error: Arc<Mutex<Option<Error>>> = Arc::new(Mutex::new(None));
     let handles: Vec<_> = (0..spec.threads)
@@ -188,10 +216,19 @@ pub fn run_queues(device: &Device, spec: &QueuesSpec) -> Result<RunOutcome> {
             let (device, pool, start) = (device.clone(), pool.clone(), start.clone());
             let (setup_error, scenario, data) = (setup_error.clone(), spec.scenario, spec.data);
             let (iters, inflight) = (spec.iters, spec.inflight);
+            let cpu = cpu_for_thread(t, &cpus);
             std::thread::Builder::new()
                 .name(format!("multiq-bench-{t}"))
                 .spawn(move || -> Result<Option<ThreadDone>> {
                     let setup = (|| {
+                        // Pinned before anything else, so the warm-up runs where the op will.
+                        if let Some(cpu) = cpu {
+                            if !core_affinity::set_for_current(core_affinity::CoreId { id: cpu }) {
+                                return Err(Error::invalid(format!(
+                                    "--pin-threads: cannot pin thread {t} to CPU {cpu}"
+                                )));
+                            }
+                        }
                         let stream = match scenario {
                             Scenario::Shared => pool.acquire(0)?,
                             Scenario::PerThread => pool.current()?,
@@ -227,6 +264,7 @@ pub fn run_queues(device: &Device, spec: &QueuesSpec) -> Result<RunOutcome> {
                     let latency = window.latency().cloned().expect("made with_latency");
                     Ok(Some(ThreadDone {
                         thread: t,
+                        cpu,
                         buf,
                         started,
                         finished,
@@ -372,6 +410,7 @@ pub fn run_queues(device: &Device, spec: &QueuesSpec) -> Result<RunOutcome> {
         coalesce_stats: pool.coalesce_stats(),
         host: Some(host),
         when,
+        pinned: spec.pin,
         per_thread: Some(per_thread),
         each_repeat: Vec::new(),
     };
@@ -401,6 +440,7 @@ fn per_thread(done: &[ThreadDone], t0: Instant) -> PerThread {
             .iter()
             .map(|d| d.usage.map(|u| u.involuntary))
             .collect(),
+        cpu: by_thread.iter().map(|d| d.cpu).collect(),
     }
 }
 
@@ -440,6 +480,14 @@ mod tests {
         (0..n)
             .map(|i| simple_compute(initial_value(thread, i), iters))
             .collect()
+    }
+
+    #[test]
+    fn pinned_threads_take_the_allowed_cpus_in_order_and_wrap_around() {
+        let cpus = [2, 3, 7];
+        let got: Vec<_> = (0..5).map(|t| cpu_for_thread(t, &cpus)).collect();
+        assert_eq!(got, [Some(2), Some(3), Some(7), Some(2), Some(3)]);
+        assert_eq!(cpu_for_thread(0, &[]), None);
     }
 
     #[test]

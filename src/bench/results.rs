@@ -148,6 +148,9 @@ pub struct RunRow {
     /// When the timed part ran, to line the run up with samples taken beside it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub when: Option<RunWhen>,
+    /// Each submitting thread ran pinned to its own CPU (`--pin-threads`; `per_thread.cpu`
+    /// says which).
+    pub pinned: bool,
     /// Each submitting thread's own part of the run (absent where a workload does not
     /// measure it): a run lasts until its last thread's last op, so one slow thread lowers
     /// ops/s however fast the others were, and this shows which.
@@ -172,6 +175,8 @@ pub struct PerThread {
     pub cpu_ms: Vec<Option<f64>>,
     /// Times the scheduler took the thread's CPU away (`null` where not reported).
     pub involuntary_switches: Vec<Option<u64>>,
+    /// The CPU the thread was pinned to (`null`: not pinned).
+    pub cpu: Vec<Option<usize>>,
 }
 
 impl PerThread {

@@ -221,6 +221,7 @@ fn spec(
         threads,
         pool_size: DEFAULT_POOL_SIZE,
         coalesce: CoalescePolicy::Off,
+        pin: false,
         corrupt: false,
     }
 }

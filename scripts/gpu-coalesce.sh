@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Run ON THE GPU MACHINE (after scripts/gpu-prepare.sh here): cross-thread coalescing measured
-# side by side with the anchors, in one command. Results: $OUT/coalesce.tgz + summary.
+# side by side with the anchors, in one command. Results: $OUT/coalesce.tgz + summary
+# ($OUT/coalesce/ unpacked if the call ran out of time before the end).
 #   1. tests (GPU + CPU unit/pool/coalesce) from carry/tests;
 #   2. anchors: mq.cu (one launch per op) and launch.cu (the coalesced-launch ceiling);
 #   3. multiq, stream per thread, lock none: coalesce off / fixed / adaptive / persistent,
@@ -10,7 +11,9 @@
 set -u -o pipefail
 out=${1:-${OUT:-out}}
 mkdir -p "$out"
-res=$(mktemp -d)/coalesce && mkdir -p "$res"
+# Written straight under OUTDIR, so a call that runs out of time still brings back every step
+# done so far (OUTDIR/coalesce/); the finished call packs it into OUTDIR/coalesce.tgz.
+res=$out/coalesce && mkdir -p "$res"
 bin=carry/bin/multiq
 # Ops per thread for minimal and light. At 1,000 a cell could last 6 ms (1 thread, minimal,
 # 8 in flight), and its off/persistent ratio moved between 0.81 and 1.15 from call to call
@@ -22,11 +25,13 @@ step() { echo "== $* ($(date -u +%T))" | tee -a "$res/summary.txt"; }
 step environment
 { cat carry/BUILD; date -u +%FT%TZ; env | grep "^MULTIQ_" | sort; nvidia-smi; } > "$res/env.txt" 2>&1
 step tests
-# Each test binary gets 3 minutes (a hang must not eat the call: exit 124 says it ran out).
-{ for t in carry/tests/*; do echo "--- $t"; timeout 180 "$t" 2>&1; echo "exit $?"; done
-  echo "--- carry/tests/gpu with the fill gate on"; MULTIQ_FILL_GATE=8 timeout 120 carry/tests/gpu device_filling 2>&1; echo "exit $?"
-} > "$res/tests.txt" 2>&1
-grep -E "^test result|FAILED|panicked" "$res/tests.txt" | tee -a "$res/summary.txt"
+if [ -n "${TESTS_DONE:-}" ]; then
+  # The calling script ran them first in the same call (TESTS_DONE names their output).
+  cp "$TESTS_DONE" "$res/tests.txt"
+else
+  bash scripts/gpu-tests.sh > "$res/tests.txt" 2>&1
+fi
+grep -E "^test result|FAILED|panicked|^exit [^0]" "$res/tests.txt" | tee -a "$res/summary.txt"
 
 step anchors
 nvcc -O3 -use_fast_math -arch=sm_90 -o /tmp/mq carry/anchors/mq.cu -lpthread
@@ -78,5 +83,5 @@ for f in sorted(glob.glob(sys.argv[1] + "/*.json")):
             if c:
                 print(f"{'':24} per batch: pending {c['pending_us']:.1f} us, launch call {c['launch_us']:.1f} us, launch to seen complete {c['complete_us']:.1f} us")
 PY
-tar czf "$out/coalesce.tgz" -C "$(dirname "$res")" coalesce
 cp "$res/summary.txt" "$out/summary.txt"
+tar czf "$out/coalesce.tgz" -C "$out" coalesce && rm -rf "$res"

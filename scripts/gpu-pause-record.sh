@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Run ON THE GPU MACHINE (after scripts/gpu-prepare.sh here), in one call of about 7 minutes:
 #   run(command="bash scripts/gpu-pause-record.sh \"$OUT\"", carry=["carry"])
+# 0. The tests (scripts/gpu-tests.sh, OUTDIR/tests.txt; the record carries them).
 # 1. The device queue's spinning waiters with the CPU's spin-wait hint between polls (x86
 #    `pause`, the default) against without it (MULTIQ_QUEUE_PAUSE=off), and, for reference,
 #    wait policy `yield`: persistent, minimal at 4, 15 and 16 threads, a wait per op and 8 in
@@ -29,7 +30,12 @@ b=carry/bin/multiq
 q=(bench queues --backend cuda --scenario per-thread --lock none --quiet --coalesce persistent
    --preset minimal --threads 4,15,16 --inflight 1,8 --iters 10000)
 { cat carry/BUILD; date -u +%FT%TZ; env | grep "^MULTIQ_" | sort; } > "$res/env.txt"
-# The host alone first (about 20 s): do threads that spin with `pause` lose their CPU to the
+# The tests first: the device queue's code changed since the last call, and a variant that
+# hangs would otherwise say nothing about where. The record carries this output (TESTS_DONE).
+echo "== tests ($(date -u +%T))"
+bash scripts/gpu-tests.sh > "$out/tests.txt" 2>&1
+grep -E "^test result|FAILED|panicked|^exit [^0]" "$out/tests.txt"
+# The host alone (about 20 s): do threads that spin with `pause` lose their CPU to the
 # hypervisor, and those that spin without it not? (scripts/probes/spin-gaps.c; one line each)
 echo "== spin-gaps ($(date -u +%T))"
 for r in 1 2; do for t in 16 15; do for p in 1 0; do
@@ -105,7 +111,7 @@ if [ "${RECORD:-1}" = 0 ] || [ $hung = 1 ]; then
 fi
 pause=$(sed -n 's/^PAUSE=//p' "$res/choice.txt")
 echo "== record under MULTIQ_QUEUE_PAUSE=${pause:-on} ($(date -u +%T))"
-MULTIQ_QUEUE_PAUSE=${pause:-on} EXTRA=0 bash scripts/gpu-coalesce.sh "$out/record" > "$out/record.log" 2>&1
+MULTIQ_QUEUE_PAUSE=${pause:-on} EXTRA=0 TESTS_DONE=$out/tests.txt bash scripts/gpu-coalesce.sh "$out/record" > "$out/record.log" 2>&1
 tail -3 "$out/record.log"
 grep -E " 16T | 1T " "$out/record/summary.txt" | grep -E "coalesce-small" | grep -E "persistent|off" | grep minimal
 tar czf "$out/choose.tgz" -C "$out" choose && rm -rf "$res"

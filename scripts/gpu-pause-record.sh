@@ -43,6 +43,9 @@ for r in 1 2; do for t in 16 15; do for p in 1 0; do
 done; done; done
 cat "$res/spin-gaps.txt"
 echo "== variants ($(date -u +%T))"
+# Which CPUs take the machine's interrupts (a submitting thread on one of them has less of its
+# CPU): the counts before and after the variants.
+cat /proc/interrupts /proc/softirqs > "$res/interrupts-before.txt" 2>&1
 . scripts/gpu-clocks.sh
 gpu_clocks_start "$res/gpu-clocks.csv"
 # One run, at most 2 minutes (a run takes seconds): one that runs out marks the device queue
@@ -77,6 +80,8 @@ for r in $(seq "${ROUNDS:-4}"); do
   fi
 done
 gpu_clocks_stop
+cat /proc/interrupts /proc/softirqs > "$res/interrupts-after.txt" 2>&1
+python3 scripts/interrupts-by-cpu.py "$res/interrupts-before.txt" "$res/interrupts-after.txt" > "$res/interrupts.txt" 2>&1
 # Every run beside the host's counters and the GPU's clocks while it ran (runs.txt).
 python3 scripts/runs-beside-gpu.py --clocks "$res/gpu-clocks.csv" "$res"/*-[0-9].json > "$res/runs.txt" 2>&1
 python3 - "$res" <<'PY' > "$res/choice.txt"

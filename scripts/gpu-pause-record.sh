@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Run ON THE GPU MACHINE (after scripts/gpu-prepare.sh here), in one call of about 7 minutes:
-#   run(command="bash scripts/gpu-pause-record.sh \"$OUT\"", carry=["carry"])
+# Run ON THE GPU MACHINE (after scripts/gpu-prepare.sh here), in one call of about 8 minutes (tests, host probe, variants, record):
+#   run(kind="nvidia-h100-x1", command="bash scripts/gpu-pause-record.sh \"$OUT\"", carry=["carry"])
 # 0. The tests (scripts/gpu-tests.sh, OUTDIR/tests.txt; the record carries them).
 # 1. The device queue's spinning waiters with the CPU's spin-wait hint between polls (x86
 #    `pause`, the default) against without it (MULTIQ_QUEUE_PAUSE=off), and, for reference,

@@ -44,6 +44,14 @@ pub(crate) fn switch(v: &str) -> Option<bool> {
     }
 }
 
+/// Whether a pool sends its small ops to its device queue whenever the queue's kernel is on
+/// the device and another stream of the pool has an op in flight, whatever the load
+/// (`MULTIQ_QUEUE_WHILE_RUNNING`, default off; `runtime::device_queue`). Read here so the
+/// backend can record it with the queue's other settings.
+pub(crate) fn queue_while_running() -> Result<bool> {
+    Ok(read("MULTIQ_QUEUE_WHILE_RUNNING", SWITCH, switch)?.unwrap_or(false))
+}
+
 /// Parses a whole number in `range`.
 pub(crate) fn number_in(range: std::ops::RangeInclusive<u64>) -> impl Fn(&str) -> Option<u64> {
     move |v| v.parse::<u64>().ok().filter(|n| range.contains(n))

@@ -528,6 +528,11 @@ pub trait BackendDeviceQueue: Send + Sync {
     fn window(&self) -> u64;
     /// Times the queue's kernel was launched (it leaves the device when idle).
     fn launches(&self) -> u64;
+    /// Whether the queue's kernel is on the device now (a hint: it may leave the moment
+    /// after). While it is, an op launched alone waits for it to give the device up.
+    fn kernel_running(&self) -> bool {
+        false
+    }
     /// Ops run chained to their buffer's previous op (each chunk right after the same chunk
     /// of that op, on the same block) rather than queued on their own; 0 where the queue
     /// never chains.

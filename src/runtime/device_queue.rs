@@ -104,6 +104,9 @@ pub(crate) struct DeviceQueue {
     spin_for: Duration,
     /// Whether a spinning waiter pauses (spin-wait hint) between polls.
     pause: bool,
+    /// Whether small ops go to the queue while its kernel is on the device and another
+    /// stream has an op in flight, whatever the load ([`DeviceQueue::admit`]).
+    while_running: bool,
     /// Ops launched alone.
     direct: AtomicU64,
 }
@@ -158,6 +161,7 @@ impl DeviceQueue {
         );
         queue.spin_for = queue_spin_for()?;
         queue.pause = queue_pause()?;
+        queue.while_running = crate::env_knob::queue_while_running()?;
         Ok(Some(Arc::new(queue)))
     }
 
@@ -172,6 +176,7 @@ impl DeviceQueue {
             max_elements,
             spin_for: SPIN_FOR,
             pause: true,
+            while_running: false,
             backend,
             wait,
             device_id,
@@ -208,7 +213,14 @@ impl DeviceQueue {
         // Counters of concurrent submitters move meanwhile: a routing hint, never a
         // correctness matter (both paths keep every ordering promise).
         let others = before.saturating_sub(own);
-        let queued = others >= self.min_load && elements <= self.max_elements;
+        // While the queue's kernel holds the device, an op launched alone would wait for it
+        // to give the device up (and make it leave, with the ops behind it waiting for the
+        // relaunch): with `while_running`, such an op joins the queue instead, unless its
+        // stream is the only one with work (then the kernel leaves and the stream's ops run
+        // alone, as a lone thread's run best).
+        let queued = elements <= self.max_elements
+            && (others >= self.min_load
+                || (self.while_running && others >= 1 && self.backend.kernel_running()));
         if !queued {
             self.direct.fetch_add(1, Ordering::Relaxed);
         }
@@ -401,6 +413,69 @@ mod tests {
         let (a, queued) = q.admit(10, &streams[0]);
         assert!(!queued);
         q.release(a.keep(), &streams[0]);
+    }
+
+    /// A queue whose kernel is on the device while `running` is set.
+    struct Running(std::sync::atomic::AtomicBool);
+
+    impl BackendDeviceQueue for Running {
+        fn supports(&self, _: Kernel) -> bool {
+            true
+        }
+        fn submit(&self, _: Kernel, _: &dyn BackendBuffer, _: [u64; 2]) -> Result<u64> {
+            unreachable!("the tests publish nothing")
+        }
+        fn is_done(&self, _: u64, _: bool) -> Result<bool> {
+            Ok(true)
+        }
+        fn published(&self) -> u64 {
+            1
+        }
+        fn window(&self) -> u64 {
+            1
+        }
+        fn launches(&self) -> u64 {
+            1
+        }
+        fn kernel_running(&self) -> bool {
+            self.0.load(Ordering::Relaxed)
+        }
+        fn fills_device(&self) -> usize {
+            1000
+        }
+    }
+
+    #[test]
+    fn while_running_small_ops_join_a_kernel_on_the_device_unless_their_stream_is_alone() {
+        let backend = Arc::new(Running(std::sync::atomic::AtomicBool::new(false)));
+        for while_running in [false, true] {
+            let mut q = DeviceQueue::on(backend.clone(), WaitPolicy::Spin, 1, QUEUE_MIN_LOAD, 999);
+            q.while_running = while_running;
+            let (one, other) = (AtomicUsize::new(0), AtomicUsize::new(0));
+            let route = |running: bool, stream: &AtomicUsize, elements: usize| {
+                backend.0.store(running, Ordering::Relaxed);
+                let (a, queued) = q.admit(elements, stream);
+                (a.keep(), queued)
+            };
+            // Alone in the pool: launched alone, kernel or not (it leaves, and a lone
+            // stream's ops run best alone).
+            let (alone, queued) = route(true, &one, 10);
+            assert!(!queued);
+            // Another stream's op in flight (below the load rule's 8): joins the kernel only
+            // with the switch on and only while the kernel is on the device.
+            let (a, queued) = route(true, &other, 10);
+            assert_eq!(queued, while_running);
+            q.release(a, &other);
+            let (a, queued) = route(false, &other, 10);
+            assert!(!queued, "no kernel on the device");
+            q.release(a, &other);
+            // An op that fills the device is launched alone whatever runs.
+            let (a, queued) = route(true, &other, 1000);
+            assert!(!queued);
+            q.release(a, &other);
+            q.release(alone, &one);
+            assert_eq!(q.load.load(Ordering::Relaxed), 0);
+        }
     }
 
     #[test]

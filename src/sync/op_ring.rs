@@ -212,6 +212,13 @@ impl OpRing {
         Ok(false)
     }
 
+    /// Whether a kernel is on the device now: launched and not yet recorded leaving (two loads;
+    /// no lock). A hint: it may leave the moment after.
+    pub fn kernel_on_device<D: RingDevice>(&self, device: &D) -> bool {
+        let live = self.live_epoch.load(Ordering::Acquire);
+        live != 0 && device.exit_record().1 != live
+    }
+
     /// Whether the kernel believed running has left (two loads; no lock).
     fn kernel_left<D: RingDevice>(&self, device: &D) -> bool {
         let live = self.live_epoch.load(Ordering::Acquire);

@@ -299,6 +299,13 @@ impl QueueSettings {
         }
         let yield_device = if self.yield_device { "on" } else { "off" };
         out.push(("queue_yield".into(), yield_device.into()));
+        // The pool's routing (runtime::device_queue), recorded with the queue it routes to.
+        let while_running = match crate::env_knob::queue_while_running() {
+            Ok(true) => "on",
+            Ok(false) => "off",
+            Err(_) => "invalid",
+        };
+        out.push(("queue_while_running".into(), while_running.into()));
         out.push(("queue_slice_ms".into(), self.slice.as_millis().to_string()));
         out
     }
@@ -919,6 +926,10 @@ impl BackendDeviceQueue for CudaDeviceQueue {
 
     fn launches(&self) -> u64 {
         self.ring.launches()
+    }
+
+    fn kernel_running(&self) -> bool {
+        self.ring.kernel_on_device(self)
     }
 
     fn chained(&self) -> u64 {

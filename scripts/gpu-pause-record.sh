@@ -26,7 +26,6 @@ set -u -o pipefail
 out=${1:-${OUT:-out}}
 mkdir -p "$out/choose" "$out/record"
 res=$out/choose
-b=carry/bin/multiq
 q=(bench queues --backend cuda --scenario per-thread --lock none --quiet --coalesce persistent
    --preset minimal --threads 4,15,16 --inflight 1,8 --iters 10000)
 { cat carry/BUILD; date -u +%FT%TZ; env | grep "^MULTIQ_" | sort; } > "$res/env.txt"
@@ -48,18 +47,7 @@ echo "== variants ($(date -u +%T))"
 cat /proc/interrupts /proc/softirqs > "$res/interrupts-before.txt" 2>&1
 . scripts/gpu-clocks.sh
 gpu_clocks_start "$res/gpu-clocks.csv"
-# One run, at most 2 minutes (a run takes seconds): one that runs out marks the device queue
-# as hanging, and the rest of the call is skipped (its results so far are kept).
-hung=0
-go() {  # go NAME JSON ENV... -- ARGS...
-  local name=$1 json=$2; shift 2
-  local envs=(); while [ "$1" != -- ]; do envs+=("$1"); shift; done; shift
-  env "${envs[@]}" timeout 120 "$b" "$@" --json "$json" > /dev/null 2>&1
-  local rc=$?
-  [ $rc = 0 ] || echo "$name: exit $rc" >> "$res/errors.txt"
-  [ $rc = 124 ] && hung=1
-  return 0
-}
+. scripts/gpu-variants.sh  # go NAME JSON ENV... -- ARGS... (2 minutes at most each)
 for r in $(seq "${ROUNDS:-4}"); do
   [ $hung = 0 ] || break
   go "pause-on $r" "$res/pause-on-$r.json" MULTIQ_QUEUE_PAUSE=on -- "${q[@]}"

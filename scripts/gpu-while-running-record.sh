@@ -17,23 +17,13 @@ set -u -o pipefail
 out=${1:-${OUT:-out}}
 res=$out/choose
 mkdir -p "$res"
-b=carry/bin/multiq
 q=(bench queues --backend cuda --scenario per-thread --lock none --quiet --coalesce persistent
    --preset minimal --threads 1,4,8,15,16 --inflight 1,8 --iters 10000)
 { cat carry/BUILD; date -u +%FT%TZ; env | grep "^MULTIQ_" | sort; } > "$res/env.txt"
 echo "== variants ($(date -u +%T))"
 . scripts/gpu-clocks.sh
 gpu_clocks_start "$res/gpu-clocks.csv"
-hung=0
-go() {  # go NAME JSON ENV... -- ARGS...
-  local name=$1 json=$2; shift 2
-  local envs=(); while [ "$1" != -- ]; do envs+=("$1"); shift; done; shift
-  env "${envs[@]}" timeout 120 "$b" "$@" --json "$json" > /dev/null 2>&1
-  local rc=$?
-  [ $rc = 0 ] || echo "$name: exit $rc" >> "$res/errors.txt"
-  [ $rc = 124 ] && hung=1
-  return 0
-}
+. scripts/gpu-variants.sh  # go NAME JSON ENV... -- ARGS... (2 minutes at most each)
 for r in $(seq "${ROUNDS:-6}"); do
   [ $hung = 0 ] || break
   go "off $r" "$res/wr-off-$r.json" MULTIQ_QUEUE_WHILE_RUNNING=off -- "${q[@]}"

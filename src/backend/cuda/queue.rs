@@ -231,6 +231,9 @@ pub(super) struct QueueSettings {
     pub yield_device: bool,
     /// The longest a queue's kernel stays on the device (zero: no limit).
     pub slice: Duration,
+    /// The pool's routing, recorded with the queue it routes to: whether small ops join the
+    /// queue while its kernel holds the device (`runtime::device_queue`).
+    pub while_running: bool,
 }
 
 /// The longest a device queue's kernel stays on the device before it leaves (and is launched
@@ -274,6 +277,7 @@ impl QueueSettings {
             chain_tiles: tiles_from_env("MULTIQ_QUEUE_CHAIN_TILES")?.unwrap_or(chunk_tiles),
             chain_early: read("MULTIQ_QUEUE_CHAIN_EARLY", SWITCH, switch)?.unwrap_or(true),
             yield_device: read("MULTIQ_QUEUE_YIELD", SWITCH, switch)?.unwrap_or(true),
+            while_running: crate::env_knob::queue_while_running()?,
             slice: read(
                 "MULTIQ_QUEUE_SLICE_MS",
                 "a whole number of milliseconds (0: no limit)",
@@ -299,14 +303,9 @@ impl QueueSettings {
         }
         let yield_device = if self.yield_device { "on" } else { "off" };
         out.push(("queue_yield".into(), yield_device.into()));
-        // The pool's routing (runtime::device_queue), recorded with the queue it routes to.
-        let while_running = match crate::env_knob::queue_while_running() {
-            Ok(true) => "on",
-            Ok(false) => "off",
-            Err(_) => "invalid",
-        };
-        out.push(("queue_while_running".into(), while_running.into()));
         out.push(("queue_slice_ms".into(), self.slice.as_millis().to_string()));
+        let while_running = if self.while_running { "on" } else { "off" };
+        out.push(("queue_while_running".into(), while_running.into()));
         out
     }
 }
@@ -1210,6 +1209,7 @@ mod tests {
             chain_early: true,
             yield_device: true,
             slice: QUEUE_SLICE,
+            while_running: false,
         };
         let keys = |s: &QueueSettings| {
             s.describe()
@@ -1223,12 +1223,14 @@ mod tests {
                 "queue_chain=off",
                 "queue_chunk_tiles=2",
                 "queue_yield=on",
-                "queue_slice_ms=50"
+                "queue_slice_ms=50",
+                "queue_while_running=off"
             ]
         );
         s.chain = true;
         s.yield_device = false;
         s.slice = Duration::ZERO;
+        s.while_running = true;
         assert_eq!(
             keys(&s),
             [
@@ -1237,7 +1239,8 @@ mod tests {
                 "queue_chain_tiles=4",
                 "queue_chain_early=on",
                 "queue_yield=off",
-                "queue_slice_ms=0"
+                "queue_slice_ms=0",
+                "queue_while_running=on"
             ]
         );
     }

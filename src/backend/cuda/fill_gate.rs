@@ -6,11 +6,15 @@
 //! and the same 16 threads over 8 streams (so at most 8 of those kernels at once) 191,400
 //! (`bench/results/h200/probe-16t/86ba135/`).
 //!
-//! **Off by default.** Measured against no gate in one call, 3 interleaved rounds
-//! (`bench/results/h200/coalesce/0414dcb/choose/`): light at 16 threads 1.020 × with a wait per
-//! op and 1.018 × with 8 in flight, but 0.985 × at 8 threads with 8 in flight, and the rounds
-//! spread wider than the gain (155k–191k with the gate), so the rule stated before the call
-//! left it off. `MULTIQ_FILL_GATE=8` turns it on.
+//! **On by default (8 kernels) since it was measured on the H100.** Against no gate, in one call,
+//! 4 interleaved rounds (`bench/results/h100/coalesce/bda24fd/choose/`), light at 16 threads
+//! ran 1.115 × with a wait per op and 1.092 × with 8 in flight (189,013 and 191,084 ops/s,
+//! against 169,480 and 175,055). Every other cell was within 0.997–1.000 × (light at 8
+//! threads, default at 16). The rule stated before the call (on if light at 16 threads with a
+//! wait per op gains at least 1.02 × and no other cell falls below 0.99 ×) picked it.
+//! On the H200 (`bench/results/h200/coalesce/0414dcb/choose/`) the same rule had left it off:
+//! 1.020 × and 1.018 × at 16 threads, but 0.985 × at 8 threads with 8 in flight.
+//! `MULTIQ_FILL_GATE=0` turns it off.
 //!
 //! Promises:
 //! - **Device-side only.** A gated launch makes its stream wait (`cuStreamWaitEvent`) for
@@ -21,7 +25,7 @@
 //! - **Advisory.** If recording a slot's event fails after the kernel was queued, the launch
 //!   still succeeded (the kernel runs): the slot keeps its earlier record, which only lets a
 //!   later launch start sooner.
-//! - `MULTIQ_FILL_GATE=K` sets `K` (0, the default, turns the gate off).
+//! - `MULTIQ_FILL_GATE=K` sets `K` (default [`DEFAULT_FILL_GATE`]; 0 turns the gate off).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -34,8 +38,8 @@ use super::stream::bind;
 use crate::error::Result;
 
 /// Device-filling kernels on the device at once, unless `MULTIQ_FILL_GATE` says otherwise
-/// (0: no gate; see the module doc for why it is off).
-pub const DEFAULT_FILL_GATE: usize = 0;
+/// (0: no gate; the module doc says how 8 was chosen).
+pub const DEFAULT_FILL_GATE: usize = 8;
 
 /// The gate's width from the environment: `Some(K)`, or `None` for off.
 pub(super) fn width_from_env() -> Result<Option<usize>> {

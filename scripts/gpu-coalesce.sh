@@ -5,7 +5,7 @@
 #   1. tests (GPU + CPU unit/pool/coalesce) from carry/tests;
 #   2. anchors: mq.cu (one launch per op) and launch.cu (the coalesced-launch ceiling);
 #   3. multiq, stream per thread, lock none: coalesce off / fixed / adaptive / persistent,
-#      inflight 1 and 8, 1-16 threads: minimal and light as the median of 3 interleaved rounds
+#      inflight 1 and 8, 1-16 threads: minimal and light as the median of SMALL_REPEAT (default 3) interleaved rounds
 #      of SMALL_ITERS ops per thread (default 10,000); heavy and default at 1 and 16 threads;
 #   4. depth 1 (fixed) and wait yield (off, fixed, persistent) at 16 threads (EXTRA=0 skips it).
 set -u -o pipefail
@@ -44,7 +44,7 @@ common=(--backend cuda --scenario per-thread --lock none --coalesce off,fixed,ad
 step "multiq minimal, light (median of 3)"
 . scripts/gpu-clocks.sh
 gpu_clocks_start "$res/gpu-clocks.csv"
-timeout 300 "$bin" bench queues "${common[@]}" --preset minimal,light --iters "$small_iters" --repeat 3 \
+timeout 300 "$bin" bench queues "${common[@]}" --preset minimal,light --iters "$small_iters" --repeat "${SMALL_REPEAT:-3}" \
   --json "$res/coalesce-small.json" > "$res/coalesce-small.txt" 2>&1; echo "exit $?" >> "$res/summary.txt"
 gpu_clocks_stop
 # Every repeat beside the host's counters and the GPU's clocks while it ran.

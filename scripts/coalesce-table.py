@@ -40,7 +40,8 @@ if chain is not None:
 for c in cmds:
     print(f"- command: `{c}`")
 print("- anchors from the same GPU run, verbatim: `anchor-mq.txt` (`mq 1000`), `anchor-launch.txt` (`SCHED=auto launch`)")
-print("- minimal and light rows are the median of 3 repeats; every run verified against the host reference\n")
+small = sorted({r.get("repeats", 1) for r in runs if r["preset"] in ("minimal", "light") and r["file"] == "coalesce-small"})
+print(f"- minimal and light rows are the median of {'/'.join(map(str, small)) or 'the'} repeats; every run verified against the host reference\n")
 print("`fixed` and `adaptive` batch on the host (one grouped launch per batch); `persistent` publishes each op to a kernel that stays on the device (no launch per op).\n")
 print("| preset | inflight | threads | off ops/s | fixed ops/s | adaptive ops/s | persistent ops/s | fixed ÷ off | persistent ÷ off | p50 / p99 µs (fixed) | p50 / p99 µs (persistent) | anchor mq.cu |")
 print("|---|---|---|---|---|---|---|---|---|---|---|---|")

@@ -29,18 +29,15 @@ for r in $(seq "${ROUNDS:-4}"); do
   done
 done
 python3 scripts/runs-beside-gpu.py "$res"/*-[0-9].json > "$res/runs.txt" 2>&1
-python3 - "$res" <<'PY' > "$res/choice.txt"
-import glob, json, re, statistics, sys
-d = sys.argv[1]
-cells, ok, runs = {}, True, 0
-for f in glob.glob(d + "/gate*-[0-9].json"):
-    g = re.match(r"gate(\d+)-", f.split("/")[-1])[1]
-    for r in json.load(open(f))["runs"]:
-        ok &= bool(r["verified"])
-        runs += 1
-        cells.setdefault((g, r["preset"], r["threads"], r["inflight"]), []).append(r["ops_per_sec"])
-ok &= runs > 0
-print(f"verified: {ok} ({runs} runs)")
+PYTHONPATH=scripts python3 - "$res" <<'PY' > "$res/choice.txt"
+import statistics, sys
+from variant_runs import load
+runs, ok = load(sys.argv[1], "gate*-[0-9].json")
+cells = {}
+for v, r in runs:
+    g = v[len("gate"):].split("-")[0]  # gate8-light -> 8
+    cells.setdefault((g, r["preset"], r["threads"], r["inflight"]), []).append(r["ops_per_sec"])
+print(f"verified: {ok} ({len(runs)} runs)")
 med = {k: statistics.median(v) for k, v in cells.items()}
 for k in sorted(cells):
     print(f"gate={k[0]:<2} {k[1]:<8} {k[2]:>2}T if{k[3]}  median {med[k]:>10,.0f}  rounds {', '.join(f'{x:,.0f}' for x in cells[k])}")

@@ -72,19 +72,15 @@ cat /proc/interrupts /proc/softirqs > "$res/interrupts-after.txt" 2>&1
 python3 scripts/interrupts-by-cpu.py "$res/interrupts-before.txt" "$res/interrupts-after.txt" > "$res/interrupts.txt" 2>&1
 # Every run beside the host's counters and the GPU's clocks while it ran (runs.txt).
 python3 scripts/runs-beside-gpu.py --clocks "$res/gpu-clocks.csv" "$res"/*-[0-9].json > "$res/runs.txt" 2>&1
-python3 - "$res" <<'PY' > "$res/choice.txt"
-import glob, json, re, statistics, sys
-d = sys.argv[1]
-cells, ok, runs = {}, True, 0
-for f in glob.glob(d + "/*-[0-9].json"):
-    v = re.match(r"(.*)-\d+\.json$", f.split("/")[-1])[1]
-    for r in json.load(open(f))["runs"]:
-        ok &= bool(r["verified"])
-        runs += 1
-        cells.setdefault((v, r["threads"], r["inflight"]), []).append(r["ops_per_sec"])
+PYTHONPATH=scripts python3 - "$res" <<'PY' > "$res/choice.txt"
+import statistics, sys
+from variant_runs import load
+runs, ok = load(sys.argv[1])
+cells = {}
+for v, r in runs:
+    cells.setdefault((v, r["threads"], r["inflight"]), []).append(r["ops_per_sec"])
 med = {k: statistics.median(x) for k, x in cells.items()}
-ok &= runs > 0
-print(f"verified: {ok} ({runs} runs)")
+print(f"verified: {ok} ({len(runs)} runs)")
 for k in sorted(med):
     print(f"{k[0]:<10} {k[1]:>2}T if{k[2]}  median {med[k]:>12,.0f}  rounds {', '.join(f'{x:,.0f}' for x in cells[k])}")
 for v in ("pause-off", "yield-x", "stay-x", "pin-x"):

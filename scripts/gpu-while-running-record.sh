@@ -31,22 +31,18 @@ for r in $(seq "${ROUNDS:-6}"); do
 done
 gpu_clocks_stop
 python3 scripts/runs-beside-gpu.py --clocks "$res/gpu-clocks.csv" "$res"/*-[0-9].json > "$res/runs.txt" 2>&1
-python3 - "$res" <<'PY' > "$res/choice.txt"
-import glob, json, re, statistics, sys
-d = sys.argv[1]
-cells, ok, runs = {}, True, 0
-for f in glob.glob(d + "/*-[0-9].json"):
-    v = re.match(r"(.*)-\d+\.json$", f.split("/")[-1])[1]
-    for r in json.load(open(f))["runs"]:
-        ok &= bool(r["verified"])
-        runs += 1
-        per = r.get("per_thread") or {}
-        # What the threads ran at, each over its own time (a run lasts until its last thread).
-        fin = per.get("finished_ms") or []
-        rate = sum(r["ops"] / r["threads"] / (x / 1e3) for x in fin if x > 0)
-        cells.setdefault((v, r["threads"], r["inflight"]), []).append((r["ops_per_sec"], rate, r["coalesce_stats"]["launches"]))
-ok &= runs > 0
-print(f"verified: {ok} ({runs} runs)")
+PYTHONPATH=scripts python3 - "$res" <<'PY' > "$res/choice.txt"
+import statistics, sys
+from variant_runs import load
+runs, ok = load(sys.argv[1])
+cells = {}
+for v, r in runs:
+    per = r.get("per_thread") or {}
+    # What the threads ran at, each over its own time (a run lasts until its last thread).
+    fin = per.get("finished_ms") or []
+    rate = sum(r["ops"] / r["threads"] / (x / 1e3) for x in fin if x > 0)
+    cells.setdefault((v, r["threads"], r["inflight"]), []).append((r["ops_per_sec"], rate, r["coalesce_stats"]["launches"]))
+print(f"verified: {ok} ({len(runs)} runs)")
 med = {k: statistics.median(x[0] for x in v) for k, v in cells.items()}
 for k in sorted(cells):
     x = cells[k]

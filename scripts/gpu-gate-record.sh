@@ -48,14 +48,4 @@ pick = ok and rel.get(("light", 16, 1), 0) >= 1.02 and all(x >= 0.99 for c, x in
 print(f"FILL_GATE={'8' if pick else '0'}")
 PY
 cat "$res/choice.txt"
-if [ "${RECORD:-1}" = 0 ] || [ $hung = 1 ]; then
-  [ $hung = 0 ] || echo "A run ran out of time: no record (errors.txt)."
-  tar czf "$out/choose.tgz" -C "$out" choose && rm -rf "$res"; exit 0
-fi
-gate=$(sed -n 's/^FILL_GATE=//p' "$res/choice.txt")
-echo "== record under MULTIQ_FILL_GATE=${gate:-0} ($(date -u +%T))"
-MULTIQ_FILL_GATE=${gate:-0} EXTRA=0 bash scripts/gpu-coalesce.sh "$out/record" > "$out/record.log" 2>&1
-tail -3 "$out/record.log"
-grep -E "^test result|FAILED|panicked|^exit [^0]" "$out/record/summary.txt" | head -12
-grep -E " 16T | 1T " "$out/record/summary.txt" | grep -E "coalesce-small" | grep -E "persistent|off"
-tar czf "$out/choose.tgz" -C "$out" choose && rm -rf "$res"
+record_under FILL_GATE MULTIQ_FILL_GATE 0

@@ -94,13 +94,4 @@ pick = ok and rel.get((16, 8), 0) >= 1.05 and all(x >= 0.97 for c, x in rel.item
 print(f"PAUSE={'off' if pick else 'on'}")
 PY
 cat "$res/choice.txt"
-if [ "${RECORD:-1}" = 0 ] || [ $hung = 1 ]; then
-  [ $hung = 0 ] || echo "A run ran out of time: no record (errors.txt)."
-  tar czf "$out/choose.tgz" -C "$out" choose && rm -rf "$res"; exit 0
-fi
-pause=$(sed -n 's/^PAUSE=//p' "$res/choice.txt")
-echo "== record under MULTIQ_QUEUE_PAUSE=${pause:-on} ($(date -u +%T))"
-MULTIQ_QUEUE_PAUSE=${pause:-on} EXTRA=0 TESTS_DONE=$out/tests.txt bash scripts/gpu-coalesce.sh "$out/record" > "$out/record.log" 2>&1
-tail -3 "$out/record.log"
-grep -E " 16T | 1T " "$out/record/summary.txt" | grep -E "coalesce-small" | grep -E "persistent|off" | grep minimal
-tar czf "$out/choose.tgz" -C "$out" choose && rm -rf "$res"
+record_under PAUSE MULTIQ_QUEUE_PAUSE on TESTS_DONE="$out/tests.txt"

@@ -55,14 +55,4 @@ pick = ok and rel.get((16, 1), 0) >= 1.03 and rel.get((16, 8), 0) >= 1.03 and al
 print(f"WHILE_RUNNING={'on' if pick else 'off'}")
 PY
 cat "$res/choice.txt"
-if [ "${RECORD:-1}" = 0 ] || [ $hung = 1 ]; then
-  [ $hung = 0 ] || echo "A run ran out of time: no record (errors.txt)."
-  tar czf "$out/choose.tgz" -C "$out" choose && rm -rf "$res"; exit 0
-fi
-pick=$(sed -n 's/^WHILE_RUNNING=//p' "$res/choice.txt")
-echo "== record under MULTIQ_QUEUE_WHILE_RUNNING=${pick:-off} ($(date -u +%T))"
-MULTIQ_QUEUE_WHILE_RUNNING=${pick:-off} EXTRA=0 bash scripts/gpu-coalesce.sh "$out/record" > "$out/record.log" 2>&1
-tail -3 "$out/record.log"
-grep -E "^test result|FAILED|panicked|^exit [^0]" "$out/record/summary.txt" "$out/record/coalesce/summary.txt" 2>/dev/null | head -12
-grep -E " 16T | 1T " "$out/record/summary.txt" | grep -E "coalesce-small" | grep -E "persistent|off" | grep minimal
-tar czf "$out/choose.tgz" -C "$out" choose && rm -rf "$res"
+record_under WHILE_RUNNING MULTIQ_QUEUE_WHILE_RUNNING off

@@ -66,10 +66,16 @@ def threads(per):
             f"p50 {at('p50_us', mid)} us, cpu {at('cpu_ms', mid)} ms, preempted {at('involuntary_switches', mid)})")
 
 
-def describe(rate, host, when, clocks, per=None):
+def launches(stats):
+    """The coalescer's launches in the repeat (for the device queue: its kernel's launches,
+    relaunches after it left included), where recorded."""
+    return "" if not stats else f", launches {stats.get('launches')}"
+
+
+def describe(rate, host, when, clocks, per=None, stats=None):
     h = host or {}
     return (f"{rate:>12,.0f} ops/s; steal {h.get('steal_ms')} ms, preempted {h.get('involuntary_switches')}, "
-            f"cpu/op {h.get('cpu_per_op_us')} us" + threads(per) + during(clocks, when))
+            f"cpu/op {h.get('cpu_per_op_us')} us" + launches(stats) + threads(per) + during(clocks, when))
 
 
 def main(argv):
@@ -87,10 +93,12 @@ def main(argv):
             name = (f"{path.split('/')[-1]}: {r.get('coalesce', '')} {r['preset']} {r['threads']}T "
                     f"if{r['inflight']} wait {r.get('wait', '')}")
             each = r.get("each_repeat") or [{"ops_per_sec": r["ops_per_sec"], "host": r.get("host"),
-                                              "when": r.get("when"), "per_thread": r.get("per_thread")}]
+                                              "when": r.get("when"), "per_thread": r.get("per_thread"),
+                                              "coalesce_stats": r.get("coalesce_stats")}]
             print(name)
             for e in each:
-                print("  " + describe(e["ops_per_sec"], e.get("host"), e.get("when"), clocks, e.get("per_thread")))
+                print("  " + describe(e["ops_per_sec"], e.get("host"), e.get("when"), clocks, e.get("per_thread"),
+                                      e.get("coalesce_stats")))
 
 
 if __name__ == "__main__":

@@ -151,6 +151,7 @@ impl<'d> Runner<'d> {
                 host: o.row.host,
                 when: o.row.when,
                 per_thread: o.row.per_thread.clone(),
+                coalesce_stats: o.row.coalesce_stats,
             })
             .collect();
         outcomes.sort_by(|a, b| a.row.ops_per_sec.total_cmp(&b.row.ops_per_sec));

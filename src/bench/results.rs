@@ -203,6 +203,10 @@ pub struct RepeatRun {
     /// Its threads, each on its own.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub per_thread: Option<PerThread>,
+    /// Its coalescer's counters (kernel launches, for the device queue: how often its kernel
+    /// was launched, relaunches after it left included).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub coalesce_stats: Option<crate::runtime::CoalesceStats>,
 }
 
 /// When a run's timed part ran, in milliseconds since the Unix epoch by the host's clock: a

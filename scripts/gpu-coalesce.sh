@@ -2,12 +2,19 @@
 # Run ON THE GPU MACHINE (after scripts/gpu-prepare.sh here): cross-thread coalescing measured
 # side by side with the anchors, in one command. Results: $OUT/coalesce.tgz + summary
 # ($OUT/coalesce/ unpacked if the call ran out of time before the end).
-#   1. tests (GPU + CPU unit/pool/coalesce) from carry/tests;
+#   1. multiq, stream per thread, lock none: coalesce off / fixed / adaptive / persistent,
+#      inflight 1 and 8, 1-16 threads: minimal, then light, each the median of SMALL_REPEAT
+#      (default 3) interleaved rounds of SMALL_ITERS ops per thread (default 10,000), merged
+#      into coalesce-small.json; then heavy and default at 1 and 16 threads;
 #   2. anchors: mq.cu (one launch per op) and launch.cu (the coalesced-launch ceiling);
-#   3. multiq, stream per thread, lock none: coalesce off / fixed / adaptive / persistent,
-#      inflight 1 and 8, 1-16 threads: minimal and light as the median of SMALL_REPEAT (default 3) interleaved rounds
-#      of SMALL_ITERS ops per thread (default 10,000); heavy and default at 1 and 16 threads;
+#   3. tests (GPU + CPU unit/pool/coalesce) from carry/tests (or TESTS_DONE's output);
 #   4. depth 1 (fixed) and wait yield (off, fixed, persistent) at 16 threads (EXTRA=0 skips it).
+# Why this order: on the lent H100s the hypervisor's steal grows through a call under
+# sustained load (clean for the first minute or so, then hundreds of ms per run at 16
+# threads: bench/results/h100/README.md), and a 16-thread run lasts until its last thread, so
+# a stolen CPU lowers the whole run. The short minimal cells, the targets closest to the
+# device's limit, go first; within each grid the modes stay interleaved round by round, so
+# every ratio compares runs made side by side.
 set -u -o pipefail
 out=${1:-${OUT:-out}}
 mkdir -p "$out"
@@ -24,6 +31,29 @@ step() { echo "== $* ($(date -u +%T))" | tee -a "$res/summary.txt"; }
 
 step environment
 { cat carry/BUILD; date -u +%FT%TZ; env | grep "^MULTIQ_" | sort; nvidia-smi; } > "$res/env.txt" 2>&1
+common=(--backend cuda --scenario per-thread --lock none --coalesce off,fixed,adaptive,persistent --inflight 1,8)
+step "multiq minimal, then light (median of ${SMALL_REPEAT:-3} each)"
+. scripts/gpu-clocks.sh
+gpu_clocks_start "$res/gpu-clocks.csv"
+for preset in minimal light; do
+  timeout 300 "$bin" bench queues "${common[@]}" --preset $preset --iters "$small_iters" --repeat "${SMALL_REPEAT:-3}" \
+    --json "$res/small-$preset.json" > "$res/small-$preset.txt" 2>&1; echo "exit $?" >> "$res/summary.txt"
+done
+gpu_clocks_stop
+python3 scripts/merge-runs.py "$res/small-minimal.json" "$res/small-light.json" > "$res/coalesce-small.json"
+cat "$res/small-minimal.txt" "$res/small-light.txt" > "$res/coalesce-small.txt"
+# Every repeat beside the host's counters and the GPU's clocks while it ran.
+python3 scripts/runs-beside-gpu.py --clocks "$res/gpu-clocks.csv" "$res/coalesce-small.json" > "$res/runs.txt" 2>&1
+step "multiq heavy, default (1 and 16 threads)"
+timeout 150 "$bin" bench queues "${common[@]}" --preset heavy,default --threads 1,16 --iters 300 \
+  --json "$res/coalesce-large.json" > "$res/coalesce-large.txt" 2>&1; echo "exit $?" >> "$res/summary.txt"
+step anchors
+nvcc -O3 -use_fast_math -arch=sm_90 -o /tmp/mq carry/anchors/mq.cu -lpthread
+nvcc -O3 -use_fast_math -arch=sm_90 -o /tmp/launch carry/anchors/launch.cu -lpthread
+/tmp/mq 1000 > "$res/anchor-mq.txt" 2>&1
+SCHED=auto /tmp/launch > "$res/anchor-launch.txt" 2>&1
+cat "$res/anchor-launch.txt" >> "$res/summary.txt"
+
 step tests
 if [ -n "${TESTS_DONE:-}" ]; then
   # The calling script ran them first in the same call (TESTS_DONE names their output).
@@ -33,25 +63,6 @@ else
 fi
 grep -E "^test result|FAILED|panicked|^exit [^0]" "$res/tests.txt" | tee -a "$res/summary.txt"
 
-step anchors
-nvcc -O3 -use_fast_math -arch=sm_90 -o /tmp/mq carry/anchors/mq.cu -lpthread
-nvcc -O3 -use_fast_math -arch=sm_90 -o /tmp/launch carry/anchors/launch.cu -lpthread
-/tmp/mq 1000 > "$res/anchor-mq.txt" 2>&1
-SCHED=auto /tmp/launch > "$res/anchor-launch.txt" 2>&1
-cat "$res/anchor-launch.txt" >> "$res/summary.txt"
-
-common=(--backend cuda --scenario per-thread --lock none --coalesce off,fixed,adaptive,persistent --inflight 1,8)
-step "multiq minimal, light (median of 3)"
-. scripts/gpu-clocks.sh
-gpu_clocks_start "$res/gpu-clocks.csv"
-timeout 300 "$bin" bench queues "${common[@]}" --preset minimal,light --iters "$small_iters" --repeat "${SMALL_REPEAT:-3}" \
-  --json "$res/coalesce-small.json" > "$res/coalesce-small.txt" 2>&1; echo "exit $?" >> "$res/summary.txt"
-gpu_clocks_stop
-# Every repeat beside the host's counters and the GPU's clocks while it ran.
-python3 scripts/runs-beside-gpu.py --clocks "$res/gpu-clocks.csv" "$res/coalesce-small.json" > "$res/runs.txt" 2>&1
-step "multiq heavy, default (1 and 16 threads)"
-timeout 150 "$bin" bench queues "${common[@]}" --preset heavy,default --threads 1,16 --iters 300 \
-  --json "$res/coalesce-large.json" > "$res/coalesce-large.txt" 2>&1; echo "exit $?" >> "$res/summary.txt"
 if [ "${EXTRA:-1}" = 1 ]; then  # EXTRA=0 skips this step (a call short of device time)
 step "depth 1, and wait yield (minimal, light, default; 16 threads)"
 for d in 1; do

@@ -20,8 +20,9 @@
 //!   published, or when it gives the device up to other kernels (then with ops published
 //!   after the ones it took), recording `{first ticket not taken, its epoch}`. Every
 //!   submitter, after publishing, every waiter that sees the exit record of the kernel
-//!   believed running ([`OpRing::is_done`]), and every waiter now and then (`check`: also with
-//!   no kernel believed running, after a failed launch), calls [`OpRing::ensure_running`]:
+//!   believed running ([`OpRing::is_done`]; only if the lock below is free, else it polls
+//!   on), and every waiter now and then (`check`: also with no kernel believed running,
+//!   after a failed launch), calls [`OpRing::ensure_running`]:
 //!   under one lock, if the kernel believed running has
 //!   left (the exit record carries its epoch) it is forgotten, and if tickets were taken
 //!   from its exit point on, a new kernel (next epoch) is launched from there. A kernel can
@@ -36,7 +37,7 @@
 
 use crossbeam::utils::CachePadded;
 
-use super::{AtomicU64, Mutex, Ordering};
+use super::{AtomicU64, Mutex, MutexGuard, Ordering};
 
 /// Polls between checks of a thread waiting for a slot to be free (fewer under loom, so the
 /// models reach a check).
@@ -206,8 +207,13 @@ impl OpRing {
             // The kernel left with ops outstanding (it gave the device up, or an idle exit
             // raced a publication): relaunched now, not at the next check. A failed relaunch
             // is left to the checks to report (here it would fail a slot wait, which breaks the
-            // ring: a lost op).
-            let _ = self.ensure_running(device);
+            // ring: a lost op). Only if the runner lock is free: every waiter sees the exit at
+            // once, and one relaunch is enough; the others poll on instead of queueing on the
+            // lock (where they would sleep, and wake one by one, after the relaunch). Their
+            // checks and every submitter still take the lock.
+            if let Some(runner) = self.runner.try_lock() {
+                let _ = self.relaunch_if_left(device, runner);
+            }
         }
         Ok(false)
     }
@@ -232,7 +238,15 @@ impl OpRing {
         if live != 0 && device.exit_record().1 != live {
             return Ok(());
         }
-        let mut r = self.runner.lock();
+        self.relaunch_if_left(device, self.runner.lock())
+    }
+
+    /// [`OpRing::ensure_running`] under the runner lock `r`.
+    fn relaunch_if_left<D: RingDevice>(
+        &self,
+        device: &D,
+        mut r: MutexGuard<'_, Runner>,
+    ) -> Result<(), D::Error> {
         if r.running {
             let (ticket, epoch) = device.exit_record();
             if epoch != r.epoch {

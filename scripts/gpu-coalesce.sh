@@ -30,7 +30,8 @@ small_iters=${SMALL_ITERS:-10000}
 step() { echo "== $* ($(date -u +%T))" | tee -a "$res/summary.txt"; }
 
 step environment
-{ cat carry/BUILD; date -u +%FT%TZ; env | grep "^MULTIQ_" | sort; nvidia-smi; } > "$res/env.txt" 2>&1
+{ cat carry/BUILD; date -u +%FT%TZ; env | grep "^MULTIQ_" | sort; nvidia-smi
+  echo "clocksource: $(cat /sys/devices/system/clocksource/clocksource0/current_clocksource 2> /dev/null)"; } > "$res/env.txt" 2>&1
 common=(--backend cuda --scenario per-thread --lock none --coalesce off,fixed,adaptive,persistent --inflight 1,8)
 step "multiq minimal, then light (median of ${SMALL_REPEAT:-3} each)"
 . scripts/gpu-clocks.sh

@@ -459,7 +459,8 @@ pub(super) struct QueueYield {
     /// The word (`None` only inside `Drop`).
     block: Option<PinnedBlock>,
     reuse: Arc<Reuse>,
-    /// Device queues alive on the device: without one, nothing reads the word.
+    /// Device queues alive on the device that give it up (`MULTIQ_QUEUE_YIELD` on): without
+    /// one, nothing reads the word, and launches do not raise it.
     queues: std::sync::atomic::AtomicUsize,
     /// When a kernel was last launched ([`since_start`] nanoseconds; 0: never).
     last_launch: AtomicU64,
@@ -638,8 +639,11 @@ impl CudaDeviceQueue {
             ctx: ctx.clone(),
         };
         // From here on, `Drop` frees what was made (the stream has run nothing yet) and counts
-        // the queue out of the device's yield word.
-        queue_yield.queues.fetch_add(1, Ordering::Relaxed);
+        // the queue out of the device's yield word (a queue that never gives the device up
+        // does not read it, so it is not counted in).
+        if queue.settings.yield_device {
+            queue_yield.queues.fetch_add(1, Ordering::Relaxed);
+        }
         queue.dev = queue
             .device_alloc(DEV_BYTES)
             .map_err(|e| driver_error("device queue", e))?;
@@ -945,7 +949,9 @@ impl Drop for CudaDeviceQueue {
         // If the device failed, a kernel might still read the memory: it is leaked instead.
         let stopped = self.published() == 0 || self.stop();
         // Counted out only now: while it drains, the queue's kernel still leaves for others.
-        self.queue_yield.queues.fetch_sub(1, Ordering::Relaxed);
+        if self.settings.yield_device {
+            self.queue_yield.queues.fetch_sub(1, Ordering::Relaxed);
+        }
         if stopped {
             if let Some(trace) = &self.trace {
                 // The copy needs the context current (`stop` binds it only if it published).

@@ -12,7 +12,8 @@
 #                up is not counted in, so launches do not raise the word; the queue's kernel
 #                never runs with one thread, so nothing else changes)
 # Nothing is chosen from this call; its summary prints persistent / off per variant.
-#   bash scripts/gpu-one-thread.sh OUTDIR   -> OUTDIR/one-thread/
+#   bash scripts/gpu-one-thread.sh OUTDIR   -> OUTDIR/one-thread.tgz (the device tool brings
+#   back at most 8 files of a call, so the runs travel packed) and OUTDIR/one-thread.txt
 set -u -o pipefail
 out=${1:-${OUT:-out}}/one-thread
 mkdir -p "$out"
@@ -43,3 +44,5 @@ for variant in ("as-is", "reversed", "no-raise"):
         else:
             print(f"{variant:<9} inflight {inflight}: no verified pair")
 PY
+cp "$out/summary.txt" "${out%/one-thread}/one-thread.txt"
+tar czf "$out.tgz" -C "${out%/one-thread}" one-thread && rm -rf "$out"

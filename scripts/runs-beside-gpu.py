@@ -69,7 +69,11 @@ def threads(per):
 def launches(stats):
     """The coalescer's launches in the repeat (for the device queue: its kernel's launches,
     relaunches after it left included), where recorded."""
-    return "" if not stats else f", launches {stats.get('launches')}"
+    if not stats:
+        return ""
+    exits = stats.get("queue_exits")
+    why = "" if not exits else " (left: " + ", ".join(f"{k} {v}" for k, v in exits.items()) + ")"
+    return f", launches {stats.get('launches')}{why}"
 
 
 def describe(rate, host, when, clocks, per=None, stats=None):

@@ -501,6 +501,19 @@ pub trait BackendSignal: Send + Sync {
     fn as_any(&self) -> &dyn Any;
 }
 
+/// Why a device queue's kernels left the device ([`BackendDeviceQueue::exits`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct QueueExits {
+    /// Nothing was published for the idle time.
+    pub idle: u64,
+    /// Another kernel was queued on the device (the queue gave the device up).
+    pub asked: u64,
+    /// The kernel had run its slice.
+    pub slice: u64,
+    /// The queue was stopped.
+    pub stop: u64,
+}
+
 /// A queue of ops that threads publish straight to the device, with no launch per op: a
 /// kernel stays on the device while ops arrive, takes every published op, and runs
 /// concurrent ops side by side (cross-thread coalescing without a host batcher).
@@ -528,6 +541,12 @@ pub trait BackendDeviceQueue: Send + Sync {
     fn window(&self) -> u64;
     /// Times the queue's kernel was launched (it leaves the device when idle).
     fn launches(&self) -> u64;
+    /// Why the queue's kernel left, counted for the kernels followed by another launch (the
+    /// one still running, or the last one's stop, is not counted yet). Zero where the backend
+    /// does not tell.
+    fn exits(&self) -> QueueExits {
+        QueueExits::default()
+    }
     /// Whether the queue's kernel is on the device now (a hint: it may leave the moment
     /// after). While it is, an op launched alone waits for it to give the device up.
     fn kernel_running(&self) -> bool {

@@ -168,6 +168,10 @@ pub struct CoalesceStats {
     pub complete_us: f64,
     /// Batches whose completion was timed (those someone waited for).
     pub timed_batches: u64,
+    /// Device queue (`persistent`): why its kernel left the device, for the kernels followed
+    /// by another launch (`launches` minus one, where the backend tells).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub queue_exits: Option<crate::backend::QueueExits>,
 }
 
 /// Running totals behind [`CoalesceStats`] (nanoseconds).
@@ -195,6 +199,7 @@ impl StatTotals {
             launch_us: per(get(&self.launch_ns), launches),
             complete_us: per(get(&self.complete_ns), timed),
             timed_batches: timed,
+            queue_exits: None,
         }
     }
 }

@@ -306,6 +306,11 @@ impl DeviceQueue {
             self.backend.chained(),
         )
     }
+
+    /// Why the queue's kernels left (see [`BackendDeviceQueue::exits`]).
+    pub(crate) fn exits(&self) -> crate::backend::QueueExits {
+        self.backend.exits()
+    }
 }
 
 #[cfg(test)]

@@ -143,6 +143,7 @@ impl StreamPool {
                 ops,
                 chained,
                 direct: q.direct_ops(),
+                queue_exits: Some(q.exits()),
                 ..Default::default()
             });
         }

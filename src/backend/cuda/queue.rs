@@ -56,7 +56,7 @@ use cudarc::driver::{result, sys, CudaContext, CudaFunction, CudaStream, DriverE
 use super::driver_error;
 use super::reuse::{PinnedBlock, Reuse};
 use super::stream::{bind, CudaBuffer};
-use crate::backend::{downcast, BackendBuffer, BackendDeviceQueue};
+use crate::backend::{downcast, BackendBuffer, BackendDeviceQueue, QueueExits};
 use crate::error::{Error, Result};
 use crate::kernel::Kernel;
 use crate::sync::op_ring::{OpRing, RingDevice};
@@ -332,8 +332,9 @@ struct DoneWord(AtomicU64);
 struct HostRegion {
     ring: [HostSlot; SLOTS],
     done: [DoneWord; SLOTS],
-    /// `{ticket, epoch}` of the last kernel exit.
-    exit: [AtomicU64; 2],
+    /// `{ticket, epoch, why}` of the last kernel exit (`why`: `EXIT_*` of the kernel, 0 once
+    /// the host counted it).
+    exit: [AtomicU64; 3],
     /// Ops chained so far (written by the kernels; a statistic), on a line of its own (the
     /// kernel writes it while submitters read `exit`).
     chained: DoneWord,
@@ -570,6 +571,9 @@ pub(super) struct CudaDeviceQueue {
     queue_yield: Arc<QueueYield>,
     /// The launch (its time stamp) for which a kernel of this queue last got the extra exit.
     straggler_exit: AtomicU64,
+    /// Kernel exits counted by why (idle, another kernel asked, slice, stop), at each launch
+    /// after one.
+    exits: [AtomicU64; 4],
     dev: sys::CUdeviceptr,
     stream: Arc<CudaStream>,
     function: CudaFunction,
@@ -629,6 +633,7 @@ impl CudaDeviceQueue {
             reuse: reuse.clone(),
             queue_yield: queue_yield.clone(),
             straggler_exit: AtomicU64::new(u64::MAX),
+            exits: Default::default(),
             dev: 0,
             stream,
             function,
@@ -849,6 +854,12 @@ impl RingDevice for CudaDeviceQueue {
     }
 
     fn launch(&self, epoch: u64, start: u64) -> Result<()> {
+        // The kernel before this one (if any) has left: its reason is counted once (nothing
+        // writes the word again before this launch).
+        let why = self.region().exit[2].swap(0, Ordering::AcqRel);
+        if let Some(count) = why.checked_sub(1).and_then(|i| self.exits.get(i as usize)) {
+            count.fetch_add(1, Ordering::Relaxed);
+        }
         self.launch_kernel(epoch, start)
     }
 
@@ -929,6 +940,16 @@ impl BackendDeviceQueue for CudaDeviceQueue {
 
     fn launches(&self) -> u64 {
         self.ring.launches()
+    }
+
+    fn exits(&self) -> QueueExits {
+        let [idle, asked, slice, stop] = self.exits.each_ref().map(|c| c.load(Ordering::Relaxed));
+        QueueExits {
+            idle,
+            asked,
+            slice,
+            stop,
+        }
     }
 
     fn kernel_running(&self) -> bool {

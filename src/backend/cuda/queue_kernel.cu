@@ -8,7 +8,7 @@
 //   48..63, so one read of the three words over the bus both finds a published op and reads
 //   it: the op is published once all three carry its tag.
 // - host_done[slots] (host-mapped, one line each): the op number written once an op completed.
-// - host_exit[2] (host-mapped): {ticket, epoch} written when a kernel leaves.
+// - host_exit[3] (host-mapped): {ticket, epoch, why} written when a kernel leaves.
 // - host_chained (host-mapped): how many ops were chained (statistics).
 // - dring[slots], count[slots], dev_done[slots] (device memory): the dispatcher's copy of
 //   each op, its count word (chunks finished, and the successor parked on it, if any), the op
@@ -171,7 +171,12 @@ __device__ __forceinline__ void wait_room(const QueueParams& q, ChunkQueue& c, u
 }
 // Appends one exit chunk per compute block, then records that this kernel leaves at op `t`
 // (not taken). Lane 0 records; all lanes write exit chunks.
-__device__ void leave(const QueueParams& q, ChunkQueue& c, unsigned long long t) {
+// Why a kernel left (host_exit[2], read and cleared by the host at the next launch: statistics).
+#define EXIT_IDLE 1ull
+#define EXIT_YIELD 2ull
+#define EXIT_SLICE 3ull
+#define EXIT_STOP 4ull
+__device__ void leave(const QueueParams& q, ChunkQueue& c, unsigned long long t, unsigned long long why) {
     const unsigned int lane = threadIdx.x, blocks = gridDim.x - 1u;
     wait_room(q, c, blocks);
     for (unsigned int b = lane; b < blocks; b += 32u) {
@@ -183,6 +188,7 @@ __device__ void leave(const QueueParams& q, ChunkQueue& c, unsigned long long t)
     if (lane == 0) {
         volatile unsigned long long* ex = q.host_exit;
         ex[0] = t;
+        ex[2] = why;
         __threadfence_system();
         ex[1] = q.epoch;
     }
@@ -223,15 +229,16 @@ __device__ void queue_dispatch(const QueueParams& q) {
         if (finished > cq.finished) cq.finished = finished;
         const unsigned long long yield_now = __shfl_sync(0xffffffffu, yield_read, 0);
         const unsigned long long ran = now_ns() - launched;
-        if ((yield_now != q.yield_base && ran >= q.min_run_ns) || (q.slice_ns != 0ull && ran > q.slice_ns)) {
+        const bool asked = yield_now != q.yield_base && ran >= q.min_run_ns;
+        if (asked || (q.slice_ns != 0ull && ran > q.slice_ns)) {
             // Nothing of this round is forwarded: the relaunch starts at t.
-            leave(q, cq, t);
+            leave(q, cq, t, asked ? EXIT_YIELD : EXIT_SLICE);
             return;
         }
         if (n == 0u) {
             const unsigned long long idle = now_ns() - last;
             if (idle > q.idle_ns) {
-                leave(q, cq, t);
+                leave(q, cq, t, EXIT_IDLE);
                 return;
             }
             if (idle > 20000ull) __nanosleep(500);
@@ -379,7 +386,7 @@ __device__ void queue_dispatch(const QueueParams& q) {
         t += n;
         __syncwarp();
         if (stops != 0u) {
-            leave(q, cq, t);
+            leave(q, cq, t, EXIT_STOP);
             return;
         }
         last = now_ns();

@@ -565,6 +565,12 @@ fn device_queue_ops_are_bit_identical_to_single_launches() {
         );
         assert_eq!(after.direct, stats.direct + multiq::QUEUE_MIN_LOAD as u64);
         assert_eq!(after.ops, stats.ops + 1);
+        // Every kernel followed by another launch recorded why it left (idle, asked for the
+        // device, or its slice: which one depends on timing), counted at that launch.
+        for s in [&stats, &after] {
+            let left = s.queue_exits.map(|e| e.idle + e.asked + e.slice + e.stop);
+            assert_eq!(left, Some(s.launches - 1), "{wait}: exits counted: {s:?}");
+        }
         drop(pool);
         // The same ops, one launch each, on an ordinary pool.
         let single = StreamPool::new(&dev, PoolConfig::default()).unwrap();

@@ -9,12 +9,13 @@
 #   2. anchors: mq.cu (one launch per op) and launch.cu (the coalesced-launch ceiling);
 #   3. tests (GPU + CPU unit/pool/coalesce) from carry/tests (or TESTS_DONE's output);
 #   4. depth 1 (fixed) and wait yield (off, fixed, persistent) at 16 threads (EXTRA=0 skips it).
-# Why this order: on the lent H100s the hypervisor's steal grows through a call under
-# sustained load (clean for the first minute or so, then hundreds of ms per run at 16
-# threads: bench/results/h100/README.md), and a 16-thread run lasts until its last thread, so
-# a stolen CPU lowers the whole run. The short minimal cells, the targets closest to the
-# device's limit, go first; within each grid the modes stay interleaved round by round, so
-# every ratio compares runs made side by side.
+# Why this order: in three H100 calls of 2026-12-05 the hypervisor's steal grew through the
+# call under sustained load (clean for the first minute or so, then hundreds of ms per run at
+# 16 threads: bench/results/h100/README.md), and a 16-thread run lasts until its last thread,
+# so a stolen CPU lowers the whole run. The short minimal cells, the targets closest to the
+# device's limit, go first. (A host with steal from the start, as in the call at d418b7c, is
+# not helped.) Within each grid the modes stay interleaved round by round, so every ratio
+# compares runs made side by side.
 set -u -o pipefail
 out=${1:-${OUT:-out}}
 mkdir -p "$out"

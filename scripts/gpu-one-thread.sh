@@ -4,8 +4,9 @@
 # of 2026-12-05, although at one thread both launch every op alone on the thread's stream.
 # The two paths differ by a few atomics per op and, in a pool with a device queue, the raise of
 # the device's yield word after every launch (an atomic add in page-locked memory, and a time
-# stamp). Three variants, each its own process, interleaved over ROUNDS rounds (default 5),
-# each round's runs in the order listed:
+# stamp). Three variants, each its own process, interleaved over ROUNDS rounds (default 5, at
+# most 9: scripts/variant_runs.py reads rounds 1-9 in order), each round's runs in the order
+# listed:
 #   as-is        --coalesce off,persistent
 #   reversed     --coalesce persistent,off            (does the position in a round matter?)
 #   no-raise     MULTIQ_QUEUE_YIELD=off, off,persistent (a queue that never gives the device
@@ -26,23 +27,24 @@ for round in $(seq 1 "${ROUNDS:-5}"); do
   MULTIQ_QUEUE_YIELD=off "$bin" "${args[@]}" --coalesce off,persistent \
     --json "$out/no-raise-$round.json" > /dev/null 2>> "$out/stderr.txt"
 done
-python3 - "$out" <<'PY' | tee "$out/summary.txt"
-import glob, json, statistics, sys
-d = sys.argv[1]
+PYTHONPATH=scripts python3 - "$out" <<'PY' | tee "$out/summary.txt"
+import statistics, sys
+from variant_runs import load
+runs, ok = load(sys.argv[1])  # each variant's runs in round order
+rates = {}
+for v, r in runs:
+    rates.setdefault((v, r["inflight"], r["coalesce"]), []).append(r["ops_per_sec"])
+print(f"verified: {ok} ({len(runs)} runs)")
 for variant in ("as-is", "reversed", "no-raise"):
     for inflight in (1, 8):
-        ratios, rates = [], {"off": [], "persistent": []}
-        for f in sorted(glob.glob(f"{d}/{variant}-*.json")):
-            runs = {r["coalesce"]: r for r in json.load(open(f))["runs"] if r["inflight"] == inflight}
-            if "off" in runs and "persistent" in runs and all(r["verified"] for r in runs.values()):
-                ratios.append(runs["persistent"]["ops_per_sec"] / runs["off"]["ops_per_sec"])
-                for m in rates:
-                    rates[m].append(round(runs[m]["ops_per_sec"]))
+        off, pers = rates.get((variant, inflight, "off"), []), rates.get((variant, inflight, "persistent"), [])
+        ratios = [p / o for o, p in zip(off, pers)]  # round by round
         if ratios:
             print(f"{variant:<9} inflight {inflight}: persistent / off median {statistics.median(ratios):.3f} "
-                  f"(rounds {', '.join(f'{r:.2f}' for r in ratios)}); off {rates['off']}; persistent {rates['persistent']}")
+                  f"(rounds {', '.join(f'{r:.2f}' for r in ratios)}); off {[round(x) for x in off]}; "
+                  f"persistent {[round(x) for x in pers]}")
         else:
-            print(f"{variant:<9} inflight {inflight}: no verified pair")
+            print(f"{variant:<9} inflight {inflight}: no runs")
 PY
 cp "$out/summary.txt" "${out%/one-thread}/one-thread.txt"
 tar czf "$out.tgz" -C "${out%/one-thread}" one-thread && rm -rf "$out"

@@ -571,8 +571,9 @@ pub(super) struct CudaDeviceQueue {
     queue_yield: Arc<QueueYield>,
     /// The launch (its time stamp) for which a kernel of this queue last got the extra exit.
     straggler_exit: AtomicU64,
-    /// Kernel exits counted by why (idle, another kernel asked, slice, stop), at each launch
-    /// after one.
+    /// Kernel exits counted by why, at each launch after one: index `why - 1` for the
+    /// kernel's `EXIT_IDLE`, `EXIT_YIELD` (another kernel asked), `EXIT_SLICE`, `EXIT_STOP`
+    /// (1 to 4, `queue_kernel.cu`).
     exits: [AtomicU64; 4],
     dev: sys::CUdeviceptr,
     stream: Arc<CudaStream>,

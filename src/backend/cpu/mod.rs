@@ -24,7 +24,7 @@ use super::{BackendSignal, DeviceInfo, DeviceOptions, WaitPolicy};
 use crate::error::{Error, Result};
 use crate::kernel::Kernel;
 use crate::runtime::live::StorageToken;
-use stream::{CpuStream, StreamQueue};
+use stream::{CpuStream, StreamQueue, Units};
 
 /// Elements per block: the unit of work an execution unit takes at a time.
 pub const BLOCK: usize = 4096;
@@ -36,7 +36,7 @@ const MAX_ELEMENTS: usize = 1 << 34;
 pub struct CpuBackend {
     units: usize,
     wait: WaitPolicy,
-    pool: Arc<rayon::ThreadPool>,
+    exec: Arc<Units>,
     streams: Mutex<Vec<Weak<StreamQueue>>>,
 }
 
@@ -72,7 +72,7 @@ impl CpuBackend {
         Ok(CpuBackend {
             units,
             wait: opts.wait.unwrap_or(WaitPolicy::Block),
-            pool: Arc::new(pool),
+            exec: Units::new(pool),
             streams: Mutex::new(Vec::new()),
         })
     }
@@ -125,7 +125,7 @@ impl Backend for CpuBackend {
     }
 
     fn new_stream(&self) -> Result<Arc<dyn BackendStream>> {
-        let stream = CpuStream::new(self.pool.clone(), self.wait);
+        let stream = CpuStream::new(self.exec.clone(), self.wait);
         let mut streams = self.streams.lock();
         streams.retain(|w| w.strong_count() > 0);
         streams.push(Arc::downgrade(stream.queue()));
@@ -284,5 +284,53 @@ mod tests {
             k.reference(&mut expect);
         }
         assert_eq!(out, expect);
+    }
+
+    /// Streams take turns: one op on an idle stream runs after at most a task or two of a
+    /// stream with a long queue, not after all of it. (The units' pool runs the jobs a
+    /// worker spawns LIFO, and a stream that re-spawned its own drain job kept its unit until
+    /// its queue was empty: the lone op waited for all 40 tasks.)
+    #[test]
+    fn a_stream_with_a_long_queue_does_not_starve_another() {
+        let dev = device(1);
+        let (busy, idle) = (dev.new_stream().unwrap(), dev.new_stream().unwrap());
+        // About a millisecond each on one unit, so the 40 take far longer than it takes to
+        // queue them and the lone op.
+        let k = Kernel::SimpleCompute { iters: 20 };
+        let big = dev.alloc(BLOCK).unwrap();
+        let init: Vec<f32> = (0..BLOCK)
+            .map(|i| crate::kernel::initial_value(0, i))
+            .collect();
+        busy.upload(&*big, &init).unwrap();
+        let marks: Vec<_> = (0..40)
+            .map(|_| {
+                busy.launch(k, &*big).unwrap();
+                let ev = dev.new_event().unwrap();
+                busy.record(&*ev).unwrap();
+                ev
+            })
+            .collect();
+        let small = dev.alloc(1).unwrap();
+        idle.launch(k, &*small).unwrap();
+        let done = dev.new_event().unwrap();
+        idle.record(&*done).unwrap();
+        done.wait().unwrap();
+        let busy_done = marks.iter().filter(|e| e.is_complete().unwrap()).count();
+        assert!(
+            busy_done <= 20,
+            "the lone op waited for {busy_done} of the busy stream's 40 tasks"
+        );
+        busy.synchronize().unwrap();
+        assert!(marks.iter().all(|e| e.is_complete().unwrap()));
+        let mut out = vec![0.0; BLOCK];
+        busy.download(&*big, &mut out).unwrap();
+        let mut expect = init;
+        for _ in 0..40 {
+            k.reference(&mut expect);
+        }
+        assert_eq!(
+            out, expect,
+            "the busy stream's tasks did not all run, in order"
+        );
     }
 }

@@ -1,10 +1,13 @@
 //! CPU streams and events.
 //!
 //! A stream is an [`OrderedQueue`] of tasks: at most one task of a stream runs at a time
-//! (in-order execution). Its drain job on the unit pool runs the oldest task, then re-queues
-//! itself if more are waiting, so streams take turns on the units instead of one busy stream
-//! starving the others. An event is a (stream, sequence number) mark; it completes when the
-//! stream's completed count reaches that number.
+//! (in-order execution). A stream with work waits for a turn in [`Units`]' ready queue
+//! (FIFO); a turn runs its oldest task, then puts the stream at the back of the queue if more
+//! are waiting, so streams take turns on the units in order, and no busy stream starves the
+//! others. (The units' jobs do not name a stream: each takes the oldest ready one when it
+//! runs, so the pool's own job order, LIFO on the worker that spawned the job, does not
+//! decide whose turn it is.) An event is a (stream, sequence number) mark; it completes when
+//! the stream's completed count reaches that number.
 
 use std::any::Any;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -24,27 +27,53 @@ use crate::sync::ordered_queue::OrderedQueue;
 
 type Task = Box<dyn FnOnce() + Send>;
 
+/// The execution units: a pool of threads and the streams waiting for a turn on them.
+pub(super) struct Units {
+    pool: rayon::ThreadPool,
+    /// Streams with work, oldest first: each has exactly one job spawned for it.
+    ready: crossbeam::queue::SegQueue<Arc<StreamQueue>>,
+}
+
+impl Units {
+    pub(super) fn new(pool: rayon::ThreadPool) -> Arc<Self> {
+        Arc::new(Units {
+            pool,
+            ready: crossbeam::queue::SegQueue::new(),
+        })
+    }
+
+    /// Puts `stream` at the back of the ready queue and spawns a job for one turn.
+    fn schedule(self: &Arc<Self>, stream: Arc<StreamQueue>) {
+        self.ready.push(stream);
+        let me = self.clone();
+        self.pool.spawn(move || me.run_turn());
+    }
+
+    /// One turn of the oldest ready stream. Every job follows one push, so there is one.
+    fn run_turn(self: Arc<Self>) {
+        if let Some(stream) = self.ready.pop() {
+            stream.drain_one(&self);
+        }
+    }
+}
+
 /// The shared state of one CPU stream: its ordered queue and the units that drain it.
 pub(super) struct StreamQueue {
     queue: OrderedQueue<Task>,
-    pool: Arc<rayon::ThreadPool>,
+    units: Arc<Units>,
 }
 
 impl StreamQueue {
     fn push(self: &Arc<Self>, task: Task) {
         let (_, start) = self.queue.push(task);
         if start {
-            self.spawn_drain();
+            self.units.schedule(self.clone());
         }
     }
 
-    fn spawn_drain(self: &Arc<Self>) {
-        let me = self.clone();
-        self.pool.spawn(move || me.drain_one());
-    }
-
-    /// Runs one task, then re-queues the drain job behind other streams' work if more wait.
-    fn drain_one(self: Arc<Self>) {
+    /// Runs one task, then puts the stream back in the ready queue, behind the other
+    /// streams, if more wait.
+    fn drain_one(self: Arc<Self>, units: &Arc<Units>) {
         let failed = self.queue.next().and_then(|task| {
             catch_unwind(AssertUnwindSafe(task)).err().map(|payload| {
                 payload
@@ -55,7 +84,7 @@ impl StreamQueue {
             })
         });
         if self.queue.complete(failed) {
-            self.spawn_drain();
+            units.schedule(self);
         }
     }
 
@@ -92,10 +121,10 @@ pub(super) struct CpuStream {
 }
 
 impl CpuStream {
-    pub(super) fn new(pool: Arc<rayon::ThreadPool>, wait: WaitPolicy) -> Self {
+    pub(super) fn new(units: Arc<Units>, wait: WaitPolicy) -> Self {
         let queue = Arc::new(StreamQueue {
             queue: OrderedQueue::new(),
-            pool,
+            units,
         });
         CpuStream { queue, wait }
     }

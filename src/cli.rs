@@ -416,7 +416,8 @@ pub struct QueuesArgs {
     /// Cross-thread coalescing, comma-separated: off (one launch per op), fixed (merge up to
     /// --max-batch concurrent ops into one launch, waiting at most --max-delay-us; an idle
     /// device launches at once), adaptive (as fixed, growing the batch while throughput rises
-    /// and batch latency stays under --latency-target-us), persistent (ops published straight
+    /// and batch latency stays under --latency-target-us, and launching ops alone, as off,
+    /// in phases where batching does not pay), persistent (ops published straight
     /// to a kernel that stays on the GPU while work arrives: no launch per op; on the CPU
     /// backend it falls back to fixed with its defaults) [default: off].
     #[arg(long, value_enum, value_delimiter = ',')]
@@ -472,7 +473,7 @@ pub enum CoalesceChoice {
     Off,
     /// Fixed batch limit and delay.
     Fixed,
-    /// AIMD batch target under a latency target.
+    /// AIMD batch target under a latency target; ops launch alone where batching does not pay.
     Adaptive,
     /// A device queue: a kernel that stays on the device and takes published ops.
     Persistent,

@@ -218,6 +218,114 @@ fn coalesced_and_direct_launches_on_one_stream_keep_their_order() {
     }
 }
 
+/// Adaptive coalescing with one thread: batches never form (one thread's ops are never
+/// merged), so after a window the ops launch alone on the thread's stream, and after each
+/// phase of that the coalescer is tried again. Every op is counted once (grouped or alone)
+/// and every result equals serial execution across the switches.
+#[test]
+fn adaptive_launches_alone_where_batches_do_not_form_and_tries_again() {
+    for wait in WAITS {
+        let (dev, pool, s) = one_coalescing_stream(policies()[1], wait);
+        let mut bufs = [
+            dev.buffer_from(&[0.001; 64]).unwrap(),
+            dev.buffer_from(&[0.002; 64]).unwrap(),
+        ];
+        let mut applied = [0u32; 2];
+        let mut w = Inflight::new(3).unwrap();
+        let started = std::time::Instant::now();
+        let mut submitted = 0u64;
+        // Until an alone phase ended and a second window of batches ran after it.
+        loop {
+            let stats = pool.coalesce_stats().unwrap();
+            if stats.direct >= 64 && stats.launches >= 64 {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "{wait:?}: no alone phase and coalescing after it: {stats:?}"
+            );
+            let b = (submitted % 2) as usize;
+            let k = 1 + (submitted % 3) as u32;
+            applied[b] += k;
+            w.submit(|| s.launch(Kernel::SimpleCompute { iters: k }, &mut bufs[b]))
+                .unwrap();
+            submitted += 1;
+        }
+        w.drain().unwrap();
+        let stats = pool.coalesce_stats().unwrap();
+        assert_eq!(stats.ops + stats.direct, submitted, "{wait:?}: {stats:?}");
+        for (b, buf) in bufs.iter_mut().enumerate() {
+            let want = simple_compute([0.001, 0.002][b], applied[b]);
+            assert!(
+                buf.read().unwrap().iter().all(|v| *v == want),
+                "{wait:?}: buffer {b}"
+            );
+        }
+    }
+}
+
+/// Adaptive coalescing under a latency target no batch meets: the pool keeps switching
+/// between launching alone and probing batches while 16 threads have ops in flight on their
+/// own and on shared buffers' streams. Every result equals serial execution.
+#[test]
+fn adaptive_switches_under_load_keep_every_result() {
+    let dev = cpu(WaitPolicy::Yield);
+    let pool = StreamPool::new(
+        &dev,
+        PoolConfig {
+            streams: 16,
+            lock: LockMode::PerStream,
+            coalesce: CoalescePolicy::Adaptive {
+                max_batch: 16,
+                max_delay: Duration::from_micros(50),
+                latency_target: Duration::from_nanos(1),
+                depth: 2,
+            },
+        },
+    )
+    .unwrap();
+    let start = Arc::new(Barrier::new(16));
+    let handles: Vec<_> = (0..16usize)
+        .map(|t| {
+            let (pool, start) = (pool.clone(), start.clone());
+            std::thread::spawn(move || {
+                let s = pool.current().unwrap();
+                let init = |b: usize| vec![initial_value(t * 2 + b, 0); 256];
+                let mut bufs = [
+                    pool.device().buffer_from(&init(0)).unwrap(),
+                    pool.device().buffer_from(&init(1)).unwrap(),
+                ];
+                let mut applied = [0u32; 2];
+                let mut w = Inflight::new(4).unwrap();
+                start.wait();
+                for i in 0..600usize {
+                    let (b, k) = ((i / 3) % 2, 1 + (i % 2) as u32);
+                    applied[b] += k;
+                    w.submit(|| s.launch(Kernel::SimpleCompute { iters: k }, &mut bufs[b]))
+                        .unwrap();
+                }
+                w.drain().unwrap();
+                for (b, buf) in bufs.iter_mut().enumerate() {
+                    let want = simple_compute(initial_value(t * 2 + b, 0), applied[b]);
+                    assert!(
+                        buf.read().unwrap().iter().all(|v| *v == want),
+                        "thread {t} buffer {b}"
+                    );
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    let stats = pool.coalesce_stats().unwrap();
+    assert_eq!(stats.ops + stats.direct, 16 * 600, "{stats:?}");
+    assert!(
+        stats.direct > 0 && stats.launches > 0,
+        "both paths should have run: {stats:?}"
+    );
+}
+
 #[test]
 fn dropped_tickets_leak_nothing_and_block_no_one() {
     for wait in WAITS {

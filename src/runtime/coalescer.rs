@@ -26,6 +26,12 @@
 //! [`Launcher`] (grouped launches, events or the signal word, statistics, the adaptive
 //! target), the choice of the batch an op joins, and the signal-mode completion wait.
 //!
+//! Adaptive: besides the AIMD batch target, the policy decides whether batching pays at all.
+//! Where it does not (batches of under 1.5 ops on average, a target that would fall to one,
+//! or batches slower than ops launched alone were), [`CoalescerShared::launches_alone`] sends
+//! ops down the pool's ordinary path for a phase, then batches are tried again. Either path
+//! is correct at any moment: the rules below order them.
+//!
 //! Ordering: an op joins the first batch (of its kernel, with room) *after* the last pending
 //! batch holding an op of the same submitting stream or on the same buffer. Batches run in
 //! launch order on one stream, so ops of one thread on one stream keep their order, each
@@ -78,7 +84,11 @@ pub enum CoalescePolicy {
         depth: usize,
     },
     /// As `Fixed`, with the batch target chosen by AIMD: grown by one while throughput rises
-    /// and batch latency stays under `latency_target`, cut by a quarter otherwise.
+    /// and batch latency stays under `latency_target`, cut by a quarter otherwise. Where
+    /// coalescing does not pay (batches do not form, the target would fall to one op, or
+    /// batches run slower than ops launched alone did), ops launch alone on their own stream,
+    /// as with `Off`, for a phase (2 ms at first, doubling while coalescing keeps losing, at
+    /// most 256 ms); then coalescing is tried again.
     Adaptive {
         /// Ops per launch at most.
         max_batch: usize,
@@ -149,10 +159,10 @@ pub struct CoalesceStats {
     pub launches: u64,
     /// Ops in them.
     pub ops: u64,
-    /// Device queue (`persistent`): ops launched alone instead, on their own stream (the
+    /// Ops launched alone instead, on their own stream. Device queue (`persistent`): the
     /// pool's other streams had fewer than
     /// [`QUEUE_MIN_LOAD`](super::device_queue::QUEUE_MIN_LOAD) ops in flight, or the op fills
-    /// the device by itself).
+    /// the device by itself. `adaptive`: ops submitted while coalescing did not pay.
     pub direct: u64,
     /// Device queue (`persistent`): ops the device ran chained to their buffer's previous op
     /// (each chunk right after that op's same chunk, on the same block) instead of queueing
@@ -304,6 +314,48 @@ pub(crate) struct Tuning {
     /// Current batch target (adaptive; = max_batch for fixed).
     target: usize,
     window: AimdWindow,
+    /// Adaptive: the current or last phase of launching ops alone.
+    alone: AlonePhase,
+}
+
+/// Adaptive: a phase in which ops launch alone on their own stream (as with `Off`) because
+/// coalescing did not pay. Its start and end are decided under the hand-off's lock; ops see
+/// it through [`AloneGate`].
+struct AlonePhase {
+    started: Instant,
+    until: Instant,
+    /// The next phase's length: doubled each time coalescing loses again, back to
+    /// `ALONE_PHASE_MIN` once it wins.
+    next_len: Duration,
+    /// Ops per second launched alone in the last phase, once one has run.
+    rate: Option<f64>,
+}
+
+/// Adaptive: shortest phase of launching ops alone (and the first one).
+const ALONE_PHASE_MIN: Duration = Duration::from_millis(2);
+/// Adaptive: longest phase of launching ops alone.
+const ALONE_PHASE_MAX: Duration = Duration::from_millis(256);
+/// Adaptive: fewest ops a phase of launching ops alone counts before it ends (a rate from
+/// fewer is noise).
+const ALONE_PHASE_OPS: u64 = 64;
+/// Adaptive: batches an AIMD window spans.
+const AIMD_WINDOW: u32 = 32;
+/// Adaptive: below this many ops per batch on average over a window, batches do not form and
+/// the coalescer only adds a hop (one thread; a thread per op in flight), so ops launch alone.
+const MIN_MEAN_BATCH: f64 = 1.5;
+
+/// Adaptive: what submitters read to route an op (set only under the hand-off's lock; a hint:
+/// an op routed either way is correct, since the stream and the buffer order the two paths).
+#[derive(Default)]
+struct AloneGate {
+    /// Ops launch alone.
+    on: std::sync::atomic::AtomicBool,
+    /// The phase's end, in ns since `Engine::epoch` (stored before `on`).
+    until_ns: AtomicU64,
+    /// Ops routed alone in this phase.
+    ops: AtomicU64,
+    /// Ops routed alone in all phases.
+    total: AtomicU64,
 }
 
 #[derive(Default)]
@@ -339,6 +391,10 @@ pub(crate) struct Engine {
     /// Statistics.
     totals: StatTotals,
     wait: WaitPolicy,
+    /// Adaptive: whether ops launch alone now.
+    alone: AloneGate,
+    /// The origin of `AloneGate::until_ns`.
+    epoch: Instant,
 }
 
 impl Launcher for Engine {
@@ -462,17 +518,22 @@ impl Engine {
         let CoalescePolicy::Adaptive { latency_target, .. } = self.policy else {
             return;
         };
+        if self.alone.on.load(Ordering::Relaxed) {
+            return; // a batch of the last coalescing phase
+        }
         let w = &mut st.window;
         let now = Instant::now();
         let started = *w.started.get_or_insert(now);
         w.batches += 1;
         w.ops += ops;
         w.worst_latency = w.worst_latency.max(latency);
-        if w.batches < 32 {
+        if w.batches < AIMD_WINDOW {
             return;
         }
         let rate = w.ops as f64 / now.duration_since(started).as_secs_f64().max(1e-9);
-        st.target = if w.worst_latency <= latency_target && rate >= w.last_rate * 0.98 {
+        let mean_batch = w.ops as f64 / f64::from(w.batches);
+        let grow = w.worst_latency <= latency_target && rate >= w.last_rate * 0.98;
+        let next = if grow {
             (st.target + 1).min(self.max_batch)
         } else {
             (st.target * 3 / 4).max(1)
@@ -481,6 +542,50 @@ impl Engine {
             last_rate: rate,
             ..AimdWindow::default()
         };
+        let alone_rate = st.alone.rate;
+        if mean_batch < MIN_MEAN_BATCH
+            || (!grow && (next <= 1 || alone_rate.is_some_and(|r| rate < r)))
+        {
+            self.start_alone(st, now);
+            return;
+        }
+        if alone_rate.is_some_and(|r| rate > r * 1.05) {
+            st.alone.next_len = ALONE_PHASE_MIN;
+        }
+        st.target = next;
+    }
+
+    /// Adaptive: starts a phase of launching ops alone (under the hand-off's lock).
+    fn start_alone(&self, st: &mut Tuning, now: Instant) {
+        let len = st.alone.next_len;
+        st.alone.started = now;
+        st.alone.until = now + len;
+        st.alone.next_len = (len * 2).min(ALONE_PHASE_MAX);
+        self.alone.ops.store(0, Ordering::Relaxed);
+        self.alone.until_ns.store(
+            nanos(st.alone.until.saturating_duration_since(self.epoch)),
+            Ordering::Relaxed,
+        );
+        // Release: a submitter that sees `on` sees this phase's end and count.
+        self.alone.on.store(true, Ordering::Release);
+    }
+
+    /// Adaptive: ends the phase of launching ops alone if it is over (under the hand-off's
+    /// lock); true when ops coalesce again.
+    fn end_alone(&self, st: &mut Tuning, now: Instant) -> bool {
+        if !self.alone.on.load(Ordering::Relaxed) {
+            return true;
+        }
+        let ops = self.alone.ops.load(Ordering::Relaxed);
+        if now < st.alone.until || ops < ALONE_PHASE_OPS {
+            return false;
+        }
+        let secs = now.duration_since(st.alone.started).as_secs_f64().max(1e-9);
+        st.alone.rate = Some(ops as f64 / secs);
+        st.target = st.target.max(2).min(self.max_batch);
+        st.window = AimdWindow::default();
+        self.alone.on.store(false, Ordering::Relaxed);
+        true
     }
 
     /// One pause of a polling waiter. `spin` spins for the first `SPIN_POLLS` polls of a
@@ -544,10 +649,19 @@ impl CoalescerShared {
             fault_asked: Mutex::new(Instant::now()),
             totals: StatTotals::default(),
             wait,
+            alone: AloneGate::default(),
+            epoch: Instant::now(),
         };
+        let now = Instant::now();
         let tuning = Tuning {
             target,
             window: AimdWindow::default(),
+            alone: AlonePhase {
+                started: now,
+                until: now,
+                next_len: ALONE_PHASE_MIN,
+                rate: None,
+            },
         };
         Ok(Arc::new(CoalescerShared {
             handoff: Handoff::new(engine, depth as u64, wait, signalled, tuning),
@@ -560,7 +674,33 @@ impl CoalescerShared {
 
     /// Launches, ops and the time breakdown so far.
     pub(crate) fn stats(&self) -> CoalesceStats {
-        self.engine().totals.snapshot()
+        let engine = self.engine();
+        CoalesceStats {
+            direct: engine.alone.total.load(Ordering::Relaxed),
+            ..engine.totals.snapshot()
+        }
+    }
+
+    /// True when the next op should launch alone on its own stream instead of joining a
+    /// batch (adaptive, while coalescing does not pay); counts it as such. Ends a phase of
+    /// launching alone that is over.
+    pub(crate) fn launches_alone(&self) -> bool {
+        let engine = self.engine();
+        let gate = &engine.alone;
+        if !gate.on.load(Ordering::Acquire) {
+            return false;
+        }
+        let now = Instant::now();
+        if nanos(now.saturating_duration_since(engine.epoch))
+            >= gate.until_ns.load(Ordering::Relaxed)
+            && gate.ops.load(Ordering::Relaxed) >= ALONE_PHASE_OPS
+            && engine.end_alone(&mut self.handoff.lock().state, now)
+        {
+            return false;
+        }
+        gate.ops.fetch_add(1, Ordering::Relaxed);
+        gate.total.fetch_add(1, Ordering::Relaxed);
+        true
     }
 
     /// True when completion is signalled through host memory (no events, no driver calls to

@@ -118,7 +118,9 @@ impl Stream {
     pub fn launch(&self, kernel: Kernel, buf: &mut Buffer) -> Result<Ticket> {
         let s = &*self.shared;
         self.check_owner()?;
-        if let Some(c) = &s.coalescer {
+        // Adaptive coalescing launches ops alone (the path below, as with `Off`) while
+        // coalescing does not pay.
+        if let Some(c) = s.coalescer.as_ref().filter(|c| !c.launches_alone()) {
             // The lock mode still decides who may submit (lock `none`: the owner only).
             drop(s.lock.enter()?);
             // Stream order: work queued on this stream itself (`launch_many`, `matmul`)

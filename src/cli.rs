@@ -432,7 +432,8 @@ pub struct QueuesArgs {
     /// only when the device is idle; 2: queue the next batch while one runs).
     #[arg(long, allow_hyphen_values = true, value_name = "N", default_value_t = multiq::runtime::DEFAULT_DEPTH as u64, value_parser = clap::value_parser!(u64).range(1..=64))]
     pub coalesce_depth: u64,
-    /// Adaptive coalescing: batch latency to stay under, in microseconds.
+    /// Adaptive coalescing: mean batch latency (launch to completion, over a window of 32
+    /// batches) to stay under, in microseconds.
     #[arg(long, allow_hyphen_values = true, value_name = "US", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
     pub latency_target_us: u64,
     /// Which scenario(s) to run.

@@ -27,10 +27,11 @@
 //! target), the choice of the batch an op joins, and the signal-mode completion wait.
 //!
 //! Adaptive: besides the AIMD batch target, the policy decides whether batching pays at all.
-//! Where it does not (batches of under 1.5 ops on average, a target that would fall to one,
-//! or batches slower than ops launched alone were), [`CoalescerShared::launches_alone`] sends
-//! ops down the pool's ordinary path for a phase, then batches are tried again. Either path
-//! is correct at any moment: the rules below order them.
+//! It starts by launching ops alone, to learn that rate; where batching does not beat it
+//! (batches of under 1.5 ops on average, or AIMD's best window slower),
+//! [`CoalescerShared::launches_alone`] sends ops down the pool's ordinary path for a phase,
+//! then batches are tried again. Either path is correct at any moment: the rules below order
+//! them.
 //!
 //! Ordering: an op joins the first batch (of its kernel, with room) *after* the last pending
 //! batch holding an op of the same submitting stream or on the same buffer. Batches run in
@@ -83,18 +84,19 @@ pub enum CoalescePolicy {
         /// Batches queued on the device before new ops wait for a fuller batch (≥ 1).
         depth: usize,
     },
-    /// As `Fixed`, with the batch target chosen by AIMD: grown by one while throughput rises
-    /// and batch latency stays under `latency_target`, cut by a quarter otherwise. Where
-    /// coalescing does not pay (batches do not form, the target would fall to one op, or
-    /// batches run slower than ops launched alone did), ops launch alone on their own stream,
-    /// as with `Off`, for a phase (2 ms at first, doubling while coalescing keeps losing, at
-    /// most 256 ms); then coalescing is tried again.
+    /// As `Fixed`, with the batch target chosen by AIMD over windows of 32 batches: grown by
+    /// one while throughput rises and the mean batch latency stays under `latency_target`,
+    /// cut by a quarter otherwise. It starts by launching ops alone on their own stream, as
+    /// with `Off`, for a phase (2 ms and at least 64 ops) to learn the rate batches must
+    /// beat; it goes back to that where batching does not pay (batches of under 1.5 ops on
+    /// average, or AIMD stopped growing with its best window below that rate), for a phase
+    /// that doubles each time batching loses again (at most 256 ms), then tries batches again.
     Adaptive {
         /// Ops per launch at most.
         max_batch: usize,
         /// Longest an op waits for others.
         max_delay: Duration,
-        /// Batch latency (launch to completion) to stay under.
+        /// Mean batch latency (launch to completion) over a window to stay under.
         latency_target: Duration,
         /// Batches queued on the device before new ops wait for a fuller batch (≥ 1).
         depth: usize,
@@ -316,6 +318,11 @@ pub(crate) struct Tuning {
     window: AimdWindow,
     /// Adaptive: the current or last phase of launching ops alone.
     alone: AlonePhase,
+    /// Adaptive: the best window's ops per second since batches were last tried again.
+    best_rate: f64,
+    /// Adaptive: the first window after a phase of launching alone is still in its switch
+    /// (every thread first waits for its stream) and decides nothing.
+    settling: bool,
 }
 
 /// Adaptive: a phase in which ops launch alone on their own stream (as with `Off`) because
@@ -324,6 +331,10 @@ pub(crate) struct Tuning {
 struct AlonePhase {
     started: Instant,
     until: Instant,
+    /// Ops counted and when, at the first launch past the phase's midpoint: the rate is
+    /// measured from there, after the switch's own cost (every thread first waits for its
+    /// last batch) has passed.
+    mark: Option<(Instant, u64)>,
     /// The next phase's length: doubled each time coalescing loses again, back to
     /// `ALONE_PHASE_MIN` once it wins.
     next_len: Duration,
@@ -352,6 +363,9 @@ struct AloneGate {
     on: std::sync::atomic::AtomicBool,
     /// The phase's end, in ns since `Engine::epoch` (stored before `on`).
     until_ns: AtomicU64,
+    /// The phase's midpoint, likewise, and whether its mark was taken.
+    mid_ns: AtomicU64,
+    marked: std::sync::atomic::AtomicBool,
     /// Ops routed alone in this phase.
     ops: AtomicU64,
     /// Ops routed alone in all phases.
@@ -363,7 +377,7 @@ struct AimdWindow {
     batches: u32,
     ops: u64,
     started: Option<Instant>,
-    worst_latency: Duration,
+    latency_sum: Duration,
     last_rate: f64,
 }
 
@@ -526,48 +540,69 @@ impl Engine {
         let started = *w.started.get_or_insert(now);
         w.batches += 1;
         w.ops += ops;
-        w.worst_latency = w.worst_latency.max(latency);
+        w.latency_sum += latency;
         if w.batches < AIMD_WINDOW {
             return;
         }
         let rate = w.ops as f64 / now.duration_since(started).as_secs_f64().max(1e-9);
         let mean_batch = w.ops as f64 / f64::from(w.batches);
-        let grow = w.worst_latency <= latency_target && rate >= w.last_rate * 0.98;
-        let next = if grow {
-            (st.target + 1).min(self.max_batch)
-        } else {
-            (st.target * 3 / 4).max(1)
-        };
+        let mean_latency = w.latency_sum / w.batches;
+        let grow = mean_latency <= latency_target && rate >= w.last_rate * 0.98;
         *w = AimdWindow {
             last_rate: rate,
             ..AimdWindow::default()
         };
-        let alone_rate = st.alone.rate;
-        if mean_batch < MIN_MEAN_BATCH
-            || (!grow && (next <= 1 || alone_rate.is_some_and(|r| rate < r)))
-        {
-            self.start_alone(st, now);
+        if std::mem::take(&mut st.settling) {
             return;
         }
-        if alone_rate.is_some_and(|r| rate > r * 1.05) {
+        st.best_rate = st.best_rate.max(rate);
+        // Batches do not form, or AIMD stopped growing at a rate below what ops launched
+        // alone ran at (compared at the best window, so a noisy one does not decide).
+        let alone_rate = st.alone.rate.unwrap_or(0.0);
+        if mean_batch < MIN_MEAN_BATCH || (!grow && st.best_rate < alone_rate) {
+            self.start_alone(st, now, mean_latency);
+            return;
+        }
+        if st.best_rate > alone_rate * 1.05 {
             st.alone.next_len = ALONE_PHASE_MIN;
         }
-        st.target = next;
+        st.target = if grow {
+            (st.target + 1).min(self.max_batch)
+        } else {
+            (st.target * 3 / 4).max(1)
+        };
     }
 
     /// Adaptive: starts a phase of launching ops alone (under the hand-off's lock).
-    fn start_alone(&self, st: &mut Tuning, now: Instant) {
+    /// `latency`: the last window's mean batch latency. A switch takes about that long (every
+    /// thread first waits for its last batch), so the phase lasts at least 8 times it, and its
+    /// rate is measured over its second half.
+    fn start_alone(&self, st: &mut Tuning, now: Instant, latency: Duration) {
         let len = st.alone.next_len;
+        let phase = len.max(latency * 8).min(ALONE_PHASE_MAX);
         st.alone.started = now;
-        st.alone.until = now + len;
+        st.alone.until = now + phase;
+        st.alone.mark = None;
         st.alone.next_len = (len * 2).min(ALONE_PHASE_MAX);
+        let since_epoch = |t: Instant| nanos(t.saturating_duration_since(self.epoch));
         self.alone.ops.store(0, Ordering::Relaxed);
-        self.alone.until_ns.store(
-            nanos(st.alone.until.saturating_duration_since(self.epoch)),
-            Ordering::Relaxed,
-        );
+        self.alone.marked.store(false, Ordering::Relaxed);
+        self.alone
+            .mid_ns
+            .store(since_epoch(now + phase / 2), Ordering::Relaxed);
+        self.alone
+            .until_ns
+            .store(since_epoch(st.alone.until), Ordering::Relaxed);
         // Release: a submitter that sees `on` sees this phase's end and count.
         self.alone.on.store(true, Ordering::Release);
+    }
+
+    /// Adaptive: takes the phase's midpoint mark (under the hand-off's lock), once.
+    fn mark_alone(&self, st: &mut Tuning, now: Instant) {
+        if st.alone.mark.is_none() && self.alone.on.load(Ordering::Relaxed) {
+            st.alone.mark = Some((now, self.alone.ops.load(Ordering::Relaxed)));
+            self.alone.marked.store(true, Ordering::Relaxed);
+        }
     }
 
     /// Adaptive: ends the phase of launching ops alone if it is over (under the hand-off's
@@ -577,13 +612,18 @@ impl Engine {
             return true;
         }
         let ops = self.alone.ops.load(Ordering::Relaxed);
-        if now < st.alone.until || ops < ALONE_PHASE_OPS {
+        let Some((marked_at, marked_ops)) = st.alone.mark else {
+            return false;
+        };
+        if now < st.alone.until || ops < ALONE_PHASE_OPS || ops - marked_ops < ALONE_PHASE_OPS / 2 {
             return false;
         }
-        let secs = now.duration_since(st.alone.started).as_secs_f64().max(1e-9);
-        st.alone.rate = Some(ops as f64 / secs);
+        let secs = now.duration_since(marked_at).as_secs_f64().max(1e-9);
+        st.alone.rate = Some((ops - marked_ops) as f64 / secs);
         st.target = st.target.max(2).min(self.max_batch);
         st.window = AimdWindow::default();
+        st.best_rate = 0.0;
+        st.settling = true;
         self.alone.on.store(false, Ordering::Relaxed);
         true
     }
@@ -653,16 +693,24 @@ impl CoalescerShared {
             epoch: Instant::now(),
         };
         let now = Instant::now();
-        let tuning = Tuning {
+        let mut tuning = Tuning {
             target,
             window: AimdWindow::default(),
             alone: AlonePhase {
                 started: now,
                 until: now,
+                mark: None,
                 next_len: ALONE_PHASE_MIN,
                 rate: None,
             },
+            best_rate: 0.0,
+            settling: false,
         };
+        if let CoalescePolicy::Adaptive { .. } = policy {
+            // Adaptive starts by launching ops alone: the rate batches must beat.
+            engine.start_alone(&mut tuning, now, Duration::ZERO);
+            tuning.alone.next_len = ALONE_PHASE_MIN;
+        }
         Ok(Arc::new(CoalescerShared {
             handoff: Handoff::new(engine, depth as u64, wait, signalled, tuning),
         }))
@@ -691,8 +739,11 @@ impl CoalescerShared {
             return false;
         }
         let now = Instant::now();
-        if nanos(now.saturating_duration_since(engine.epoch))
-            >= gate.until_ns.load(Ordering::Relaxed)
+        let now_ns = nanos(now.saturating_duration_since(engine.epoch));
+        if !gate.marked.load(Ordering::Relaxed) && now_ns >= gate.mid_ns.load(Ordering::Relaxed) {
+            engine.mark_alone(&mut self.handoff.lock().state, now);
+        }
+        if now_ns >= gate.until_ns.load(Ordering::Relaxed)
             && gate.ops.load(Ordering::Relaxed) >= ALONE_PHASE_OPS
             && engine.end_alone(&mut self.handoff.lock().state, now)
         {

@@ -615,11 +615,14 @@ impl Engine {
         let Some((marked_at, marked_ops)) = st.alone.mark else {
             return false;
         };
-        if now < st.alone.until || ops < ALONE_PHASE_OPS || ops - marked_ops < ALONE_PHASE_OPS / 2 {
+        if now < st.alone.until
+            || ops < ALONE_PHASE_OPS
+            || ops.saturating_sub(marked_ops) < ALONE_PHASE_OPS / 2
+        {
             return false;
         }
         let secs = now.duration_since(marked_at).as_secs_f64().max(1e-9);
-        st.alone.rate = Some((ops - marked_ops) as f64 / secs);
+        st.alone.rate = Some(ops.saturating_sub(marked_ops) as f64 / secs);
         st.target = st.target.max(2).min(self.max_batch);
         st.window = AimdWindow::default();
         st.best_rate = 0.0;

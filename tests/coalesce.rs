@@ -264,9 +264,10 @@ fn adaptive_launches_alone_where_batches_do_not_form_and_tries_again() {
     }
 }
 
-/// Adaptive coalescing under a latency target no batch meets: the pool keeps switching
-/// between launching alone and probing batches while 16 threads have ops in flight on their
-/// own and on shared buffers' streams. Every result equals serial execution.
+/// Adaptive coalescing under a latency target no batch meets: the pool switches between
+/// launching alone and batches (at least once: it starts alone) while 16 threads have up to 4
+/// ops each in flight on two buffers. Every op is counted once and every result equals serial
+/// execution.
 #[test]
 fn adaptive_switches_under_load_keep_every_result() {
     let dev = cpu(WaitPolicy::Yield);

@@ -329,7 +329,6 @@ pub(crate) struct Tuning {
 /// coalescing did not pay. Its start and end are decided under the hand-off's lock; ops see
 /// it through [`AloneGate`].
 struct AlonePhase {
-    started: Instant,
     until: Instant,
     /// Ops counted and when, at the first launch past the phase's midpoint: the rate is
     /// measured from there, after the switch's own cost (every thread first waits for its
@@ -580,7 +579,6 @@ impl Engine {
     fn start_alone(&self, st: &mut Tuning, now: Instant, latency: Duration) {
         let len = st.alone.next_len;
         let phase = len.max(latency * 8).min(ALONE_PHASE_MAX);
-        st.alone.started = now;
         st.alone.until = now + phase;
         st.alone.mark = None;
         st.alone.next_len = (len * 2).min(ALONE_PHASE_MAX);
@@ -700,7 +698,6 @@ impl CoalescerShared {
             target,
             window: AimdWindow::default(),
             alone: AlonePhase {
-                started: now,
                 until: now,
                 mark: None,
                 next_len: ALONE_PHASE_MIN,
